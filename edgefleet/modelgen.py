@@ -1,0 +1,308 @@
+"""Build real ``.tflite`` models without TensorFlow.
+
+The fleet needs genuine models to ship, swap and benchmark, but TensorFlow is far too heavy a
+dependency for that.  A multi-layer perceptron is only a chain of FULLY_CONNECTED ops ending in a
+SOFTMAX, so we train one in plain numpy and write the TFLite flatbuffer ourselves with the object
+API that ``ai_edge_litert`` ships (``schema_py_generated``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import flatbuffers
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+
+Layer = tuple[np.ndarray, np.ndarray]
+"""A dense layer as ``(W, b)`` with ``W`` of shape ``(in, out)`` and ``b`` of shape ``(out,)``."""
+
+_TFLITE_SCHEMA_VERSION = 3
+_FILE_IDENTIFIER = b"TFL3"
+# The converter aligns constant data to 16 bytes so that kernels may read weights in place with
+# SIMD loads; we do the same.
+_BUFFER_ALIGNMENT = 16
+# Label smoothing is what lifts this small MLP reliably above 97.5 % on the digits test set.
+_LABEL_SMOOTHING = 0.1
+_BATCH_SIZE = 64
+_LEARNING_RATE = 3e-3
+_LARGE_MLP_HIDDEN_LAYERS = 4
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing numpy arrays with == is ambiguous.
+class DigitsData:
+    """The 8x8 digits data set, pixels scaled to [0, 1] float32, labels int64."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def load_digits_split(seed: int = 0, test_fraction: float = 0.25) -> DigitsData:
+    """Load scikit-learn's bundled digits (no download) and split it, stratified and deterministic."""
+    # scikit-learn is a server-only extra and slow to import, so only pay for it here.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y
+    )
+    return DigitsData(x_train, y_train, x_test, y_test)
+
+
+def _he_init(rng: np.random.Generator, sizes: Sequence[int]) -> list[Layer]:
+    """He-initialised weights and zero biases, which keep activation scale stable through ReLUs."""
+    return [
+        (
+            rng.standard_normal((n_in, n_out), dtype=np.float32) * np.float32(np.sqrt(2.0 / n_in)),
+            np.zeros(n_out, dtype=np.float32),
+        )
+        for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
+    ]
+
+
+def train_digits_mlp(
+    data: DigitsData,
+    hidden: tuple[int, ...] = (64, 128, 64),
+    seed: int = 0,
+    epochs: int = 40,
+) -> list[Layer]:
+    """Train a ReLU MLP with softmax cross-entropy (label-smoothed) and Adam with cosine decay.
+
+    Returns float32 ``(W, b)`` pairs, ``W`` of shape ``(in, out)``.  The seed drives both the
+    initialisation and the minibatch order, so different seeds give different weights.
+    """
+    rng = np.random.default_rng(seed)
+    n_classes = int(data.y_train.max()) + 1
+    layers = _he_init(rng, [data.x_train.shape[1], *hidden, n_classes])
+    params = [p for layer in layers for p in layer]  # the arrays are updated in place
+    first_moment = [np.zeros_like(p) for p in params]
+    second_moment = [np.zeros_like(p) for p in params]
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+
+    n = len(data.x_train)
+    total_steps = epochs * -(-n // _BATCH_SIZE)
+    targets = np.full((n, n_classes), _LABEL_SMOOTHING / n_classes, dtype=np.float32)
+    targets[np.arange(n), data.y_train] += 1.0 - _LABEL_SMOOTHING
+
+    step = 0
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        for start in range(0, n, _BATCH_SIZE):
+            batch = order[start : start + _BATCH_SIZE]
+            activations = [data.x_train[batch]]
+            for w, b in layers[:-1]:
+                activations.append(np.maximum(activations[-1] @ w + b, 0.0))
+            logits = activations[-1] @ layers[-1][0] + layers[-1][1]
+            probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs /= probs.sum(axis=1, keepdims=True)
+
+            grad_out = (probs - targets[batch]) / len(batch)
+            grads: list[np.ndarray] = []
+            for i in range(len(layers) - 1, -1, -1):
+                grads[:0] = [activations[i].T @ grad_out, grad_out.sum(axis=0)]
+                if i:
+                    grad_out = (grad_out @ layers[i][0].T) * (activations[i] > 0)
+
+            step += 1
+            cosine = 0.5 * (1.0 + np.cos(np.pi * step / total_steps))
+            lr = _LEARNING_RATE * cosine * np.sqrt(1 - beta2**step) / (1 - beta1**step)
+            for p, g, m, v in zip(params, grads, first_moment, second_moment, strict=True):
+                m *= beta1
+                m += (1 - beta1) * g
+                v *= beta2
+                v += (1 - beta2) * g * g
+                p -= (lr * m / (np.sqrt(v) + eps)).astype(np.float32)
+    return layers
+
+
+class _AlignedBufferT(schema.BufferT):
+    """A BufferT honouring the schema's ``force_align: 16`` on buffer data.
+
+    The C++ builder (and so the converter) aligns constant data so kernels can read it in place;
+    the Python flatbuffers library ignores ``force_align``, so we pad before the data vector.
+    """
+
+    def Pack(self, builder: flatbuffers.Builder) -> int:  # noqa: N802 - overrides generated code
+        if self.data is not None:
+            # The generated Pack writes the data vector first, so it lands right after this padding.
+            builder.Prep(_BUFFER_ALIGNMENT, len(self.data))
+        return super().Pack(builder)
+
+
+def _tensor(name: str, shape: Sequence[int], buffer: int) -> schema.TensorT:
+    tensor = schema.TensorT()
+    tensor.name = name
+    tensor.shape = list(shape)
+    tensor.type = schema.TensorType.FLOAT32
+    tensor.buffer = buffer
+    return tensor
+
+
+def _operator_code(code: int) -> schema.OperatorCodeT:
+    op_code = schema.OperatorCodeT()
+    op_code.builtinCode = code
+    # Runtimes older than 2.4 only read the int8 field, which saturates at 127 (PLACEHOLDER_FOR_
+    # GREATER_OP_CODES); newer ones take the larger of the two.
+    op_code.deprecatedBuiltinCode = min(code, 127)
+    op_code.version = 1
+    return op_code
+
+
+def mlp_to_tflite(
+    layers: Sequence[Layer],
+    input_name: str = "pixels",
+    output_name: str = "probabilities",
+    batch: int = 1,
+) -> bytes:
+    """Serialize an MLP as FULLY_CONNECTED ops (fused ReLU on hidden layers) and a final SOFTMAX.
+
+    ``layers`` holds ``(W, b)`` with ``W`` of shape ``(in, out)``; TFLite stores FC weights as
+    ``[out, in]``.  The model maps float32 ``[batch, in]`` to float32 ``[batch, n_classes]`` and
+    has a ``serving_default`` signature.
+    """
+    fc, softmax = schema.BuiltinOperator.FULLY_CONNECTED, schema.BuiltinOperator.SOFTMAX
+    buffers = [schema.BufferT()]  # buffer 0 is the empty sentinel the schema requires
+    tensors = [_tensor(input_name, [batch, layers[0][0].shape[0]], buffer=0)]
+    operators = []
+
+    def add_constant(name: str, value: np.ndarray) -> int:
+        buffer = _AlignedBufferT()
+        buffer.data = np.ascontiguousarray(value, dtype="<f4").reshape(-1).view(np.uint8)
+        buffers.append(buffer)
+        tensors.append(_tensor(name, value.shape, buffer=len(buffers) - 1))
+        return len(tensors) - 1
+
+    for i, (w, b) in enumerate(layers):
+        is_last = i == len(layers) - 1
+        layer_input = len(tensors) - 1
+        weights = add_constant(f"dense_{i}/weights", w.T)
+        bias = add_constant(f"dense_{i}/bias", b)
+        tensors.append(_tensor(f"dense_{i}/{'logits' if is_last else 'relu'}", [batch, w.shape[1]], 0))
+
+        options = schema.FullyConnectedOptionsT()
+        options.fusedActivationFunction = (
+            schema.ActivationFunctionType.NONE if is_last else schema.ActivationFunctionType.RELU
+        )
+        operators.append(_operator(0, [layer_input, weights, bias], len(tensors) - 1, options))
+
+    tensors.append(_tensor(output_name, [batch, layers[-1][0].shape[1]], buffer=0))
+    softmax_options = schema.SoftmaxOptionsT()
+    softmax_options.beta = 1.0
+    operators.append(_operator(1, [len(tensors) - 2], len(tensors) - 1, softmax_options))
+
+    subgraph = schema.SubGraphT()
+    subgraph.name = "main"
+    subgraph.tensors = tensors
+    subgraph.inputs = [0]
+    subgraph.outputs = [len(tensors) - 1]
+    subgraph.operators = operators
+
+    signature = schema.SignatureDefT()
+    signature.signatureKey = "serving_default"
+    signature.subgraphIndex = 0
+    signature.inputs = [_tensor_map(input_name, 0)]
+    signature.outputs = [_tensor_map(output_name, len(tensors) - 1)]
+
+    model = schema.ModelT()
+    model.version = _TFLITE_SCHEMA_VERSION
+    model.description = "edgefleet.modelgen MLP"
+    model.operatorCodes = [_operator_code(fc), _operator_code(softmax)]
+    model.subgraphs = [subgraph]
+    model.buffers = buffers
+    model.signatureDefs = [signature]
+
+    # Sizing the builder up front avoids repeatedly doubling and copying it for big models.
+    builder = flatbuffers.Builder(sum(len(buffer.data) for buffer in buffers[1:]) + 4096)
+    builder.Finish(model.Pack(builder), file_identifier=_FILE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
+def _operator(opcode_index: int, inputs: list[int], output: int, options: Any) -> schema.OperatorT:
+    operator = schema.OperatorT()
+    operator.opcodeIndex = opcode_index
+    operator.inputs = inputs
+    operator.outputs = [output]
+    operator.builtinOptionsType = {
+        schema.FullyConnectedOptionsT: schema.BuiltinOptions.FullyConnectedOptions,
+        schema.SoftmaxOptionsT: schema.BuiltinOptions.SoftmaxOptions,
+    }[type(options)]
+    operator.builtinOptions = options
+    return operator
+
+
+def _tensor_map(name: str, tensor_index: int) -> schema.TensorMapT:
+    tensor_map = schema.TensorMapT()
+    tensor_map.name = name
+    tensor_map.tensorIndex = tensor_index
+    return tensor_map
+
+
+def build_digits_model(seed: int = 0, hidden: tuple[int, ...] = (64, 128, 64)) -> tuple[bytes, DigitsData]:
+    """Train the digits MLP and serialize it for batch 1.
+
+    The split is always ``load_digits_split()``'s default, so models built with different seeds
+    (say "v1" and "v2") differ in their bytes but are evaluated on the same test set.
+    """
+    data = load_digits_split()
+    return mlp_to_tflite(train_digits_mlp(data, hidden=hidden, seed=seed)), data
+
+
+def build_large_mlp(
+    target_bytes: int = 30 * 2**20, seed: int = 0, in_features: int = 64, n_classes: int = 10
+) -> bytes:
+    """An untrained MLP with random He-initialised weights whose file is about ``target_bytes``.
+
+    Meant for benchmarks of swapping and compressing big models: the weights are deterministic
+    per seed and, being random float32, compress about as poorly as real trained weights do.
+    """
+    # With L square hidden layers of width h the float32 parameter count is
+    # (L-1)h^2 + (in + n + L)h + n; solve for h, leaving a little room for the flatbuffer framing.
+    n_hidden = _LARGE_MLP_HIDDEN_LAYERS
+    params = (target_bytes - 4096) / 4
+    a, b, c = n_hidden - 1, in_features + n_classes + n_hidden, n_classes - params
+    width = round((-b + np.sqrt(b * b - 4 * a * c)) / (2 * a))
+    if width < 1:
+        raise ValueError(f"target_bytes={target_bytes} is too small for an MLP")
+    layers = _he_init(np.random.default_rng(seed), [in_features, *[width] * n_hidden, n_classes])
+    return mlp_to_tflite(layers, input_name="features", output_name="probabilities")
+
+
+def _litert_interpreter(model_content: bytes) -> Any:
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_content=model_content)
+
+
+def accuracy(
+    model_bytes: bytes,
+    x: np.ndarray,
+    y: np.ndarray,
+    interpreter_factory: Callable[[bytes], Any] | None = None,
+) -> float:
+    """Top-1 accuracy of a classifier model on ``(x, y)``, computed by a real TFLite interpreter.
+
+    ``interpreter_factory(model_content)`` must return an object with the ``tf.lite.Interpreter``
+    API (default: LiteRT's).  Rows are fed in chunks of the model's batch size; the last chunk is
+    zero-padded and the padding's predictions are dropped.
+    """
+    interpreter = (interpreter_factory or _litert_interpreter)(model_bytes)
+    interpreter.allocate_tensors()
+    (input_detail,) = interpreter.get_input_details()
+    (output_detail,) = interpreter.get_output_details()
+    batch = int(input_detail["shape"][0])
+
+    predictions = []
+    for start in range(0, len(x), batch):
+        chunk = np.asarray(x[start : start + batch], dtype=np.float32)
+        rows = len(chunk)
+        interpreter.set_tensor(input_detail["index"], np.pad(chunk, ((0, batch - rows), (0, 0))))
+        interpreter.invoke()
+        predictions.append(interpreter.get_tensor(output_detail["index"])[:rows].argmax(axis=1))
+    return float(np.mean(np.concatenate(predictions) == y))

@@ -1,0 +1,348 @@
+"""The fleet's signed model repository, on python-tuf's Metadata API.
+
+Who holds which key (the TUF roles):
+
+    root       offline, the operator's; signs root.json, which devices pin at enrollment
+    targets    the operator's; signs which model files exist, with their hash, length and custom fields
+               (tensor signature, golden input/output, runtime compatibility, measured metrics)
+    snapshot   online, the server's; fixes the version of targets.json that belongs to a release
+    timestamp  online, the server's; short-lived, re-signed by the server so devices notice a frozen server
+
+So the server can publish and freshen metadata but cannot add or change a model: only a targets signature
+does that. Devices verify with python-tuf's ngclient (`DeviceTrust`), which also persists the highest
+versions it has seen, so validly signed but older metadata is refused after a restart too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
+from tuf.api import exceptions as tuf_exceptions
+from tuf.api.metadata import (
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization import DeserializationError
+from tuf.api.serialization.json import JSONSerializer
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+
+from edgefleet.durable import write_atomic
+from edgefleet.errors import HashMismatchError, InvalidRequestError, SignatureError, TransportError
+
+SPEC_VERSION = "1.0.31"
+ROOT_LIFETIME = timedelta(days=365)
+TARGETS_LIFETIME = timedelta(days=365)
+SNAPSHOT_LIFETIME = timedelta(days=7)
+TIMESTAMP_LIFETIME = timedelta(days=1)
+
+# Bounds for metadata a device accepts (bytes); far above what a fleet needs, far below what hurts a device.
+DEVICE_UPDATER_CONFIG = UpdaterConfig(
+    max_root_rotations=32,
+    root_max_length=64 * 1024,
+    timestamp_max_length=16 * 1024,
+    snapshot_max_length=256 * 1024,
+    targets_max_length=4 * 2**20,
+    prefix_targets_with_hash=False,
+)
+
+_SERIALIZER = JSONSerializer(compact=False)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+# ---- keys ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyFiles:
+    root: Path
+    targets: Path
+    online: Path
+    trust_root: Path  # root.json: what devices pin and the server starts from
+
+    @classmethod
+    def in_dir(cls, folder: Path) -> KeyFiles:
+        folder = Path(folder)
+        return cls(folder / "root.key", folder / "targets.key", folder / "online.key", folder / "root.json")
+
+
+def save_signer(signer: CryptoSigner, path: Path) -> None:
+    write_atomic(path, signer.private_bytes, mode=0o600)
+
+
+def load_signer(path: Path) -> Signer:
+    """Loads an Ed25519 private key written by `edgefleet keys init`. Raises SignatureError."""
+    try:
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        private = load_pem_private_key(Path(path).read_bytes(), password=None)
+        return CryptoSigner(private, SSlibKey.from_crypto(private.public_key()))  # type: ignore[arg-type]
+    except (OSError, ValueError, TypeError) as e:
+        raise SignatureError(f"cannot load signing key {path}: {e}") from e
+
+
+def init_keys(folder: Path, *, force: bool = False) -> KeyFiles:
+    """Creates the operator's root and targets keys, the server's online key, and root.json v1."""
+    files = KeyFiles.in_dir(folder)
+    existing = [p for p in (files.root, files.targets, files.online, files.trust_root) if p.exists()]
+    if existing and not force:
+        raise InvalidRequestError(
+            f"{existing[0]} already exists; keep it, or pass --force to start a new fleet"
+        )
+    signers = {name: CryptoSigner.generate_ed25519() for name in ("root", "targets", "online")}
+    root = Root(expires=utcnow() + ROOT_LIFETIME, consistent_snapshot=True)
+    root.add_key(signers["root"].public_key, Root.type)
+    root.add_key(signers["targets"].public_key, Targets.type)
+    root.add_key(signers["online"].public_key, Snapshot.type)
+    root.add_key(signers["online"].public_key, Timestamp.type)
+    md = Metadata(root)
+    md.sign(signers["root"])
+    for name, path in (("root", files.root), ("targets", files.targets), ("online", files.online)):
+        save_signer(signers[name], path)
+    write_atomic(files.trust_root, md.to_bytes(_SERIALIZER))
+    return files
+
+
+# ---- parsing with clean errors ---------------------------------------------------------------------------
+
+
+def parse_metadata(data: bytes, expected_type: str, max_bytes: int = 4 * 2**20) -> Metadata[Any]:
+    """Raises InvalidRequestError for oversized, malformed or mistyped metadata."""
+    if len(data) > max_bytes:
+        raise InvalidRequestError(f"{expected_type} metadata is {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        md = Metadata.from_bytes(data)
+    except (DeserializationError, ValueError, TypeError, KeyError) as e:
+        raise InvalidRequestError(f"malformed {expected_type} metadata: {e}") from e
+    if md.signed.type != expected_type:
+        raise InvalidRequestError(f"expected {expected_type} metadata, got {md.signed.type}")
+    return md
+
+
+def verify_role(root: Root, role: str, md: Metadata[Any]) -> None:
+    """Threshold check with distinct keys (tuf counts each keyid once). Raises SignatureError."""
+    try:
+        root.verify_delegate(role, md.signed_bytes, md.signatures)
+    except tuf_exceptions.UnsignedMetadataError as e:
+        raise SignatureError(f"{role} metadata is not signed by the trusted {role} key(s): {e}") from e
+
+
+# ---- operator side: signing targets ----------------------------------------------------------------------
+
+
+def sign_targets(
+    current: bytes | None, additions: list[TargetFile], signer: Signer, lifetime: timedelta = TARGETS_LIFETIME
+) -> bytes:
+    """The next targets.json: `current` plus `additions`, version bumped, signed by the operator's key."""
+    if current:
+        md: Metadata[Targets] = parse_metadata(current, Targets.type)
+        md.signed.version += 1
+    else:
+        md = Metadata(Targets(version=1))
+    for target in additions:
+        md.signed.targets[target.path] = target
+    md.signed.expires = utcnow() + lifetime
+    md.signatures.clear()
+    md.sign(signer)
+    return md.to_bytes(_SERIALIZER)
+
+
+def target_file(path: str, data: bytes, custom: dict[str, Any]) -> TargetFile:
+    target = TargetFile.from_data(path, data, ["sha256"])
+    target.unrecognized_fields["custom"] = custom
+    return target
+
+
+# ---- server side: the online roles -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Release:
+    """Metadata files to store for one publication: name -> bytes, e.g. {"3.targets": ..., "timestamp": ...}."""
+
+    files: dict[str, bytes]
+    targets_version: int
+    snapshot_version: int
+    timestamp_version: int
+
+
+class OnlineRoles:
+    """What the server does with its online key: accept operator-signed targets and sign snapshot/timestamp.
+
+    Pure: takes and returns bytes; the caller stores them.
+    """
+
+    def __init__(self, trusted_root: bytes, online_signer: Signer):
+        self.root_md = parse_metadata(trusted_root, Root.type)
+        root: Root = self.root_md.signed
+        verify_role(root, Root.type, self.root_md)
+        self.root = root
+        self.signer = online_signer
+        keyid = online_signer.public_key.keyid
+        for role in (Snapshot.type, Timestamp.type):
+            if keyid not in root.roles[role].keyids:
+                raise SignatureError(
+                    f"the server's online key {keyid[:12]} is not the {role} key in root.json"
+                )
+
+    def check_targets(self, data: bytes, current_version: int) -> Metadata[Targets]:
+        """Raises SignatureError / InvalidRequestError when an operator's targets.json must not be published."""
+        md = parse_metadata(data, Targets.type)
+        verify_role(self.root, Targets.type, md)
+        if md.signed.version != current_version + 1:
+            raise InvalidRequestError(
+                f"targets version {md.signed.version} does not follow the published {current_version}"
+            )
+        if md.signed.is_expired(utcnow()):
+            raise SignatureError("targets metadata is already expired")
+        return md
+
+    def release(
+        self,
+        targets: Metadata[Targets] | None,
+        *,
+        targets_version: int,
+        snapshot_version: int,
+        timestamp_version: int,
+        renew_snapshot: bool = False,
+    ) -> Release:
+        """The files of the next release, signed with the online key: the operator's new targets (if any),
+        a new snapshot when targets changed or `renew_snapshot`, and always a new timestamp."""
+        files: dict[str, bytes] = {}
+        if targets is not None:
+            targets_version = targets.signed.version
+            files[f"{targets_version}.targets"] = targets.to_bytes(_SERIALIZER)
+        if targets is not None or renew_snapshot:
+            snapshot_version += 1
+            snapshot = Metadata(
+                Snapshot(
+                    version=snapshot_version,
+                    expires=utcnow() + SNAPSHOT_LIFETIME,
+                    meta={"targets.json": MetaFile(version=targets_version)},
+                )
+            )
+            snapshot.sign(self.signer)
+            files[f"{snapshot_version}.snapshot"] = snapshot.to_bytes(_SERIALIZER)
+        timestamp = Metadata(
+            Timestamp(
+                version=timestamp_version + 1,
+                expires=utcnow() + TIMESTAMP_LIFETIME,
+                snapshot_meta=MetaFile(version=snapshot_version),
+            )
+        )
+        timestamp.sign(self.signer)
+        files["timestamp"] = timestamp.to_bytes(_SERIALIZER)
+        return Release(files, targets_version, snapshot_version, timestamp_version + 1)
+
+
+def expires_at(data: bytes) -> datetime:
+    return Metadata.from_bytes(data).signed.expires
+
+
+# ---- device side: verification with ngclient --------------------------------------------------------------
+
+
+class CallbackFetcher(FetcherInterface):
+    """Feeds ngclient from a function `name -> bytes` (the agent's gRPC GetMetadata call).
+
+    The function raises FileNotFoundError for a file the server does not have (ngclient's "no newer root")
+    and TransportError when the server cannot be reached.
+    """
+
+    PREFIX = "edgefleet:/metadata/"
+
+    def __init__(self, get: Callable[[str], bytes]):
+        self._get = get
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        if not url.startswith(self.PREFIX) or not url.endswith(".json"):
+            raise tuf_exceptions.DownloadError(f"unexpected metadata url {url}")
+        name = url[len(self.PREFIX) : -len(".json")]
+        try:
+            data = self._get(name)
+        except FileNotFoundError as e:
+            raise tuf_exceptions.DownloadHTTPError(f"{name} not found", 404) from e
+        except TransportError as e:
+            raise tuf_exceptions.DownloadError(str(e)) from e
+        return iter([data])
+
+
+class DeviceTrust:
+    """The device's view of the signed repository: pins root.json, refreshes metadata, answers what a target
+    must be. Blocking (ngclient is synchronous): call it from a worker thread."""
+
+    def __init__(self, metadata_dir: Path, get_metadata: Callable[[str], bytes]):
+        self.metadata_dir = Path(metadata_dir)
+        self._fetcher = CallbackFetcher(get_metadata)
+
+    @staticmethod
+    def pin_root(metadata_dir: Path, trust_root: bytes) -> None:
+        """First start: trust this root.json (checked to be self-signed) from now on."""
+        md = parse_metadata(trust_root, Root.type)
+        verify_role(md.signed, Root.type, md)
+        Path(metadata_dir).mkdir(parents=True, exist_ok=True)
+        os.chmod(metadata_dir, 0o700)
+        write_atomic(Path(metadata_dir) / "pinned-root.json", trust_root)
+
+    def is_pinned(self) -> bool:
+        return (self.metadata_dir / "pinned-root.json").exists()
+
+    def target(self, target_path: str) -> TargetFile:
+        """Refreshes metadata and returns the signed TargetFile. Raises SignatureError (the metadata is bad:
+        unsigned, expired, a rollback, or no such target) or TransportError (could not fetch)."""
+        bootstrap = None
+        if not (self.metadata_dir / "root.json").exists():
+            bootstrap = (self.metadata_dir / "pinned-root.json").read_bytes()
+        try:
+            updater = Updater(
+                str(self.metadata_dir),
+                CallbackFetcher.PREFIX,
+                fetcher=self._fetcher,
+                config=DEVICE_UPDATER_CONFIG,
+                bootstrap=bootstrap,
+            )
+            updater.refresh()
+            info = updater.get_targetinfo(target_path)
+        except tuf_exceptions.DownloadError as e:
+            raise TransportError(f"metadata download failed: {e}") from e
+        except tuf_exceptions.RepositoryError as e:
+            raise SignatureError(f"signed metadata refused: {type(e).__name__}: {e}") from e
+        except (DeserializationError, ValueError, KeyError, TypeError) as e:
+            raise SignatureError(f"malformed metadata: {e}") from e
+        if info is None:
+            raise SignatureError(f"{target_path} is not in the signed targets metadata")
+        return info
+
+
+def verify_file(target: TargetFile, path: Path) -> None:
+    """Length and sha256 against the signed target. Raises HashMismatchError."""
+    try:
+        with open(path, "rb") as f:
+            target.verify_length_and_hashes(f)
+    except tuf_exceptions.LengthOrHashMismatchError as e:
+        raise HashMismatchError(f"{target.path}: {e}") from e
+
+
+def custom_of(target: TargetFile) -> dict[str, Any]:
+    custom = target.custom
+    if not isinstance(custom, dict):
+        raise SignatureError(f"{target.path}: custom metadata is not an object")
+    return custom
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)
