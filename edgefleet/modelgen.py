@@ -8,6 +8,7 @@ API that ``ai_edge_litert`` ships (``schema_py_generated``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,14 +22,16 @@ Layer = tuple[np.ndarray, np.ndarray]
 
 _TFLITE_SCHEMA_VERSION = 3
 _FILE_IDENTIFIER = b"TFL3"
-# The converter aligns constant data to 16 bytes so that kernels may read weights in place with
-# SIMD loads; we do the same.
-_BUFFER_ALIGNMENT = 16
+_BUFFER_ALIGNMENT = 16  # the schema's force_align on Buffer.data
 # Label smoothing is what lifts this small MLP reliably above 97.5 % on the digits test set.
 _LABEL_SMOOTHING = 0.1
 _BATCH_SIZE = 64
 _LEARNING_RATE = 3e-3
 _LARGE_MLP_HIDDEN_LAYERS = 4
+# A generous bound on what an MLP's file holds besides its weights (tables, names, padding).
+_FRAMING_BYTES = 4096
+# The model's operator codes; an operator refers to its code by index into this tuple.
+_OPCODES = (schema.BuiltinOperator.FULLY_CONNECTED, schema.BuiltinOperator.SOFTMAX)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing numpy arrays with == is ambiguous.
@@ -60,7 +63,7 @@ def _he_init(rng: np.random.Generator, sizes: Sequence[int]) -> list[Layer]:
     """He-initialised weights and zero biases, which keep activation scale stable through ReLUs."""
     return [
         (
-            rng.standard_normal((n_in, n_out), dtype=np.float32) * np.float32(np.sqrt(2.0 / n_in)),
+            rng.standard_normal((n_in, n_out), dtype=np.float32) * np.float32(math.sqrt(2.0 / n_in)),
             np.zeros(n_out, dtype=np.float32),
         )
         for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
@@ -87,7 +90,7 @@ def train_digits_mlp(
     beta1, beta2, eps = 0.9, 0.999, 1e-8
 
     n = len(data.x_train)
-    total_steps = epochs * -(-n // _BATCH_SIZE)
+    total_steps = epochs * math.ceil(n / _BATCH_SIZE)
     targets = np.full((n, n_classes), _LABEL_SMOOTHING / n_classes, dtype=np.float32)
     targets[np.arange(n), data.y_train] += 1.0 - _LABEL_SMOOTHING
 
@@ -111,14 +114,14 @@ def train_digits_mlp(
                     grad_out = (grad_out @ layers[i][0].T) * (activations[i] > 0)
 
             step += 1
-            cosine = 0.5 * (1.0 + np.cos(np.pi * step / total_steps))
-            lr = _LEARNING_RATE * cosine * np.sqrt(1 - beta2**step) / (1 - beta1**step)
+            cosine = 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+            lr = _LEARNING_RATE * cosine * math.sqrt(1 - beta2**step) / (1 - beta1**step)
             for p, g, m, v in zip(params, grads, first_moment, second_moment, strict=True):
                 m *= beta1
                 m += (1 - beta1) * g
                 v *= beta2
                 v += (1 - beta2) * g * g
-                p -= (lr * m / (np.sqrt(v) + eps)).astype(np.float32)
+                p -= lr * m / (np.sqrt(v) + eps)
     return layers
 
 
@@ -129,7 +132,7 @@ class _AlignedBufferT(schema.BufferT):
     the Python flatbuffers library ignores ``force_align``, so we pad before the data vector.
     """
 
-    def Pack(self, builder: flatbuffers.Builder) -> int:  # noqa: N802 - overrides generated code
+    def Pack(self, builder: flatbuffers.Builder) -> int:
         if self.data is not None:
             # The generated Pack writes the data vector first, so it lands right after this padding.
             builder.Prep(_BUFFER_ALIGNMENT, len(self.data))
@@ -155,6 +158,25 @@ def _operator_code(code: int) -> schema.OperatorCodeT:
     return op_code
 
 
+def _operator(
+    builtin_code: int, inputs: list[int], output: int, options_type: int, options: Any
+) -> schema.OperatorT:
+    operator = schema.OperatorT()
+    operator.opcodeIndex = _OPCODES.index(builtin_code)
+    operator.inputs = inputs
+    operator.outputs = [output]
+    operator.builtinOptionsType = options_type
+    operator.builtinOptions = options
+    return operator
+
+
+def _tensor_map(name: str, tensor_index: int) -> schema.TensorMapT:
+    tensor_map = schema.TensorMapT()
+    tensor_map.name = name
+    tensor_map.tensorIndex = tensor_index
+    return tensor_map
+
+
 def mlp_to_tflite(
     layers: Sequence[Layer],
     input_name: str = "pixels",
@@ -167,7 +189,6 @@ def mlp_to_tflite(
     ``[out, in]``.  The model maps float32 ``[batch, in]`` to float32 ``[batch, n_classes]`` and
     has a ``serving_default`` signature.
     """
-    fc, softmax = schema.BuiltinOperator.FULLY_CONNECTED, schema.BuiltinOperator.SOFTMAX
     buffers = [schema.BufferT()]  # buffer 0 is the empty sentinel the schema requires
     tensors = [_tensor(input_name, [batch, layers[0][0].shape[0]], buffer=0)]
     operators = []
@@ -184,18 +205,34 @@ def mlp_to_tflite(
         layer_input = len(tensors) - 1
         weights = add_constant(f"dense_{i}/weights", w.T)
         bias = add_constant(f"dense_{i}/bias", b)
-        tensors.append(_tensor(f"dense_{i}/{'logits' if is_last else 'relu'}", [batch, w.shape[1]], 0))
+        tensors.append(_tensor(f"dense_{i}/{'logits' if is_last else 'relu'}", [batch, w.shape[1]], buffer=0))
 
         options = schema.FullyConnectedOptionsT()
         options.fusedActivationFunction = (
             schema.ActivationFunctionType.NONE if is_last else schema.ActivationFunctionType.RELU
         )
-        operators.append(_operator(0, [layer_input, weights, bias], len(tensors) - 1, options))
+        operators.append(
+            _operator(
+                schema.BuiltinOperator.FULLY_CONNECTED,
+                [layer_input, weights, bias],
+                len(tensors) - 1,
+                schema.BuiltinOptions.FullyConnectedOptions,
+                options,
+            )
+        )
 
     tensors.append(_tensor(output_name, [batch, layers[-1][0].shape[1]], buffer=0))
     softmax_options = schema.SoftmaxOptionsT()
     softmax_options.beta = 1.0
-    operators.append(_operator(1, [len(tensors) - 2], len(tensors) - 1, softmax_options))
+    operators.append(
+        _operator(
+            schema.BuiltinOperator.SOFTMAX,
+            [len(tensors) - 2],
+            len(tensors) - 1,
+            schema.BuiltinOptions.SoftmaxOptions,
+            softmax_options,
+        )
+    )
 
     subgraph = schema.SubGraphT()
     subgraph.name = "main"
@@ -213,35 +250,15 @@ def mlp_to_tflite(
     model = schema.ModelT()
     model.version = _TFLITE_SCHEMA_VERSION
     model.description = "edgefleet.modelgen MLP"
-    model.operatorCodes = [_operator_code(fc), _operator_code(softmax)]
+    model.operatorCodes = [_operator_code(code) for code in _OPCODES]
     model.subgraphs = [subgraph]
     model.buffers = buffers
     model.signatureDefs = [signature]
 
     # Sizing the builder up front avoids repeatedly doubling and copying it for big models.
-    builder = flatbuffers.Builder(sum(len(buffer.data) for buffer in buffers[1:]) + 4096)
+    builder = flatbuffers.Builder(sum(len(buffer.data) for buffer in buffers[1:]) + _FRAMING_BYTES)
     builder.Finish(model.Pack(builder), file_identifier=_FILE_IDENTIFIER)
     return bytes(builder.Output())
-
-
-def _operator(opcode_index: int, inputs: list[int], output: int, options: Any) -> schema.OperatorT:
-    operator = schema.OperatorT()
-    operator.opcodeIndex = opcode_index
-    operator.inputs = inputs
-    operator.outputs = [output]
-    operator.builtinOptionsType = {
-        schema.FullyConnectedOptionsT: schema.BuiltinOptions.FullyConnectedOptions,
-        schema.SoftmaxOptionsT: schema.BuiltinOptions.SoftmaxOptions,
-    }[type(options)]
-    operator.builtinOptions = options
-    return operator
-
-
-def _tensor_map(name: str, tensor_index: int) -> schema.TensorMapT:
-    tensor_map = schema.TensorMapT()
-    tensor_map.name = name
-    tensor_map.tensorIndex = tensor_index
-    return tensor_map
 
 
 def build_digits_model(seed: int = 0, hidden: tuple[int, ...] = (64, 128, 64)) -> tuple[bytes, DigitsData]:
@@ -262,14 +279,14 @@ def build_large_mlp(
     Meant for benchmarks of swapping and compressing big models: the weights are deterministic
     per seed and, being random float32, compress about as poorly as real trained weights do.
     """
-    # With L square hidden layers of width h the float32 parameter count is
-    # (L-1)h^2 + (in + n + L)h + n; solve for h, leaving a little room for the flatbuffer framing.
-    n_hidden = _LARGE_MLP_HIDDEN_LAYERS
-    params = (target_bytes - 4096) / 4
-    a, b, c = n_hidden - 1, in_features + n_classes + n_hidden, n_classes - params
-    width = round((-b + np.sqrt(b * b - 4 * a * c)) / (2 * a))
-    if width < 1:
+    if target_bytes <= _FRAMING_BYTES:
         raise ValueError(f"target_bytes={target_bytes} is too small for an MLP")
+    # With L square hidden layers of width h the float32 parameter count is
+    # (L-1)h^2 + (in + n + L)h + n; solve for h.
+    n_hidden = _LARGE_MLP_HIDDEN_LAYERS
+    params = (target_bytes - _FRAMING_BYTES) / 4
+    a, b, c = n_hidden - 1, in_features + n_classes + n_hidden, n_classes - params
+    width = max(1, round((-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)))
     layers = _he_init(np.random.default_rng(seed), [in_features, *[width] * n_hidden, n_classes])
     return mlp_to_tflite(layers, input_name="features", output_name="probabilities")
 
