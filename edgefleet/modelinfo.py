@@ -196,3 +196,26 @@ def make_golden(
         if o.dtype.kind == "f" and not np.all(np.isfinite(o)):
             raise ModelError("model gives non-finite output on the golden input")
     return signature, Golden(tuple(inputs), tuple(outputs), atol, rtol)
+
+
+def describe_file(content: bytes, original: bytes | None) -> dict[str, Any]:
+    """What the operator signs about one model file besides its hash: golden data computed on the reference
+    runtime, and which installed runtimes reproduce it. `original` is the float model a variant came from."""
+    from edgefleet.runtime import LITERT, available_runtimes
+
+    # A variant's golden output is its own on the reference runtime; other correct runtimes differ from it
+    # by rounding in quantized kernels, far less than a wrong kernel does (that gives another class).
+    signature, golden = make_golden(content, LITERT, atol=1e-4 if original is None else 2e-2)
+    reproduced, failed = [], {}
+    for runtime in available_runtimes():
+        try:
+            golden.check(run(make_interpreter(runtime, model_content=content), list(golden.inputs)))
+            reproduced.append(runtime)
+        except (ModelError, ValueError, RuntimeError) as e:
+            failed[runtime] = str(e)[:300]
+    details: dict[str, Any] = {"golden": golden.to_json(), "signature": signature.to_json()}
+    if original is None:
+        # Without an eval set the only check is "same output as the reference runtime on the golden input".
+        details["runtimes_ok"] = reproduced
+        details["runtimes_failed"] = failed
+    return details

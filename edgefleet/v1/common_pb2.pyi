@@ -131,6 +131,7 @@ class Capabilities(_message.Message):
     DISK_FREE_BYTES_FIELD_NUMBER: _builtins.int
     ACCELERATORS_FIELD_NUMBER: _builtins.int
     HARDWARE_CLASS_FIELD_NUMBER: _builtins.int
+    LATENCY_BUDGET_MS_FIELD_NUMBER: _builtins.int
     runtime: _builtins.str
     """"ai-edge-litert" or "tflite-runtime" """
     runtime_version: _builtins.str
@@ -140,6 +141,8 @@ class Capabilities(_message.Message):
     memory_available_bytes: _builtins.int
     disk_free_bytes: _builtins.int
     hardware_class: _builtins.str
+    latency_budget_ms: _builtins.float
+    """0 = none"""
     @_builtins.property
     def accelerators(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -154,10 +157,11 @@ class Capabilities(_message.Message):
         disk_free_bytes: _builtins.int = ...,
         accelerators: _abc.Iterable[_builtins.str] | None = ...,
         hardware_class: _builtins.str = ...,
+        latency_budget_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerators", b"accelerators", "cpu_arch", b"cpu_arch", "cpu_count", b"cpu_count", "disk_free_bytes", b"disk_free_bytes", "hardware_class", b"hardware_class", "memory_available_bytes", b"memory_available_bytes", "memory_total_bytes", b"memory_total_bytes", "runtime", b"runtime", "runtime_version", b"runtime_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerators", b"accelerators", "cpu_arch", b"cpu_arch", "cpu_count", b"cpu_count", "disk_free_bytes", b"disk_free_bytes", "hardware_class", b"hardware_class", "latency_budget_ms", b"latency_budget_ms", "memory_available_bytes", b"memory_available_bytes", "memory_total_bytes", b"memory_total_bytes", "runtime", b"runtime", "runtime_version", b"runtime_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -365,6 +365,7 @@ class DownloadModelRequest(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     target_path: _builtins.str
     offset: _builtins.int
+    """into the bytes on the wire (compressed, when the signed metadata says so)"""
     def __init__(
         self,
         *,

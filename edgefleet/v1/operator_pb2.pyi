@@ -75,10 +75,21 @@ class UploadModelHeader(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    EVAL_NPZ_FIELD_NUMBER: _builtins.int
+    CALIBRATION_NPZ_FIELD_NUMBER: _builtins.int
+    TOLERANCE_POINTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     length: _builtins.int
     sha256: _builtins.str
+    eval_npz: _builtins.bytes
+    """Optional: an .npz with "x" (inputs) and "y" (labels) or "reference" (expected outputs). With it the
+    server builds and measures compressed variants.
+    """
+    calibration_npz: _builtins.bytes
+    """optional inputs ("x") for static int8 quantization"""
+    tolerance_points: _builtins.float
+    """accuracy drop that keeps a variant out of assignment; 0 = default 1.0"""
     def __init__(
         self,
         *,
@@ -86,10 +97,13 @@ class UploadModelHeader(_message.Message):
         version: _builtins.str = ...,
         length: _builtins.int = ...,
         sha256: _builtins.str = ...,
+        eval_npz: _builtins.bytes = ...,
+        calibration_npz: _builtins.bytes = ...,
+        tolerance_points: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "name", b"name", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration_npz", b"calibration_npz", "eval_npz", b"eval_npz", "length", b"length", "name", b"name", "sha256", b"sha256", "tolerance_points", b"tolerance_points", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -156,6 +170,7 @@ class UploadModelResponse(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     VALIDATED_WITH_FIELD_NUMBER: _builtins.int
+    VARIANTS_FIELD_NUMBER: _builtins.int
     target_path: _builtins.str
     sha256: _builtins.str
     length: _builtins.int
@@ -165,6 +180,8 @@ class UploadModelResponse(_message.Message):
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariantInfo]: ...
     def __init__(
         self,
         *,
@@ -174,14 +191,49 @@ class UploadModelResponse(_message.Message):
         inputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         validated_with: _builtins.str = ...,
+        variants: _abc.Iterable[Global___VariantInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "length", b"length", "outputs", b"outputs", "sha256", b"sha256", "target_path", b"target_path", "validated_with", b"validated_with"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "length", b"length", "outputs", b"outputs", "sha256", b"sha256", "target_path", b"target_path", "validated_with", b"validated_with", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UploadModelResponse: _TypeAlias = UploadModelResponse  # noqa: Y015
+
+@_typing.final
+class VariantInfo(_message.Message):
+    """A file of a model version: the original or a compressed variant, with what the server measured."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_PATH_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    DETAILS_JSON_FIELD_NUMBER: _builtins.int
+    target_path: _builtins.str
+    variant: _builtins.str
+    sha256: _builtins.str
+    length: _builtins.int
+    details_json: _builtins.str
+    """measured figures and golden data, to be signed as the target's custom fields"""
+    def __init__(
+        self,
+        *,
+        target_path: _builtins.str = ...,
+        variant: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        length: _builtins.int = ...,
+        details_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["details_json", b"details_json", "length", b"length", "sha256", b"sha256", "target_path", b"target_path", "variant", b"variant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VariantInfo: _TypeAlias = VariantInfo  # noqa: Y015
 
 @_typing.final
 class GetSignedMetadataRequest(_message.Message):
@@ -278,6 +330,7 @@ class ModelVersionInfo(_message.Message):
     LENGTH_FIELD_NUMBER: _builtins.int
     SIGNED_FIELD_NUMBER: _builtins.int
     CREATED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    DETAILS_JSON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     variant: _builtins.str
@@ -286,6 +339,7 @@ class ModelVersionInfo(_message.Message):
     length: _builtins.int
     signed: _builtins.bool
     created_at_unix_ms: _builtins.int
+    details_json: _builtins.str
     def __init__(
         self,
         *,
@@ -297,10 +351,11 @@ class ModelVersionInfo(_message.Message):
         length: _builtins.int = ...,
         signed: _builtins.bool = ...,
         created_at_unix_ms: _builtins.int = ...,
+        details_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix_ms", b"created_at_unix_ms", "length", b"length", "name", b"name", "sha256", b"sha256", "signed", b"signed", "target_path", b"target_path", "variant", b"variant", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix_ms", b"created_at_unix_ms", "details_json", b"details_json", "length", b"length", "name", b"name", "sha256", b"sha256", "signed", b"signed", "target_path", b"target_path", "variant", b"variant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -353,20 +408,24 @@ class CreateDeploymentRequest(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     SELECTOR_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     version: _builtins.str
     selector: _builtins.str
     """"all", "group:NAME" or "device:ID" """
+    variant: _builtins.str
+    """optional: pin one variant instead of the per-device choice"""
     def __init__(
         self,
         *,
         model_name: _builtins.str = ...,
         version: _builtins.str = ...,
         selector: _builtins.str = ...,
+        variant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "selector", b"selector", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "selector", b"selector", "variant", b"variant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -386,6 +445,9 @@ class DeploymentInfo(_message.Message):
     DEVICES_FAILED_FIELD_NUMBER: _builtins.int
     DEVICES_PENDING_FIELD_NUMBER: _builtins.int
     DEVICES_NOTIFIED_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    UNASSIGNED_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model_name: _builtins.str
     version: _builtins.str
@@ -397,6 +459,13 @@ class DeploymentInfo(_message.Message):
     devices_pending: _builtins.int
     devices_notified: _builtins.int
     """connected when it was created and told at once"""
+    variant: _builtins.str
+    kind: _builtins.str
+    """"deploy" or "rollback" """
+    @_builtins.property
+    def unassigned(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"<device>: why no variant fits" """
+
     def __init__(
         self,
         *,
@@ -410,10 +479,13 @@ class DeploymentInfo(_message.Message):
         devices_failed: _builtins.int = ...,
         devices_pending: _builtins.int = ...,
         devices_notified: _builtins.int = ...,
+        variant: _builtins.str = ...,
+        unassigned: _abc.Iterable[_builtins.str] | None = ...,
+        kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix_ms", b"created_at_unix_ms", "devices_failed", b"devices_failed", "devices_healthy", b"devices_healthy", "devices_notified", b"devices_notified", "devices_pending", b"devices_pending", "devices_targeted", b"devices_targeted", "id", b"id", "model_name", b"model_name", "selector", b"selector", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix_ms", b"created_at_unix_ms", "devices_failed", b"devices_failed", "devices_healthy", b"devices_healthy", "devices_notified", b"devices_notified", "devices_pending", b"devices_pending", "devices_targeted", b"devices_targeted", "id", b"id", "kind", b"kind", "model_name", b"model_name", "selector", b"selector", "unassigned", b"unassigned", "variant", b"variant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

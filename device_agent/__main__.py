@@ -1,0 +1,88 @@
+"""`edgefleet-agent`: run the device agent.
+
+    edgefleet-agent --server HOST:PORT --state-dir DIR --name NAME \
+        --enroll-token TOKEN --trust-root root.json      # first start; later starts need only --state-dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from device_agent.agent import Agent
+from device_agent.config import AgentConfig
+from edgefleet.errors import EdgefleetError
+
+
+def parse_args(argv: list[str] | None = None) -> AgentConfig:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="edgefleet-agent", description="The edgefleet device agent.")
+    p.add_argument(
+        "--server", default=env("EDGEFLEET_SERVER", "127.0.0.1:7443"), help="fleet server HOST:PORT"
+    )
+    p.add_argument("--state-dir", type=Path, default=Path(env("EDGEFLEET_AGENT_DIR", "edgefleet-agent")))
+    p.add_argument("--name", default=env("EDGEFLEET_DEVICE_NAME", os.uname().nodename))
+    p.add_argument("--enroll-token", default=env("EDGEFLEET_ENROLL_TOKEN", ""), help="first start only")
+    p.add_argument("--trust-root", type=Path, default=None, help="the fleet's root.json; first start only")
+    p.add_argument("--runtime", default=env("EDGEFLEET_RUNTIME", ""), help="ai-edge-litert or tflite-runtime")
+    p.add_argument("--local-socket", default="", help="Unix socket for local inference ('-' for none)")
+    p.add_argument("--local-port", type=int, default=0, help="also serve local inference on 127.0.0.1:PORT")
+    p.add_argument("--telemetry-interval", type=float, default=10.0, help="seconds")
+    p.add_argument("--check-interval", type=float, default=60.0, help="seconds between fallback checks")
+    p.add_argument("--probation", type=float, default=5.0, help="seconds a new model must run cleanly")
+    p.add_argument("--hardware-class", default="")
+    p.add_argument("--accelerator", action="append", default=[], help="declared accelerator/delegate name")
+    p.add_argument("--latency-budget-ms", type=float, default=0.0)
+    p.add_argument(
+        "--memory-limit-mb", type=int, default=0, help="report this much memory instead of the OS's"
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    return AgentConfig(
+        server=a.server,
+        state_dir=a.state_dir,
+        name=a.name,
+        enroll_token=a.enroll_token,
+        trust_root=a.trust_root,
+        runtime=a.runtime,
+        local_socket=a.local_socket,
+        local_port=a.local_port,
+        telemetry_interval_s=a.telemetry_interval,
+        check_interval_s=a.check_interval,
+        probation_s=a.probation,
+        hardware_class=a.hardware_class,
+        accelerators=tuple(a.accelerator),
+        latency_budget_ms=a.latency_budget_ms,
+        memory_available_override_bytes=a.memory_limit_mb * 2**20,
+    )
+
+
+async def _run(config: AgentConfig) -> None:
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stop)
+    await agent.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    try:
+        asyncio.run(_run(config))
+    except EdgefleetError as e:
+        print(f"edgefleet-agent: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

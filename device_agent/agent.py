@@ -1,0 +1,685 @@
+"""The device agent: one asyncio program that keeps the device's model current, safe and observable.
+
+    enroll (first start) -> serve the current model -> control stream to the server (reconnects with
+    jittered exponential backoff; sends the device's status first, every time)
+    assignment  -> refresh signed metadata (python-tuf) -> download with resume -> check length + sha256
+                -> candidate in its own process: tensor signature + golden output -> swap -> probation
+                -> healthy, or back to the previous model and the version marked bad
+    rollback    -> the previous model from the local copy, no download
+    every N s   -> telemetry (health + inference histograms); a periodic check in case the stream is down
+
+Blocking work (metadata verification, hashing, decompression, process start) runs in threads; inference
+runs in model worker processes (`device_agent.serving`). Every stage is reported to the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import platform
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import psutil
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from device_agent.config import AgentConfig
+from device_agent.serving import LATENCY_BOUNDS_MS, ModelWorker, Result, Serving
+from device_agent.state import AgentState, StateStore
+from edgefleet import __version__, errors, wire
+from edgefleet.durable import commit_file, fsync_dir, write_atomic
+from edgefleet.modelinfo import check_signature
+from edgefleet.runtime import default_runtime, runtime_version
+from edgefleet.signing import DeviceTrust, ModelTarget, verify_file
+from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
+
+log = logging.getLogger("edgefleet.agent")
+
+Stage = common_pb2.UpdateStage
+# Status codes worth retrying; anything else from the server is a refusal.
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.ABORTED,
+}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Backoff:
+    """Jittered exponential backoff, so a fleet that lost its server does not reconnect in one stampede."""
+
+    def __init__(self, initial: float, maximum: float):
+        self.initial, self.maximum, self.current = initial, maximum, initial
+
+    def next(self) -> float:
+        delay = self.current * random.uniform(0.5, 1.5)
+        self.current = min(self.current * 2, self.maximum)
+        return delay
+
+    def reset(self) -> None:
+        self.current = self.initial
+
+
+class Outbox:
+    """Messages waiting for the control stream. Events are kept (bounded); telemetry keeps the newest
+    `telemetry_size` reports and counts what it drops."""
+
+    def __init__(self, telemetry_size: int, events_size: int = 1000):
+        self.events: deque[device_pb2.DeviceMessage] = deque(maxlen=events_size)
+        self.telemetry: deque[device_pb2.DeviceMessage] = deque(maxlen=telemetry_size)
+        self.dropped = 0
+        self._ready = asyncio.Event()
+
+    def put_event(self, message: device_pb2.DeviceMessage) -> None:
+        self.events.append(message)
+        self._ready.set()
+
+    def put_telemetry(self, message: device_pb2.DeviceMessage) -> None:
+        if len(self.telemetry) == self.telemetry.maxlen:
+            self.dropped += 1
+        self.telemetry.append(message)
+        self._ready.set()
+
+    async def get(self) -> device_pb2.DeviceMessage:
+        while not (self.events or self.telemetry):
+            self._ready.clear()
+            await self._ready.wait()
+        return self.events.popleft() if self.events else self.telemetry.popleft()
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.runtime = config.runtime or default_runtime()
+        self.store = StateStore(config.state_dir)
+        self.state: AgentState = self.store.load()
+        self.serving = Serving(call_timeout=config.inference_timeout_s)
+        self.outbox = Outbox(config.telemetry_queue_size)
+        self.connected = False
+        self.device_id = ""
+        self._token = ""
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: device_pb2_grpc.DeviceServiceStub | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._update_lock = asyncio.Lock()
+        self._wanted = ""  # the newest assignment; an older retry loop gives way to it
+        self._last_status_ms = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
+        self._scheduler: AsyncIOScheduler | None = None
+        self._local: Any = None
+        self.started = asyncio.Event()
+        self.trust = DeviceTrust(self.store.folder / "metadata", self._get_metadata_blocking)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Runs until `stop()`. Raises EdgefleetError when the agent cannot start (what to fix is in it)."""
+        self._loop = asyncio.get_running_loop()
+        self._channel = grpc.aio.insecure_channel(
+            self.config.server,
+            options=[
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.max_receive_message_length", 8 * 2**20),
+            ],
+        )
+        self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
+        try:
+            await self._ensure_enrolled()
+            await self._start_current_model()
+            if self.config.socket_path or self.config.local_port:
+                from device_agent.local_api import start_local_service
+
+                self._local = await start_local_service(self, self.config.socket_path, self.config.local_port)
+            self._scheduler = AsyncIOScheduler()
+            self._scheduler.add_job(self._periodic_check, "interval", seconds=self.config.check_interval_s)
+            self._scheduler.add_job(
+                self._collect_telemetry, "interval", seconds=self.config.telemetry_interval_s
+            )
+            self._scheduler.start()
+            self.started.set()
+            await self._connection_loop()
+        finally:
+            await self._shutdown()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _shutdown(self) -> None:
+        if self._scheduler is not None and self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._local is not None:
+            await self._local.stop(1)
+        await asyncio.to_thread(self.serving.stop)
+        if self._channel is not None:
+            await self._channel.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self._token}"),)
+
+    # ---- enrollment ------------------------------------------------------------------------------------
+
+    async def _ensure_enrolled(self) -> None:
+        creds = self.store.load_credentials()
+        if not self.trust.is_pinned():
+            if self.config.trust_root is None:
+                raise errors.InvalidRequestError("first start needs --trust-root (the fleet's root.json)")
+            DeviceTrust.pin_root(self.store.folder / "metadata", Path(self.config.trust_root).read_bytes())
+        if creds is None:
+            if not self.config.enroll_token:
+                raise errors.InvalidRequestError(
+                    "first start needs --enroll-token (from `edgefleet token create`)"
+                )
+            assert self._stub is not None
+            backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+            while True:
+                try:
+                    reply = await self._stub.Enroll(
+                        device_pb2.EnrollRequest(
+                            enrollment_token=self.config.enroll_token,
+                            device_name=self.config.name,
+                            capabilities=self.capabilities(),
+                        ),
+                        timeout=self.config.rpc_timeout_s,
+                    )
+                    break
+                except grpc.aio.AioRpcError as e:
+                    if e.code() not in _RETRYABLE:
+                        raise errors.AccessDeniedError(f"enrollment refused: {e.details()}") from e
+                    log.warning("enrollment: server unavailable (%s); retrying", e.code().name)
+                    await asyncio.sleep(backoff.next())
+            creds = {"device_id": reply.device_id, "device_token": reply.device_token, "group": reply.group}
+            self.store.save_credentials(creds)
+            log.info("enrolled as %s in group %s", reply.device_id, reply.group)
+        self.device_id, self._token = creds["device_id"], creds["device_token"]
+
+    # ---- serving the current model at start -------------------------------------------------------------
+
+    async def _start_current_model(self) -> None:
+        """Starts the model the state says runs; a file that fails its hash never runs and is re-fetched."""
+        for role in ("current", "previous"):
+            ref = getattr(self.state, role)
+            if ref is None:
+                continue
+            try:
+                target = await asyncio.to_thread(self._load_local_target, ref)
+                if role == "current":
+                    worker = await asyncio.to_thread(
+                        self._test_candidate, target, self.store.model_path(target.sha256)
+                    )
+                    self.serving.swap(worker, target.ref())
+            except errors.EdgefleetError as e:
+                log.error("%s model %s is unusable: %s", role, ref.get("target_path"), e)
+                self.store.model_path(ref.get("sha256", "x")).unlink(missing_ok=True)
+                if role == "current":
+                    self._queue_event(
+                        ref.get("target_path", ""), Stage.UPDATE_STAGE_FAILED, f"local copy unusable: {e}"
+                    )
+                    # Fetch it again: the server still assigns it, and the bytes come back verified.
+                    self._spawn(self._apply_assignment(ref, refetch=True))
+                else:
+                    self.state.previous = None
+                    self.store.save(self.state)
+        if self.state.pending and self.state.current and self.serving.worker is not None:
+            # Killed during probation: finish it now.
+            self._spawn(self._probation(self.state.current, self.state.previous))
+
+    def _load_local_target(self, ref: dict[str, Any]) -> ModelTarget:
+        path = self.store.model_path(ref["sha256"])
+        meta = path.with_suffix(".target.json")
+        if not path.exists() or not meta.exists():
+            raise errors.HashMismatchError("model file is missing")
+        target = ModelTarget.from_target_json(meta.read_bytes())
+        verify_file(target.target, path)
+        return target
+
+    # ---- control stream --------------------------------------------------------------------------------
+
+    async def _connection_loop(self) -> None:
+        backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        while not self._stopping.is_set():
+            stream = self._spawn(self._run_stream(backoff))
+            stopper = self._spawn(self._stopping.wait())
+            await asyncio.wait({stream, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if self._stopping.is_set():
+                stream.cancel()
+                break
+            self.connected = False
+            exc = stream.exception() if not stream.cancelled() else None
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in _RETRYABLE:
+                log.error("server refused the control stream: %s %s", exc.code().name, exc.details())
+            elif exc is not None and not isinstance(exc, grpc.aio.AioRpcError):
+                log.error("control stream failed: %r", exc)
+            delay = backoff.next()
+            log.info("control stream down; reconnecting in %.1f s", delay)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def _run_stream(self, backoff: Backoff) -> None:
+        assert self._stub is not None
+
+        async def outgoing() -> AsyncIterator[device_pb2.DeviceMessage]:
+            yield self._status_message()  # the truth first, on every connect
+            while True:
+                yield await self.outbox.get()
+
+        call = self._stub.Connect(outgoing(), metadata=self._metadata)
+        async for message in call:
+            self.connected = True
+            backoff.reset()
+            kind = message.WhichOneof("kind")
+            if kind == "assignment":
+                ref = _ref_to_dict(message.assignment.model)
+                self._spawn(self._apply_assignment(ref))
+            elif kind == "rollback":
+                self._spawn(self.rollback(message.rollback.command_id, message.rollback.reason))
+            await asyncio.sleep(0)
+        # A stream the server ended cleanly still counts as down: reconnect.
+
+    def _status_message(self) -> device_pb2.DeviceMessage:
+        sent = max(now_ms(), self._last_status_ms + 1)  # strictly increasing: the server drops older ones
+        self._last_status_ms = sent
+        return device_pb2.DeviceMessage(
+            status=device_pb2.DeviceStatus(
+                current=_ref_to_proto(self.state.current),
+                previous=_ref_to_proto(self.state.previous),
+                capabilities=self.capabilities(),
+                agent_version=__version__,
+                bad_targets=self.state.bad_targets,
+                sent_at_unix_ms=sent,
+            )
+        )
+
+    def _queue_status(self) -> None:
+        self.outbox.put_event(self._status_message())
+
+    def _queue_event(self, target_path: str, stage: int, reason: str = "", command_id: str = "") -> None:
+        log.info("%s %s %s", Stage.Name(stage).removeprefix("UPDATE_STAGE_").lower(), target_path, reason)
+        self.outbox.put_event(
+            device_pb2.DeviceMessage(
+                event=device_pb2.UpdateEvent(
+                    target_path=target_path,
+                    stage=stage,  # type: ignore[arg-type]
+                    reason=reason[:1000],
+                    at_unix_ms=now_ms(),
+                    command_id=command_id,
+                )
+            )
+        )
+
+    async def _periodic_check(self) -> None:
+        """The fallback when the control stream missed something (or is down)."""
+        assert self._stub is not None
+        try:
+            reply = await self._stub.GetAssignment(
+                device_pb2.GetAssignmentRequest(), metadata=self._metadata, timeout=self.config.rpc_timeout_s
+            )
+        except grpc.aio.AioRpcError as e:
+            log.debug("periodic check failed: %s", e.code().name)
+            return
+        if reply.rollback_pending:
+            await self.rollback(reply.rollback_command_id, "ordered by an operator (periodic check)")
+        elif reply.HasField("assignment"):
+            await self._apply_assignment(_ref_to_dict(reply.assignment.model))
+
+    # ---- metadata over gRPC, for python-tuf running in a worker thread ---------------------------------
+
+    def _get_metadata_blocking(self, name: str) -> bytes:
+        assert self._loop is not None and self._stub is not None
+        stub = self._stub
+
+        async def fetch() -> bytes:
+            reply = await stub.GetMetadata(
+                device_pb2.GetMetadataRequest(name=name),
+                metadata=self._metadata,
+                timeout=self.config.rpc_timeout_s,
+            )
+            return bytes(reply.content)
+
+        try:
+            return asyncio.run_coroutine_threadsafe(fetch(), self._loop).result(self.config.rpc_timeout_s + 5)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                raise FileNotFoundError(name) from e
+            raise errors.TransportError(f"GetMetadata {name}: {e.code().name} {e.details()}") from e
+        except TimeoutError as e:
+            raise errors.TransportError(f"GetMetadata {name} timed out") from e
+
+    # ---- updates ---------------------------------------------------------------------------------------
+
+    async def _apply_assignment(self, ref: dict[str, Any] | None, refetch: bool = False) -> None:
+        """Installs the assigned model; retries transport failures with backoff until it works or a newer
+        assignment replaces it; an artifact failure marks the version bad (never retried)."""
+        if not ref:
+            return
+        path = ref["target_path"]
+        self._wanted = path
+        backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        while self._wanted == path and not self._stopping.is_set():
+            async with self._update_lock:
+                current = (self.state.current or {}).get("target_path")
+                if (current == path and not refetch) or path in self.state.bad_targets:
+                    return
+                try:
+                    await self._install(path)
+                    return
+                except errors.TransportError as e:
+                    log.warning("update to %s interrupted: %s", path, e)
+                except errors.ArtifactError as e:
+                    self._mark_bad(path, str(e))
+                    return
+            await asyncio.sleep(backoff.next())
+
+    def _mark_bad(self, path: str, reason: str) -> None:
+        if path not in self.state.bad_targets:
+            self.state.bad_targets.append(path)
+            self.state.bad_targets[:] = self.state.bad_targets[-256:]
+        self.store.save(self.state)
+        self._queue_event(path, Stage.UPDATE_STAGE_FAILED, reason)
+        self._queue_status()
+
+    def _check_compatible(self, target: ModelTarget) -> None:
+        if target.runtimes and self.runtime not in target.runtimes:
+            raise errors.IncompatibleError(
+                f"{target.path} is signed as correct on {', '.join(target.runtimes)}, this device runs {self.runtime}"
+            )
+        if target.hardware_classes and self.config.hardware_class not in target.hardware_classes:
+            raise errors.IncompatibleError(
+                f"{target.path} is built for {', '.join(target.hardware_classes)}, "
+                f"this device is {self.config.hardware_class or 'unclassified'}"
+            )
+
+    async def _install(self, path: str) -> None:
+        target: ModelTarget = ModelTarget.from_target(await asyncio.to_thread(self.trust.target, path))
+        self._check_compatible(target)
+        model_file = self.store.model_path(target.sha256)
+        have = model_file.exists() and await asyncio.to_thread(_verifies, target, model_file)
+        if not have:
+            self._queue_event(path, Stage.UPDATE_STAGE_DOWNLOADING)
+            await self._download(target)
+            self._queue_event(path, Stage.UPDATE_STAGE_DOWNLOADED)
+            await asyncio.to_thread(self._finish_file, target)
+        self._queue_event(path, Stage.UPDATE_STAGE_VERIFIED, "signed metadata, length and sha256 check out")
+        worker = await asyncio.to_thread(self._test_candidate, target, model_file)
+        await self._activate(target, worker)
+
+    async def _download(self, target: ModelTarget) -> None:
+        """Appends to downloads/<sha>.part from its current length; never keeps more than the signed length."""
+        assert self._stub is not None
+        part = self.store.download_path(target.sha256)
+        offset = part.stat().st_size if part.exists() else 0
+        if offset > target.wire_length:
+            part.unlink()
+            offset = 0
+        with open(part, "ab") as f:
+            call = self._stub.DownloadModel(
+                device_pb2.DownloadModelRequest(target_path=target.path, offset=offset),
+                metadata=self._metadata,
+            )
+            stream = call.__aiter__()
+            try:
+                while offset < target.wire_length:
+                    try:
+                        chunk = await asyncio.wait_for(stream.__anext__(), self.config.stall_timeout_s)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        raise errors.TransportError(
+                            f"download stalled: nothing for {self.config.stall_timeout_s:.0f} s"
+                        ) from None
+                    if chunk.offset != offset:
+                        raise errors.TransportError(
+                            f"server sent bytes for offset {chunk.offset}, expected {offset}"
+                        )
+                    data = chunk.data[: target.wire_length - offset]  # cut off at the signed length
+                    f.write(data)
+                    offset += len(data)
+            except grpc.aio.AioRpcError as e:
+                if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                    raise errors.HashMismatchError(f"server cannot serve {target.path}: {e.details()}") from e
+                raise errors.TransportError(f"download: {e.code().name} {e.details()}") from e
+            finally:
+                call.cancel()
+                f.flush()
+                os.fsync(f.fileno())
+        if offset < target.wire_length:
+            raise errors.TransportError(f"download ended at {offset} of {target.wire_length} bytes")
+
+    def _finish_file(self, target: ModelTarget) -> None:
+        """Blocking: checks the wire bytes, decodes them (bounded by the signed length), checks the model's
+        length and sha256, and moves it into place durably. Deletes the partial file when anything is bad."""
+        part = self.store.download_path(target.sha256)
+        final = self.store.model_path(target.sha256)
+        tmp = final.with_suffix(".tmp")
+        try:
+            if sha256_file(part) != target.wire_sha256:
+                raise errors.HashMismatchError(
+                    f"{target.path}: downloaded bytes do not match the signed sha256"
+                )
+            decoder = wire.BoundedDecoder(target.wire_encoding, target.length)
+            with open(part, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(decoder.feed(chunk))
+                dst.write(decoder.finish())
+            verify_file(target.target, tmp)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+            raise
+        write_atomic(final.with_suffix(".target.json"), target.target_json())
+        commit_file(tmp, final)
+        part.unlink(missing_ok=True)
+        fsync_dir(part.parent)
+
+    def _test_candidate(self, target: ModelTarget, model_file: Path) -> ModelWorker:
+        """Blocking: loads the model in its own process (time and memory limited), checks its tensors against
+        the signed signature and its output on the signed golden input. The warm worker is returned."""
+        worker = ModelWorker(
+            model_file,
+            self.runtime,
+            num_threads=self.config.num_threads,
+            memory_limit_bytes=self.config.worker_memory_limit_bytes,
+        )
+        try:
+            signature = worker.start(timeout=self.config.candidate_timeout_s)
+            check_signature(signature, target.signature)
+            outputs = worker.call(list(target.golden.inputs), timeout=self.config.candidate_timeout_s)
+            target.golden.check(outputs)
+        except BaseException:
+            worker.kill()
+            raise
+        return worker
+
+    async def _activate(self, target: ModelTarget, worker: ModelWorker) -> None:
+        previous = self.state.current
+        old = self.serving.swap(worker, target.ref())
+        self.state.previous = previous
+        self.state.current = target.ref()
+        self.state.pending = {"target_path": target.path, "activated_ms": now_ms()}
+        self.store.save(self.state)
+        self._queue_event(target.path, Stage.UPDATE_STAGE_ACTIVATED)
+        self._queue_status()
+        if old is not None:
+            self._spawn(asyncio.to_thread(old.retire))
+        await self._probation(target.ref(), previous)
+
+    async def _probation(self, ref: dict[str, Any], previous: dict[str, Any] | None) -> None:
+        """Healthy after `probation_s` with no failed inference and the golden output still right;
+        otherwise back to the previous model and this version is bad."""
+        path = ref["target_path"]
+        before = self.serving.totals(path)
+        await asyncio.sleep(self.config.probation_s)
+        if (self.state.current or {}).get("target_path") != path:
+            return  # replaced meanwhile (a rollback)
+        count, failed = (a - b for a, b in zip(self.serving.totals(path), before, strict=True))
+        problem = f"{failed} of {count} inferences failed during probation" if failed else ""
+        if not problem:
+            try:
+                target = await asyncio.to_thread(self._load_local_target, ref)
+                result = await asyncio.to_thread(self.serving.infer, list(target.golden.inputs))
+                target.golden.check(result.outputs)
+            except errors.EdgefleetError as e:
+                problem = f"golden check after activation failed: {e}"
+        if not problem:
+            self.state.pending = None
+            self.store.save(self.state)
+            keep = {r["sha256"] for r in (self.state.current, self.state.previous) if r}
+            await asyncio.to_thread(self.store.prune_models, keep)
+            self._queue_event(path, Stage.UPDATE_STAGE_HEALTHY, f"{count} inferences, 0 failed")
+            return
+        self._mark_bad(path, problem)
+        if previous is not None:
+            await self._switch_to_previous("", f"automatic rollback: {problem}")
+
+    async def rollback(self, command_id: str, reason: str) -> None:
+        """Goes back to the previous model from its local copy (no download) and reports it."""
+        async with self._update_lock:
+            await self._switch_to_previous(command_id, reason)
+
+    async def _switch_to_previous(self, command_id: str, reason: str) -> None:
+        previous, current = self.state.previous, self.state.current
+        if previous is None:
+            self._queue_event(
+                (current or {}).get("target_path", ""),
+                Stage.UPDATE_STAGE_FAILED,
+                "rollback impossible: no previous model on this device",
+                command_id,
+            )
+            return
+        try:
+            target = await asyncio.to_thread(self._load_local_target, previous)
+            worker = await asyncio.to_thread(
+                self._test_candidate, target, self.store.model_path(target.sha256)
+            )
+        except errors.EdgefleetError as e:
+            self._queue_event(
+                previous["target_path"], Stage.UPDATE_STAGE_FAILED, f"rollback failed: {e}", command_id
+            )
+            return
+        old = self.serving.swap(worker, target.ref())
+        self.state.current, self.state.previous, self.state.pending = target.ref(), current, None
+        self.store.save(self.state)
+        self._wanted = target.path
+        self._queue_event(target.path, Stage.UPDATE_STAGE_ROLLED_BACK, reason, command_id)
+        self._queue_status()
+        if old is not None:
+            self._spawn(asyncio.to_thread(old.retire))
+
+    # ---- inference and telemetry -----------------------------------------------------------------------
+
+    def infer(self, inputs: list[np.ndarray]) -> Result:
+        """The in-process API: thread-safe, blocking. See `Serving.infer` for what it raises."""
+        return self.serving.infer(inputs)
+
+    def capabilities(self) -> common_pb2.Capabilities:
+        memory = psutil.virtual_memory()
+        available = self.config.memory_available_override_bytes or memory.available
+        return common_pb2.Capabilities(
+            runtime=self.runtime,
+            runtime_version=runtime_version(self.runtime),
+            cpu_arch=platform.machine(),
+            cpu_count=os.cpu_count() or 1,
+            memory_total_bytes=self.config.memory_available_override_bytes or memory.total,
+            memory_available_bytes=available,
+            disk_free_bytes=psutil.disk_usage(str(self.store.folder)).free,
+            accelerators=list(self.config.accelerators),
+            hardware_class=self.config.hardware_class,
+            latency_budget_ms=self.config.latency_budget_ms,
+        )
+
+    async def _collect_telemetry(self) -> None:
+        report = device_pb2.TelemetryReport(at_unix_ms=now_ms(), dropped_reports=self.outbox.dropped)
+        self.outbox.dropped = 0
+        memory = psutil.virtual_memory()
+        report.health.cpu_percent = psutil.cpu_percent(interval=None)
+        report.health.memory_used_bytes = memory.total - memory.available
+        report.health.memory_total_bytes = memory.total
+        report.health.disk_free_bytes = psutil.disk_usage(str(self.store.folder)).free
+        report.health.uptime_seconds = time.time() - psutil.boot_time()
+        temperature = _temperature()
+        if temperature is not None:
+            report.health.temperature_celsius = temperature
+        for target, stats in self.serving.take_stats().items():
+            report.inference.add(
+                target_path=target,
+                count=stats.count,
+                errors=stats.errors,
+                latency_bounds_ms=LATENCY_BOUNDS_MS,
+                latency_counts=stats.buckets,
+                latency_sum_ms=stats.latency_sum_ms,
+                latency_max_ms=stats.latency_max_ms,
+            )
+        self.outbox.put_telemetry(device_pb2.DeviceMessage(telemetry=report))
+
+
+def _verifies(target: ModelTarget, path: Path) -> bool:
+    try:
+        verify_file(target.target, path)
+        return True
+    except errors.HashMismatchError:
+        path.unlink(missing_ok=True)
+        return False
+
+
+def _temperature() -> float | None:
+    sensors: Callable[[], dict[str, Any]] | None = getattr(psutil, "sensors_temperatures", None)
+    if sensors is None:
+        return None
+    try:
+        readings = [t.current for entries in sensors().values() for t in entries if t.current]
+    except (OSError, RuntimeError):
+        return None
+    return max(readings) if readings else None
+
+
+def _ref_to_dict(ref: common_pb2.ModelRef) -> dict[str, Any] | None:
+    if not ref.target_path:
+        return None
+    return {
+        "target_path": ref.target_path,
+        "model_name": ref.model_name,
+        "version": ref.version,
+        "variant": ref.variant,
+        "sha256": ref.sha256,
+        "length": ref.length,
+    }
+
+
+def _ref_to_proto(ref: dict[str, Any] | None) -> common_pb2.ModelRef:
+    return common_pb2.ModelRef(**ref) if ref else common_pb2.ModelRef()

@@ -1,0 +1,45 @@
+"""The agent's configuration: a frozen dataclass with safe defaults (units in the names).
+
+Parsed from flags and environment only in `device_agent.__main__`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    server: str = "127.0.0.1:7443"
+    state_dir: Path = Path("edgefleet-agent")
+    name: str = "device"
+    enroll_token: str = ""
+    trust_root: Path | None = None  # root.json to pin at first start; later starts use the pinned copy
+    runtime: str = ""  # "" = the default runtime installed here
+    local_socket: str = ""  # "" = <state_dir>/agent.sock; "-" = no local gRPC service
+    local_port: int = 0  # also serve local inference on 127.0.0.1:PORT when set
+    telemetry_interval_s: float = 10.0
+    check_interval_s: float = 60.0
+    probation_s: float = 5.0  # a new model is "healthy" after this long without errors
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    rpc_timeout_s: float = 15.0
+    stall_timeout_s: float = 30.0  # a download that receives nothing for this long is restarted
+    candidate_timeout_s: float = 60.0  # loading and testing a candidate model
+    inference_timeout_s: float = 10.0
+    worker_memory_limit_bytes: int = 0  # 0 = none; the address-space limit of model worker processes
+    num_threads: int = 1
+    telemetry_queue_size: int = 256  # reports kept while disconnected; the oldest are dropped first
+    # Capabilities that cannot be discovered: declared by whoever provisions the device.
+    hardware_class: str = ""
+    accelerators: tuple[str, ...] = ()
+    latency_budget_ms: float = 0.0
+    memory_available_override_bytes: int = 0  # report less memory than the OS sees (a shared device)
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def socket_path(self) -> str:
+        if self.local_socket == "-":
+            return ""
+        return self.local_socket or str(self.state_dir / "agent.sock")

@@ -1,0 +1,264 @@
+"""Serving inference with hot swaps that drop nothing.
+
+Each model version runs in its own worker process (`ModelWorker`). Why a process and not a thread:
+`Interpreter.allocate_tensors()` holds the GIL (7-25 ms for a 30 MB model), so loading a candidate in the
+serving process would stall every caller; and a model that crashes or hangs the interpreter must not take
+the agent down. The candidate is loaded, checked and warmed in its own process beside the running one;
+the swap is one reference assignment; the old worker finishes the call it is serving and is then retired.
+
+`Serving.infer` is the in-process Python API (thread-safe); the local gRPC service calls it too.
+"""
+
+from __future__ import annotations
+
+import bisect
+import multiprocessing.connection
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefleet.errors import EdgefleetError, InvalidRequestError, ModelError
+from edgefleet.modelinfo import ModelSignature
+
+LATENCY_BOUNDS_MS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
+
+
+_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class WorkerGone(EdgefleetError):
+    """The worker was retired (a swap) or died; the caller retries on the active one."""
+
+
+class ModelWorker:
+    """One model version in a child process. `start` raises ModelError when it does not load in time."""
+
+    def __init__(self, model_path: Path, runtime: str, *, num_threads: int = 1, memory_limit_bytes: int = 0):
+        self.model_path = Path(model_path)
+        self.runtime = runtime
+        self._num_threads = num_threads
+        self._memory_limit = memory_limit_bytes
+        self.lock = threading.Lock()  # one request at a time through the pipe
+        self.closed = False
+        self.signature: ModelSignature | None = None
+        self._process: Any = None
+        self._conn: multiprocessing.connection.Connection | None = None
+
+    def start(self, timeout: float = 30.0) -> ModelSignature:
+        # A fresh interpreter via exec, not fork (the agent runs gRPC threads) and not multiprocessing's
+        # spawn (it re-imports the embedding application's __main__).
+        parent, child = socket.socketpair()
+        args = [
+            str(child.fileno()),
+            str(self.model_path),
+            self.runtime,
+            str(self._num_threads),
+            str(self._memory_limit),
+        ]
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "device_agent.worker", *args],
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [_PROJECT_ROOT, os.environ.get("PYTHONPATH")])),
+            },
+        )
+        child.close()
+        self._conn = multiprocessing.connection.Connection(parent.detach())
+        reply = self._receive(timeout, "load")
+        if reply[0] != "ready":
+            self.kill()
+            raise ModelError(f"model does not load: {reply[1]}")
+        self.signature = ModelSignature.from_json(reply[1])
+        return self.signature
+
+    def _receive(self, timeout: float, what: str) -> tuple[str, Any]:
+        assert self._conn is not None
+        try:
+            if not self._conn.poll(timeout):
+                self.kill()
+                raise ModelError(
+                    f"model {what} did not finish within {timeout:.0f} s; the worker was stopped"
+                )
+            reply: tuple[str, Any] = self._conn.recv()
+            return reply
+        except (EOFError, OSError, ConnectionResetError) as e:
+            code = self._process.poll() if self._process else None
+            self.kill()
+            raise ModelError(f"model worker died during {what} (exit code {code})") from e
+
+    def call(self, inputs: Sequence[np.ndarray], timeout: float) -> list[np.ndarray]:
+        """Raises WorkerGone when retired or dead, ModelError when the model fails on these inputs."""
+        with self.lock:
+            if self.closed or self._conn is None:
+                raise WorkerGone("worker retired")
+            try:
+                self._conn.send(list(inputs))
+            except (OSError, BrokenPipeError) as e:
+                self.kill()
+                raise WorkerGone("worker died") from e
+            status, payload = self._receive(timeout, "inference")
+            if status != "ok":
+                raise ModelError(str(payload))
+            outputs: list[np.ndarray] = payload
+            return outputs
+
+    def alive(self) -> bool:
+        return bool(self._process is not None and self._process.poll() is None and not self.closed)
+
+    def retire(self) -> None:
+        """Waits for the call in progress, then stops the worker."""
+        with self.lock:
+            self.closed = True
+            if self._conn is not None:
+                try:
+                    self._conn.send(None)
+                except OSError:
+                    pass
+        if self._process is not None:
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        self.closed = True
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait(timeout=5)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+@dataclass
+class _Stats:
+    count: int = 0
+    errors: int = 0
+    latency_sum_ms: float = 0.0
+    latency_max_ms: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_MS) + 1))
+
+    def add(self, ms: float, ok: bool) -> None:
+        self.count += 1
+        self.errors += not ok
+        self.latency_sum_ms += ms
+        self.latency_max_ms = max(self.latency_max_ms, ms)
+        self.buckets[bisect.bisect_left(LATENCY_BOUNDS_MS, ms)] += 1
+
+
+@dataclass(frozen=True)
+class Result:
+    outputs: list[np.ndarray]
+    target_path: str
+    version: str
+
+
+class NoModelError(EdgefleetError):
+    """No model is active yet."""
+
+
+class Serving:
+    """The active model and the API applications call. Thread-safe."""
+
+    def __init__(self, call_timeout: float = 10.0):
+        # (worker, ref) in one attribute: rebinding it is atomic, so no caller sees one model's worker with
+        # another model's name.
+        self._slot: tuple[ModelWorker, dict[str, Any]] | None = None
+        self._call_timeout = call_timeout
+        self._stats: dict[str, _Stats] = {}
+        self._totals: dict[str, list[int]] = {}  # target -> [calls, failures] since start (for probation)
+        self._stats_lock = threading.Lock()
+
+    @property
+    def ref(self) -> dict[str, Any]:
+        return self._slot[1] if self._slot else {}
+
+    @property
+    def worker(self) -> ModelWorker | None:
+        return self._slot[0] if self._slot else None
+
+    def infer(self, inputs: Sequence[np.ndarray]) -> Result:
+        """Runs the active model. Raises NoModelError, InvalidRequestError (inputs do not fit the model) or
+        ModelError (the model failed); never fails because a swap happened during the call."""
+        while True:
+            slot = self._slot
+            if slot is None:
+                raise NoModelError("no model is active yet; the agent is waiting for an assignment")
+            worker, ref = slot
+            _check_inputs(worker.signature, inputs)
+            started = time.perf_counter()
+            try:
+                outputs = worker.call(inputs, self._call_timeout)
+            except WorkerGone:
+                if slot is self._slot:
+                    self._record(ref["target_path"], time.perf_counter() - started, ok=False)
+                    raise ModelError("the model worker stopped; the agent is restarting it") from None
+                continue  # swapped meanwhile: run on the new model
+            except ModelError:
+                self._record(ref["target_path"], time.perf_counter() - started, ok=False)
+                raise
+            self._record(ref["target_path"], time.perf_counter() - started, ok=True)
+            return Result(outputs, ref["target_path"], ref.get("version", ""))
+
+    def _record(self, target: str, seconds: float, ok: bool) -> None:
+        with self._stats_lock:
+            self._stats.setdefault(target, _Stats()).add(seconds * 1000, ok)
+            totals = self._totals.setdefault(target, [0, 0])
+            totals[0] += 1
+            totals[1] += not ok
+
+    def swap(self, worker: ModelWorker, ref: dict[str, Any]) -> ModelWorker | None:
+        """Makes `worker` the active one; returns the previous worker (the caller retires it off-thread)."""
+        old = self._slot
+        self._slot = (worker, ref)
+        return old[0] if old else None
+
+    def take_stats(self) -> dict[str, _Stats]:
+        """Counters since the last call (for one telemetry report)."""
+        with self._stats_lock:
+            stats, self._stats = self._stats, {}
+        return stats
+
+    def totals(self, target: str) -> tuple[int, int]:
+        """(calls, failures) on `target` since the agent started."""
+        with self._stats_lock:
+            calls, failures = self._totals.get(target, (0, 0))
+            return calls, failures
+
+    def stop(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot[0].retire()
+
+
+def _check_inputs(signature: ModelSignature | None, inputs: Sequence[np.ndarray]) -> None:
+    if signature is None:
+        return
+    if len(inputs) != len(signature.inputs):
+        raise InvalidRequestError(f"the model takes {len(signature.inputs)} inputs, got {len(inputs)}")
+    for spec, array in zip(signature.inputs, inputs, strict=True):
+        if (
+            not isinstance(array, np.ndarray)
+            or array.dtype.name != spec.dtype
+            or tuple(array.shape) != spec.shape
+        ):
+            got = f"{getattr(array, 'dtype', type(array).__name__)} {getattr(array, 'shape', '')}"
+            raise InvalidRequestError(
+                f"input {spec.name!r} must be {spec.dtype} {list(spec.shape)}, got {got}"
+            )
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1

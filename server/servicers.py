@@ -1,0 +1,457 @@
+"""gRPC servicers: translate protobuf <-> `server.fleet` calls, and edgefleet errors -> status codes.
+
+No logic lives here beyond checking that requests are well formed; the authorization gate is
+`server.auth.AuthInterceptor`, and the caller's identity comes from `Authenticator.principal`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from edgefleet import errors
+from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
+from server.auth import Authenticator
+from server.fleet import AssignmentPush, DeploymentStatus, Fleet, Push, RollbackPush
+from server.storage import DeviceRecord, ModelRecord
+
+log = logging.getLogger("edgefleet.server")
+
+_STATUS = (
+    (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (errors.ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.AccessDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.SignatureError, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.IncompatibleError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ArtifactError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.TransportError, grpc.StatusCode.UNAVAILABLE),
+)
+
+DOWNLOAD_CHUNK_BYTES = 256 * 1024
+UPLOAD_CHUNK_LIMIT = 4 * 2**20
+
+
+@contextlib.asynccontextmanager
+async def status_for_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Our errors become their status code with their message; anything else is INTERNAL, logged in full."""
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except errors.EdgefleetError as e:
+        for kind, code in _STATUS:
+            if isinstance(e, kind):
+                await context.abort(code, str(e))
+        await context.abort(grpc.StatusCode.INTERNAL, str(e))
+    except (asyncio.CancelledError, GeneratorExit):
+        raise
+    except Exception:
+        log.exception("unexpected error")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
+
+
+# ---- conversions -----------------------------------------------------------------------------------------
+
+
+def ref_of(record: ModelRecord) -> common_pb2.ModelRef:
+    return common_pb2.ModelRef(
+        target_path=record.target_path,
+        model_name=record.name,
+        version=record.version,
+        variant=record.variant,
+        sha256=record.sha256,
+        length=record.length,
+    )
+
+
+def ref_from_dict(data: dict[str, Any] | None) -> common_pb2.ModelRef:
+    if not data:
+        return common_pb2.ModelRef()
+    return common_pb2.ModelRef(
+        **{k: v for k, v in data.items() if k in common_pb2.ModelRef.DESCRIPTOR.fields_by_name}
+    )
+
+
+def ref_to_dict(ref: common_pb2.ModelRef) -> dict[str, Any] | None:
+    if not ref.target_path:
+        return None
+    if len(ref.target_path) > 512:
+        raise errors.InvalidRequestError("target path is too long")
+    return {
+        "target_path": ref.target_path,
+        "model_name": ref.model_name,
+        "version": ref.version,
+        "variant": ref.variant,
+        "sha256": ref.sha256,
+        "length": ref.length,
+    }
+
+
+def capabilities_to_dict(caps: common_pb2.Capabilities) -> dict[str, Any]:
+    data = MessageToDict(caps, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    for key in ("memory_total_bytes", "memory_available_bytes", "disk_free_bytes"):
+        data[key] = int(data.get(key, 0))
+        if data[key] < 0:
+            raise errors.InvalidRequestError(f"capabilities.{key} is negative")
+    if not math.isfinite(caps.latency_budget_ms) or caps.latency_budget_ms < 0:
+        raise errors.InvalidRequestError("capabilities.latency_budget_ms must be a finite number >= 0")
+    if len(caps.accelerators) > 32:
+        raise errors.InvalidRequestError("too many accelerators")
+    return data
+
+
+def capabilities_from_dict(data: dict[str, Any]) -> common_pb2.Capabilities:
+    fields = common_pb2.Capabilities.DESCRIPTOR.fields_by_name
+    return common_pb2.Capabilities(**{k: v for k, v in (data or {}).items() if k in fields})
+
+
+def telemetry_to_dict(report: device_pb2.TelemetryReport) -> dict[str, Any]:
+    """Refuses NaN/infinite figures, negative counts and oversized histograms."""
+    health = report.health
+    figures = [health.cpu_percent, health.uptime_seconds]
+    if health.HasField("temperature_celsius"):
+        figures.append(health.temperature_celsius)
+    for stats in report.inference:
+        figures += [stats.latency_sum_ms, stats.latency_max_ms, *stats.latency_bounds_ms]
+        if stats.count < 0 or stats.errors < 0 or any(c < 0 for c in stats.latency_counts):
+            raise errors.InvalidRequestError("telemetry counts must not be negative")
+        if len(stats.latency_bounds_ms) > 64 or len(stats.latency_counts) > 65:
+            raise errors.InvalidRequestError("telemetry histogram has too many buckets")
+    if not all(math.isfinite(f) for f in figures):
+        raise errors.InvalidRequestError("telemetry figures must be finite numbers")
+    if len(report.inference) > 64:
+        raise errors.InvalidRequestError("telemetry has too many model versions")
+    data = MessageToDict(report, preserving_proto_field_name=True)
+    data["at_ms"] = int(data.pop("at_unix_ms", 0))
+    return data
+
+
+def push_to_proto(push: Push) -> device_pb2.ServerMessage:
+    if isinstance(push, AssignmentPush):
+        return device_pb2.ServerMessage(
+            assignment=device_pb2.Assignment(model=ref_of(push.model), deployment_id=push.deployment_id)
+        )
+    assert isinstance(push, RollbackPush)
+    return device_pb2.ServerMessage(
+        rollback=device_pb2.RollbackCommand(command_id=push.command_id, reason=push.reason)
+    )
+
+
+def device_info(
+    device: DeviceRecord, connected: bool, desired: ModelRecord | None
+) -> operator_pb2.DeviceInfo:
+    return operator_pb2.DeviceInfo(
+        id=device.id,
+        name=device.name,
+        group=device.group,
+        connected=connected,
+        last_seen_unix_ms=device.last_seen_ms,
+        current=ref_from_dict(device.current),
+        previous=ref_from_dict(device.previous),
+        desired=ref_of(desired) if desired else common_pb2.ModelRef(),
+        last_stage=device.last_stage,
+        last_reason=device.last_reason,
+        capabilities=capabilities_from_dict(device.capabilities),
+    )
+
+
+def deployment_info(status: DeploymentStatus) -> operator_pb2.DeploymentInfo:
+    d = status.deployment
+    return operator_pb2.DeploymentInfo(
+        id=d.id,
+        model_name=d.model_name,
+        version=d.version,
+        selector=d.selector,
+        created_at_unix_ms=d.created_ms,
+        devices_targeted=status.targeted,
+        devices_healthy=status.healthy,
+        devices_failed=status.failed,
+        devices_pending=status.pending,
+        devices_notified=status.notified,
+        variant=d.variant,
+        unassigned=status.unassigned,
+        kind=d.kind,
+    )
+
+
+def variant_info(record: ModelRecord) -> operator_pb2.VariantInfo:
+    return operator_pb2.VariantInfo(
+        target_path=record.target_path,
+        variant=record.variant,
+        sha256=record.sha256,
+        length=record.length,
+        details_json=json.dumps(record.details, sort_keys=True),
+    )
+
+
+# ---- device service --------------------------------------------------------------------------------------
+
+
+class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
+    def __init__(self, fleet: Fleet, auth: Authenticator):
+        self.fleet = fleet
+        self.auth = auth
+
+    async def Enroll(self, request: device_pb2.EnrollRequest, context: grpc.aio.ServicerContext) -> Any:
+        async with status_for_errors(context):
+            if not request.enrollment_token or len(request.enrollment_token) > 256:
+                raise errors.InvalidRequestError("enrollment_token is required")
+            device, secret = await self.fleet.enroll(
+                request.enrollment_token, request.device_name, capabilities_to_dict(request.capabilities)
+            )
+            return device_pb2.EnrollResponse(device_id=device.id, device_token=secret, group=device.group)
+
+    async def Connect(self, request_iterator: AsyncIterator[device_pb2.DeviceMessage], context: Any) -> Any:
+        principal = await self.auth.principal(context)
+        device_id = principal.id
+        queue = self.fleet.attach(device_id)
+        reader = asyncio.create_task(self._read(device_id, request_iterator))
+        log.info("device %s connected", device_id)
+        try:
+            while True:
+                getter = asyncio.create_task(queue.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield push_to_proto(getter.result())
+                    continue
+                getter.cancel()
+                async with status_for_errors(context):
+                    reader.result()  # re-raises what ended the device's side
+                return
+        finally:
+            reader.cancel()
+            self.fleet.detach(device_id, queue)
+            log.info("device %s disconnected", device_id)
+
+    async def _read(self, device_id: str, messages: AsyncIterator[device_pb2.DeviceMessage]) -> None:
+        async for message in messages:
+            kind = message.WhichOneof("kind")
+            if kind == "status":
+                s = message.status
+                await self.fleet.handle_status(
+                    device_id,
+                    {
+                        "current": ref_to_dict(s.current),
+                        "previous": ref_to_dict(s.previous),
+                        "capabilities": capabilities_to_dict(s.capabilities)
+                        if s.HasField("capabilities")
+                        else None,
+                        "bad_targets": [t[:512] for t in s.bad_targets[:256]],
+                        "sent_at_ms": s.sent_at_unix_ms,
+                    },
+                )
+            elif kind == "event":
+                e = message.event
+                await self.fleet.handle_event(
+                    device_id,
+                    {
+                        "target_path": e.target_path,
+                        "stage": common_pb2.UpdateStage.Name(e.stage).removeprefix("UPDATE_STAGE_").lower()
+                        if e.stage in common_pb2.UpdateStage.values()
+                        else "",
+                        "reason": e.reason,
+                        "at_ms": e.at_unix_ms,
+                        "command_id": e.command_id,
+                    },
+                )
+            elif kind == "telemetry":
+                await self.fleet.handle_telemetry(device_id, telemetry_to_dict(message.telemetry))
+            else:
+                raise errors.InvalidRequestError("empty device message")
+
+    async def GetAssignment(self, request: device_pb2.GetAssignmentRequest, context: Any) -> Any:
+        principal = await self.auth.principal(context)
+        async with status_for_errors(context):
+            record, deployment_id, rollback = await self.fleet.assignment_for(principal.id)
+            response = device_pb2.GetAssignmentResponse(
+                rollback_pending=bool(rollback), rollback_command_id=rollback
+            )
+            if record is not None:
+                response.assignment.CopyFrom(
+                    device_pb2.Assignment(model=ref_of(record), deployment_id=deployment_id)
+                )
+            return response
+
+    async def GetMetadata(self, request: device_pb2.GetMetadataRequest, context: Any) -> Any:
+        async with status_for_errors(context):
+            return device_pb2.GetMetadataResponse(content=await self.fleet.get_metadata(request.name))
+
+    async def DownloadModel(self, request: device_pb2.DownloadModelRequest, context: Any) -> Any:
+        async with status_for_errors(context):
+            record = await self.fleet.model_for_download(request.target_path)
+            wire_length = int(record.details.get("wire_bytes") or record.length)
+            if not 0 <= request.offset <= wire_length:
+                raise errors.InvalidRequestError(f"offset {request.offset} is outside 0..{wire_length}")
+            chunks = self.fleet.read_wire(record, request.offset, DOWNLOAD_CHUNK_BYTES)
+            offset = request.offset
+            while chunk := await asyncio.to_thread(next, chunks, b""):
+                yield device_pb2.DownloadModelResponse(data=chunk, offset=offset, total_length=wire_length)
+                offset += len(chunk)
+
+
+# ---- operator service ------------------------------------------------------------------------------------
+
+
+class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
+    def __init__(self, fleet: Fleet):
+        self.fleet = fleet
+
+    async def CreateEnrollmentToken(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            token, expires = await self.fleet.create_enrollment_token(
+                request.group or "default", request.uses or 1, request.ttl_seconds or 7 * 86400
+            )
+            return operator_pb2.CreateEnrollmentTokenResponse(token=token, expires_at_unix_ms=expires)
+
+    async def UploadModel(
+        self, request_iterator: AsyncIterator[operator_pb2.UploadModelRequest], context: Any
+    ) -> Any:
+        async with status_for_errors(context):
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise errors.InvalidRequestError("an upload starts with a header message")
+            header = first.header
+
+            async def chunks() -> AsyncIterator[bytes]:
+                async for message in request_iterator:
+                    if message.WhichOneof("kind") != "chunk":
+                        raise errors.InvalidRequestError("only chunks may follow the header")
+                    if len(message.chunk) > UPLOAD_CHUNK_LIMIT:
+                        raise errors.InvalidRequestError(f"chunks are limited to {UPLOAD_CHUNK_LIMIT} bytes")
+                    yield message.chunk
+
+            records = await self.fleet.upload_model(
+                header.name,
+                header.version,
+                header.length,
+                header.sha256,
+                chunks(),
+                eval_npz=header.eval_npz,
+                calibration_npz=header.calibration_npz,
+                tolerance_points=header.tolerance_points or 1.0,
+            )
+            original = records[0]
+            return operator_pb2.UploadModelResponse(
+                target_path=original.target_path,
+                sha256=original.sha256,
+                length=original.length,
+                inputs=[operator_pb2.TensorSpec(**t) for t in original.signature["inputs"]],
+                outputs=[operator_pb2.TensorSpec(**t) for t in original.signature["outputs"]],
+                validated_with=self.fleet.validate_runtime,
+                variants=[variant_info(r) for r in records],
+            )
+
+    async def GetSignedMetadata(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            if request.name not in ("root", "targets"):
+                raise errors.InvalidRequestError("ask for 'root' or 'targets'")
+            return operator_pb2.GetSignedMetadataResponse(
+                content=await self.fleet.current_metadata(request.name)
+            )
+
+    async def PublishTargets(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            versions = await self.fleet.publish_targets(request.targets_json)
+            return operator_pb2.PublishTargetsResponse(
+                targets_version=versions.targets,
+                snapshot_version=versions.snapshot,
+                timestamp_version=versions.timestamp,
+            )
+
+    async def ListModels(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            models = await self.fleet.list_models(request.name)
+            return operator_pb2.ListModelsResponse(
+                models=[
+                    operator_pb2.ModelVersionInfo(
+                        name=m.name,
+                        version=m.version,
+                        variant=m.variant,
+                        target_path=m.target_path,
+                        sha256=m.sha256,
+                        length=m.length,
+                        signed=m.signed,
+                        created_at_unix_ms=m.created_ms,
+                        details_json=json.dumps(m.details, sort_keys=True),
+                    )
+                    for m in models
+                ]
+            )
+
+    async def CreateDeployment(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            status = await self.fleet.deploy(
+                request.model_name, request.version, request.selector, request.variant
+            )
+            return operator_pb2.CreateDeploymentResponse(deployment=deployment_info(status))
+
+    async def ListDeployments(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            statuses = await self.fleet.deployment_statuses()
+            return operator_pb2.ListDeploymentsResponse(deployments=[deployment_info(s) for s in statuses])
+
+    async def RollbackDevices(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            result = await self.fleet.rollback(request.selector, request.reason or "ordered by an operator")
+            return operator_pb2.RollbackDevicesResponse(
+                command_id=result.command_id,
+                devices_targeted=result.targeted,
+                devices_notified=result.notified,
+                skipped=result.skipped,
+            )
+
+    async def ListDevices(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            devices = await self.fleet.list_devices(request.selector)
+            models = {m.target_path: m for m in await self.fleet.list_models()}
+            return operator_pb2.ListDevicesResponse(
+                devices=[
+                    device_info(d, self.fleet.is_connected(d.id), models.get(d.desired_target))
+                    for d in devices
+                ]
+            )
+
+    async def GetTelemetry(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            records = await self.fleet.telemetry(request.device_id, request.limit or 20)
+            response = operator_pb2.GetTelemetryResponse()
+            for at_ms, report in records:
+                record = response.records.add(
+                    at_unix_ms=at_ms, dropped_reports=int(report.get("dropped_reports", 0))
+                )
+                if "health" in report:
+                    record.health.CopyFrom(_parse(report["health"], common_pb2.HealthSample()))
+                for stats in report.get("inference", []):
+                    record.inference.append(_parse(stats, common_pb2.InferenceStats()))
+            return response
+
+    async def ListEvents(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            events = await self.fleet.events(request.device_id, request.limit or 100)
+            return operator_pb2.ListEventsResponse(
+                events=[
+                    operator_pb2.DeviceEvent(
+                        device_id=e.device_id,
+                        target_path=e.target_path,
+                        stage=e.stage,
+                        reason=e.reason,
+                        at_unix_ms=e.at_ms,
+                    )
+                    for e in events
+                ]
+            )
+
+
+def _parse(data: dict[str, Any], message: Any) -> Any:
+    from google.protobuf.json_format import ParseDict
+
+    return ParseDict(data, message, ignore_unknown_fields=True)
