@@ -195,26 +195,63 @@ def _upload_requests(header: operator_pb2.UploadModelHeader, data: bytes, quiet:
 
 
 def cmd_model_push(args: argparse.Namespace) -> None:
-    from edgefleet.errors import ModelError
-    from edgefleet.modelinfo import Golden, run
-    from edgefleet.runtime import default_runtime, make_interpreter
-
     path = Path(args.file)
     if not path.is_file():
         raise CliError(f"{path} is not a file")
     data = path.read_bytes()
-    signer = _targets_signer(args)
-    op = Operator(args)
-    header = operator_pb2.UploadModelHeader(
-        name=args.name,
-        version=args.version,
-        length=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
+    for option in ("eval", "calibration"):
+        if getattr(args, option) and not Path(getattr(args, option)).is_file():
+            raise CliError(f"--{option} {getattr(args, option)} is not a file")
+    pushed = push_model(
+        Operator(args),
+        data,
+        args.name,
+        args.version,
+        _targets_signer(args),
         eval_npz=Path(args.eval).read_bytes() if args.eval else b"",
         calibration_npz=Path(args.calibration).read_bytes() if args.calibration else b"",
-        tolerance_points=args.tolerance,
+        tolerance=args.tolerance,
+        quiet=args.json or not sys.stderr.isatty(),
     )
-    quiet = args.json or not sys.stderr.isatty()
+    if args.json:
+        print(json.dumps(pushed, indent=2, sort_keys=True))
+        return
+    print(
+        f"pushed and signed {args.name} {args.version} "
+        f"({len(pushed['variants'])} file(s), targets v{pushed['targets_version']})"
+    )
+    print_variants(pushed["variants"])
+
+
+def push_model(
+    op: Operator,
+    data: bytes,
+    name: str,
+    version: str,
+    signer: signing.Signer,
+    *,
+    eval_npz: bytes = b"",
+    calibration_npz: bytes = b"",
+    tolerance: float = 1.0,
+    quiet: bool = True,
+    edit_custom: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Uploads, checks what the server says about the original against this machine's own run of the model,
+    then signs every file (original and variants) into targets.json and publishes it.
+    `edit_custom(target_path, custom)` may change what is signed (tests use it to sign bad metadata)."""
+    from edgefleet.errors import ModelError
+    from edgefleet.modelinfo import Golden, run
+    from edgefleet.runtime import default_runtime, make_interpreter
+
+    header = operator_pb2.UploadModelHeader(
+        name=name,
+        version=version,
+        length=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        eval_npz=eval_npz,
+        calibration_npz=calibration_npz,
+        tolerance_points=tolerance,
+    )
     try:
         reply = op.stub.UploadModel(_upload_requests(header, data, quiet), metadata=op.metadata, timeout=600)
     except grpc.RpcError as e:
@@ -223,12 +260,10 @@ def cmd_model_push(args: argparse.Namespace) -> None:
         raise CliError("the server stored different bytes than were sent; not signing")
     variants = list(reply.variants)
     details = {v.target_path: json.loads(v.details_json) for v in variants}
-    # Check the server's claims about the original on this machine before signing them.
-    original = details[reply.target_path]
     try:
-        golden = Golden.from_json(original["golden"])
+        golden = Golden.from_json(details[reply.target_path]["golden"])
         golden.check(run(make_interpreter(default_runtime(), model_content=data), list(golden.inputs)))
-    except (ModelError, ValueError, RuntimeError) as e:
+    except (ModelError, ValueError, RuntimeError, KeyError) as e:
         raise CliError(
             f"the server's golden data for {reply.target_path} does not match this model: {e}"
         ) from e
@@ -236,23 +271,16 @@ def cmd_model_push(args: argparse.Namespace) -> None:
     additions = []
     for v in variants:
         target = signing.TargetFile(length=v.length, hashes={"sha256": v.sha256}, path=v.target_path)
-        target.unrecognized_fields["custom"] = signing.model_custom(
-            args.name, args.version, v.variant, details[v.target_path]
-        )
+        custom = signing.model_custom(name, version, v.variant, details[v.target_path])
+        if edit_custom is not None:
+            edit_custom(v.target_path, custom)
+        target.unrecognized_fields["custom"] = custom
         additions.append(target)
     versions = _publish(op, additions, signer)
-    rows = [_variant_row(v.variant, v.length, details[v.target_path], data) for v in variants]
-    if args.json:
-        print(
-            json.dumps(
-                {"targets_version": versions.targets_version, "variants": rows}, indent=2, sort_keys=True
-            )
-        )
-        return
-    print(
-        f"pushed and signed {args.name} {args.version} ({len(variants)} file(s), targets v{versions.targets_version})"
-    )
-    print_variants(rows)
+    return {
+        "targets_version": versions.targets_version,
+        "variants": [_variant_row(v.variant, v.length, details[v.target_path]) for v in variants],
+    }
 
 
 def _targets_signer(args: argparse.Namespace) -> signing.Signer:

@@ -1,0 +1,316 @@
+"""A whole fleet on one machine: the server and device agents as real processes under one folder.
+
+Used by `scripts/demo` and the integration tests. Nothing here is faked: the server is `edgefleet server`,
+each device is `edgefleet-agent` with its own state folder and Unix socket, and the operator commands are
+the CLI's own (run in this process, for speed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from edgefleet import cli
+from edgefleet.tensors import from_proto, to_proto
+from edgefleet.v1 import local_pb2, local_pb2_grpc
+
+_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Polls until `predicate()` is truthy; raises TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class AgentProcess:
+    name: str
+    state_dir: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def socket(self) -> str:
+        return str(self.state_dir / "agent.sock")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def state(self) -> dict[str, Any]:
+        path = self.state_dir / "state.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def device_id(self) -> str:
+        path = self.state_dir / "credentials.json"
+        return json.loads(path.read_text())["device_id"] if path.exists() else ""
+
+    def running(self) -> str:
+        """The target path the device's durable state says runs."""
+        return (self.state().get("current") or {}).get("target_path", "")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class LocalFleet:
+    root: Path
+    port: int = 0
+    server: subprocess.Popen[bytes] | None = None
+    agents: dict[str, AgentProcess] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "server"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    # ---- server ----------------------------------------------------------------------------------------
+
+    def init_keys(self) -> None:
+        if not (self.keys / "root.json").exists():
+            self.cli("keys", "init", "--dir", str(self.keys))
+
+    def start_server(self, *extra: str, timeout: float = 30) -> None:
+        """Starts `edgefleet server` (on a free port the first time, the same port on restarts)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        ready = self.root / "server.ready"
+        ready.unlink(missing_ok=True)
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - the child owns it
+        self.server = subprocess.Popen(
+            [
+                sys.executable, "-m", "edgefleet.cli", "server",
+                "--data-dir", str(self.data_dir),
+                "--listen", f"127.0.0.1:{self.port}",
+                "--trust-root", str(self.keys / "root.json"),
+                "--online-key", str(self.keys / "online.key"),
+                "--ready-file", str(ready),
+                *extra,
+            ],
+            stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=self.root,
+        )  # fmt: skip
+        log.close()
+
+        def up() -> bool:
+            if self.server is not None and self.server.poll() is not None:
+                raise RuntimeError(f"server exited with {self.server.returncode}:\n{self.server_log()[-3000:]}")
+            return ready.exists() and ready.read_text().strip() != ""
+
+        wait_for(up, timeout, "the server to start")
+        self.port = int(ready.read_text())
+
+    def stop_server(self, kill: bool = False) -> None:
+        if self.server is not None and self.server.poll() is None:
+            self.server.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            self.server.wait(timeout=15)
+        self.server = None
+
+    def server_log(self) -> str:
+        path = self.root / "server.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # ---- operator --------------------------------------------------------------------------------------
+
+    def cli(self, *args: str) -> str:
+        """Runs an `edgefleet` command in this process; returns its stdout. Raises cli.CliError on failure."""
+        argv = [
+            "--server", self.address,
+            "--token-file", str(self.data_dir / "operator.token"),
+            *args,
+        ]  # fmt: skip
+        if args[:2] == ("model", "push") and "--targets-key" not in args:
+            argv += ["--targets-key", str(self.keys / "targets.key")]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            parsed = cli.build_parser().parse_args(argv)
+            parsed.fn(parsed)
+        return out.getvalue()
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json"))
+
+    def devices(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.cli_json("devices")
+        return result
+
+    def device(self, agent: AgentProcess) -> dict[str, Any]:
+        return next(d for d in self.devices() if d["id"] == agent.device_id())
+
+    def enrollment_token(self, group: str = "default", uses: int = 1) -> str:
+        token: str = self.cli_json("token", "create", "--group", group, "--uses", str(uses))["token"]
+        return token
+
+    # ---- devices ---------------------------------------------------------------------------------------
+
+    def start_agent(self, name: str, token: str = "", *extra: str, wait: bool = True) -> AgentProcess:
+        """Starts `edgefleet-agent` with its own state folder; first start enrolls with `token`."""
+        state_dir = self.root / "agents" / name
+        state_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.root / "agents" / f"{name}.log"
+        log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
+        args = [
+            sys.executable, "-m", "device_agent",
+            "--server", self.address,
+            "--state-dir", str(state_dir),
+            "--name", name,
+            "--trust-root", str(self.keys / "root.json"),
+            "--telemetry-interval", "1",
+            "--check-interval", "5",
+            "--probation", "1",
+            *extra,
+        ]  # fmt: skip
+        if token:
+            args += ["--enroll-token", token]
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=self.root)
+        log.close()
+        agent = AgentProcess(name, state_dir, process, log_path)
+        self.agents[name] = agent
+        if wait:
+            wait_for(lambda: agent.device_id() and Path(agent.socket).exists() or _dead(agent), 60, f"{name} to start")
+            if agent.process.poll() is not None:
+                raise RuntimeError(f"agent {name} exited:\n{agent.log()[-3000:]}")
+        return agent
+
+    def wait_running(self, agent: AgentProcess, target_path: str, timeout: float = 60) -> None:
+        """Until the device reports `target_path` as running and healthy (or rolled back to it)."""
+
+        def done() -> bool:
+            if agent.process.poll() is not None:
+                raise RuntimeError(f"agent {agent.name} exited:\n{agent.log()[-3000:]}")
+            device = self.device(agent)
+            return target_path in _ref_path(device, "running") and device["last_stage"] in ("healthy", "rolled_back")
+
+        wait_for(done, timeout, f"{agent.name} to run {target_path} healthily", interval=0.25)
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        self.stop_server()
+
+
+def _dead(agent: AgentProcess) -> bool:
+    return agent.process.poll() is not None
+
+
+def _ref_path(device: dict[str, Any], key: str) -> str:
+    # The CLI shows "name version (variant)"; rebuild the target path from it.
+    text = device.get(key, "-")
+    if text == "-":
+        return ""
+    name, version, variant = text.replace("(", "").replace(")", "").split()
+    return f"{name}/{version}/{variant}.tflite"
+
+
+class LocalClient:
+    """An application on the device: calls the agent's local inference service over its Unix socket."""
+
+    def __init__(self, socket_path: str):
+        self.channel = grpc.insecure_channel(f"unix:{socket_path}")
+        self.stub = local_pb2_grpc.InferenceServiceStub(self.channel)
+
+    def infer(self, inputs: list[np.ndarray], timeout: float = 10) -> tuple[list[np.ndarray], str]:
+        reply = self.stub.Infer(
+            local_pb2.InferRequest(inputs=[to_proto(f"input_{i}", x) for i, x in enumerate(inputs)]), timeout=timeout
+        )
+        return [from_proto(t) for t in reply.outputs], reply.target_path
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+@dataclass
+class LoadReport:
+    calls: int = 0
+    failures: int = 0
+    by_model: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    max_latency_ms: float = 0.0
+
+
+class InferenceLoad:
+    """Inference traffic against several agents from background threads; counts every failed call."""
+
+    def __init__(self, sockets: list[str], inputs: list[np.ndarray], interval_s: float = 0.0):
+        self.sockets = sockets
+        self.inputs = inputs
+        self.interval_s = interval_s
+        self.report = LoadReport()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(s,), daemon=True) for s in sockets]
+
+    def __enter__(self) -> InferenceLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=15)
+
+    def _run(self, socket_path: str) -> None:
+        client = LocalClient(socket_path)
+        try:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                try:
+                    _, target = client.infer(self.inputs)
+                    ok, error = True, ""
+                except grpc.RpcError as e:
+                    ok, error, target = False, f"{e.code().name}: {e.details()}", ""  # type: ignore[attr-defined]
+                ms = (time.perf_counter() - started) * 1000
+                with self._lock:
+                    r = self.report
+                    r.calls += 1
+                    r.max_latency_ms = max(r.max_latency_ms, ms)
+                    if ok:
+                        r.by_model[target] = r.by_model.get(target, 0) + 1
+                    else:
+                        r.failures += 1
+                        if len(r.errors) < 20:
+                            r.errors.append(error)
+                if self.interval_s:
+                    time.sleep(self.interval_s)
+        finally:
+            client.close()

@@ -1,0 +1,42 @@
+"""Shared fixtures: real models built by edgefleet.modelgen, and a real local fleet (server + agent processes)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgefleet.localfleet import LocalFleet
+from edgefleet.modelgen import DigitsData, build_digits_model
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[bytes, bytes, DigitsData]:
+    """Two versions of the demo model (different training seeds) and the data they were trained on."""
+    v1, data = build_digits_model(seed=0)
+    v2, _ = build_digits_model(seed=1)
+    return v1, v2, data
+
+
+@pytest.fixture(scope="session")
+def digits_files(tmp_path_factory: pytest.TempPathFactory, digits: tuple[bytes, bytes, DigitsData]) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("models")
+    v1, v2, data = digits
+    (folder / "v1.tflite").write_bytes(v1)
+    (folder / "v2.tflite").write_bytes(v2)
+    np.savez(folder / "eval.npz", x=data.x_test, y=data.y_test)
+    return {"v1": folder / "v1.tflite", "v2": folder / "v2.tflite", "eval": folder / "eval.npz"}
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[LocalFleet]:
+    """A running server with fresh keys; agents started by the test are stopped afterwards."""
+    f = LocalFleet(tmp_path / "fleet")
+    f.init_keys()
+    f.start_server()
+    try:
+        yield f
+    finally:
+        f.close()
