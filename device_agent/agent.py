@@ -403,8 +403,12 @@ class Agent:
                     log.warning("update to %s interrupted: %s", path, e)
                 except errors.ArtifactError as e:
                     self._mark_bad(path, str(e))
+                    await asyncio.to_thread(self.store.prune_models, self._kept_models())
                     return
             await asyncio.sleep(backoff.next())
+
+    def _kept_models(self) -> set[str]:
+        return {r["sha256"] for r in (self.state.current, self.state.previous) if r}
 
     def _mark_bad(self, path: str, reason: str) -> None:
         if path not in self.state.bad_targets:
@@ -447,6 +451,7 @@ class Agent:
         if offset > target.wire_length:
             part.unlink()
             offset = 0
+        log.info("downloading %s from byte %d of %d", target.path, offset, target.wire_length)
         with open(part, "ab") as f:
             call = self._stub.DownloadModel(
                 device_pb2.DownloadModelRequest(target_path=target.path, offset=offset),
@@ -559,8 +564,7 @@ class Agent:
         if not problem:
             self.state.pending = None
             self.store.save(self.state)
-            keep = {r["sha256"] for r in (self.state.current, self.state.previous) if r}
-            await asyncio.to_thread(self.store.prune_models, keep)
+            await asyncio.to_thread(self.store.prune_models, self._kept_models())
             self._queue_event(path, Stage.UPDATE_STAGE_HEALTHY, f"{count} inferences, 0 failed")
             return
         self._mark_bad(path, problem)

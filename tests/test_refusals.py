@@ -1,0 +1,114 @@
+"""What a device refuses, on real processes: a tampered blob, an untrusted signer, a wrong golden output.
+In every case the old model keeps serving and nothing bad is kept on disk."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgefleet import cli, signing
+from edgefleet.localfleet import AgentProcess, LocalClient, LocalFleet, wait_for
+from edgefleet.modelinfo import Golden
+
+V1 = "digits/1/float32.tflite"
+V2 = "digits/2/float32.tflite"
+
+
+def _running_v1(fleet: LocalFleet, digits_files: dict) -> AgentProcess:
+    agent = fleet.start_agent("cam", fleet.enrollment_token())
+    fleet.cli("model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "1")
+    fleet.cli("deploy", "digits", "1", "--to", "all")
+    fleet.wait_running(agent, V1)
+    return agent
+
+
+def _failed_with(fleet: LocalFleet, agent: AgentProcess, target: str, text: str) -> dict:
+    def failed() -> dict | None:
+        events = fleet.cli_json("events", "--device", agent.device_id())
+        return next((e for e in events if e["target"] == target and e["stage"] == "failed"), None)
+
+    event = wait_for(failed, 30, f"{agent.name} to refuse {target}")
+    assert text in event["reason"], event["reason"]
+    return event
+
+
+def _still_serves_v1(agent: AgentProcess) -> None:
+    client = LocalClient(agent.socket)
+    _, target = client.infer([np.zeros((1, 64), np.float32)])
+    client.close()
+    assert target == V1
+    assert agent.running() == V1
+    assert not list((agent.state_dir / "downloads").glob("*.part"))
+    model_files = {p.name for p in (agent.state_dir / "models").glob("*.tflite")}
+    assert model_files == {agent.state()["current"]["sha256"] + ".tflite"}
+
+
+def _operator(fleet: LocalFleet) -> cli.Operator:
+    return cli.Operator(
+        argparse.Namespace(server=fleet.address, token_file=str(fleet.data_dir / "operator.token"))
+    )
+
+
+def test_tampered_blob_on_the_server_is_refused_and_the_partial_file_deleted(
+    fleet: LocalFleet, digits_files: dict
+) -> None:
+    agent = _running_v1(fleet, digits_files)
+    pushed = fleet.cli_json("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
+    sha = next(m["sha256"] for m in fleet.cli_json("model", "list") if m["version"] == "2")
+    blob = fleet.data_dir / "blobs" / sha[:2] / sha
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same length, one bit pattern changed
+    blob.write_bytes(bytes(data))
+    assert pushed["targets_version"] == 2
+
+    fleet.cli("deploy", "digits", "2", "--to", "all")
+    _failed_with(fleet, agent, V2, "sha256")
+    _still_serves_v1(agent)
+    assert V2 in agent.state()["bad_targets"]
+
+
+def test_targets_signed_by_an_untrusted_key_are_refused_by_the_server(
+    fleet: LocalFleet, digits_files: dict, tmp_path: Path
+) -> None:
+    other = signing.init_keys(tmp_path / "intruder")
+    with pytest.raises(cli.CliError, match="not signed by the trusted targets key"):
+        fleet.cli(
+            "model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "1",
+            "--targets-key", str(other.targets),
+        )  # fmt: skip
+    assert all(not m["signed"] for m in fleet.cli_json("model", "list"))
+
+
+def test_device_pinned_to_another_root_refuses_this_servers_models(
+    fleet: LocalFleet, digits_files: dict, tmp_path: Path
+) -> None:
+    other = signing.init_keys(tmp_path / "other-fleet")
+    agent = fleet.start_agent("stranger", fleet.enrollment_token(), "--trust-root", str(other.trust_root))
+    fleet.cli("model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "1")
+    fleet.cli("deploy", "digits", "1", "--to", "all")
+    _failed_with(fleet, agent, V1, "signed metadata refused")
+    assert not list((agent.state_dir / "models").iterdir())
+    assert agent.running() == ""
+
+
+def test_candidate_with_wrong_golden_output_is_refused_and_old_model_keeps_serving(
+    fleet: LocalFleet, digits_files: dict
+) -> None:
+    agent = _running_v1(fleet, digits_files)
+
+    def corrupt_golden(_path: str, custom: dict) -> None:
+        # A validly signed claim the model does not live up to (e.g. the operator pushed the wrong file).
+        g = Golden.from_json(custom["golden"])
+        wrong = Golden(g.inputs, tuple(o[:, ::-1].copy() for o in g.outputs), g.atol, g.rtol)
+        custom["golden"] = signing.canonical_safe(wrong.to_json())
+
+    cli.push_model(
+        _operator(fleet), digits_files["v2"].read_bytes(), "digits", "2",
+        signing.load_signer(fleet.keys / "targets.key"), edit_custom=corrupt_golden,
+    )  # fmt: skip
+    fleet.cli("deploy", "digits", "2", "--to", "all")
+    _failed_with(fleet, agent, V2, "differs from golden")
+    _still_serves_v1(agent)
