@@ -1,0 +1,137 @@
+"""The edgefleet demo: a local fleet on the embedded default (SQLite + files on disk), end to end.
+
+    server + three devices (LiteRT, tflite-runtime, a memory-poor LiteRT device)
+    -> the real digits model pushed as v1 (with an eval set: compressed variants, measured and signed)
+    -> deployed; each device gets the variant that fits it
+    -> inference traffic on every device; v2 pushed and deployed; hot swap with zero failed inferences
+    -> a rollback ordered and obeyed from the devices' local copies
+    -> telemetry, and a summary
+
+Everything runs in ./demo-run (deleted and recreated each time). Exits non-zero if anything did not work.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgefleet.localfleet import InferenceLoad, LocalFleet, wait_for
+from edgefleet.modelgen import accuracy, build_digits_model
+from edgefleet.runtime import LITERT, TFLITE_RUNTIME
+
+ROOT = Path(__file__).resolve().parent.parent / "demo-run"
+DEVICES = (
+    ("cam-1", ("--runtime", LITERT)),
+    ("cam-2", ("--runtime", TFLITE_RUNTIME)),
+    ("cam-3", ("--runtime", LITERT, "--memory-limit-mb", "48")),
+)
+
+
+def step(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def show(fleet: LocalFleet, *args: str) -> None:
+    print(f"$ edgefleet {' '.join(args)}")
+    print(fleet.cli(*args), end="", flush=True)
+
+
+def main() -> int:
+    started = time.monotonic()
+    shutil.rmtree(ROOT, ignore_errors=True)
+    models = ROOT / "models"
+    models.mkdir(parents=True)
+
+    step("Building the demo model: an MLP trained on scikit-learn's bundled digits (no downloads)")
+    v1, data = build_digits_model(seed=0)
+    v2, _ = build_digits_model(seed=1)
+    (models / "digits-v1.tflite").write_bytes(v1)
+    (models / "digits-v2.tflite").write_bytes(v2)
+    np.savez(models / "eval.npz", x=data.x_test, y=data.y_test)
+    for name, blob in (("v1", v1), ("v2", v2)):
+        print(f"  {name}: {len(blob)} bytes, test accuracy {accuracy(blob, data.x_test, data.y_test) * 100:.2f} %")
+
+    fleet = LocalFleet(ROOT / "fleet")
+    try:
+        step("Operator keys and the fleet server (SQLite + blob files under demo-run/fleet/server)")
+        fleet.init_keys()
+        fleet.start_server()
+        print(f"  server on {fleet.address}")
+
+        step("Three devices enroll with a one-time token and pin the fleet's root.json")
+        token = fleet.enrollment_token(group="demo", uses=len(DEVICES))
+        agents = [fleet.start_agent(name, token, *args) for name, args in DEVICES]
+        wait_for(lambda: all(d["connected"] for d in fleet.devices()), 30, "devices to connect")
+        show(fleet, "devices")
+
+        step("Push v1 with its eval set: the server validates, compresses and measures; the operator signs")
+        show(fleet, "model", "push", str(models / "digits-v1.tflite"), "--name", "digits", "--version", "1",
+             "--eval", str(models / "eval.npz"))  # fmt: skip
+
+        step("Deploy v1 to the group: each device gets the best variant that fits it")
+        show(fleet, "deploy", "digits", "1", "--to", "group:demo")
+        for agent in agents:
+            wait_for(lambda a=agent: a.running().startswith("digits/1/"), 60, f"{agent.name} to run v1")
+            fleet.wait_running(agent, agent.running())
+        choices = {a.name: a.running() for a in agents}
+        show(fleet, "devices")
+
+        step("Inference traffic on every device; push and deploy v2 meanwhile (hot swap)")
+        with InferenceLoad([a.socket for a in agents], [data.x_test[:1]]) as load:
+            wait_for(lambda: load.report.calls > 100, 30, "traffic")
+            show(fleet, "model", "push", str(models / "digits-v2.tflite"), "--name", "digits", "--version", "2",
+                 "--eval", str(models / "eval.npz"))  # fmt: skip
+            show(fleet, "deploy", "digits", "2", "--to", "all")
+            for agent in agents:
+                wait_for(lambda a=agent: a.running().startswith("digits/2/"), 60, f"{agent.name} to run v2")
+                fleet.wait_running(agent, agent.running())
+            swap_report = _copy(load.report)
+
+            step("Roll back every device: from its local copy, at once")
+            show(fleet, "rollback", "--to", "all", "--reason", "demo")
+            for agent in agents:
+                wait_for(lambda a=agent: a.running().startswith("digits/1/"), 30, f"{agent.name} to roll back")
+                fleet.wait_running(agent, agent.running())
+            calls = load.report.calls
+            wait_for(lambda: load.report.calls > calls + 100, 30, "traffic after the rollback")
+        report = load.report
+        show(fleet, "devices")
+        show(fleet, "deployments")
+
+        step("Telemetry the devices streamed (health + inference histograms)")
+        time.sleep(1.5)
+        show(fleet, "telemetry", agents[0].device_id(), "--limit", "5")
+
+        failures = report.failures
+        print("\n== Summary")
+        print(f"  devices: {len(agents)}, each running v1 again after the rollback")
+        for name, target in choices.items():
+            runtime = next(args[1] for n, args in DEVICES if n == name)
+            print(f"  {name} ({runtime}{', 48 MiB' if name == 'cam-3' else ''}) was given {target}")
+        print(
+            f"  inferences: {report.calls} calls, {failures} failed "
+            f"(during the v2 rollout: {swap_report.calls} calls, {swap_report.failures} failed)"
+        )
+        print(f"  answered by: {json.dumps(report.by_model, sort_keys=True)}")
+        print(f"  slowest call seen by an application: {report.max_latency_ms:.1f} ms")
+        print(f"  took {time.monotonic() - started:.0f} s; logs and state in {ROOT}")
+        ok = failures == 0 and all(a.running().startswith("digits/1/") for a in agents)
+        print("  RESULT: OK" if ok else f"  RESULT: FAILED {report.errors[:5]}")
+        return 0 if ok else 1
+    finally:
+        fleet.close()
+
+
+def _copy(report: object) -> object:
+    import copy
+
+    return copy.deepcopy(report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

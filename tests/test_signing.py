@@ -1,0 +1,162 @@
+"""The signed repository, without processes: what the server and a device accept and refuse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tuf.api.metadata import Metadata
+
+from edgefleet import signing
+from edgefleet.errors import HashMismatchError, InvalidRequestError, SignatureError, TransportError
+
+
+class Repo:
+    """An in-memory server: OnlineRoles plus a dict of published files."""
+
+    def __init__(self, folder: Path):
+        self.keys = signing.init_keys(folder / "keys")
+        self.root = self.keys.trust_root.read_bytes()
+        self.online = signing.OnlineRoles(self.root, signing.load_signer(self.keys.online))
+        self.targets_signer = signing.load_signer(self.keys.targets)
+        self.files: dict[str, bytes] = {"1.root": self.root}
+        self.versions = (0, 0, 0)  # targets, snapshot, timestamp
+        self.current: bytes | None = None
+
+    def publish(self, path: str, data: bytes, signer=None) -> None:
+        signed = signing.sign_targets(
+            self.current, [signing.target_file(path, data, {"k": "v"})], signer or self.targets_signer
+        )
+        md = self.online.check_targets(signed, self.versions[0])
+        release = self.online.release(
+            md, targets_version=self.versions[0], snapshot_version=self.versions[1], timestamp_version=self.versions[2]
+        )
+        self.files.update(release.files)
+        self.versions = (release.targets_version, release.snapshot_version, release.timestamp_version)
+        self.current = signed
+
+    def get(self, name: str) -> bytes:
+        if name == "root":
+            name = "1.root"
+        if name not in self.files:
+            raise FileNotFoundError(name)
+        return self.files[name]
+
+
+def device(tmp_path: Path, repo: Repo, name: str = "dev") -> signing.DeviceTrust:
+    folder = tmp_path / name
+    if not (folder / "pinned-root.json").exists():
+        signing.DeviceTrust.pin_root(folder, repo.root)
+    return signing.DeviceTrust(folder, repo.get)
+
+
+def test_published_target_is_verified_by_a_device(tmp_path: Path) -> None:
+    repo = Repo(tmp_path)
+    repo.publish("m/1/float32.tflite", b"model-bytes")
+    target = device(tmp_path, repo).target("m/1/float32.tflite")
+    (tmp_path / "f").write_bytes(b"model-bytes")
+    signing.verify_file(target, tmp_path / "f")
+    assert target.custom == {"k": "v"}
+
+
+@pytest.mark.parametrize("tampered", [b"model-bytez", b"model-bytes!", b"short"])
+def test_bytes_that_differ_from_the_signed_hash_are_refused(tmp_path: Path, tampered: bytes) -> None:
+    repo = Repo(tmp_path)
+    repo.publish("m/1/float32.tflite", b"model-bytes")
+    target = device(tmp_path, repo).target("m/1/float32.tflite")
+    (tmp_path / "f").write_bytes(tampered)
+    with pytest.raises(HashMismatchError):
+        signing.verify_file(target, tmp_path / "f")
+
+
+def test_targets_signed_by_an_untrusted_key_are_refused(tmp_path: Path) -> None:
+    repo = Repo(tmp_path)
+    intruder = signing.load_signer(signing.init_keys(tmp_path / "intruder").targets)
+    with pytest.raises(SignatureError):
+        repo.publish("m/1/float32.tflite", b"x", signer=intruder)
+
+
+def test_targets_signed_by_the_online_key_are_refused(tmp_path: Path) -> None:
+    """Holding the server's key is not enough to add a model."""
+    repo = Repo(tmp_path)
+    with pytest.raises(SignatureError):
+        repo.publish("m/1/float32.tflite", b"x", signer=signing.load_signer(repo.keys.online))
+
+
+def test_threshold_cannot_be_met_by_one_key_signing_twice(tmp_path: Path) -> None:
+    repo = Repo(tmp_path)
+    signed = signing.sign_targets(None, [signing.target_file("a", b"x", {})], repo.targets_signer)
+    md = Metadata.from_bytes(signed)
+    root = Metadata.from_bytes(repo.root)
+    root.signed.roles["targets"].threshold = 2
+    sig = next(iter(md.signatures.values()))
+    md.signatures[sig.keyid + ""] = sig  # the same key's signature listed again counts once
+    with pytest.raises(Exception, match="signed by 1/2"):
+        root.signed.verify_delegate("targets", md.signed_bytes, md.signatures)
+
+
+def test_targets_version_must_follow_the_published_one(tmp_path: Path) -> None:
+    repo = Repo(tmp_path)
+    repo.publish("a", b"1")
+    stale = signing.sign_targets(None, [signing.target_file("b", b"2", {})], repo.targets_signer)  # version 1 again
+    with pytest.raises(InvalidRequestError, match="does not follow"):
+        repo.online.check_targets(stale, repo.versions[0])
+
+
+def test_new_timestamp_version_rollback_is_refused_also_after_restart(tmp_path: Path) -> None:
+    repo = Repo(tmp_path)
+    repo.publish("a", b"1")
+    old_files = dict(repo.files)
+    repo.publish("b", b"2")
+    device(tmp_path, repo).target("b")  # the device has seen the newer release
+    repo.files = old_files  # a server (or network) replays the older, validly signed release
+    with pytest.raises(SignatureError):
+        device(tmp_path, repo).target("a")  # a new DeviceTrust: the floor came from disk
+
+
+def test_expired_timestamp_is_refused_as_a_freeze_attack(tmp_path: Path) -> None:
+    repo = Repo(tmp_path)
+    repo.publish("a", b"1")
+    md = Metadata.from_bytes(repo.files["timestamp"])
+    md.signed.expires = signing.utcnow().replace(year=2020)
+    md.signed.version += 1
+    md.signatures.clear()
+    md.sign(signing.load_signer(repo.keys.online))
+    repo.files["timestamp"] = md.to_bytes()
+    with pytest.raises(SignatureError, match="Expired"):
+        device(tmp_path, repo).target("a")
+
+
+@pytest.mark.parametrize("garbage", [b"", b"{", b"[]", b'{"signed": 1}', b"\xff" * 100])
+def test_malformed_metadata_gives_a_clean_error(tmp_path: Path, garbage: bytes) -> None:
+    repo = Repo(tmp_path)
+    repo.publish("a", b"1")
+    repo.files["timestamp"] = garbage
+    with pytest.raises(SignatureError):
+        device(tmp_path, repo).target("a")
+    with pytest.raises(InvalidRequestError):
+        repo.online.check_targets(garbage, 1)
+
+
+def test_unknown_target_is_refused(tmp_path: Path) -> None:
+    repo = Repo(tmp_path)
+    repo.publish("a", b"1")
+    with pytest.raises(SignatureError, match="not in the signed targets"):
+        device(tmp_path, repo).target("b")
+
+
+def test_unreachable_server_is_a_transport_error(tmp_path: Path) -> None:
+    repo = Repo(tmp_path)
+    repo.publish("a", b"1")
+
+    def down(name: str) -> bytes:
+        raise TransportError("no route")
+
+    signing.DeviceTrust.pin_root(tmp_path / "d", repo.root)
+    with pytest.raises(TransportError):
+        signing.DeviceTrust(tmp_path / "d", down).target("a")
+
+
+def test_floats_are_signed_as_strings_and_read_back(tmp_path: Path) -> None:
+    custom = signing.canonical_safe({"atol": 1e-4, "nested": [0.5, {"x": 2.0}], "n": 3})
+    assert custom == {"atol": "0.0001", "nested": ["0.5", {"x": "2.0"}], "n": 3}

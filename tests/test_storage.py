@@ -1,0 +1,117 @@
+"""The FleetStore contract, run against every backend available here (SQLite always; PostgreSQL when
+EDGEFLEET_TEST_POSTGRES_URL names one)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgefleet.errors import ConflictError, HashMismatchError, InvalidRequestError, NotFoundError
+from server.storage import (
+    Deployment,
+    EventRecord,
+    FilesystemBlobStore,
+    FleetStore,
+    ModelRecord,
+    RepoVersions,
+    now_ms,
+    open_store,
+)
+
+BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get("EDGEFLEET_TEST_POSTGRES_URL") else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FleetStore]:
+    if request.param == "sqlite":
+        s = open_store(f"sqlite:///{tmp_path / 'fleet.db'}")
+    else:
+        import sqlalchemy as sa
+
+        url = os.environ["EDGEFLEET_TEST_POSTGRES_URL"]
+        engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        engine.dispose()
+        s = open_store(url)
+    yield s
+    s.close()
+
+
+def _model(path: str = "m/1/float32.tflite", sha: str = "a" * 64) -> ModelRecord:
+    name, version, _ = path.split("/")
+    return ModelRecord(path, name, version, "float32", sha, 10, {"inputs": [], "outputs": []}, now_ms())
+
+
+def test_enrollment_token_is_consumed_once_per_use(store: FleetStore) -> None:
+    token = store.create_enrollment_token("lab", 1, now_ms() + 60_000)
+    device, secret = store.enroll(token, "cam", {"runtime": "x"})
+    assert device.group == "lab" and store.device_for_token(secret).id == device.id  # type: ignore[union-attr]
+    with pytest.raises(InvalidRequestError, match="used up"):
+        store.enroll(token, "cam-2", {})
+
+
+def test_expired_or_unknown_enrollment_token_is_refused(store: FleetStore) -> None:
+    token = store.create_enrollment_token("lab", 5, now_ms() - 1)
+    for t in (token, "enr_nonsense"):
+        with pytest.raises(InvalidRequestError):
+            store.enroll(t, "cam", {})
+
+
+def test_device_updates_round_trip(store: FleetStore) -> None:
+    device, _ = store.enroll(store.create_enrollment_token("g", 1, now_ms() + 60_000), "cam", {})
+    store.update_device(device.id, current={"target_path": "m/1/float32.tflite"}, bad_targets=["x"], last_stage="healthy")
+    again = store.get_device(device.id)
+    assert again.current == {"target_path": "m/1/float32.tflite"} and again.bad_targets == ["x"]
+    with pytest.raises(NotFoundError):
+        store.get_device("dev-nope")
+
+
+def test_model_versions_are_immutable(store: FleetStore) -> None:
+    store.add_model(_model())
+    with pytest.raises(ConflictError):
+        store.add_model(_model(sha="b" * 64))
+    store.mark_signed(["m/1/float32.tflite"])
+    assert store.get_model("m/1/float32.tflite").signed
+
+
+def test_metadata_release_is_compare_and_swap(store: FleetStore) -> None:
+    start = store.repo_versions()
+    store.put_metadata({"1.root": b"r"}, RepoVersions(root=1), start)
+    with pytest.raises(ConflictError):
+        store.put_metadata({"1.root": b"other"}, RepoVersions(root=1), start)  # lost the race
+    assert store.get_metadata("1.root") == b"r"
+
+
+def test_deployment_sets_desired_targets_atomically(store: FleetStore) -> None:
+    a, _ = store.enroll(store.create_enrollment_token("g", 2, now_ms() + 60_000), "a", {})
+    store.add_deployment(Deployment("dep-1", "m", "1", "all", now_ms()), {a.id: "m/1/float32.tflite"})
+    assert store.get_device(a.id).desired_target == "m/1/float32.tflite"
+    store.add_deployment(Deployment("rb-1", "", "", "all", now_ms(), kind="rollback"), {a.id: "m/0/float32.tflite"})
+    assert store.get_device(a.id).rollback_command == "rb-1"
+    assert [d.id for d in store.list_deployments()] == ["dep-1", "rb-1"]
+
+
+def test_events_and_telemetry_are_listed_oldest_first(store: FleetStore) -> None:
+    for i in range(3):
+        store.add_event(EventRecord("d", "t", "healthy", str(i), i))
+        store.add_telemetry("d", i, {"n": i})
+    assert [e.reason for e in store.list_events("d", limit=2)] == ["1", "2"]
+    assert [r for _, r in store.list_telemetry("d", 10)] == [{"n": 0}, {"n": 1}, {"n": 2}]
+
+
+def test_blob_store_is_content_addressed_and_checks_the_hash(tmp_path: Path) -> None:
+    blobs = FilesystemBlobStore(tmp_path / "blobs", max_bytes=100)
+    sha = blobs.put_bytes(b"hello")
+    assert b"".join(blobs.read(sha, 1, 2)) == b"ello"
+    writer = blobs.begin_write()
+    writer.write(b"hello")
+    with pytest.raises(HashMismatchError):
+        writer.commit("0" * 64)
+    writer.abort()
+    with pytest.raises(InvalidRequestError, match="limit"):
+        blobs.put_bytes(b"x" * 101)
+    assert not list((tmp_path / "blobs" / "tmp").iterdir())  # no partial files left behind
