@@ -84,30 +84,43 @@ class Backoff:
 
 
 class Outbox:
-    """Messages waiting for the control stream. Events are kept (bounded); telemetry keeps the newest
-    `telemetry_size` reports and counts what it drops."""
+    """What waits to be sent. Events and status (control stream) are kept, bounded; telemetry (its own RPC)
+    keeps the newest `telemetry_size` reports, dropping the oldest first and counting what it drops."""
 
     def __init__(self, telemetry_size: int, events_size: int = 1000):
         self.events: deque[device_pb2.DeviceMessage] = deque(maxlen=events_size)
-        self.telemetry: deque[device_pb2.DeviceMessage] = deque(maxlen=telemetry_size)
+        self.telemetry: deque[device_pb2.TelemetryReport] = deque(maxlen=telemetry_size)
         self.dropped = 0
-        self._ready = asyncio.Event()
+        self._events_ready = asyncio.Event()
+        self._telemetry_ready = asyncio.Event()
 
     def put_event(self, message: device_pb2.DeviceMessage) -> None:
         self.events.append(message)
-        self._ready.set()
+        self._events_ready.set()
 
-    def put_telemetry(self, message: device_pb2.DeviceMessage) -> None:
+    def put_telemetry(self, report: device_pb2.TelemetryReport, *, front: bool = False) -> None:
+        """`front` puts back a report whose sending failed; when the queue is full it is the one dropped."""
         if len(self.telemetry) == self.telemetry.maxlen:
             self.dropped += 1
-        self.telemetry.append(message)
-        self._ready.set()
+            if front:
+                return
+        if front:
+            self.telemetry.appendleft(report)
+        else:
+            self.telemetry.append(report)
+        self._telemetry_ready.set()
 
-    async def get(self) -> device_pb2.DeviceMessage:
-        while not (self.events or self.telemetry):
-            self._ready.clear()
-            await self._ready.wait()
-        return self.events.popleft() if self.events else self.telemetry.popleft()
+    async def get_event(self) -> device_pb2.DeviceMessage:
+        while not self.events:
+            self._events_ready.clear()
+            await self._events_ready.wait()
+        return self.events.popleft()
+
+    async def get_telemetry(self) -> device_pb2.TelemetryReport:
+        while not self.telemetry:
+            self._telemetry_ready.clear()
+            await self._telemetry_ready.wait()
+        return self.telemetry.popleft()
 
 
 class Agent:
@@ -161,6 +174,7 @@ class Agent:
                 self._collect_telemetry, "interval", seconds=self.config.telemetry_interval_s
             )
             self._scheduler.start()
+            self._spawn(self._send_telemetry())
             self.started.set()
             await self._connection_loop()
         finally:
@@ -297,7 +311,7 @@ class Agent:
         async def outgoing() -> AsyncIterator[device_pb2.DeviceMessage]:
             yield self._status_message()  # the truth first, on every connect
             while True:
-                yield await self.outbox.get()
+                yield await self.outbox.get_event()
 
         call = self._stub.Connect(outgoing(), metadata=self._metadata)
         async for message in call:
@@ -627,9 +641,33 @@ class Agent:
             latency_budget_ms=self.config.latency_budget_ms,
         )
 
+    async def _send_telemetry(self) -> None:
+        """Sends queued reports one at a time; honours the server's retry hint when it is rate-limited."""
+        assert self._stub is not None
+        backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        while True:
+            report = await self.outbox.get_telemetry()
+            report.dropped_reports = self.outbox.dropped
+            try:
+                await self._stub.ReportTelemetry(
+                    device_pb2.ReportTelemetryRequest(report=report),
+                    metadata=self._metadata,
+                    timeout=self.config.rpc_timeout_s,
+                )
+                self.outbox.dropped = 0
+                backoff.reset()
+                continue
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in _RETRYABLE:
+                    log.warning("telemetry report refused: %s %s", e.code().name, e.details())
+                    continue
+                hint = dict(e.trailing_metadata() or ()).get("retry-after-ms")
+                delay = int(hint) / 1000 if hint and str(hint).isdigit() else backoff.next()
+            self.outbox.put_telemetry(report, front=True)
+            await asyncio.sleep(min(delay, self.config.backoff_max_s))
+
     async def _collect_telemetry(self) -> None:
-        report = device_pb2.TelemetryReport(at_unix_ms=now_ms(), dropped_reports=self.outbox.dropped)
-        self.outbox.dropped = 0
+        report = device_pb2.TelemetryReport(at_unix_ms=now_ms())
         memory = psutil.virtual_memory()
         report.health.cpu_percent = psutil.cpu_percent(interval=None)
         report.health.memory_used_bytes = memory.total - memory.available
@@ -649,7 +687,7 @@ class Agent:
                 latency_sum_ms=stats.latency_sum_ms,
                 latency_max_ms=stats.latency_max_ms,
             )
-        self.outbox.put_telemetry(device_pb2.DeviceMessage(telemetry=report))
+        self.outbox.put_telemetry(report)
 
 
 def _verifies(target: ModelTarget, path: Path) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -22,6 +22,7 @@ from edgefleet.runtime import default_runtime
 from edgefleet.v1 import device_pb2_grpc, operator_pb2_grpc
 from server.auth import Authenticator, AuthInterceptor, load_or_create_operator_token
 from server.fleet import Fleet
+from server.limits import RateLimiter
 from server.servicers import DeviceServicer, OperatorServicer
 from server.storage import FilesystemBlobStore, open_store
 
@@ -41,7 +42,8 @@ class ServerConfig:
     max_concurrent_rpcs: int = 10_000
     grace_seconds: float = 5.0
     renew_interval_seconds: int = 3600
-    extra: dict[str, str] = field(default_factory=dict)
+    telemetry_per_device_per_s: float = 2.0  # sustained; bursts of `telemetry_burst` are fine
+    telemetry_burst: int = 20
 
     @property
     def db_url(self) -> str:
@@ -102,7 +104,10 @@ async def start_server(config: ServerConfig) -> RunningServer:
             ("grpc.keepalive_permit_without_calls", 1),
         ],
     )
-    device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(fleet, authenticator), server)
+    telemetry_limit = RateLimiter(config.telemetry_per_device_per_s, config.telemetry_burst)
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(
+        DeviceServicer(fleet, authenticator, telemetry_limit), server
+    )
     operator_pb2_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(fleet), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

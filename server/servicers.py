@@ -21,6 +21,7 @@ from edgefleet import errors
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 from server.auth import Authenticator
 from server.fleet import AssignmentPush, DeploymentStatus, Fleet, Push, RollbackPush
+from server.limits import RateLimiter
 from server.storage import DeviceRecord, ModelRecord
 
 log = logging.getLogger("edgefleet.server")
@@ -197,9 +198,10 @@ def variant_info(record: ModelRecord) -> operator_pb2.VariantInfo:
 
 
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
-    def __init__(self, fleet: Fleet, auth: Authenticator):
+    def __init__(self, fleet: Fleet, auth: Authenticator, telemetry_limit: RateLimiter):
         self.fleet = fleet
         self.auth = auth
+        self.telemetry_limit = telemetry_limit
 
     async def Enroll(self, request: device_pb2.EnrollRequest, context: grpc.aio.ServicerContext) -> Any:
         async with status_for_errors(context):
@@ -263,10 +265,20 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                         "command_id": e.command_id,
                     },
                 )
-            elif kind == "telemetry":
-                await self.fleet.handle_telemetry(device_id, telemetry_to_dict(message.telemetry))
             else:
                 raise errors.InvalidRequestError("empty device message")
+
+    async def ReportTelemetry(self, request: device_pb2.ReportTelemetryRequest, context: Any) -> Any:
+        principal = await self.auth.principal(context)
+        wait = self.telemetry_limit.take(principal.id)
+        if wait:
+            context.set_trailing_metadata((("retry-after-ms", str(int(wait * 1000) + 1)),))
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"telemetry rate limit: retry in {wait:.1f} s"
+            )
+        async with status_for_errors(context):
+            await self.fleet.handle_telemetry(principal.id, telemetry_to_dict(request.report))
+            return device_pb2.ReportTelemetryResponse()
 
     async def GetAssignment(self, request: device_pb2.GetAssignmentRequest, context: Any) -> Any:
         principal = await self.auth.principal(context)

@@ -43,6 +43,10 @@ class DeviceServiceStub:
     """One file of the signed (TUF) metadata repository."""
     DownloadModel: _grpc.UnaryStreamMultiCallable[_device_pb2.DownloadModelRequest, _device_pb2.DownloadModelResponse]
     """A model file from an offset, in chunks, so interrupted downloads resume."""
+    ReportTelemetry: _grpc.UnaryUnaryMultiCallable[_device_pb2.ReportTelemetryRequest, _device_pb2.ReportTelemetryResponse]
+    """Health and inference telemetry. Rate-limited per device: RESOURCE_EXHAUSTED carries a
+    "retry-after-ms" trailer.
+    """
 
 @_typing.type_check_only
 class DeviceServiceAsyncStub(DeviceServiceStub):
@@ -59,6 +63,10 @@ class DeviceServiceAsyncStub(DeviceServiceStub):
     """One file of the signed (TUF) metadata repository."""
     DownloadModel: _aio.UnaryStreamMultiCallable[_device_pb2.DownloadModelRequest, _device_pb2.DownloadModelResponse]  # type: ignore[assignment]
     """A model file from an offset, in chunks, so interrupted downloads resume."""
+    ReportTelemetry: _aio.UnaryUnaryMultiCallable[_device_pb2.ReportTelemetryRequest, _device_pb2.ReportTelemetryResponse]  # type: ignore[assignment]
+    """Health and inference telemetry. Rate-limited per device: RESOURCE_EXHAUSTED carries a
+    "retry-after-ms" trailer.
+    """
 
 class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
     """What devices call. A device's identity comes from its credentials, never from a request field."""
@@ -102,5 +110,15 @@ class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_device_pb2.DownloadModelResponse], _abc.AsyncIterator[_device_pb2.DownloadModelResponse]]:
         """A model file from an offset, in chunks, so interrupted downloads resume."""
+
+    @_abc_1.abstractmethod
+    def ReportTelemetry(
+        self,
+        request: _device_pb2.ReportTelemetryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_device_pb2.ReportTelemetryResponse, _abc.Awaitable[_device_pb2.ReportTelemetryResponse]]:
+        """Health and inference telemetry. Rate-limited per device: RESOURCE_EXHAUSTED carries a
+        "retry-after-ms" trailer.
+        """
 
 def add_DeviceServiceServicer_to_server(servicer: DeviceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
