@@ -25,6 +25,15 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     p.add_argument(
         "--server", default=env("EDGEFLEET_SERVER", "127.0.0.1:7443"), help="fleet server HOST:PORT"
     )
+    p.add_argument(
+        "--enroll-server", default="", help="enrollment HOST:PORT (default: the server's host, port 7444)"
+    )
+    p.add_argument("--ca-cert", type=Path, default=None, help="the fleet CA certificate; first start only")
+    p.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="talk to a server run as a plaintext local demo (no TLS)",
+    )
     p.add_argument("--state-dir", type=Path, default=Path(env("EDGEFLEET_AGENT_DIR", "edgefleet-agent")))
     p.add_argument("--name", default=env("EDGEFLEET_DEVICE_NAME", os.uname().nodename))
     p.add_argument("--enroll-token", default=env("EDGEFLEET_ENROLL_TOKEN", ""), help="first start only")
@@ -50,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     return AgentConfig(
         server=a.server,
+        enroll_server=a.enroll_server,
+        ca_cert=a.ca_cert,
+        insecure_plaintext=a.insecure_plaintext,
         state_dir=a.state_dir,
         name=a.name,
         enroll_token=a.enroll_token,

@@ -34,7 +34,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from device_agent.config import AgentConfig
 from device_agent.serving import LATENCY_BOUNDS_MS, ModelWorker, Result, Serving
 from device_agent.state import AgentState, StateStore
-from edgefleet import __version__, errors, wire
+from edgefleet import __version__, errors, pki, wire
 from edgefleet.durable import commit_file, fsync_dir, write_atomic
 from edgefleet.modelinfo import check_signature
 from edgefleet.runtime import default_runtime, runtime_version
@@ -152,15 +152,6 @@ class Agent:
     async def run(self) -> None:
         """Runs until `stop()`. Raises EdgefleetError when the agent cannot start (what to fix is in it)."""
         self._loop = asyncio.get_running_loop()
-        self._channel = grpc.aio.insecure_channel(
-            self.config.server,
-            options=[
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.max_receive_message_length", 8 * 2**20),
-            ],
-        )
-        self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
         try:
             await self._ensure_enrolled()
             await self._start_current_model()
@@ -202,43 +193,92 @@ class Agent:
 
     @property
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self._token}"),)
+        # With TLS the client certificate is the credential; a token exists only in plaintext demo mode.
+        return (("authorization", f"Bearer {self._token}"),) if self._token else ()
 
     # ---- enrollment ------------------------------------------------------------------------------------
 
+    def _open_channel(self, address: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+        options = [
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.max_receive_message_length", 8 * 2**20),
+        ]
+        if credentials is None:
+            return grpc.aio.insecure_channel(address, options=options)
+        return grpc.aio.secure_channel(address, credentials, options=options)
+
     async def _ensure_enrolled(self) -> None:
-        creds = self.store.load_credentials()
+        """First start: pin the fleet's root.json (and CA), trade the enrollment token for credentials.
+        Then open the one channel every later call uses: mutual TLS, or plaintext only when configured so."""
         if not self.trust.is_pinned():
             if self.config.trust_root is None:
                 raise errors.InvalidRequestError("first start needs --trust-root (the fleet's root.json)")
             DeviceTrust.pin_root(self.store.folder / "metadata", Path(self.config.trust_root).read_bytes())
+        tls = pki.TlsFiles(self.store.folder / "tls")
+        creds = self.store.load_credentials()
         if creds is None:
-            if not self.config.enroll_token:
+            creds = await self._enroll(tls)
+        self.device_id, self._token = creds["device_id"], creds.get("device_token", "")
+        if self.config.insecure_plaintext:
+            self._channel = self._open_channel(self.config.server, None)
+        else:
+            if not tls.exists():
+                raise errors.InvalidRequestError(f"{tls.folder} lacks the device's certificate: enroll again")
+            self._channel = self._open_channel(
+                self.config.server,
+                grpc.ssl_channel_credentials(
+                    root_certificates=tls.ca.read_bytes(),
+                    private_key=tls.key.read_bytes(),
+                    certificate_chain=tls.cert.read_bytes(),
+                ),
+            )
+        self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
+
+    async def _enroll(self, tls: pki.TlsFiles) -> dict[str, str]:
+        if not self.config.enroll_token:
+            raise errors.InvalidRequestError(
+                "first start needs --enroll-token (from `edgefleet token create`)"
+            )
+        key = pki.new_key()
+        request = device_pb2.EnrollRequest(
+            enrollment_token=self.config.enroll_token,
+            device_name=self.config.name,
+            capabilities=self.capabilities(),
+        )
+        if self.config.insecure_plaintext:
+            channel = self._open_channel(self.config.server, None)
+        else:
+            if self.config.ca_cert is None:
                 raise errors.InvalidRequestError(
-                    "first start needs --enroll-token (from `edgefleet token create`)"
+                    "first start needs --ca-cert (the fleet CA, from the server's ca/)"
                 )
-            assert self._stub is not None
-            backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+            ca_pem = Path(self.config.ca_cert).read_bytes()
+            request.csr_pem = pki.make_csr(key, self.config.name)
+            channel = self._open_channel(self.config.enroll_address, grpc.ssl_channel_credentials(ca_pem))
+        backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        try:
+            stub = device_pb2_grpc.DeviceServiceStub(channel)
             while True:
                 try:
-                    reply = await self._stub.Enroll(
-                        device_pb2.EnrollRequest(
-                            enrollment_token=self.config.enroll_token,
-                            device_name=self.config.name,
-                            capabilities=self.capabilities(),
-                        ),
-                        timeout=self.config.rpc_timeout_s,
-                    )
+                    reply = await stub.Enroll(request, timeout=self.config.rpc_timeout_s)
                     break
                 except grpc.aio.AioRpcError as e:
                     if e.code() not in _RETRYABLE:
                         raise errors.AccessDeniedError(f"enrollment refused: {e.details()}") from e
                     log.warning("enrollment: server unavailable (%s); retrying", e.code().name)
                     await asyncio.sleep(backoff.next())
-            creds = {"device_id": reply.device_id, "device_token": reply.device_token, "group": reply.group}
-            self.store.save_credentials(creds)
-            log.info("enrolled as %s in group %s", reply.device_id, reply.group)
-        self.device_id, self._token = creds["device_id"], creds["device_token"]
+        finally:
+            await channel.close()
+        if not self.config.insecure_plaintext:
+            # Trust stays with the CA we were provisioned with; the reply's copy is not believed.
+            tls.write(key, pki.x509.load_pem_x509_certificate(reply.certificate_pem), pki.load_cert(ca_pem))
+        creds = {"device_id": reply.device_id, "group": reply.group}
+        if reply.device_token:
+            creds["device_token"] = reply.device_token
+        self.store.save_credentials(creds)
+        log.info("enrolled as %s in group %s", reply.device_id, reply.group)
+        return creds
 
     # ---- serving the current model at start -------------------------------------------------------------
 

@@ -11,7 +11,10 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class AgentConfig:
-    server: str = "127.0.0.1:7443"
+    server: str = "127.0.0.1:7443"  # mutual TLS
+    enroll_server: str = ""  # "" = the server's host, port 7444 (server-authenticated TLS, Enroll only)
+    ca_cert: Path | None = None  # the fleet CA certificate to pin at first start (from the server's data/ca/)
+    insecure_plaintext: bool = False  # only for a server run as a plaintext local demo; never falls back
     state_dir: Path = Path("edgefleet-agent")
     name: str = "device"
     enroll_token: str = ""
@@ -37,6 +40,10 @@ class AgentConfig:
     latency_budget_ms: float = 0.0
     memory_available_override_bytes: int = 0  # report less memory than the OS sees (a shared device)
     extra_labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def enroll_address(self) -> str:
+        return self.enroll_server or f"{self.server.rsplit(':', 1)[0]}:7444"
 
     @property
     def socket_path(self) -> str:

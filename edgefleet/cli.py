@@ -29,7 +29,7 @@ from typing import Any
 
 import grpc
 
-from edgefleet import errors, signing
+from edgefleet import errors, pki, signing
 from edgefleet.v1 import operator_pb2, operator_pb2_grpc
 
 CHUNK_BYTES = 256 * 1024
@@ -42,17 +42,27 @@ class CliError(Exception):
 # ---- connection ------------------------------------------------------------------------------------------
 
 
-def operator_token(args: argparse.Namespace) -> str:
-    token = os.environ.get("EDGEFLEET_OPERATOR_TOKEN", "")
-    if token:
-        return token
-    path = Path(args.token_file)
-    if not path.exists():
+def _channel(args: argparse.Namespace) -> tuple[grpc.Channel, tuple[tuple[str, str], ...]]:
+    """Mutual TLS with the operator certificate the server wrote to <data dir>/operator/, or (only for a
+    server run as a plaintext demo) a bearer token."""
+    options = [("grpc.max_send_message_length", 64 * 2**20)]
+    if args.insecure_plaintext:
+        token = os.environ.get("EDGEFLEET_OPERATOR_TOKEN", "")
+        path = Path(args.token_file)
+        if not token and not path.exists():
+            raise CliError(f"no operator token at {path}: pass --token-file or set EDGEFLEET_OPERATOR_TOKEN")
+        token = token or path.read_text().strip()
+        return grpc.insecure_channel(args.server, options=options), (("authorization", f"Bearer {token}"),)
+    tls = pki.TlsFiles(Path(args.tls_dir))
+    if not tls.exists():
         raise CliError(
-            f"no operator token at {path}: the server writes it to <data dir>/operator.token on first start; "
-            "pass --token-file or set EDGEFLEET_OPERATOR_TOKEN"
+            f"no operator certificate in {tls.folder}: the server writes one to <data dir>/operator/ on first "
+            "start; pass --tls-dir (or --insecure-plaintext for a server run with --insecure-plaintext)"
         )
-    return path.read_text().strip()
+    credentials = grpc.ssl_channel_credentials(
+        tls.ca.read_bytes(), tls.key.read_bytes(), tls.cert.read_bytes()
+    )
+    return grpc.secure_channel(args.server, credentials, options=options), ()
 
 
 class Operator:
@@ -60,11 +70,8 @@ class Operator:
 
     def __init__(self, args: argparse.Namespace):
         self.server = args.server
-        self.channel = grpc.insecure_channel(
-            args.server, options=[("grpc.max_send_message_length", 64 * 2**20)]
-        )
+        self.channel, self.metadata = _channel(args)
         self.stub = operator_pb2_grpc.OperatorServiceStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {operator_token(args)}"),)
 
     def call(self, method: str, request: Any, timeout: float = 30.0) -> Any:
         try:
@@ -77,7 +84,7 @@ def explain(e: grpc.RpcError, server: str) -> str:
     code, details = e.code(), e.details()  # type: ignore[attr-defined]
     hint = {
         grpc.StatusCode.UNAVAILABLE: f"is the server running at {server}? Start it with `edgefleet server`.",
-        grpc.StatusCode.UNAUTHENTICATED: "the operator token was refused: check --token-file.",
+        grpc.StatusCode.UNAUTHENTICATED: "the operator credentials were refused: check --tls-dir (or --token-file).",
         grpc.StatusCode.PERMISSION_DENIED: "these credentials may not do this.",
         grpc.StatusCode.DEADLINE_EXCEEDED: "the server did not answer in time; try again.",
     }.get(code, "")
@@ -150,6 +157,9 @@ def cmd_server(args: argparse.Namespace) -> None:
     config = ServerConfig(
         data_dir=Path(args.data_dir),
         listen=args.listen,
+        enroll_listen=args.enroll_listen,
+        insecure_plaintext=args.insecure_plaintext,
+        tls_names=tuple(args.tls_name),
         database_url=args.database_url,
         trust_root=Path(args.trust_root),
         online_key=Path(args.online_key),
@@ -481,6 +491,11 @@ def cmd_devices(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_revoke(args: argparse.Namespace) -> None:
+    Operator(args).call("RevokeDevice", operator_pb2.RevokeDeviceRequest(device_id=args.device))
+    print(f"revoked {args.device}: its credentials are refused from now on")
+
+
 def cmd_telemetry(args: argparse.Namespace) -> None:
     reply = Operator(args).call(
         "GetTelemetry", operator_pb2.GetTelemetryRequest(device_id=args.device, limit=args.limit)
@@ -552,9 +567,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--server", default=env("EDGEFLEET_SERVER", "127.0.0.1:7443"), help="fleet server HOST:PORT"
     )
     p.add_argument(
+        "--tls-dir",
+        default=env("EDGEFLEET_TLS_DIR", "edgefleet-data/operator"),
+        help="the operator's certificate, key and the fleet CA (the server writes them on first start)",
+    )
+    p.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="talk to a server run with --insecure-plaintext (a local demo), using --token-file",
+    )
+    p.add_argument(
         "--token-file",
         default=env("EDGEFLEET_OPERATOR_TOKEN_FILE", "edgefleet-data/operator.token"),
-        help="the operator token the server wrote on first start",
+        help="the operator token, only for a plaintext demo server",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -582,7 +607,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("server", cmd_server, "run the fleet server")
     sp.add_argument("--data-dir", default="edgefleet-data")
-    sp.add_argument("--listen", default="127.0.0.1:7443")
+    sp.add_argument("--listen", default="127.0.0.1:7443", help="devices and operators (mutual TLS)")
+    sp.add_argument("--enroll-listen", default="127.0.0.1:7444", help="device enrollment (server-side TLS)")
+    sp.add_argument(
+        "--tls-name", action="append", default=[], help="extra DNS name or IP for the server cert"
+    )
+    sp.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="NO TLS, bearer tokens: only for a local demo on one machine",
+    )
     sp.add_argument("--database-url", default="", help="default: sqlite:///<data dir>/fleet.db")
     sp.add_argument("--trust-root", default="edgefleet-keys/root.json")
     sp.add_argument("--online-key", default="edgefleet-keys/online.key")
@@ -632,6 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("devices", cmd_devices, "devices and what they run", listing=True)
     sp.add_argument("--to", default="", help="only these: all, group:NAME or device:ID")
+
+    sp = add("revoke", cmd_revoke, "refuse a device's credentials from now on")
+    sp.add_argument("device")
 
     sp = add("telemetry", cmd_telemetry, "a device's health and inference telemetry", listing=True)
     sp.add_argument("device")

@@ -90,6 +90,8 @@ class AgentProcess:
 class LocalFleet:
     root: Path
     port: int = 0
+    enroll_port: int = 0
+    plaintext: bool = False  # run the server as a plaintext demo (bearer tokens) instead of mutual TLS
     server: subprocess.Popen[bytes] | None = None
     agents: dict[str, AgentProcess] = field(default_factory=dict)
 
@@ -122,6 +124,8 @@ class LocalFleet:
                 sys.executable, "-m", "edgefleet.cli", "server",
                 "--data-dir", str(self.data_dir),
                 "--listen", f"127.0.0.1:{self.port}",
+                "--enroll-listen", f"127.0.0.1:{self.enroll_port}",
+                *(["--insecure-plaintext"] if self.plaintext else []),
                 "--trust-root", str(self.keys / "root.json"),
                 "--online-key", str(self.keys / "online.key"),
                 "--ready-file", str(ready),
@@ -133,11 +137,14 @@ class LocalFleet:
 
         def up() -> bool:
             if self.server is not None and self.server.poll() is not None:
-                raise RuntimeError(f"server exited with {self.server.returncode}:\n{self.server_log()[-3000:]}")
+                raise RuntimeError(
+                    f"server exited with {self.server.returncode}:\n{self.server_log()[-3000:]}"
+                )
             return ready.exists() and ready.read_text().strip() != ""
 
         wait_for(up, timeout, "the server to start")
-        self.port = int(ready.read_text())
+        ports = json.loads(ready.read_text())
+        self.port, self.enroll_port = ports["port"], ports["enroll_port"]
 
     def stop_server(self, kill: bool = False) -> None:
         if self.server is not None and self.server.poll() is None:
@@ -155,7 +162,9 @@ class LocalFleet:
         """Runs an `edgefleet` command in this process; returns its stdout. Raises cli.CliError on failure."""
         argv = [
             "--server", self.address,
+            "--tls-dir", str(self.data_dir / "operator"),
             "--token-file", str(self.data_dir / "operator.token"),
+            *(["--insecure-plaintext"] if self.plaintext else []),
             *args,
         ]  # fmt: skip
         if args[:2] == ("model", "push") and "--targets-key" not in args:
@@ -194,6 +203,10 @@ class LocalFleet:
             "--state-dir", str(state_dir),
             "--name", name,
             "--trust-root", str(self.keys / "root.json"),
+            *(["--insecure-plaintext"] if self.plaintext else [
+                "--ca-cert", str(self.data_dir / "ca" / "ca.crt"),
+                "--enroll-server", f"127.0.0.1:{self.enroll_port}",
+            ]),
             "--telemetry-interval", "1",
             "--check-interval", "5",
             "--probation", "1",
@@ -206,7 +219,11 @@ class LocalFleet:
         agent = AgentProcess(name, state_dir, process, log_path)
         self.agents[name] = agent
         if wait:
-            wait_for(lambda: agent.device_id() and Path(agent.socket).exists() or _dead(agent), 60, f"{name} to start")
+            wait_for(
+                lambda: agent.device_id() and Path(agent.socket).exists() or _dead(agent),
+                60,
+                f"{name} to start",
+            )
             if agent.process.poll() is not None:
                 raise RuntimeError(f"agent {name} exited:\n{agent.log()[-3000:]}")
         return agent
@@ -218,7 +235,10 @@ class LocalFleet:
             if agent.process.poll() is not None:
                 raise RuntimeError(f"agent {agent.name} exited:\n{agent.log()[-3000:]}")
             device = self.device(agent)
-            return target_path in _ref_path(device, "running") and device["last_stage"] in ("healthy", "rolled_back")
+            return target_path in _ref_path(device, "running") and device["last_stage"] in (
+                "healthy",
+                "rolled_back",
+            )
 
         wait_for(done, timeout, f"{agent.name} to run {target_path} healthily", interval=0.25)
 
@@ -250,7 +270,8 @@ class LocalClient:
 
     def infer(self, inputs: list[np.ndarray], timeout: float = 10) -> tuple[list[np.ndarray], str]:
         reply = self.stub.Infer(
-            local_pb2.InferRequest(inputs=[to_proto(f"input_{i}", x) for i, x in enumerate(inputs)]), timeout=timeout
+            local_pb2.InferRequest(inputs=[to_proto(f"input_{i}", x) for i, x in enumerate(inputs)]),
+            timeout=timeout,
         )
         return [from_proto(t) for t in reply.outputs], reply.target_path
 

@@ -7,8 +7,11 @@ operator token. Configuration is parsed at the edge (the CLI) into a frozen `Ser
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import logging
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +19,18 @@ import grpc
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from edgefleet import signing
+from edgefleet import pki, signing
+from edgefleet.durable import write_atomic
 from edgefleet.errors import InvalidRequestError
 from edgefleet.runtime import default_runtime
 from edgefleet.v1 import device_pb2_grpc, operator_pb2_grpc
-from server.auth import Authenticator, AuthInterceptor, load_or_create_operator_token
+from server.auth import (
+    Authenticator,
+    AuthInterceptor,
+    build_policy,
+    enrollment_policy,
+    load_or_create_operator_token,
+)
 from server.fleet import Fleet
 from server.limits import RateLimiter
 from server.servicers import DeviceServicer, OperatorServicer
@@ -32,7 +42,11 @@ log = logging.getLogger("edgefleet.server")
 @dataclass(frozen=True)
 class ServerConfig:
     data_dir: Path = Path("edgefleet-data")
-    listen: str = "127.0.0.1:7443"
+    listen: str = "127.0.0.1:7443"  # devices and operators, mutual TLS
+    enroll_listen: str = "127.0.0.1:7444"  # Enroll only, server-authenticated TLS (devices have no cert yet)
+    insecure_plaintext: bool = False  # a local demo without TLS: bearer tokens, one port, never in the field
+    tls_names: tuple[str, ...] = ()  # extra DNS names / IPs for the server certificate
+    device_cert_days: float = 365
     database_url: str = ""  # "" = sqlite:///<data_dir>/fleet.db
     trust_root: Path = Path("edgefleet-keys/root.json")
     online_key: Path = Path("edgefleet-keys/online.key")
@@ -52,16 +66,58 @@ class ServerConfig:
 
 @dataclass
 class RunningServer:
-    server: grpc.aio.Server
+    servers: list[grpc.aio.Server]
     fleet: Fleet
     port: int
+    enroll_port: int
     operator_token: str
     scheduler: AsyncIOScheduler
 
     async def stop(self, grace: float = 5.0) -> None:
         self.scheduler.shutdown(wait=False)
-        await self.server.stop(grace)
+        await asyncio.gather(*(server.stop(grace) for server in self.servers))
         self.fleet.store.close()
+
+
+_SERVER_OPTIONS = [
+    ("grpc.max_metadata_size", 16 * 1024),
+    # Bursts of reconnecting devices must queue, not be cancelled.
+    ("grpc.server.max_pending_requests", 10_000),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def tls_material(config: ServerConfig) -> tuple[pki.CertificateAuthority, pki.TlsFiles]:
+    """The fleet CA, the server's certificate and the operator's client certificate, created on first start
+    under the data folder: ca/, tls/ and operator/ (copy operator/ to where the CLI runs)."""
+    ca = pki.CertificateAuthority.load_or_create(config.data_dir / "ca")
+    server_files = pki.TlsFiles(config.data_dir / "tls")
+    if not server_files.exists():
+        key = pki.new_key()
+        names = ("localhost", socket.gethostname(), *config.tls_names)
+        dns = tuple(n for n in names if not _is_ip(n))
+        ips = ("127.0.0.1", "::1", *(n for n in names if _is_ip(n)))
+        server_files.write(
+            key,
+            ca.issue(key.public_key(), "edgefleet-server", pki.SERVER, days=825, dns_names=dns, ips=ips),
+            ca.cert,
+        )
+    operator_files = pki.TlsFiles(config.data_dir / "operator")
+    if not operator_files.exists():
+        key = pki.new_key()
+        operator_files.write(key, ca.issue(key.public_key(), "operator", pki.OPERATOR, days=365), ca.cert)
+    return ca, server_files
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
 
 
 async def start_server(config: ServerConfig) -> RunningServer:
@@ -74,65 +130,97 @@ async def start_server(config: ServerConfig) -> RunningServer:
             )
     trust_root = config.trust_root.read_bytes()
     online = signing.OnlineRoles(trust_root, signing.load_signer(config.online_key))
+    ca, server_files = (None, None) if config.insecure_plaintext else tls_material(config)
     store = open_store(config.db_url)
     blobs = FilesystemBlobStore(config.data_dir / "blobs", max_bytes=config.max_model_bytes)
     fleet = Fleet(
-        store, blobs, online, trust_root, config.validate_runtime or default_runtime(), config.max_model_bytes
+        store,
+        blobs,
+        online,
+        trust_root,
+        config.validate_runtime or default_runtime(),
+        config.max_model_bytes,
+        ca=ca,
+        device_cert_days=config.device_cert_days,
     )
     await fleet.init_repository()
     await fleet.renew_online_metadata()
 
     operator_token = load_or_create_operator_token(config.data_dir / "operator.token")
-
-    async def device_lookup(token: str) -> str | None:
-        device = await fleet.device_for_token(token)
-        return device.id if device else None
-
-    authenticator = Authenticator(operator_token, device_lookup)
-    server = grpc.aio.server(
-        interceptors=[AuthInterceptor(authenticator)],
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.max_metadata_size", 16 * 1024),
-            # Bursts of reconnecting devices must queue, not be cancelled.
-            ("grpc.server.max_pending_requests", 10_000),
-            ("grpc.keepalive_time_ms", 60_000),
-            ("grpc.keepalive_timeout_ms", 20_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ],
+    authenticator = Authenticator(
+        tls=not config.insecure_plaintext, operator_token=operator_token, device_status=fleet.device_status
     )
     telemetry_limit = RateLimiter(config.telemetry_per_device_per_s, config.telemetry_burst)
-    device_pb2_grpc.add_DeviceServiceServicer_to_server(
-        DeviceServicer(fleet, authenticator, telemetry_limit), server
-    )
-    operator_pb2_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(fleet), server)
+    device_servicer = DeviceServicer(fleet, authenticator, telemetry_limit)
+    message_limits = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+
+    def new_server(policy: dict[str, str], limits: list[tuple[str, int]]) -> grpc.aio.Server:
+        server = grpc.aio.server(
+            interceptors=[AuthInterceptor(authenticator, policy)],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            options=_SERVER_OPTIONS + limits,
+        )
+        device_pb2_grpc.add_DeviceServiceServicer_to_server(device_servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        return server
+
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(config.listen)
-    if port == 0:
-        raise InvalidRequestError(f"cannot listen on {config.listen}: is another server running there?")
-    await server.start()
+    main = new_server(build_policy(), message_limits)
+    operator_pb2_grpc.add_OperatorServiceServicer_to_server(
+        OperatorServicer(fleet, authenticator.forget), main
+    )
+    servers = [main]
+    enroll_port = 0
+    if config.insecure_plaintext:
+        port = main.add_insecure_port(config.listen)
+        log.warning(
+            "PLAINTEXT: this server is running WITHOUT TLS as a local demo (--insecure-plaintext). Anyone on the "
+            "network can read and forge its traffic. Never run it like this in the field."
+        )
+    else:
+        assert server_files is not None
+        key_cert = [(server_files.key.read_bytes(), server_files.cert.read_bytes())]
+        ca_pem = server_files.ca.read_bytes()
+        port = main.add_secure_port(
+            config.listen,
+            grpc.ssl_server_credentials(key_cert, root_certificates=ca_pem, require_client_auth=True),
+        )
+        # Devices without a certificate yet reach only Enroll, on a port of its own with small messages.
+        enroller = new_server(enrollment_policy(), [("grpc.max_receive_message_length", 64 * 1024)])
+        enroll_port = enroller.add_secure_port(config.enroll_listen, grpc.ssl_server_credentials(key_cert))
+        servers.append(enroller)
+    if port == 0 or (not config.insecure_plaintext and enroll_port == 0):
+        raise InvalidRequestError(
+            f"cannot listen on {config.listen} / {config.enroll_listen}: is another server running?"
+        )
+    for server in servers:
+        await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
     scheduler = AsyncIOScheduler()
     scheduler.add_job(fleet.renew_online_metadata, "interval", seconds=config.renew_interval_seconds)
     scheduler.start()
+    host = config.listen.rsplit(":", 1)[0]
     log.info(
-        "edgefleet server listening on %s (database %s)",
-        config.listen.rsplit(":", 1)[0] + f":{port}",
+        "edgefleet server on %s:%d%s (database %s)",
+        host,
+        port,
+        f", enrollment on {host}:{enroll_port}" if enroll_port else "",
         config.db_url.split("@")[-1],
     )
-    return RunningServer(server, fleet, port, operator_token, scheduler)
+    return RunningServer(servers, fleet, port, enroll_port, operator_token, scheduler)
 
 
 async def serve(config: ServerConfig, ready_file: Path | None = None) -> None:
     """Runs until SIGTERM or SIGINT, then stops gracefully (in-flight calls get `grace_seconds`)."""
     running = await start_server(config)
     if ready_file is not None:
-        ready_file.write_text(str(running.port))
+        write_atomic(
+            ready_file, json.dumps({"port": running.port, "enroll_port": running.enroll_port}).encode()
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

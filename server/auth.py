@@ -1,18 +1,21 @@
 """Who may call what: deny-by-default, per service and per RPC.
 
-The policy is built from the service descriptors, so every RPC of DeviceService needs a device credential
-(except Enroll, which takes a one-time token in its body) and every RPC of OperatorService needs the
-operator's credential. A method that is not in the policy (a new service, a typo) is refused.
+The policy is built from the service descriptors: every RPC of DeviceService needs a device credential
+(except Enroll, which takes a one-time token in its body and is served on the enrollment port), every RPC
+of OperatorService needs an operator credential. A method not in the policy (a new service, a typo) is
+refused to everyone.
 
-Credentials are bearer tokens in the `authorization` metadata: device tokens issued at enrollment, and the
-operator token the server writes to `<data dir>/operator.token` on first start. A device's identity is
-always the one its credential resolves to; request fields never name the caller.
+Credentials: with TLS (the default) the client certificate the TLS handshake verified against the fleet CA;
+its organizational unit is the role and its common name the device id. On a server explicitly run as a
+plaintext local demo: bearer tokens in the `authorization` metadata. Either way the identity comes from the
+channel's credentials, never from a request field, and a revoked device is refused.
 """
 
 from __future__ import annotations
 
 import hmac
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +23,19 @@ from typing import Any
 
 import grpc
 
+from edgefleet import pki
 from edgefleet.durable import write_atomic
 from edgefleet.v1 import device_pb2, operator_pb2
 
 PUBLIC = "public"
-DEVICE = "device"
-OPERATOR = "operator"
+DEVICE = pki.DEVICE
+OPERATOR = pki.OPERATOR
+_HEALTH = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
+ENROLL = "/edgefleet.v1.DeviceService/Enroll"
 
 
 def build_policy() -> dict[str, str]:
+    """Every RPC of the fleet's services, mapped to the one role that may call it."""
     policy: dict[str, str] = {}
     for module, service, role in (
         (device_pb2, "DeviceService", DEVICE),
@@ -37,10 +44,15 @@ def build_policy() -> dict[str, str]:
         descriptor = module.DESCRIPTOR.services_by_name[service]
         for method in descriptor.methods:
             policy[f"/{descriptor.full_name}/{method.name}"] = role
-    policy["/edgefleet.v1.DeviceService/Enroll"] = PUBLIC
-    policy["/grpc.health.v1.Health/Check"] = PUBLIC
-    policy["/grpc.health.v1.Health/Watch"] = PUBLIC
+    policy[ENROLL] = PUBLIC
+    for method in _HEALTH:
+        policy[method] = PUBLIC
     return policy
+
+
+def enrollment_policy() -> dict[str, str]:
+    """The enrollment port serves Enroll (and health) and nothing else."""
+    return {ENROLL: PUBLIC, **{m: PUBLIC for m in _HEALTH}}
 
 
 @dataclass(frozen=True)
@@ -65,60 +77,82 @@ def load_or_create_operator_token(path: Path) -> str:
 
 
 class Authenticator:
-    """Resolves a bearer token to a Principal. Device lookups are cached in memory (bounded)."""
+    """Resolves a call's credentials to a Principal, or None.
 
-    def __init__(self, operator_token: str, device_lookup: Callable[[str], Awaitable[str | None]]):
+    `device_status(device_id_or_token, by_token)` returns (device_id, revoked) or None; answers are cached
+    for `cache_seconds` so a busy fleet does not hit the database on every call (`forget` on revocation).
+    """
+
+    def __init__(
+        self,
+        *,
+        tls: bool,
+        operator_token: str,
+        device_status: Callable[[str, bool], Awaitable[tuple[str, bool] | None]],
+        cache_seconds: float = 10.0,
+    ):
+        self.tls = tls
         self._operator_token = operator_token
-        self._device_lookup = device_lookup
-        self._cache: dict[str, str] = {}
+        self._device_status = device_status
+        self._cache_seconds = cache_seconds
+        self._cache: dict[tuple[str, bool], tuple[float, tuple[str, bool] | None]] = {}
 
-    async def resolve(self, token: str) -> Principal | None:
+    def forget(self) -> None:
+        self._cache.clear()
+
+    async def _device(self, key: str, by_token: bool) -> str | None:
+        now = time.monotonic()
+        cached = self._cache.get((key, by_token))
+        if cached is None or now - cached[0] > self._cache_seconds:
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            cached = (now, await self._device_status(key, by_token))
+            self._cache[(key, by_token)] = cached
+        found = cached[1]
+        if found is None or found[1]:  # unknown or revoked
+            return None
+        return found[0]
+
+    async def resolve(self, context: grpc.aio.ServicerContext) -> Principal | None:
+        if self.tls:
+            certs = (context.auth_context() or {}).get("x509_pem_cert") or []
+            if not certs:
+                return None
+            identity = pki.identity_of(bytes(certs[0]))
+            if identity.role == OPERATOR:
+                return Principal(OPERATOR, identity.name)
+            if identity.role == DEVICE:
+                device_id = await self._device(identity.name, False)
+                return Principal(DEVICE, device_id) if device_id else None
+            return None
+        token = bearer(context.invocation_metadata())
         if not token:
             return None
         if hmac.compare_digest(token.encode(), self._operator_token.encode()):
             return Principal(OPERATOR, "operator")
-        device_id = self._cache.get(token)
-        if device_id is None:
-            device_id = await self._device_lookup(token)
-            if device_id is None:
-                return None
-            if len(self._cache) > 100_000:
-                self._cache.clear()
-            self._cache[token] = device_id
-        return Principal(DEVICE, device_id)
+        device_id = await self._device(token, True)
+        return Principal(DEVICE, device_id) if device_id else None
 
     async def principal(self, context: grpc.aio.ServicerContext) -> Principal:
-        """For handlers: the caller (the interceptor has already refused anyone else)."""
-        found = await self.resolve(bearer(context.invocation_metadata()))
+        """For handlers: the caller (the gate has already refused anyone else)."""
+        found = await self.resolve(context)
         if found is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "credentials are missing or not valid")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "credentials are missing, revoked or not valid"
+            )
         assert found is not None
         return found
 
 
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that only refuses."""
-
-    async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
-
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, authenticator: Authenticator, policy: dict[str, str] | None = None):
+    """Wraps every handler in a gate that checks the caller's role against the policy before it runs.
+
+    The gate sits inside the handler (not in the interceptor itself) because only the call's context knows
+    the TLS peer certificate."""
+
+    def __init__(self, authenticator: Authenticator, policy: dict[str, str]):
         self.authenticator = authenticator
-        self.policy = policy or build_policy()
+        self.policy = policy
 
     async def intercept_service(
         self,
@@ -129,15 +163,57 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         role = self.policy.get(details.method)
-        if role is None:
-            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, "this method is not open to anyone")
         if role == PUBLIC:
             return handler
-        principal = await self.authenticator.resolve(bearer(details.invocation_metadata))
-        if principal is None:
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "credentials are missing or not valid")
-        if principal.role != role:
-            return _refusal(
-                handler, grpc.StatusCode.PERMISSION_DENIED, f"a {principal.role} may not call this"
-            )
-        return handler
+        authenticator = self.authenticator
+
+        async def gate(context: grpc.aio.ServicerContext) -> None:
+            if role is None:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this method is not open to anyone")
+            principal = await authenticator.resolve(context)
+            if principal is None:
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED, "credentials are missing, revoked or not valid"
+                )
+            elif principal.role != role:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, f"a {principal.role} may not call this"
+                )
+
+        return _guarded(handler, gate)
+
+
+def _guarded(
+    handler: grpc.RpcMethodHandler, gate: Callable[[grpc.aio.ServicerContext], Awaitable[None]]
+) -> grpc.RpcMethodHandler:
+    """The same handler with `gate(context)` run before its behaviour."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        unary_unary = handler.unary_unary
+
+        async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await gate(context)
+            return await unary_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(uu, **kwargs)
+    if handler.stream_unary:
+        stream_unary = handler.stream_unary
+
+        async def su(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            await gate(context)
+            return await stream_unary(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(su, **kwargs)
+    streaming = handler.unary_stream or handler.stream_stream
+
+    async def streamed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await gate(context)
+        async for response in streaming(request, context):
+            yield response
+
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streamed, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(streamed, **kwargs)

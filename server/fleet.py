@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from edgefleet import signing
+from edgefleet import pki, signing
 from edgefleet.errors import (
     ConflictError,
     InvalidRequestError,
@@ -68,7 +68,12 @@ class RollbackPush:
     reason: str
 
 
-Push = AssignmentPush | RollbackPush
+@dataclass(frozen=True)
+class Disconnect:
+    reason: str
+
+
+Push = AssignmentPush | RollbackPush | Disconnect
 
 
 @dataclass
@@ -99,7 +104,11 @@ class Fleet:
         trust_root: bytes,
         validate_runtime: str,
         max_model_bytes: int,
+        ca: pki.CertificateAuthority | None = None,
+        device_cert_days: float = 365,
     ):
+        self.ca = ca  # None: a plaintext local demo, devices get bearer tokens
+        self.device_cert_days = device_cert_days
         self.store = store
         self.blobs = blobs
         self.online = online
@@ -338,9 +347,22 @@ class Fleet:
         expires = now_ms() + ttl_seconds * 1000
         return await self._db(self.store.create_enrollment_token, group, uses, expires), expires
 
-    async def enroll(self, token: str, name: str, capabilities: dict[str, Any]) -> tuple[DeviceRecord, str]:
+    async def enroll(
+        self, token: str, name: str, capabilities: dict[str, Any], csr_pem: bytes = b""
+    ) -> tuple[DeviceRecord, str, bytes]:
+        """Consumes the token; returns the device, its bearer secret (plaintext demo) and its certificate
+        (TLS: issued for the CSR's key, with the device id the server chose as its name)."""
         check_name("device name", name)
+        if self.ca is not None and not csr_pem:
+            raise InvalidRequestError("enrollment needs a certificate signing request (csr_pem)")
+        if self.ca is not None:
+            pki.load_csr_checked(csr_pem)  # refuse a bad CSR before the token is spent
         device, secret = await self._db(self.store.enroll, token, name, capabilities)
+        certificate = b""
+        if self.ca is not None:
+            certificate = pki.cert_pem(
+                self.ca.sign_csr(csr_pem, device.id, pki.DEVICE, self.device_cert_days)
+            )
         # A device that joins after a rollout started still gets it (latest matching deployment wins).
         for deployment in reversed(await self._db(self.store.list_deployments)):
             if deployment.kind == "deploy" and parse_selector(deployment.selector).matches(
@@ -351,7 +373,26 @@ class Fleet:
                     await self._db(self.store.add_deployment_target, deployment.id, device.id, target)
                 break
         log.info("enrolled %s (%s) in group %s", device.id, name, device.group)
-        return device, secret
+        return device, secret, certificate
+
+    async def revoke(self, device_id: str) -> None:
+        await self._db(self.store.get_device, device_id)
+        await self._db(self.store.update_device, device_id, revoked=True)
+        queue = self._streams.pop(device_id, None)
+        if queue is not None:
+            queue.put_nowait(Disconnect("credentials revoked"))  # ends its control stream now
+        log.warning("revoked device %s", device_id)
+
+    async def device_status(self, key: str, by_token: bool) -> tuple[str, bool] | None:
+        """(device id, revoked) for a device id or bearer token; None when unknown."""
+        if by_token:
+            device = await self._db(self.store.device_for_token, key)
+        else:
+            try:
+                device = await self._db(self.store.get_device, key)
+            except NotFoundError:
+                return None
+        return (device.id, device.revoked) if device else None
 
     async def device_for_token(self, token: str) -> DeviceRecord | None:
         return await self._db(self.store.device_for_token, token)
@@ -362,6 +403,9 @@ class Fleet:
     def attach(self, device_id: str) -> asyncio.Queue[Push]:
         """A new control stream for the device; replaces (and thereby ends) an older one."""
         queue: asyncio.Queue[Push] = asyncio.Queue(maxsize=64)
+        old = self._streams.get(device_id)
+        if old is not None:
+            old.put_nowait(Disconnect("replaced by a newer connection"))
         self._streams[device_id] = queue
         return queue
 

@@ -11,16 +11,16 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from edgefleet import errors
+from edgefleet import errors, pki
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 from server.auth import Authenticator
-from server.fleet import AssignmentPush, DeploymentStatus, Fleet, Push, RollbackPush
+from server.fleet import AssignmentPush, DeploymentStatus, Disconnect, Fleet, Push, RollbackPush
 from server.limits import RateLimiter
 from server.storage import DeviceRecord, ModelRecord
 
@@ -162,6 +162,7 @@ def device_info(
         last_stage=device.last_stage,
         last_reason=device.last_reason,
         capabilities=capabilities_from_dict(device.capabilities),
+        revoked=device.revoked,
     )
 
 
@@ -207,9 +208,20 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         async with status_for_errors(context):
             if not request.enrollment_token or len(request.enrollment_token) > 256:
                 raise errors.InvalidRequestError("enrollment_token is required")
-            device, secret = await self.fleet.enroll(
-                request.enrollment_token, request.device_name, capabilities_to_dict(request.capabilities)
+            device, secret, certificate = await self.fleet.enroll(
+                request.enrollment_token,
+                request.device_name,
+                capabilities_to_dict(request.capabilities),
+                request.csr_pem,
             )
+            if certificate:
+                assert self.fleet.ca is not None
+                return device_pb2.EnrollResponse(
+                    device_id=device.id,
+                    group=device.group,
+                    certificate_pem=certificate,
+                    ca_certificate_pem=pki.cert_pem(self.fleet.ca.cert),
+                )
             return device_pb2.EnrollResponse(device_id=device.id, device_token=secret, group=device.group)
 
     async def Connect(self, request_iterator: AsyncIterator[device_pb2.DeviceMessage], context: Any) -> Any:
@@ -223,7 +235,10 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 getter = asyncio.create_task(queue.get())
                 done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    yield push_to_proto(getter.result())
+                    push = getter.result()
+                    if isinstance(push, Disconnect):
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, push.reason)
+                    yield push_to_proto(push)
                     continue
                 getter.cancel()
                 async with status_for_errors(context):
@@ -314,8 +329,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
 
 class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
-    def __init__(self, fleet: Fleet):
+    def __init__(self, fleet: Fleet, on_revoke: Callable[[], None] = lambda: None):
         self.fleet = fleet
+        self.on_revoke = on_revoke  # drops cached credentials so a revocation takes effect at once
 
     async def CreateEnrollmentToken(self, request: Any, context: Any) -> Any:
         async with status_for_errors(context):
@@ -431,6 +447,12 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
                     for d in devices
                 ]
             )
+
+    async def RevokeDevice(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            await self.fleet.revoke(request.device_id)
+            self.on_revoke()
+            return operator_pb2.RevokeDeviceResponse()
 
     async def GetTelemetry(self, request: Any, context: Any) -> Any:
         async with status_for_errors(context):

@@ -77,6 +77,7 @@ class DeviceRecord:
     last_reason: str = ""
     last_status_ms: int = 0
     rollback_command: str = ""
+    revoked: bool = False
 
 
 @dataclass
@@ -216,6 +217,7 @@ _devices = sa.Table(
     sa.Column("last_reason", sa.Text, nullable=False, default=""),
     sa.Column("last_status_ms", sa.BigInteger, nullable=False, default=0),
     sa.Column("rollback_command", sa.String(64), nullable=False, default=""),
+    sa.Column("revoked", sa.Boolean, nullable=False, default=False),
 )
 _models = sa.Table(
     "models",
@@ -297,6 +299,7 @@ def _device(row: Any) -> DeviceRecord:
         last_reason=m["last_reason"],
         last_status_ms=m["last_status_ms"],
         rollback_command=m["rollback_command"],
+        revoked=m["revoked"],
     )
 
 
@@ -407,6 +410,7 @@ class SqlFleetStore(FleetStore):
                     last_reason="",
                     last_status_ms=0,
                     rollback_command="",
+                    revoked=False,
                 )
             )
         return device, device_token

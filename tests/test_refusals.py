@@ -48,7 +48,12 @@ def _still_serves_v1(agent: AgentProcess) -> None:
 
 def _operator(fleet: LocalFleet) -> cli.Operator:
     return cli.Operator(
-        argparse.Namespace(server=fleet.address, token_file=str(fleet.data_dir / "operator.token"))
+        argparse.Namespace(
+            server=fleet.address,
+            tls_dir=str(fleet.data_dir / "operator"),
+            insecure_plaintext=False,
+            token_file="",
+        )
     )
 
 

@@ -26,8 +26,11 @@ class EnrollRequest(_message.Message):
     ENROLLMENT_TOKEN_FIELD_NUMBER: _builtins.int
     DEVICE_NAME_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    CSR_PEM_FIELD_NUMBER: _builtins.int
     enrollment_token: _builtins.str
     device_name: _builtins.str
+    csr_pem: _builtins.bytes
+    """the device's own key stays on the device; the server signs this request"""
     @_builtins.property
     def capabilities(self) -> _common_pb2.Capabilities: ...
     def __init__(
@@ -36,10 +39,11 @@ class EnrollRequest(_message.Message):
         enrollment_token: _builtins.str = ...,
         device_name: _builtins.str = ...,
         capabilities: _common_pb2.Capabilities | None = ...,
+        csr_pem: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "device_name", b"device_name", "enrollment_token", b"enrollment_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "csr_pem", b"csr_pem", "device_name", b"device_name", "enrollment_token", b"enrollment_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -52,20 +56,28 @@ class EnrollResponse(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     DEVICE_TOKEN_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    CA_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     device_token: _builtins.str
-    """bearer credential for every later call; shown once"""
+    """bearer credential, only on a server run as a plaintext local demo"""
     group: _builtins.str
+    certificate_pem: _builtins.bytes
+    """the device's client certificate (mutual TLS)"""
+    ca_certificate_pem: _builtins.bytes
+    """the fleet CA that issued it"""
     def __init__(
         self,
         *,
         device_id: _builtins.str = ...,
         device_token: _builtins.str = ...,
         group: _builtins.str = ...,
+        certificate_pem: _builtins.bytes = ...,
+        ca_certificate_pem: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "device_token", b"device_token", "group", b"group"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_pem", b"certificate_pem", "device_id", b"device_id", "device_token", b"device_token", "group", b"group"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

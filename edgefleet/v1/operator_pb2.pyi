@@ -20,6 +20,40 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class RevokeDeviceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeDeviceRequest: _TypeAlias = RevokeDeviceRequest  # noqa: Y015
+
+@_typing.final
+class RevokeDeviceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeDeviceResponse: _TypeAlias = RevokeDeviceResponse  # noqa: Y015
+
+@_typing.final
 class CreateEnrollmentTokenRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -614,6 +648,7 @@ class DeviceInfo(_message.Message):
     LAST_STAGE_FIELD_NUMBER: _builtins.int
     LAST_REASON_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     group: _builtins.str
@@ -621,6 +656,7 @@ class DeviceInfo(_message.Message):
     last_seen_unix_ms: _builtins.int
     last_stage: _builtins.str
     last_reason: _builtins.str
+    revoked: _builtins.bool
     @_builtins.property
     def current(self) -> _common_pb2.ModelRef: ...
     @_builtins.property
@@ -643,10 +679,11 @@ class DeviceInfo(_message.Message):
         last_stage: _builtins.str = ...,
         last_reason: _builtins.str = ...,
         capabilities: _common_pb2.Capabilities | None = ...,
+        revoked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "current", b"current", "desired", b"desired", "previous", b"previous"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "connected", b"connected", "current", b"current", "desired", b"desired", "group", b"group", "id", b"id", "last_reason", b"last_reason", "last_seen_unix_ms", b"last_seen_unix_ms", "last_stage", b"last_stage", "name", b"name", "previous", b"previous"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "connected", b"connected", "current", b"current", "desired", b"desired", "group", b"group", "id", b"id", "last_reason", b"last_reason", "last_seen_unix_ms", b"last_seen_unix_ms", "last_stage", b"last_stage", "name", b"name", "previous", b"previous", "revoked", b"revoked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -90,6 +90,11 @@ class OperatorServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.ListEventsRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListEventsResponse.FromString,
                 _registered_method=True)
+        self.RevokeDevice = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/RevokeDevice',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -164,6 +169,13 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeDevice(self, request, context):
+        """Refuses the device's credentials from now on (its certificate or token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -221,6 +233,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.ListEvents,
                     request_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListEventsRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_operator__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'RevokeDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDevice,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -521,6 +538,33 @@ class OperatorService:
             '/edgefleet.v1.OperatorService/ListEvents',
             edgefleet_dot_v1_dot_operator__pb2.ListEventsRequest.SerializeToString,
             edgefleet_dot_v1_dot_operator__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/RevokeDevice',
+            edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceResponse.FromString,
             options,
             channel_credentials,
             insecure,

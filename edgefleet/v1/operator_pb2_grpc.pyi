@@ -46,6 +46,8 @@ class OperatorServiceStub:
     ListDevices: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListDevicesRequest, _operator_pb2.ListDevicesResponse]
     GetTelemetry: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetTelemetryRequest, _operator_pb2.GetTelemetryResponse]
     ListEvents: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListEventsRequest, _operator_pb2.ListEventsResponse]
+    RevokeDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RevokeDeviceRequest, _operator_pb2.RevokeDeviceResponse]
+    """Refuses the device's credentials from now on (its certificate or token)."""
 
 @_typing.type_check_only
 class OperatorServiceAsyncStub(OperatorServiceStub):
@@ -65,6 +67,8 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     ListDevices: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListDevicesRequest, _operator_pb2.ListDevicesResponse]  # type: ignore[assignment]
     GetTelemetry: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetTelemetryRequest, _operator_pb2.GetTelemetryResponse]  # type: ignore[assignment]
     ListEvents: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListEventsRequest, _operator_pb2.ListEventsResponse]  # type: ignore[assignment]
+    RevokeDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.RevokeDeviceRequest, _operator_pb2.RevokeDeviceResponse]  # type: ignore[assignment]
+    """Refuses the device's credentials from now on (its certificate or token)."""
 
 class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """What operators call: models, deployments, rollbacks, the fleet's state."""
@@ -147,5 +151,13 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _operator_pb2.ListEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.ListEventsResponse, _abc.Awaitable[_operator_pb2.ListEventsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeDevice(
+        self,
+        request: _operator_pb2.RevokeDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.RevokeDeviceResponse, _abc.Awaitable[_operator_pb2.RevokeDeviceResponse]]:
+        """Refuses the device's credentials from now on (its certificate or token)."""
 
 def add_OperatorServiceServicer_to_server(servicer: OperatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
