@@ -32,6 +32,7 @@ import psutil
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from device_agent.config import AgentConfig
+from device_agent.faults import Faults
 from device_agent.serving import LATENCY_BOUNDS_MS, ModelWorker, Result, Serving
 from device_agent.state import AgentState, StateStore
 from edgefleet import __version__, errors, pki, wire
@@ -54,6 +55,11 @@ _RETRYABLE = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.ABORTED,
 }
+
+
+MAX_STARTS_IN_PROBATION = 3
+MAX_WORKER_CRASHES = 3  # within WORKER_CRASH_WINDOW_S: the model is bad, go back to the previous one
+WORKER_CRASH_WINDOW_S = 600.0
 
 
 def now_ms() -> int:
@@ -139,13 +145,15 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._update_lock = asyncio.Lock()
         self._wanted = ""  # the newest assignment; an older retry loop gives way to it
-        self._last_status_ms = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self._scheduler: AsyncIOScheduler | None = None
         self._local: Any = None
         self.started = asyncio.Event()
         self.trust = DeviceTrust(self.store.folder / "metadata", self._get_metadata_blocking)
+        self.faults = Faults.from_env()
+        self._worker_crashes: dict[str, list[float]] = {}  # target -> monotonic times its worker died
+        self._refused: dict[str, str] = {}  # target -> why, for refusals that a new signature may lift
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -283,7 +291,29 @@ class Agent:
     # ---- serving the current model at start -------------------------------------------------------------
 
     async def _start_current_model(self) -> None:
-        """Starts the model the state says runs; a file that fails its hash never runs and is re-fetched."""
+        """Starts the model the state says runs; a file that fails its hash never runs and is re-fetched.
+
+        The state file is the commit point of every update, so after a kill at any instant this runs either
+        the old model or the new one, whole, and the first status report says which."""
+        for leftover in (self.store.folder / "models").glob("*.tmp"):  # a decode cut short by a kill
+            leftover.unlink(missing_ok=True)
+        pending = self.state.pending
+        if pending and self.state.previous:
+            pending["starts"] = int(pending.get("starts", 0)) + 1
+            self.store.save(self.state)
+            if pending["starts"] > MAX_STARTS_IN_PROBATION:
+                # The new model keeps taking the agent down before it can be called healthy: go back.
+                bad = pending["target_path"]
+                self.state.current, self.state.previous, self.state.pending = self.state.previous, None, None
+                self.store.save(self.state)
+                self._mark_bad(
+                    bad, f"the agent restarted {MAX_STARTS_IN_PROBATION} times during its probation"
+                )
+                self._queue_event(
+                    self.state.current["target_path"],
+                    Stage.UPDATE_STAGE_ROLLED_BACK,
+                    f"automatic rollback: {bad} never completed its probation",
+                )
         for role in ("current", "previous"):
             ref = getattr(self.state, role)
             if ref is None:
@@ -367,8 +397,9 @@ class Agent:
         # A stream the server ended cleanly still counts as down: reconnect.
 
     def _status_message(self) -> device_pb2.DeviceMessage:
-        sent = max(now_ms(), self._last_status_ms + 1)  # strictly increasing: the server drops older ones
-        self._last_status_ms = sent
+        # The sequence is persisted before use, so no restart or clock change ever sends an old number.
+        self.state.status_sequence += 1
+        self.store.save(self.state)
         return device_pb2.DeviceMessage(
             status=device_pb2.DeviceStatus(
                 current=_ref_to_proto(self.state.current),
@@ -376,7 +407,8 @@ class Agent:
                 capabilities=self.capabilities(),
                 agent_version=__version__,
                 bad_targets=self.state.bad_targets,
-                sent_at_unix_ms=sent,
+                sent_at_unix_ms=now_ms(),
+                sequence=self.state.status_sequence,
             )
         )
 
@@ -438,13 +470,15 @@ class Agent:
     # ---- updates ---------------------------------------------------------------------------------------
 
     async def _apply_assignment(self, ref: dict[str, Any] | None, refetch: bool = False) -> None:
-        """Installs the assigned model; retries transport failures with backoff until it works or a newer
-        assignment replaces it; an artifact failure marks the version bad (never retried)."""
+        """Installs the assigned model. Transport failures, expired metadata and a full disk are retried
+        with backoff until it works or a newer assignment replaces it; a bad artifact marks the version bad
+        (never retried); a downgrade without an operator's signature is refused until the metadata changes."""
         if not ref:
             return
         path = ref["target_path"]
         self._wanted = path
         backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        reported = ""
         while self._wanted == path and not self._stopping.is_set():
             async with self._update_lock:
                 current = (self.state.current or {}).get("target_path")
@@ -453,12 +487,24 @@ class Agent:
                 try:
                     await self._install(path)
                     return
-                except errors.TransportError as e:
-                    log.warning("update to %s interrupted: %s", path, e)
+                except errors.DowngradeRefusedError as e:
+                    if self._refused.get(path) != str(e):
+                        self._refused[path] = str(e)
+                        self._queue_event(path, Stage.UPDATE_STAGE_FAILED, str(e))
+                    return
                 except errors.ArtifactError as e:
                     self._mark_bad(path, str(e))
                     await asyncio.to_thread(self.store.prune_models, self._kept_models())
                     return
+                except (errors.TransportError, OSError) as e:
+                    problem = str(e) if isinstance(e, errors.TransportError) else f"storage: {e}"
+                    log.warning("update to %s interrupted: %s", path, problem)
+                    if isinstance(e, OSError):
+                        # Disk full or failing: drop the partial download; the old model is untouched.
+                        await asyncio.to_thread(self.store.prune_models, self._kept_models())
+                    if isinstance(e, (errors.MetadataExpiredError, OSError)) and reported != problem:
+                        reported = problem  # report once per kind of trouble, then retry quietly
+                        self._queue_event(path, Stage.UPDATE_STAGE_FAILED, f"will retry: {problem}")
             await asyncio.sleep(backoff.next())
 
     def _kept_models(self) -> set[str]:
@@ -483,14 +529,28 @@ class Agent:
                 f"this device is {self.config.hardware_class or 'unclassified'}"
             )
 
+    def _check_not_downgrade(self, target: ModelTarget) -> None:
+        """Older than what this device has run needs the operator's signed permission (not the server's)."""
+        floor = self.state.floors.get(target.name, 0)
+        if target.sequence >= floor:
+            return
+        allowed = self.trust.rollback_floors.get(target.name)
+        if allowed is None or target.sequence < allowed:
+            raise errors.DowngradeRefusedError(
+                f"{target.path} is older than what this device has run ({target.name} sequence {target.sequence} < "
+                f"{floor}) and no operator signature allows going back to it"
+            )
+
     async def _install(self, path: str) -> None:
         target: ModelTarget = ModelTarget.from_target(await asyncio.to_thread(self.trust.target, path))
         self._check_compatible(target)
+        self._check_not_downgrade(target)
         model_file = self.store.model_path(target.sha256)
         have = model_file.exists() and await asyncio.to_thread(_verifies, target, model_file)
         if not have:
             self._queue_event(path, Stage.UPDATE_STAGE_DOWNLOADING)
             await self._download(target)
+            await self.faults.at_async("downloaded")
             self._queue_event(path, Stage.UPDATE_STAGE_DOWNLOADED)
             await asyncio.to_thread(self._finish_file, target)
         self._queue_event(path, Stage.UPDATE_STAGE_VERIFIED, "signed metadata, length and sha256 check out")
@@ -557,6 +617,7 @@ class Agent:
                     dst.write(decoder.feed(chunk))
                 dst.write(decoder.finish())
             verify_file(target.target, tmp)
+            self.faults.at("verified")
         except BaseException:
             part.unlink(missing_ok=True)
             tmp.unlink(missing_ok=True)
@@ -565,6 +626,7 @@ class Agent:
         commit_file(tmp, final)
         part.unlink(missing_ok=True)
         fsync_dir(part.parent)
+        self.faults.at("written")
 
     def _test_candidate(self, target: ModelTarget, model_file: Path) -> ModelWorker:
         """Blocking: loads the model in its own process (time and memory limited), checks its tensors against
@@ -591,7 +653,9 @@ class Agent:
         self.state.previous = previous
         self.state.current = target.ref()
         self.state.pending = {"target_path": target.path, "activated_ms": now_ms()}
-        self.store.save(self.state)
+        self.state.floors[target.name] = max(self.state.floors.get(target.name, 0), target.sequence)
+        self.store.save(self.state)  # the commit point: from here a restart runs the new model
+        await self.faults.at_async("activated")
         self._queue_event(target.path, Stage.UPDATE_STAGE_ACTIVATED)
         self._queue_status()
         if old is not None:
@@ -618,19 +682,21 @@ class Agent:
         if not problem:
             self.state.pending = None
             self.store.save(self.state)
+            await self.faults.at_async("committed")
             await asyncio.to_thread(self.store.prune_models, self._kept_models())
             self._queue_event(path, Stage.UPDATE_STAGE_HEALTHY, f"{count} inferences, 0 failed")
             return
         self._mark_bad(path, problem)
         if previous is not None:
-            await self._switch_to_previous("", f"automatic rollback: {problem}")
+            await self._switch_to_previous("", f"automatic rollback: {problem}", ordered=False)
 
     async def rollback(self, command_id: str, reason: str) -> None:
-        """Goes back to the previous model from its local copy (no download) and reports it."""
+        """An operator's order: back to the previous model from its local copy (no download) and report it.
+        Obeyed only when signed metadata allows the previous version (see `_check_not_downgrade`)."""
         async with self._update_lock:
-            await self._switch_to_previous(command_id, reason)
+            await self._switch_to_previous(command_id, reason, ordered=True)
 
-    async def _switch_to_previous(self, command_id: str, reason: str) -> None:
+    async def _switch_to_previous(self, command_id: str, reason: str, *, ordered: bool) -> None:
         previous, current = self.state.previous, self.state.current
         if previous is None:
             self._queue_event(
@@ -642,15 +708,20 @@ class Agent:
             return
         try:
             target = await asyncio.to_thread(self._load_local_target, previous)
+            if ordered:
+                # The order came through the server; the permission must come from the operator's key.
+                await asyncio.to_thread(self.trust.target, target.path)
+                self._check_not_downgrade(target)
             worker = await asyncio.to_thread(
                 self._test_candidate, target, self.store.model_path(target.sha256)
             )
         except errors.EdgefleetError as e:
             self._queue_event(
-                previous["target_path"], Stage.UPDATE_STAGE_FAILED, f"rollback failed: {e}", command_id
+                previous["target_path"], Stage.UPDATE_STAGE_FAILED, f"rollback refused: {e}", command_id
             )
             return
         old = self.serving.swap(worker, target.ref())
+        await self.faults.at_async("rolling_back")
         self.state.current, self.state.previous, self.state.pending = target.ref(), current, None
         self.store.save(self.state)
         self._wanted = target.path
@@ -658,6 +729,35 @@ class Agent:
         self._queue_status()
         if old is not None:
             self._spawn(asyncio.to_thread(old.retire))
+
+    async def _supervise_worker(self) -> None:
+        """Restarts a model worker that died; a model whose worker keeps dying goes back to the previous one."""
+        worker, ref = self.serving.worker, self.serving.ref
+        if worker is None or worker.alive() or worker.closed or self._update_lock.locked():
+            return
+        path = ref["target_path"]
+        now = time.monotonic()
+        crashes = [t for t in self._worker_crashes.get(path, []) if now - t < WORKER_CRASH_WINDOW_S] + [now]
+        self._worker_crashes[path] = crashes
+        log.error(
+            "the model worker for %s died (%d time(s) in %.0f s)", path, len(crashes), WORKER_CRASH_WINDOW_S
+        )
+        async with self._update_lock:
+            if len(crashes) >= MAX_WORKER_CRASHES and self.state.previous is not None:
+                self._mark_bad(path, f"its worker process died {len(crashes)} times")
+                await self._switch_to_previous(
+                    "", f"automatic rollback: {path} keeps crashing", ordered=False
+                )
+                return
+            try:
+                target = await asyncio.to_thread(self._load_local_target, ref)
+                fresh = await asyncio.to_thread(
+                    self._test_candidate, target, self.store.model_path(target.sha256)
+                )
+            except errors.EdgefleetError as e:
+                log.error("cannot restart %s: %s", path, e)
+                return
+            self.serving.swap(fresh, ref)
 
     # ---- inference and telemetry -----------------------------------------------------------------------
 

@@ -25,6 +25,8 @@ class AgentState:
     previous: dict[str, Any] | None = None  # kept on disk for rollback
     bad_targets: list[str] = field(default_factory=list)  # refused or failed: never tried again
     pending: dict[str, Any] | None = None  # an update between activation and "healthy"
+    status_sequence: int = 0  # of the last status report sent; the server ignores older ones
+    floors: dict[str, int] = field(default_factory=dict)  # model name -> highest sequence installed
 
 
 class StateStore:

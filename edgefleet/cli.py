@@ -278,15 +278,24 @@ def push_model(
             f"the server's golden data for {reply.target_path} does not match this model: {e}"
         ) from e
 
-    additions = []
-    for v in variants:
-        target = signing.TargetFile(length=v.length, hashes={"sha256": v.sha256}, path=v.target_path)
-        custom = signing.model_custom(name, version, v.variant, details[v.target_path])
-        if edit_custom is not None:
-            edit_custom(v.target_path, custom)
-        target.unrecognized_fields["custom"] = custom
-        additions.append(target)
-    versions = _publish(op, additions, signer)
+    def sign(current: bytes | None) -> bytes:
+        # The version's order among the model's versions: what devices compare to refuse downgrades.
+        sequences = signing.model_sequences(current)
+        sequence = sequences.get((name, version)) or 1 + max(
+            (seq for (model, _), seq in sequences.items() if model == name), default=0
+        )
+        additions = []
+        for v in variants:
+            target = signing.TargetFile(length=v.length, hashes={"sha256": v.sha256}, path=v.target_path)
+            custom = signing.model_custom(name, version, v.variant, details[v.target_path], sequence)
+            if edit_custom is not None:
+                edit_custom(v.target_path, custom)
+            target.unrecognized_fields["custom"] = custom
+            additions.append(target)
+        # A new version ends any permission to go back that an earlier rollback signed.
+        return signing.sign_targets(current, additions, signer, rollback={name: None})
+
+    versions = _publish(op, sign)
     return {
         "targets_version": versions.targets_version,
         "variants": [_variant_row(v.variant, v.length, details[v.target_path]) for v in variants],
@@ -300,27 +309,63 @@ def _targets_signer(args: argparse.Namespace) -> signing.Signer:
         raise CliError(f"{e}: pass --targets-key (created by `edgefleet keys init`)") from e
 
 
-def _publish(op: Operator, additions: list[Any], signer: signing.Signer) -> Any:
-    """Extends the current targets.json and publishes it; retries when another push won the race."""
-    for _attempt in range(5):
-        try:
-            current = op.stub.GetSignedMetadata(
+def _current_targets(op: Operator) -> bytes | None:
+    try:
+        return bytes(
+            op.stub.GetSignedMetadata(
                 operator_pb2.GetSignedMetadataRequest(name="targets"), metadata=op.metadata, timeout=30
             ).content
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-                raise CliError(explain(e, op.server)) from e
-            current = b""
-        signed = signing.sign_targets(current or None, additions, signer)
+        )
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+            raise CliError(explain(e, op.server)) from e
+        return None
+
+
+def _publish(op: Operator, sign: Callable[[bytes | None], bytes]) -> Any:
+    """Signs `sign(current targets.json)` and publishes it; signs again on top of another operator's
+    publication when that one won the race."""
+    for _attempt in range(5):
+        signed = sign(_current_targets(op))
         try:
             return op.stub.PublishTargets(
                 operator_pb2.PublishTargetsRequest(targets_json=signed), metadata=op.metadata, timeout=30
             )
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not follow" in (e.details() or ""):  # type: ignore[attr-defined]
-                continue  # someone else published meanwhile: sign on top of theirs
+                continue
             raise CliError(explain(e, op.server)) from e
     raise CliError("targets metadata kept changing while publishing; try again")
+
+
+def authorize_rollback(
+    op: Operator, signer: signing.Signer, versions: set[tuple[str, str]]
+) -> dict[str, int]:
+    """Signs the operator's permission for devices to go back to these (model, version)s when they are
+    older than what a device has run. Returns what it signed (model -> lowest sequence allowed)."""
+
+    def lowest(current: bytes | None) -> dict[str, int]:
+        sequences = signing.model_sequences(current)
+        newest: dict[str, int] = {}
+        for (model, _), seq in sequences.items():
+            newest[model] = max(newest.get(model, 0), seq)
+        allowed: dict[str, int] = {}
+        for model, version in versions:
+            seq = sequences.get((model, version))
+            if seq is not None and seq < newest.get(model, 0):
+                allowed[model] = min(allowed.get(model, seq), seq)
+        return allowed
+
+    signed: dict[str, int] = {}
+
+    def sign(current: bytes | None) -> bytes:
+        signed.clear()
+        signed.update(lowest(current))
+        return signing.sign_targets(current, [], signer, rollback=dict(signed))
+
+    if lowest(_current_targets(op)):
+        _publish(op, sign)
+    return signed
 
 
 def _variant_row(
@@ -394,7 +439,13 @@ def cmd_model_show(args: argparse.Namespace) -> None:
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
-    reply = Operator(args).call(
+    op = Operator(args)
+    signed = authorize_rollback(op, _targets_signer(args), {(args.name, args.version)})
+    if signed and not args.json:
+        print(
+            f"{args.name} {args.version} is older than the newest version: signed the permission to go back to it"
+        )
+    reply = op.call(
         "CreateDeployment",
         operator_pb2.CreateDeploymentRequest(
             model_name=args.name, version=args.version, selector=args.to, variant=args.variant
@@ -447,7 +498,12 @@ def cmd_deployments(args: argparse.Namespace) -> None:
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
-    reply = Operator(args).call(
+    op = Operator(args)
+    # Devices go back only with an operator's signature: sign it for the models they would go back to.
+    devices = op.call("ListDevices", operator_pb2.ListDevicesRequest(selector=args.to)).devices
+    previous = {(d.previous.model_name, d.previous.version) for d in devices if d.previous.target_path}
+    authorize_rollback(op, _targets_signer(args), previous)
+    reply = op.call(
         "RollbackDevices", operator_pb2.RollbackDevicesRequest(selector=args.to, reason=args.reason)
     )
     result = {
@@ -655,6 +711,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("version")
     sp.add_argument("--to", required=True, help="all, group:NAME or device:ID")
     sp.add_argument("--variant", default="", help="pin one variant instead of the per-device choice")
+    sp.add_argument(
+        "--targets-key",
+        default=env("EDGEFLEET_TARGETS_KEY", "edgefleet-keys/targets.key"),
+        help="signs the permission to go back when the version is older than the newest",
+    )
 
     sp = add("deployments", cmd_deployments, "deployments and rollbacks with their progress", listing=True)
     sp.add_argument("--watch", action="store_true", help="refresh until the newest one has no pending device")
@@ -663,6 +724,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("rollback", cmd_rollback, "send devices back to their previous model", listing=True)
     sp.add_argument("--to", required=True, help="all, group:NAME or device:ID")
     sp.add_argument("--reason", default="ordered by an operator")
+    sp.add_argument(
+        "--targets-key",
+        default=env("EDGEFLEET_TARGETS_KEY", "edgefleet-keys/targets.key"),
+        help="signs the devices' permission to go back",
+    )
 
     sp = add("devices", cmd_devices, "devices and what they run", listing=True)
     sp.add_argument("--to", default="", help="only these: all, group:NAME or device:ID")

@@ -40,8 +40,16 @@ class IncompatibleError(ArtifactError):
     pass
 
 
+class DowngradeRefusedError(SignatureError):
+    """Going back to an older model needs an operator's signature; the server's word is not enough."""
+
+
 class TransportError(EdgefleetError):
     """The server or the network failed; worth retrying with backoff."""
+
+
+class MetadataExpiredError(TransportError):
+    """Refused now, but nothing is marked bad: fresh metadata (or a corrected clock) fixes it."""
 
 
 class InvalidRequestError(EdgefleetError):

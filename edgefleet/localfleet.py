@@ -167,7 +167,9 @@ class LocalFleet:
             *(["--insecure-plaintext"] if self.plaintext else []),
             *args,
         ]  # fmt: skip
-        if args[:2] == ("model", "push") and "--targets-key" not in args:
+        if (
+            args[:2] == ("model", "push") or args[:1] in (("deploy",), ("rollback",))
+        ) and "--targets-key" not in args:
             argv += ["--targets-key", str(self.keys / "targets.key")]
         out = io.StringIO()
         with contextlib.redirect_stdout(out):

@@ -39,7 +39,13 @@ from tuf.api.serialization.json import JSONSerializer
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from edgefleet.durable import write_atomic
-from edgefleet.errors import HashMismatchError, InvalidRequestError, SignatureError, TransportError
+from edgefleet.errors import (
+    HashMismatchError,
+    InvalidRequestError,
+    MetadataExpiredError,
+    SignatureError,
+    TransportError,
+)
 
 SPEC_VERSION = "1.0.31"
 ROOT_LIFETIME = timedelta(days=365)
@@ -144,10 +150,20 @@ def verify_role(root: Root, role: str, md: Metadata[Any]) -> None:
 # ---- operator side: signing targets ----------------------------------------------------------------------
 
 
+ROLLBACK_FIELD = "x-edgefleet-rollback"
+
+
 def sign_targets(
-    current: bytes | None, additions: list[TargetFile], signer: Signer, lifetime: timedelta = TARGETS_LIFETIME
+    current: bytes | None,
+    additions: list[TargetFile],
+    signer: Signer,
+    lifetime: timedelta = TARGETS_LIFETIME,
+    rollback: dict[str, int | None] | None = None,
 ) -> bytes:
-    """The next targets.json: `current` plus `additions`, version bumped, signed by the operator's key."""
+    """The next targets.json: `current` plus `additions`, version bumped, signed by the operator's key.
+
+    `rollback` sets (model -> lowest sequence devices may go back to) or clears (None) the operator's
+    authorization to downgrade a model; without one, devices refuse anything older than they have run."""
     if current:
         md: Metadata[Targets] = parse_metadata(current, Targets.type)
         md.signed.version += 1
@@ -155,10 +171,44 @@ def sign_targets(
         md = Metadata(Targets(version=1))
     for target in additions:
         md.signed.targets[target.path] = target
+    if rollback:
+        allowed = dict(md.signed.unrecognized_fields.get(ROLLBACK_FIELD, {}))
+        for model, sequence in rollback.items():
+            if sequence is None:
+                allowed.pop(model, None)
+            else:
+                allowed[model] = {"min_sequence": int(sequence)}
+        md.signed.unrecognized_fields[ROLLBACK_FIELD] = allowed
     md.signed.expires = utcnow() + lifetime
     md.signatures.clear()
     md.sign(signer)
     return md.to_bytes(_SERIALIZER)
+
+
+def model_sequences(targets_json: bytes | None) -> dict[tuple[str, str], int]:
+    """(model name, version) -> the sequence the operator signed for it (its order among versions)."""
+    if not targets_json:
+        return {}
+    sequences: dict[tuple[str, str], int] = {}
+    for target in parse_metadata(targets_json, Targets.type).signed.targets.values():
+        model = (target.custom or {}).get("model", {})
+        if isinstance(model, dict) and "name" in model:
+            sequences[(str(model["name"]), str(model.get("version")))] = int(model.get("sequence", 0))
+    return sequences
+
+
+def rollback_floors(targets: Targets) -> dict[str, int]:
+    """model -> the lowest sequence an operator has signed that devices may go back to."""
+    allowed = targets.unrecognized_fields.get(ROLLBACK_FIELD, {})
+    if not isinstance(allowed, dict):
+        return {}
+    floors = {}
+    for model, entry in allowed.items():
+        try:
+            floors[str(model)] = int(entry["min_sequence"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return floors
 
 
 def target_file(path: str, data: bytes, custom: dict[str, Any]) -> TargetFile:
@@ -288,6 +338,7 @@ class DeviceTrust:
     def __init__(self, metadata_dir: Path, get_metadata: Callable[[str], bytes]):
         self.metadata_dir = Path(metadata_dir)
         self._fetcher = CallbackFetcher(get_metadata)
+        self.rollback_floors: dict[str, int] = {}  # from the targets metadata verified by the last refresh
 
     @staticmethod
     def pin_root(metadata_dir: Path, trust_root: bytes) -> None:
@@ -317,8 +368,16 @@ class DeviceTrust:
             )
             updater.refresh()
             info = updater.get_targetinfo(target_path)
+            # ngclient persisted exactly what it just verified: read the operator's rollback authorizations.
+            verified = Metadata[Targets].from_file(str(self.metadata_dir / "targets.json"))
+            self.rollback_floors = rollback_floors(verified.signed)
         except tuf_exceptions.DownloadError as e:
             raise TransportError(f"metadata download failed: {e}") from e
+        except tuf_exceptions.ExpiredMetadataError as e:
+            raise MetadataExpiredError(
+                f"signed metadata has expired ({e}); this device's clock reads {utcnow().isoformat()}: "
+                "if that is wrong, fix the clock; otherwise the server is serving stale metadata"
+            ) from e
         except tuf_exceptions.RepositoryError as e:
             raise SignatureError(f"signed metadata refused: {type(e).__name__}: {e}") from e
         except (DeserializationError, ValueError, KeyError, TypeError) as e:
@@ -376,11 +435,13 @@ def canonical_safe(value: Any) -> Any:
     return value
 
 
-def model_custom(name: str, version: str, variant: str, details: dict[str, Any]) -> dict[str, Any]:
+def model_custom(
+    name: str, version: str, variant: str, details: dict[str, Any], sequence: int = 0
+) -> dict[str, Any]:
     """The custom fields the operator signs for one model file, from the server's measured details."""
     return canonical_safe(
         {
-            "model": {"name": name, "version": version, "variant": variant},
+            "model": {"name": name, "version": version, "variant": variant, "sequence": sequence},
             "signature": details["signature"],
             "golden": details["golden"],
             "wire": {
@@ -413,6 +474,7 @@ class ModelTarget:
     runtimes: tuple[str, ...]
     hardware_classes: tuple[str, ...]
     target: TargetFile
+    sequence: int = 0  # the version's order among the model's versions, signed by the operator
 
     @classmethod
     def from_target(cls, target: TargetFile) -> ModelTarget:
@@ -441,6 +503,7 @@ class ModelTarget:
                 runtimes=tuple(str(r) for r in custom.get("runtimes", [])),
                 hardware_classes=tuple(str(h) for h in custom.get("hardware_classes", [])),
                 target=target,
+                sequence=int(model.get("sequence", 0)),
             )
         except (KeyError, TypeError, ValueError, ModelError) as e:
             raise SignatureError(f"{target.path}: signed model fields are malformed: {e}") from e

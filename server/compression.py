@@ -26,14 +26,17 @@ A variant is ``excluded`` when the reference cannot run it, when it loses more t
 the reference, or when no runtime computes it correctly. Criterion 2 usually leaves an excluded variant's
 ``runtimes_ok`` empty; ``runtimes_failed`` still says what each runtime did.
 
-**Peak memory.** Per runtime, a child process imports the runtime and then forks one process per variant;
-that process notes its resident set size, resets the kernel's high-water mark (``/proc/self/clear_refs``),
-loads V from a file (as a device does: mmap), allocates, invokes once on zero inputs, and reports
-``VmHWM - VmRSS before``. This counts the model's pages, the tensor arena, delegate buffers (XNNPACK's
-packed copy of the weights) and the runtime code pages the interpreter touches (6-7 MB, the same for every
-model); not Python and the imports (~40 MB). Allocations that fit in heap pages already resident after the
-imports are not seen, which only matters for models far smaller than the fixed part. ``peak_memory_bytes``
-is the largest figure over the runtimes that compute V correctly (over all that ran it when none do);
+**Measuring.** Variants never run in the server's process: some crash a runtime (blockwise int4 segfaults
+tflite-runtime 2.14). Per runtime, a child process imports the runtime and forks one process per variant,
+which loads the variant from a file (as a device does: mmap), allocates, and invokes it on every eval input.
+``latency_ms`` is the median time of one invoke (batch as the model declares, one thread), the first,
+warm-up invoke not counted. ``peak_memory_bytes``: the forked process notes its resident set size, resets
+the kernel's high-water mark (``/proc/self/clear_refs``) and reads ``VmHWM`` after the first invoke; the
+growth counts the model's pages, the tensor arena, delegate buffers (XNNPACK's packed copy of the weights,
+float copies of dequantized weights) and the runtime code pages the interpreter touches (6-7 MB, the same
+for every model), not Python and the imports (~40 MB). Allocations that fit in heap pages already resident
+are not seen, which only matters for models far smaller than the fixed part. ``peak_memory_bytes`` is the
+largest figure over the runtimes that compute V correctly (over all that ran it when none do);
 ``peak_memory_bytes_by_runtime`` has each. Linux only.
 """
 
@@ -52,7 +55,6 @@ import time
 import warnings
 import zipfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,7 @@ DEFAULT_SPARSITY = (0.25, 0.5)
 PRUNED_RECIPES = ("int8-dynamic-pt", "int4-dynamic")  # the smallest on the wire that both runtimes run
 ATOL_RELATIVE = 1e-4  # float rounding between runtimes, relative to mean |float32 output|
 REFERENCE_MATCH_ATOL = 1e-3  # the float model against the eval set's expected outputs
+MEASURE_TIMEOUT_S = 3600
 
 _OP = qtyping.TFLOperationName.ALL_SUPPORTED
 _TENSORWISE = qtyping.QuantGranularity.TENSORWISE
@@ -237,7 +240,10 @@ def quantize(
         warnings.filterwarnings(
             "ignore", "Warning: Enabling `experimental_preserve_all_tensors`", UserWarning
         )
-        return bytes(qt.quantize(result, enable_progress_report=False).quantized_model)
+        # A pruned channel or block that is all zeros gets scale 0 and the quantizer computes 0/0 for it;
+        # harmless, since every value of it dequantizes to q * 0 = 0.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return bytes(qt.quantize(result, enable_progress_report=False).quantized_model)
 
 
 def prune(model: bytes, sparsity: float) -> bytes:
@@ -300,75 +306,119 @@ def _batches(x: np.ndarray, batch: int) -> list[np.ndarray]:
     return chunks
 
 
-def _run(model: bytes, runtime: str, x: np.ndarray) -> tuple[np.ndarray, float]:
-    """Outputs for every row of x, and the mean ms per invoke (the first, warm-up invoke not counted)."""
-    interpreter = make_interpreter(runtime, model_content=model)
+@dataclass(frozen=True, eq=False)
+class Measured:
+    """One variant on one runtime: its outputs on the eval inputs, or why there are none."""
+
+    error: str = ""
+    outputs: np.ndarray | None = None
+    latency_ms: float = 0.0
+    peak_memory_bytes: int = 0
+
+
+def measure(
+    models: dict[str, bytes], x: np.ndarray, runtimes: tuple[str, ...]
+) -> dict[str, dict[str, Measured]]:
+    """Run every model on every runtime over x, one child process per runtime (see `_measure_in_child`).
+
+    Models never run in this process: some variants crash a runtime (blockwise int4 segfaults
+    tflite-runtime 2.14), and that must cost one variant, not the server.
+    """
+    with tempfile.TemporaryDirectory(prefix="edgefleet-variants-") as tmp:
+        work = Path(tmp)
+        np.save(work / "x.npy", x)
+        for name, model in models.items():
+            (work / f"{name}.tflite").write_bytes(model)
+        # One BLAS thread: the child forks, and a fork copies only the calling thread.
+        env = os.environ | {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+        children = {}
+        for runtime in runtimes:
+            (work / runtime).mkdir()
+            command = [sys.executable, "-c", _CHILD_COMMAND, runtime, tmp, *models]
+            children[runtime] = subprocess.Popen(
+                command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+        problems = {}
+        for runtime, child in children.items():
+            try:
+                problems[runtime] = child.communicate(timeout=MEASURE_TIMEOUT_S)[1].decode(errors="replace")
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                problems[runtime] = f"timed out after {MEASURE_TIMEOUT_S} s"
+        return {
+            name: {runtime: _load_result(work / runtime, name, problems[runtime]) for runtime in runtimes}
+            for name in models
+        }
+
+
+def _load_result(directory: Path, name: str, problem: str) -> Measured:
+    result, error = directory / f"{name}.npz", directory / f"{name}.error"
+    if result.exists():
+        with np.load(result) as saved:
+            return Measured("", saved["outputs"], float(saved["latency_ms"]), int(saved["peak_memory_bytes"]))
+    if error.exists():
+        return Measured(error.read_text())
+    return Measured(f"not measured: {problem.strip()[-300:] or 'the measuring process stopped'}")
+
+
+_CHILD_COMMAND = "from server.compression import _measure_in_child; _measure_in_child()"
+
+
+def _measure_in_child() -> None:
+    """Measuring process (argv: runtime, work directory, variant names); writes <runtime>/<name>.npz.
+
+    It imports the runtime once, then forks one process per variant, so each variant starts where no
+    interpreter ever existed (its memory is its own), and one that crashes the runtime only loses itself.
+    """
+    runtime, work, names = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    x = np.load(work / "x.npy")
+    available_runtimes()  # import the runtimes before any memory baseline
+    for name in names:
+        result, error = work / runtime / f"{name}.npz", work / runtime / f"{name}.error"
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                outputs, latency_ms, peak = _run(runtime, work / f"{name}.tflite", x)
+                np.savez(result, outputs=outputs, latency_ms=latency_ms, peak_memory_bytes=peak)
+            except Exception as e:  # the runtime's own errors come as ValueError, RuntimeError, ...
+                error.write_text(f"does not load or run: {_first_line(e)}")
+            finally:
+                os._exit(0)
+        status = os.waitpid(pid, 0)[1]
+        if status and not error.exists():
+            how = (
+                f"signal {os.WTERMSIG(status)}"
+                if os.WIFSIGNALED(status)
+                else f"exit {os.WEXITSTATUS(status)}"
+            )
+            error.write_text(f"crashes the runtime ({how})")
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def _run(runtime: str, model_path: Path, x: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """Outputs for every row of x, the median ms per invoke after the first, and the peak memory growth of
+    loading, allocating and the first invoke (see the module docstring)."""
+    before = _status("VmRSS")
+    with contextlib.suppress(OSError):  # without the reset VmHWM keeps the imports' peak: an upper bound
+        Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from the current RSS
+    interpreter = make_interpreter(runtime, model_path=str(model_path))
     (input_detail,) = interpreter.get_input_details()
     (output_detail,) = interpreter.get_output_details()
-    batch = int(input_detail["shape"][0])
-    outputs, seconds = [], []
-    for chunk in _batches(x, batch):
+    outputs, seconds, peak = [], [], 0
+    for chunk in _batches(x, int(input_detail["shape"][0])):
         interpreter.set_tensor(input_detail["index"], chunk.astype(input_detail["dtype"]))
         start = time.perf_counter()
         interpreter.invoke()
         seconds.append(time.perf_counter() - start)
+        peak = peak or _status("VmHWM") - before  # before the outputs kept here add to it
         outputs.append(interpreter.get_tensor(output_detail["index"]).astype(np.float64))
-    return np.concatenate(outputs)[: len(x)], 1000 * float(np.mean(seconds[1:] or seconds))
-
-
-# One process per runtime imports it once, then forks a fresh process per model: each starts from a state
-# where no interpreter ever existed, and a fork costs milliseconds where a new Python process costs 0.3 s.
-_PEAK_MEMORY_CHILD = """
-import contextlib, os, sys
-import numpy as np
-from edgefleet.runtime import available_runtimes, make_interpreter
-
-def status(key):
-    line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
-    return int(line.split()[1]) * 1024
-
-def measure(path):
-    before = status("VmRSS")
-    with contextlib.suppress(OSError):  # without it VmHWM keeps the imports' peak: an upper bound
-        open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
-    interpreter = make_interpreter(sys.argv[1], model_path=path)
-    for detail in interpreter.get_input_details():
-        interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
-    interpreter.invoke()
-    return status("VmHWM") - before
-
-available_runtimes()  # import the runtimes before any baseline
-for path in sys.argv[2:]:
-    sys.stdout.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            print(measure(path), flush=True)
-            code = 0
-        finally:
-            os._exit(code)
-    if os.waitpid(pid, 0)[1]:
-        print(0, flush=True)  # the model crashed the runtime: unknown
-"""
-
-
-def _peak_memory(model_paths: list[Path], runtime: str) -> list[int]:
-    """Peak RSS growth of loading, allocating and invoking each model on `runtime` (0 when unknown)."""
-    # One BLAS thread: the child forks, and a fork only copies the calling thread.
-    env = os.environ | {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", _PEAK_MEMORY_CHILD, runtime, *map(str, model_paths)],
-        capture_output=True,
-        text=True,
-        timeout=60 + 10 * len(model_paths),
-        env=env,
-    )
-    figures = [int(line) for line in done.stdout.split()]
-    if done.returncode or len(figures) != len(model_paths):
-        log.warning("peak memory on %s not measured: %s", runtime, done.stderr[-500:])
-        return [0] * len(model_paths)
-    return figures
+    return np.concatenate(outputs)[: len(x)], 1000 * float(np.median(seconds[1:] or seconds)), peak
 
 
 # ---- judging -----------------------------------------------------------------------------------------
@@ -446,23 +496,19 @@ def _check_rows(x: np.ndarray, spec: _Io, what: str) -> np.ndarray:
     return x.astype(spec.input_dtype)
 
 
-def _check_eval_outputs(eval_set: EvalSet | None, spec: _Io, float_outputs: np.ndarray) -> None:
-    if eval_set is None:
+def _check_reference_outputs(eval_set: EvalSet | None, float_outputs: np.ndarray) -> None:
+    """The eval set's expected outputs must be what the pushed model computes (its golden data)."""
+    if eval_set is None or eval_set.reference is None:
         return
-    classes = math.prod(spec.output_shape[1:])
-    if eval_set.y is not None and eval_set.y.max() >= classes:
-        raise InvalidRequestError(f"eval y has label {eval_set.y.max()}; the model outputs {classes} classes")
-    if eval_set.reference is not None:
-        if eval_set.reference.shape[1:] != spec.output_shape[1:]:
-            raise InvalidRequestError(
-                f"eval reference has rows of shape {eval_set.reference.shape[1:]}; "
-                f"the model outputs {spec.output_shape[1:]}"
-            )
-        diff = float(np.max(np.abs(float_outputs - eval_set.reference)))
-        if diff > REFERENCE_MATCH_ATOL * (1 + float(np.max(np.abs(eval_set.reference)))):
-            raise ModelError(
-                f"the model's outputs differ from the eval set's reference outputs by up to {diff:.3g}"
-            )
+    if eval_set.reference.shape != float_outputs.shape:
+        raise InvalidRequestError(
+            f"eval reference has shape {eval_set.reference.shape}; the model outputs {float_outputs.shape}"
+        )
+    diff = float(np.max(np.abs(float_outputs - eval_set.reference)))
+    if diff > REFERENCE_MATCH_ATOL * (1 + float(np.max(np.abs(eval_set.reference)))):
+        raise ModelError(
+            f"the model's outputs differ from the eval set's reference outputs by up to {diff:.3g}"
+        )
 
 
 def _make_models(
@@ -527,80 +573,83 @@ def build_variants(
         raise InvalidRequestError(f"sparsity levels must be between 0 and 1, got {sparsity}")
     spec = _describe_io(model, reference)
     x = _inputs(spec, eval_set)
-    float_outputs, _ = _run(model, reference, x)
-    _check_eval_outputs(eval_set, spec, float_outputs)
-    judge = _Judge(float_outputs, eval_set.y if eval_set is not None else None)
+    if (
+        eval_set is not None
+        and eval_set.y is not None
+        and eval_set.y.max() >= math.prod(spec.output_shape[1:])
+    ):
+        raise InvalidRequestError(
+            f"eval y has label {eval_set.y.max()}; the model outputs {math.prod(spec.output_shape[1:])} classes"
+        )
     rows = None if calibration is None else _check_rows(calibration, spec, "calibration x")
     calibration_data = None if rows is None else _calibration_data(model, rows, spec.input_shape[0])
+    made = _make_models(model, calibration_data, sparsity)
+    measured = measure({name: variant_model for name, _, variant_model in made}, x, runtimes)
 
-    variants = []
-    for name, description, variant_model in _make_models(model, calibration_data, sparsity):
-        outputs, latency, failed = {}, {}, {}
-        for runtime in runtimes:
-            try:
-                outputs[runtime], latency[runtime] = _run(variant_model, runtime, x)
-            except (ValueError, RuntimeError) as e:
-                failed[runtime] = f"does not load or run: {_first_line(e)}"
-        encoding, encoded = wire.best_encoding(variant_model)
-        details: dict[str, Any] = {
-            "variant": name,
-            "recipe": description,
-            "size_bytes": len(variant_model),
-            "wire_bytes": len(encoded),
-            "wire_encoding": encoding,
-            "wire_sha256": hashlib.sha256(encoded).hexdigest(),
-            "judged_by": judge.judged_by,
-            "accuracy": None,
-            "accuracy_delta_points": None,
-            "max_abs_error": None,
-            "mean_abs_error": None,
-            "latency_ms": latency,
-            "runtimes_ok": [],
-            "runtimes_failed": failed,
-            "excluded": f"the reference runtime {reference} cannot run it",
-        }
-        if reference in outputs:
-            ok, wrong = _judge_runtimes(outputs, reference, judge, tolerance_points)
-            error = np.abs(outputs[reference] - float_outputs)
-            lost = judge.points_lost(outputs[reference])
-            details.update(
-                accuracy=judge.accuracy(outputs[reference]) if judge.labels is not None else None,
-                accuracy_delta_points=lost,
-                max_abs_error=float(error.max()),
-                mean_abs_error=float(error.mean()),
-                runtimes_ok=ok,
-                runtimes_failed=failed | wrong,
-                excluded=(
-                    f"{lost:.2f} points lost ({judge.judged_by}), over the {tolerance_points} point tolerance"
-                    if lost > tolerance_points
-                    else ""
-                    if ok
-                    else "no runtime computes it correctly"
-                ),
-            )
-        variants.append(Variant(name, variant_model, encoding, encoded, details))
-    _add_peak_memory(variants)
-    return variants
+    float_run = measured["float32"][reference]
+    if float_run.error:
+        raise ModelError(f"the model does not run on {reference}: {float_run.error}")
+    _check_reference_outputs(eval_set, float_run.outputs)
+    judge = _Judge(float_run.outputs, eval_set.y if eval_set is not None else None)
+    return [
+        _variant(name, description, variant_model, measured[name], reference, judge, tolerance_points)
+        for name, description, variant_model in made
+    ]
 
 
-def _add_peak_memory(variants: list[Variant]) -> None:
-    """Measure every variant on every runtime that ran it (one child process per runtime, in parallel)."""
-    with tempfile.TemporaryDirectory(prefix="edgefleet-variants-") as tmp:
-        paths = {}
-        for variant in variants:
-            paths[variant.name] = Path(tmp, f"{variant.name}.tflite")
-            paths[variant.name].write_bytes(variant.model)
-        ran = {v.name: list(v.details["latency_ms"]) for v in variants}  # the runtimes that ran each variant
-        runtimes = sorted({runtime for names in ran.values() for runtime in names})
-        with ThreadPoolExecutor(len(runtimes) or 1) as pool:
-            jobs = {
-                runtime: pool.submit(_peak_memory, [paths[n] for n in ran if runtime in ran[n]], runtime)
-                for runtime in runtimes
-            }
-            measured = {runtime: iter(job.result()) for runtime, job in jobs.items()}
-    for variant in variants:  # results come back in the order the paths were passed
-        details = variant.details
-        by_runtime = {runtime: next(measured[runtime]) for runtime in ran[variant.name]}
-        counted = [by_runtime[runtime] for runtime in details["runtimes_ok"]] or list(by_runtime.values())
-        details["peak_memory_bytes"] = max(counted, default=0)
-        details["peak_memory_bytes_by_runtime"] = by_runtime
+def _variant(
+    name: str,
+    description: str,
+    model: bytes,
+    runs: dict[str, Measured],
+    reference: str,
+    judge: _Judge,
+    tolerance_points: float,
+) -> Variant:
+    """The variant with its details (the keys `server.variants` reads)."""
+    ran = {runtime: run for runtime, run in runs.items() if not run.error}
+    encoding, encoded = wire.best_encoding(model)
+    details: dict[str, Any] = {
+        "variant": name,
+        "recipe": description,
+        "size_bytes": len(model),
+        "wire_bytes": len(encoded),
+        "wire_encoding": encoding,
+        "wire_sha256": hashlib.sha256(encoded).hexdigest(),
+        "judged_by": judge.judged_by,
+        "accuracy": None,
+        "accuracy_delta_points": None,
+        "max_abs_error": None,
+        "mean_abs_error": None,
+        "latency_ms": {runtime: run.latency_ms for runtime, run in ran.items()},
+        "peak_memory_bytes": 0,
+        "peak_memory_bytes_by_runtime": {runtime: run.peak_memory_bytes for runtime, run in ran.items()},
+        "runtimes_ok": [],
+        "runtimes_failed": {runtime: run.error for runtime, run in runs.items() if run.error},
+        "excluded": f"the reference runtime {reference} cannot run it",
+    }
+    if reference in ran:
+        outputs = {runtime: run.outputs for runtime, run in ran.items()}
+        ok, wrong = _judge_runtimes(outputs, reference, judge, tolerance_points)
+        error = np.abs(outputs[reference] - judge.float_outputs)
+        lost = judge.points_lost(outputs[reference])
+        counted = [ran[runtime].peak_memory_bytes for runtime in ok] or [
+            run.peak_memory_bytes for run in ran.values()
+        ]
+        details.update(
+            accuracy=judge.accuracy(outputs[reference]) if judge.labels is not None else None,
+            accuracy_delta_points=lost,
+            max_abs_error=float(error.max()),
+            mean_abs_error=float(error.mean()),
+            peak_memory_bytes=max(counted),
+            runtimes_ok=ok,
+            runtimes_failed=details["runtimes_failed"] | wrong,
+            excluded=(
+                f"{lost:.2f} points lost ({judge.judged_by}), over the {tolerance_points} point tolerance"
+                if lost > tolerance_points
+                else ""
+                if ok
+                else "no runtime computes it correctly"
+            ),
+        )
+    return Variant(name, model, encoding, encoded, details)

@@ -46,6 +46,7 @@ log = logging.getLogger("edgefleet.server")
 
 ORIGINAL_VARIANT = "float32"
 _METADATA_NAME = re.compile(r"^(root|timestamp|[1-9][0-9]{0,8}\.(root|snapshot|targets))$")
+CLOCK_SKEW_WARNING_MS = 5 * 60 * 1000
 STAGES = ("downloading", "downloaded", "verified", "activated", "healthy", "failed", "rolled_back")
 
 
@@ -424,12 +425,25 @@ class Fleet:
         return True
 
     async def handle_status(self, device_id: str, status: dict[str, Any]) -> None:
-        """The device's truth about what it runs. Older reports than the last one are ignored (replay)."""
+        """The device's truth about what it runs. A report whose sequence is not newer than the last one
+        accepted is ignored (a replay or a reordering), whatever the device's clock says."""
         device: DeviceRecord = await self._db(self.store.get_device, device_id)
-        sent = int(status.get("sent_at_ms", 0))
-        if sent and sent <= device.last_status_ms:
-            log.warning("ignored a stale status report from %s", device_id)
+        sequence = int(status.get("sequence", 0))
+        if sequence <= device.status_sequence:
+            log.warning(
+                "ignored a stale status report from %s (sequence %d <= %d)",
+                device_id,
+                sequence,
+                device.status_sequence,
+            )
             return
+        skew = int(status.get("sent_at_ms", 0)) - now_ms() if status.get("sent_at_ms") else 0
+        if abs(skew) > CLOCK_SKEW_WARNING_MS:
+            log.warning(
+                "device %s clock is off by %.0f s; its signed-metadata expiry checks will be wrong",
+                device_id,
+                skew / 1000,
+            )
         await self._db(
             self.store.update_device,
             device_id,
@@ -438,7 +452,8 @@ class Fleet:
             capabilities=status.get("capabilities") or device.capabilities,
             bad_targets=status.get("bad_targets", []),
             last_seen_ms=now_ms(),
-            last_status_ms=sent,
+            status_sequence=sequence,
+            clock_skew_ms=skew,
         )
         await self.push_pending(device_id)
 

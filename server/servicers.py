@@ -163,6 +163,7 @@ def device_info(
         last_reason=device.last_reason,
         capabilities=capabilities_from_dict(device.capabilities),
         revoked=device.revoked,
+        clock_skew_ms=device.clock_skew_ms,
     )
 
 
@@ -264,6 +265,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                         else None,
                         "bad_targets": [t[:512] for t in s.bad_targets[:256]],
                         "sent_at_ms": s.sent_at_unix_ms,
+                        "sequence": s.sequence,
                     },
                 )
             elif kind == "event":

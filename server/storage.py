@@ -75,9 +75,10 @@ class DeviceRecord:
     bad_targets: list[str] = field(default_factory=list)
     last_stage: str = ""
     last_reason: str = ""
-    last_status_ms: int = 0
     rollback_command: str = ""
     revoked: bool = False
+    status_sequence: int = 0
+    clock_skew_ms: int = 0
 
 
 @dataclass
@@ -215,9 +216,10 @@ _devices = sa.Table(
     sa.Column("bad_targets", sa.JSON, nullable=False, default=list),
     sa.Column("last_stage", sa.String(32), nullable=False, default=""),
     sa.Column("last_reason", sa.Text, nullable=False, default=""),
-    sa.Column("last_status_ms", sa.BigInteger, nullable=False, default=0),
     sa.Column("rollback_command", sa.String(64), nullable=False, default=""),
     sa.Column("revoked", sa.Boolean, nullable=False, default=False),
+    sa.Column("status_sequence", sa.BigInteger, nullable=False, default=0),
+    sa.Column("clock_skew_ms", sa.BigInteger, nullable=False, default=0),
 )
 _models = sa.Table(
     "models",
@@ -297,9 +299,10 @@ def _device(row: Any) -> DeviceRecord:
         bad_targets=m["bad_targets"] or [],
         last_stage=m["last_stage"],
         last_reason=m["last_reason"],
-        last_status_ms=m["last_status_ms"],
         rollback_command=m["rollback_command"],
         revoked=m["revoked"],
+        status_sequence=m["status_sequence"],
+        clock_skew_ms=m["clock_skew_ms"],
     )
 
 
@@ -408,9 +411,10 @@ class SqlFleetStore(FleetStore):
                     desired_deployment="",
                     last_stage="",
                     last_reason="",
-                    last_status_ms=0,
                     rollback_command="",
                     revoked=False,
+                    status_sequence=0,
+                    clock_skew_ms=0,
                 )
             )
         return device, device_token

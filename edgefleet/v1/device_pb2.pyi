@@ -121,8 +121,12 @@ class DeviceStatus(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     BAD_TARGETS_FIELD_NUMBER: _builtins.int
     SENT_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     sent_at_unix_ms: _builtins.int
+    """the device's clock: the server compares it with its own (skew)"""
+    sequence: _builtins.int
+    """strictly increasing per device, persisted: older reports are ignored"""
     @_builtins.property
     def current(self) -> _common_pb2.ModelRef: ...
     @_builtins.property
@@ -140,10 +144,11 @@ class DeviceStatus(_message.Message):
         agent_version: _builtins.str = ...,
         bad_targets: _abc.Iterable[_builtins.str] | None = ...,
         sent_at_unix_ms: _builtins.int = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "current", b"current", "previous", b"previous"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "bad_targets", b"bad_targets", "capabilities", b"capabilities", "current", b"current", "previous", b"previous", "sent_at_unix_ms", b"sent_at_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "bad_targets", b"bad_targets", "capabilities", b"capabilities", "current", b"current", "previous", b"previous", "sent_at_unix_ms", b"sent_at_unix_ms", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -649,6 +649,7 @@ class DeviceInfo(_message.Message):
     LAST_REASON_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
+    CLOCK_SKEW_MS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     group: _builtins.str
@@ -657,6 +658,8 @@ class DeviceInfo(_message.Message):
     last_stage: _builtins.str
     last_reason: _builtins.str
     revoked: _builtins.bool
+    clock_skew_ms: _builtins.int
+    """device clock minus server clock at its last status report"""
     @_builtins.property
     def current(self) -> _common_pb2.ModelRef: ...
     @_builtins.property
@@ -680,10 +683,11 @@ class DeviceInfo(_message.Message):
         last_reason: _builtins.str = ...,
         capabilities: _common_pb2.Capabilities | None = ...,
         revoked: _builtins.bool = ...,
+        clock_skew_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "current", b"current", "desired", b"desired", "previous", b"previous"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "connected", b"connected", "current", b"current", "desired", b"desired", "group", b"group", "id", b"id", "last_reason", b"last_reason", "last_seen_unix_ms", b"last_seen_unix_ms", "last_stage", b"last_stage", "name", b"name", "previous", b"previous", "revoked", b"revoked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "clock_skew_ms", b"clock_skew_ms", "connected", b"connected", "current", b"current", "desired", b"desired", "group", b"group", "id", b"id", "last_reason", b"last_reason", "last_seen_unix_ms", b"last_seen_unix_ms", "last_stage", b"last_stage", "name", b"name", "previous", b"previous", "revoked", b"revoked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
