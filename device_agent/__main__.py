@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     p.add_argument("--telemetry-interval", type=float, default=10.0, help="seconds")
     p.add_argument("--check-interval", type=float, default=60.0, help="seconds between fallback checks")
     p.add_argument("--probation", type=float, default=5.0, help="seconds a new model must run cleanly")
+    p.add_argument("--stall-timeout", type=float, default=30.0, help="seconds without download progress")
     p.add_argument("--hardware-class", default="")
     p.add_argument("--accelerator", action="append", default=[], help="declared accelerator/delegate name")
     p.add_argument("--latency-budget-ms", type=float, default=0.0)
@@ -72,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         telemetry_interval_s=a.telemetry_interval,
         check_interval_s=a.check_interval,
         probation_s=a.probation,
+        stall_timeout_s=a.stall_timeout,
         hardware_class=a.hardware_class,
         accelerators=tuple(a.accelerator),
         latency_budget_ms=a.latency_budget_ms,

@@ -145,6 +145,7 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._update_lock = asyncio.Lock()
         self._wanted = ""  # the newest assignment; an older retry loop gives way to it
+        self._applying: set[str] = set()  # targets with an update loop running
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self._scheduler: AsyncIOScheduler | None = None
@@ -325,6 +326,9 @@ class Agent:
                         self._test_candidate, target, self.store.model_path(target.sha256)
                     )
                     self.serving.swap(worker, target.ref())
+                    if not self.state.pending:
+                        # Re-confirm after a restart: a "healthy" report in flight at a kill is not lost.
+                        self._queue_event(target.path, Stage.UPDATE_STAGE_HEALTHY, "checked again at start")
             except errors.EdgefleetError as e:
                 log.error("%s model %s is unusable: %s", role, ref.get("target_path"), e)
                 self.store.model_path(ref.get("sha256", "x")).unlink(missing_ok=True)
@@ -442,7 +446,7 @@ class Agent:
         if reply.rollback_pending:
             await self.rollback(reply.rollback_command_id, "ordered by an operator (periodic check)")
         elif reply.HasField("assignment"):
-            await self._apply_assignment(_ref_to_dict(reply.assignment.model))
+            self._spawn(self._apply_assignment(_ref_to_dict(reply.assignment.model)))
 
     # ---- metadata over gRPC, for python-tuf running in a worker thread ---------------------------------
 
@@ -473,10 +477,17 @@ class Agent:
         """Installs the assigned model. Transport failures, expired metadata and a full disk are retried
         with backoff until it works or a newer assignment replaces it; a bad artifact marks the version bad
         (never retried); a downgrade without an operator's signature is refused until the metadata changes."""
-        if not ref:
-            return
+        if not ref or ref["target_path"] in self._applying:
+            return  # a loop for this target is already at work
         path = ref["target_path"]
         self._wanted = path
+        self._applying.add(path)
+        try:
+            await self._apply_loop(path, refetch)
+        finally:
+            self._applying.discard(path)
+
+    async def _apply_loop(self, path: str, refetch: bool) -> None:
         backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
         reported = ""
         while self._wanted == path and not self._stopping.is_set():
@@ -667,11 +678,20 @@ class Agent:
         otherwise back to the previous model and this version is bad."""
         path = ref["target_path"]
         before = self.serving.totals(path)
-        await asyncio.sleep(self.config.probation_s)
-        if (self.state.current or {}).get("target_path") != path:
-            return  # replaced meanwhile (a rollback)
-        count, failed = (a - b for a, b in zip(self.serving.totals(path), before, strict=True))
-        problem = f"{failed} of {count} inferences failed during probation" if failed else ""
+        worker = self.serving.worker
+        deadline = time.monotonic() + self.config.probation_s
+        problem = ""
+        while time.monotonic() < deadline and not problem:
+            # Checked often: a model that fails goes back within a fraction of a second, not at the end.
+            await asyncio.sleep(min(0.2, self.config.probation_s))
+            if (self.state.current or {}).get("target_path") != path:
+                return  # replaced meanwhile (a rollback)
+            count, failed = (a - b for a, b in zip(self.serving.totals(path), before, strict=True))
+            if failed:
+                problem = f"{failed} of {count} inferences failed during probation"
+            elif worker is not None and not worker.alive():
+                problem = "its worker process died during probation"
+        count, _ = (a - b for a, b in zip(self.serving.totals(path), before, strict=True))
         if not problem:
             try:
                 target = await asyncio.to_thread(self._load_local_target, ref)

@@ -83,10 +83,10 @@ class Operator:
 def explain(e: grpc.RpcError, server: str) -> str:
     code, details = e.code(), e.details()  # type: ignore[attr-defined]
     hint = {
-        grpc.StatusCode.UNAVAILABLE: f"is the server running at {server}? Start it with `edgefleet server`.",
         grpc.StatusCode.UNAUTHENTICATED: "the operator credentials were refused: check --tls-dir (or --token-file).",
         grpc.StatusCode.PERMISSION_DENIED: "these credentials may not do this.",
         grpc.StatusCode.DEADLINE_EXCEEDED: "the server did not answer in time; try again.",
+        grpc.StatusCode.UNAVAILABLE: f"the server at {server} is unreachable or its database is busy; try again.",
     }.get(code, "")
     return f"{details} ({code.name.lower()}){' — ' + hint if hint else ''}"
 
@@ -536,6 +536,8 @@ def cmd_devices(args: argparse.Namespace) -> None:
             "desired": ref_text(d.desired),
             "last_stage": d.last_stage or "-",
             "last_reason": d.last_reason,
+            "clock_skew_s": round(d.clock_skew_ms / 1000),
+            "revoked": d.revoked,
             "last_seen": when(d.last_seen_unix_ms),
         }
         for d in reply.devices

@@ -193,10 +193,19 @@ class LocalFleet:
 
     # ---- devices ---------------------------------------------------------------------------------------
 
-    def start_agent(self, name: str, token: str = "", *extra: str, wait: bool = True) -> AgentProcess:
-        """Starts `edgefleet-agent` with its own state folder; first start enrolls with `token`."""
+    def start_agent(
+        self,
+        name: str,
+        token: str = "",
+        *extra: str,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> AgentProcess:
+        """Starts `edgefleet-agent` with its own state folder; first start enrolls with `token`.
+        `env` adds environment variables (test fault plans, a skewed clock)."""
         state_dir = self.root / "agents" / name
         state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / "agent.sock").unlink(missing_ok=True)  # so "started" below means this run's socket
         log_path = self.root / "agents" / f"{name}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
         args = [
@@ -216,7 +225,9 @@ class LocalFleet:
         ]  # fmt: skip
         if token:
             args += ["--enroll-token", token]
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=self.root)
+        process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env={**_env(), **(env or {})}, cwd=self.root
+        )
         log.close()
         agent = AgentProcess(name, state_dir, process, log_path)
         self.agents[name] = agent

@@ -33,6 +33,11 @@ SERVER = "server"
 ROLES = (DEVICE, OPERATOR, SERVER)
 
 
+# Certificates start this long before they are issued, so a device whose clock is up to a year behind (no
+# RTC, a dead battery) can still complete a TLS handshake and report its skew instead of going dark.
+BACKDATE = datetime.timedelta(days=400)
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
@@ -77,7 +82,7 @@ class CertificateAuthority:
             .issuer_name(subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - datetime.timedelta(minutes=5))
+            .not_valid_before(_now() - BACKDATE)
             .not_valid_after(_now() + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
@@ -112,7 +117,7 @@ class CertificateAuthority:
     ) -> x509.Certificate:
         if role not in ROLES:
             raise InvalidRequestError(f"unknown role {role!r}")
-        start = not_before or _now() - datetime.timedelta(minutes=5)
+        start = not_before or _now() - BACKDATE
         usage = ExtendedKeyUsageOID.SERVER_AUTH if role == SERVER else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (
             x509.CertificateBuilder()
@@ -128,7 +133,11 @@ class CertificateAuthority:
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
-            .not_valid_after(start + datetime.timedelta(days=days))
+            .not_valid_after(
+                _now() + datetime.timedelta(days=days)
+                if not_before is None
+                else start + datetime.timedelta(days=days)
+            )
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         )

@@ -334,7 +334,9 @@ class SqlFleetStore(FleetStore):
     def __init__(self, url: str):
         self.url = url
         if url.startswith("sqlite"):
-            self.engine = sa.create_engine(url, connect_args={"timeout": 15})
+            # How long a write waits for SQLite's lock before the call fails with UNAVAILABLE (retryable).
+            busy_timeout = {} if "timeout=" in url else {"timeout": 15}
+            self.engine = sa.create_engine(url, connect_args=busy_timeout)
 
             @sa.event.listens_for(self.engine, "connect")
             def _pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -13,6 +13,7 @@ class FaultProxy:
         self.target_port = target_port
         self.bytes_per_second = bytes_per_second  # server -> client; 0 = unthrottled
         self.port = 0
+        self.paused = False  # stop forwarding without closing anything: a stalled link
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -59,7 +60,8 @@ class FaultProxy:
             return
         self._writers |= {client_w, server_w}
         await asyncio.gather(
-            self._pipe(client_r, server_w, 0), self._pipe(server_r, client_w, self.bytes_per_second),
+            self._pipe(client_r, server_w, 0),
+            self._pipe(server_r, client_w, self.bytes_per_second),
             return_exceptions=True,
         )
         for w in (client_w, server_w):
@@ -69,6 +71,8 @@ class FaultProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(16384):
+                while self.paused:  # noqa: ASYNC110 - flipped from another thread; polling is simplest
+                    await asyncio.sleep(0.05)
                 writer.write(data)
                 await writer.drain()
                 if rate:
