@@ -557,15 +557,23 @@ class Agent:
         self._check_compatible(target)
         self._check_not_downgrade(target)
         model_file = self.store.model_path(target.sha256)
-        have = model_file.exists() and await asyncio.to_thread(_verifies, target, model_file)
-        if not have:
-            self._queue_event(path, Stage.UPDATE_STAGE_DOWNLOADING)
-            await self._download(target)
-            await self.faults.at_async("downloaded")
-            self._queue_event(path, Stage.UPDATE_STAGE_DOWNLOADED)
-            await asyncio.to_thread(self._finish_file, target)
-        self._queue_event(path, Stage.UPDATE_STAGE_VERIFIED, "signed metadata, length and sha256 check out")
-        worker = await asyncio.to_thread(self._test_candidate, target, model_file)
+        # Its process starts now and imports the runtime while we download and verify.
+        worker = self._new_worker(target.length).spawn()
+        try:
+            have = model_file.exists() and await asyncio.to_thread(_verifies, target, model_file)
+            if not have:
+                self._queue_event(path, Stage.UPDATE_STAGE_DOWNLOADING)
+                await self._download(target)
+                await self.faults.at_async("downloaded")
+                self._queue_event(path, Stage.UPDATE_STAGE_DOWNLOADED)
+                await asyncio.to_thread(self._finish_file, target)
+            self._queue_event(
+                path, Stage.UPDATE_STAGE_VERIFIED, "signed metadata, length and sha256 check out"
+            )
+            await asyncio.to_thread(self._test_candidate, target, model_file, worker)
+        except BaseException:
+            worker.kill()
+            raise
         await self._activate(target, worker)
 
     async def _download(self, target: ModelTarget) -> None:
@@ -639,17 +647,20 @@ class Agent:
         fsync_dir(part.parent)
         self.faults.at("written")
 
-    def _test_candidate(self, target: ModelTarget, model_file: Path) -> ModelWorker:
+    def _new_worker(self, model_length: int) -> ModelWorker:
+        # The candidate's own address-space limit: generous for the runtime (~150 MiB) and the model, far
+        # below what a model built to exhaust memory would take.
+        limit = self.config.worker_memory_limit_bytes or 1024 * 2**20 + 4 * model_length
+        return ModelWorker(None, self.runtime, num_threads=self.config.num_threads, memory_limit_bytes=limit)
+
+    def _test_candidate(
+        self, target: ModelTarget, model_file: Path, worker: ModelWorker | None = None
+    ) -> ModelWorker:
         """Blocking: loads the model in its own process (time and memory limited), checks its tensors against
         the signed signature and its output on the signed golden input. The warm worker is returned."""
-        worker = ModelWorker(
-            model_file,
-            self.runtime,
-            num_threads=self.config.num_threads,
-            memory_limit_bytes=self.config.worker_memory_limit_bytes,
-        )
+        worker = worker or self._new_worker(target.length)
         try:
-            signature = worker.start(timeout=self.config.candidate_timeout_s)
+            signature = worker.load(model_file, timeout=self.config.candidate_timeout_s)
             check_signature(signature, target.signature)
             outputs = worker.call(list(target.golden.inputs), timeout=self.config.candidate_timeout_s)
             target.golden.check(outputs)

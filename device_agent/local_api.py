@@ -33,8 +33,7 @@ class InferenceServicer(local_pb2_grpc.InferenceServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except errors.ModelError as e:
             await context.abort(grpc.StatusCode.INTERNAL, f"model failed: {e}")
-        signature = self.agent.serving.worker.signature if self.agent.serving.worker else None
-        names = [t.name for t in signature.outputs] if signature else []
+        names = result.output_names
         return local_pb2.InferResponse(
             outputs=[
                 to_proto(names[i] if i < len(names) else f"output_{i}", o)

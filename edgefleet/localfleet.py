@@ -261,6 +261,20 @@ class LocalFleet:
         self.stop_server()
 
 
+def _answers(socket_path: str) -> bool:
+    """The agent's local service accepts calls (its socket file alone appears a moment earlier)."""
+    if not Path(socket_path).exists():
+        return False
+    client = LocalClient(socket_path)
+    try:
+        client.stub.GetAgentStatus(local_pb2.GetAgentStatusRequest(), timeout=2)
+        return True
+    except grpc.RpcError:
+        return False
+    finally:
+        client.close()
+
+
 def _dead(agent: AgentProcess) -> bool:
     return agent.process.poll() is not None
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from edgefleet import pki, signing
+from edgefleet import pki, sandbox, signing
 from edgefleet.errors import (
     ConflictError,
     InvalidRequestError,
@@ -52,6 +52,38 @@ STAGES = ("downloading", "downloaded", "verified", "activated", "healthy", "fail
 
 def target_path(name: str, version: str, variant: str = ORIGINAL_VARIANT) -> str:
     return f"{name}/{version}/{variant}.tflite"
+
+
+def describe_upload(
+    content: bytes, eval_npz: bytes, calibration_npz: bytes, tolerance: float, validate_runtime: str
+) -> list[tuple[str, bytes, dict[str, Any], dict[str, Any], bytes]]:
+    """In the sandbox: (variant, model bytes, tensor signature, measured details, wire bytes) for the upload
+    and, with an eval set, each compressed variant. Raises ModelError / InvalidRequestError."""
+    signature = inspect_model(content, validate_runtime)
+    if not eval_npz:
+        return [
+            (ORIGINAL_VARIANT, content, signature.to_json(), describe_file(content, original=None), content)
+        ]
+    from server import compression  # heavy (ai-edge-quantizer): only when compressing
+
+    eval_set = compression.load_eval_npz(eval_npz)
+    calibration = compression.load_eval_npz(calibration_npz).x if calibration_npz else None
+    described = []
+    for variant in compression.build_variants(
+        content, eval_set, tolerance_points=tolerance, calibration=calibration
+    ):
+        details = dict(variant.details)
+        details.update(describe_file(variant.model, original=content))
+        described.append(
+            (
+                variant.name,
+                variant.model,
+                inspect_model(variant.model, validate_runtime).to_json(),
+                details,
+                variant.wire,
+            )
+        )
+    return described
 
 
 # ---- what the server pushes down a device's control stream ----------------------------------------------
@@ -107,7 +139,11 @@ class Fleet:
         max_model_bytes: int,
         ca: pki.CertificateAuthority | None = None,
         device_cert_days: float = 365,
+        describe_timeout_s: float = 300,
+        describe_memory_bytes: int = 8 * 2**30,
     ):
+        self.describe_timeout_s = describe_timeout_s
+        self.describe_memory_bytes = describe_memory_bytes
         self.ca = ca  # None: a plaintext local demo, devices get bearer tokens
         self.device_cert_days = device_cert_days
         self.store = store
@@ -260,29 +296,22 @@ class Fleet:
         calibration_npz: bytes,
         tolerance: float,
     ) -> list[ModelRecord]:
-        """Blocking: validates the model and measures it (and its variants). Runs in a worker thread."""
-        signature = inspect_model(content, self.validate_runtime)
-        if not eval_npz:
-            details = describe_file(content, original=None)
-            return [
-                self._record(name, version, ORIGINAL_VARIANT, content, signature.to_json(), details, content)
-            ]
-        from server import compression  # heavy (ai-edge-quantizer): only when compressing
-
-        eval_set = compression.load_eval_npz(eval_npz)
-        calibration = compression.load_eval_npz(calibration_npz).x if calibration_npz else None
-        records = []
-        for variant in compression.build_variants(
-            content, eval_set, tolerance_points=tolerance, calibration=calibration
-        ):
-            details = dict(variant.details)
-            details.update(describe_file(variant.model, original=content))
-            variant_signature = inspect_model(variant.model, self.validate_runtime).to_json()
-            records.append(
-                self._record(
-                    name, version, variant.name, variant.model, variant_signature, details, variant.wire
-                )
-            )
+        """Blocking: validates and measures the upload (and builds its variants) in a sandboxed child
+        process, since the interpreter must not see untrusted bytes inside the server. Runs in a thread."""
+        described = sandbox.run(
+            "server.fleet:describe_upload",
+            content,
+            eval_npz,
+            calibration_npz,
+            tolerance,
+            self.validate_runtime,
+            timeout=self.describe_timeout_s,
+            memory_limit=self.describe_memory_bytes,
+        )
+        records = [
+            self._record(name, version, variant, model, signature, details, wire)
+            for variant, model, signature, details, wire in described
+        ]
         records.sort(key=lambda r: r.variant != ORIGINAL_VARIANT)
         return records
 
