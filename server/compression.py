@@ -476,6 +476,7 @@ def _judge_runtimes(
 
 
 def _inputs(spec: _Io, eval_set: EvalSet | None) -> np.ndarray:
+    """The eval inputs, checked against the model; generated when there is no eval set."""
     if eval_set is None:
         rng = np.random.default_rng(0)
         shape = (GENERATED_SAMPLES, *spec.input_shape[1:])
@@ -483,6 +484,9 @@ def _inputs(spec: _Io, eval_set: EvalSet | None) -> np.ndarray:
             return rng.standard_normal(shape).astype(spec.input_dtype)
         info = np.iinfo(spec.input_dtype)
         return rng.integers(info.min, info.max, shape, endpoint=True).astype(spec.input_dtype)
+    classes = math.prod(spec.output_shape[1:])
+    if eval_set.y is not None and eval_set.y.max() >= classes:
+        raise InvalidRequestError(f"eval y has label {eval_set.y.max()}; the model outputs {classes} classes")
     return _check_rows(eval_set.x, spec, "eval x")
 
 
@@ -573,14 +577,6 @@ def build_variants(
         raise InvalidRequestError(f"sparsity levels must be between 0 and 1, got {sparsity}")
     spec = _describe_io(model, reference)
     x = _inputs(spec, eval_set)
-    if (
-        eval_set is not None
-        and eval_set.y is not None
-        and eval_set.y.max() >= math.prod(spec.output_shape[1:])
-    ):
-        raise InvalidRequestError(
-            f"eval y has label {eval_set.y.max()}; the model outputs {math.prod(spec.output_shape[1:])} classes"
-        )
     rows = None if calibration is None else _check_rows(calibration, spec, "calibration x")
     calibration_data = None if rows is None else _calibration_data(model, rows, spec.input_shape[0])
     made = _make_models(model, calibration_data, sparsity)
@@ -633,9 +629,13 @@ def _variant(
         ok, wrong = _judge_runtimes(outputs, reference, judge, tolerance_points)
         error = np.abs(outputs[reference] - judge.float_outputs)
         lost = judge.points_lost(outputs[reference])
-        counted = [ran[runtime].peak_memory_bytes for runtime in ok] or [
-            run.peak_memory_bytes for run in ran.values()
-        ]
+        counted = [ran[runtime].peak_memory_bytes for runtime in ok or ran]
+        if lost > tolerance_points:
+            excluded = (
+                f"{lost:.2f} points lost ({judge.judged_by}), over the {tolerance_points} point tolerance"
+            )
+        else:
+            excluded = "" if ok else "no runtime computes it correctly"
         details.update(
             accuracy=judge.accuracy(outputs[reference]) if judge.labels is not None else None,
             accuracy_delta_points=lost,
@@ -644,12 +644,6 @@ def _variant(
             peak_memory_bytes=max(counted),
             runtimes_ok=ok,
             runtimes_failed=details["runtimes_failed"] | wrong,
-            excluded=(
-                f"{lost:.2f} points lost ({judge.judged_by}), over the {tolerance_points} point tolerance"
-                if lost > tolerance_points
-                else ""
-                if ok
-                else "no runtime computes it correctly"
-            ),
+            excluded=excluded,
         )
     return Variant(name, model, encoding, encoded, details)

@@ -21,7 +21,9 @@ def digits() -> tuple[bytes, bytes, DigitsData]:
 
 
 @pytest.fixture(scope="session")
-def digits_files(tmp_path_factory: pytest.TempPathFactory, digits: tuple[bytes, bytes, DigitsData]) -> dict[str, Path]:
+def digits_files(
+    tmp_path_factory: pytest.TempPathFactory, digits: tuple[bytes, bytes, DigitsData]
+) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("models")
     v1, v2, data = digits
     (folder / "v1.tflite").write_bytes(v1)

@@ -10,7 +10,9 @@ from edgefleet.localfleet import LocalFleet, wait_for
 from edgefleet.modelgen import build_large_mlp
 
 
-def test_server_killed_mid_download_then_agent_resumes_at_its_offset(fleet: LocalFleet, tmp_path: Path) -> None:
+def test_server_killed_mid_download_then_agent_resumes_at_its_offset(
+    fleet: LocalFleet, tmp_path: Path
+) -> None:
     big = tmp_path / "big.tflite"
     big.write_bytes(build_large_mlp(6 * 2**20, seed=3))
     fleet.cli("model", "push", str(big), "--name", "big", "--version", "1")
@@ -31,5 +33,7 @@ def test_server_killed_mid_download_then_agent_resumes_at_its_offset(fleet: Loca
         fleet.start_server()  # same port: the proxy reaches it again
         fleet.wait_running(agent, "big/1/float32.tflite", timeout=60)
     assert f"from byte {offset}" in agent.log() or "resuming" in agent.log()
-    resumed = [line for line in agent.log().splitlines() if "downloading big/1/float32.tflite from byte" in line]
+    resumed = [
+        line for line in agent.log().splitlines() if "downloading big/1/float32.tflite from byte" in line
+    ]
     assert any(not line.endswith("from byte 0") for line in resumed), resumed

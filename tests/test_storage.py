@@ -63,7 +63,9 @@ def test_expired_or_unknown_enrollment_token_is_refused(store: FleetStore) -> No
 
 def test_device_updates_round_trip(store: FleetStore) -> None:
     device, _ = store.enroll(store.create_enrollment_token("g", 1, now_ms() + 60_000), "cam", {})
-    store.update_device(device.id, current={"target_path": "m/1/float32.tflite"}, bad_targets=["x"], last_stage="healthy")
+    store.update_device(
+        device.id, current={"target_path": "m/1/float32.tflite"}, bad_targets=["x"], last_stage="healthy"
+    )
     again = store.get_device(device.id)
     assert again.current == {"target_path": "m/1/float32.tflite"} and again.bad_targets == ["x"]
     with pytest.raises(NotFoundError):
@@ -90,7 +92,9 @@ def test_deployment_sets_desired_targets_atomically(store: FleetStore) -> None:
     a, _ = store.enroll(store.create_enrollment_token("g", 2, now_ms() + 60_000), "a", {})
     store.add_deployment(Deployment("dep-1", "m", "1", "all", now_ms()), {a.id: "m/1/float32.tflite"})
     assert store.get_device(a.id).desired_target == "m/1/float32.tflite"
-    store.add_deployment(Deployment("rb-1", "", "", "all", now_ms(), kind="rollback"), {a.id: "m/0/float32.tflite"})
+    store.add_deployment(
+        Deployment("rb-1", "", "", "all", now_ms(), kind="rollback"), {a.id: "m/0/float32.tflite"}
+    )
     assert store.get_device(a.id).rollback_command == "rb-1"
     assert [d.id for d in store.list_deployments()] == ["dep-1", "rb-1"]
 
