@@ -459,6 +459,8 @@ def cmd_deploy(args: argparse.Namespace) -> None:
         f"deployment {d.id}: {d.model_name} {d.version} to {d.selector}: {d.devices_targeted} device(s), "
         f"{d.devices_notified} told at once"
     )
+    for line in d.choices:
+        print(f"  {line}")
     for line in d.unassigned:
         print(f"  not assigned: {line}")
 
@@ -476,6 +478,7 @@ def _deployment_row(d: Any) -> dict[str, Any]:
         "failed": d.devices_failed,
         "pending": d.devices_pending,
         "unassigned": list(d.unassigned),
+        "choices": list(d.choices),
     }
 
 

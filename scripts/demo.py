@@ -25,11 +25,13 @@ from edgefleet.modelgen import accuracy, build_digits_model
 from edgefleet.runtime import LITERT, TFLITE_RUNTIME
 
 ROOT = Path(__file__).resolve().parent.parent / "demo-run"
+# Three devices with different capabilities, so the server's per-device choice shows.
 DEVICES = (
-    ("cam-1", ("--runtime", LITERT)),
-    ("cam-2", ("--runtime", TFLITE_RUNTIME)),
-    ("cam-3", ("--runtime", LITERT, "--memory-limit-mb", "48")),
+    ("cam-1", ("--runtime", LITERT), "LiteRT, no constraints"),
+    ("cam-2", ("--runtime", TFLITE_RUNTIME, "--latency-budget-ms", "0.04"), "tflite-runtime, 0.04 ms budget"),
+    ("cam-3", ("--runtime", LITERT, "--memory-limit-mb", "18"), "LiteRT, 18 MiB of memory"),
 )
+HIDDEN = (512, 512, 256)  # a 1.7 MB network: big enough that its variants differ in memory and transfer
 
 
 def step(text: str) -> None:
@@ -48,13 +50,15 @@ def main() -> int:
     models.mkdir(parents=True)
 
     step("Building the demo model: an MLP trained on scikit-learn's bundled digits (no downloads)")
-    v1, data = build_digits_model(seed=0)
-    v2, _ = build_digits_model(seed=1)
+    v1, data = build_digits_model(seed=0, hidden=HIDDEN)
+    v2, _ = build_digits_model(seed=1, hidden=HIDDEN)
     (models / "digits-v1.tflite").write_bytes(v1)
     (models / "digits-v2.tflite").write_bytes(v2)
     np.savez(models / "eval.npz", x=data.x_test, y=data.y_test)
     for name, blob in (("v1", v1), ("v2", v2)):
-        print(f"  {name}: {len(blob)} bytes, test accuracy {accuracy(blob, data.x_test, data.y_test) * 100:.2f} %")
+        print(
+            f"  {name}: {len(blob)} bytes, test accuracy {accuracy(blob, data.x_test, data.y_test) * 100:.2f} %"
+        )
 
     fleet = LocalFleet(ROOT / "fleet")
     try:
@@ -65,7 +69,7 @@ def main() -> int:
 
         step("Three devices enroll with a one-time token and pin the fleet's root.json")
         token = fleet.enrollment_token(group="demo", uses=len(DEVICES))
-        agents = [fleet.start_agent(name, token, *args) for name, args in DEVICES]
+        agents = [fleet.start_agent(name, token, *args) for name, args, _ in DEVICES]
         wait_for(lambda: all(d["connected"] for d in fleet.devices()), 30, "devices to connect")
         show(fleet, "devices")
 
@@ -74,7 +78,10 @@ def main() -> int:
              "--eval", str(models / "eval.npz"))  # fmt: skip
 
         step("Deploy v1 to the group: each device gets the best variant that fits it")
-        show(fleet, "deploy", "digits", "1", "--to", "group:demo")
+        print("$ edgefleet deploy digits 1 --to group:demo")
+        deployed = fleet.cli_json("deploy", "digits", "1", "--to", "group:demo")
+        for line in deployed["choices"] + [f"not assigned: {u}" for u in deployed["unassigned"]]:
+            print(f"  {line}")
         for agent in agents:
             wait_for(lambda a=agent: a.running().startswith("digits/1/"), 60, f"{agent.name} to run v1")
             fleet.wait_running(agent, agent.running())
@@ -95,7 +102,9 @@ def main() -> int:
             step("Roll back every device: from its local copy, at once")
             show(fleet, "rollback", "--to", "all", "--reason", "demo")
             for agent in agents:
-                wait_for(lambda a=agent: a.running().startswith("digits/1/"), 30, f"{agent.name} to roll back")
+                wait_for(
+                    lambda a=agent: a.running().startswith("digits/1/"), 30, f"{agent.name} to roll back"
+                )
                 fleet.wait_running(agent, agent.running())
             calls = load.report.calls
             wait_for(lambda: load.report.calls > calls + 100, 30, "traffic after the rollback")
@@ -110,9 +119,10 @@ def main() -> int:
         failures = report.failures
         print("\n== Summary")
         print(f"  devices: {len(agents)}, each running v1 again after the rollback")
-        for name, target in choices.items():
-            runtime = next(args[1] for n, args in DEVICES if n == name)
-            print(f"  {name} ({runtime}{', 48 MiB' if name == 'cam-3' else ''}) was given {target}")
+        for name, _, described in DEVICES:
+            print(f"  {name} ({described}) was given {choices[name]}")
+        distinct = len(set(choices.values()))
+        print(f"  {distinct} different variant(s) for {len(agents)} devices; v1 float32 is {len(v1)} bytes")
         print(
             f"  inferences: {report.calls} calls, {failures} failed "
             f"(during the v2 rollout: {swap_report.calls} calls, {swap_report.failures} failed)"

@@ -40,7 +40,7 @@ from server.storage import (
     RepoVersions,
     now_ms,
 )
-from server.variants import choose_target, fits
+from server.variants import choose, choose_target
 
 log = logging.getLogger("edgefleet.server")
 
@@ -118,6 +118,7 @@ class DeploymentStatus:
     pending: int = 0
     notified: int = 0
     unassigned: list[str] = field(default_factory=list)
+    choices: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -555,18 +556,17 @@ class Fleet:
         )
         targets: dict[str, str] = {}
         unassigned: list[str] = []
+        choices: list[str] = []
         for device in await self._targeted(selector):
-            target = choose_target(variants, device.capabilities, device.bad_targets, variant)
-            if target:
-                targets[device.id] = target
+            chosen, why = choose(variants, device.capabilities, device.bad_targets, variant)
+            if chosen is not None:
+                targets[device.id] = chosen.target_path
+                choices.append(f"{device.name} ({device.id}): {chosen.variant}: {why}")
             else:
-                reasons = "; ".join(
-                    f"{v.variant}: {fits(v, device.capabilities) or 'refused before'}" for v in variants
-                )
-                unassigned.append(f"{device.id}: no variant fits ({reasons})")
+                unassigned.append(f"{device.name} ({device.id}): {why}")
         await self._db(self.store.add_deployment, deployment, targets)
         status = DeploymentStatus(
-            deployment, targeted=len(targets), pending=len(targets), unassigned=unassigned
+            deployment, targeted=len(targets), pending=len(targets), unassigned=unassigned, choices=choices
         )
         for device_id in targets:
             before = self.is_connected(device_id)

@@ -15,14 +15,16 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from cryptography.exceptions import UnsupportedAlgorithm
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import DecodeError
 
-from edgefleet import errors, pki
+from edgefleet import errors, pki, selectors
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 from server.auth import Authenticator
 from server.fleet import AssignmentPush, DeploymentStatus, Disconnect, Fleet, Push, RollbackPush
 from server.limits import RateLimiter
-from server.storage import DeviceRecord, ModelRecord
+from server.storage import DeviceRecord, ModelRecord, now_ms
 
 log = logging.getLogger("edgefleet.server")
 
@@ -39,6 +41,12 @@ _STATUS = (
 
 DOWNLOAD_CHUNK_BYTES = 256 * 1024
 UPLOAD_CHUNK_LIMIT = 4 * 2**20
+# Error messages quote what the caller sent; unbounded, one can exceed the caller's metadata limit (8 KiB by
+# default) and turn a clear INVALID_ARGUMENT into a client-side RESOURCE_EXHAUSTED.
+MAX_DETAILS = 1000
+# Times devices send, in ms since 1970; 0 = not set (the server's clock is used). A clock a year off is skew
+# to report; a negative time or one more than ten years ahead is not a time.
+MAX_AHEAD_MS = 10 * 365 * 86_400_000
 
 
 @contextlib.asynccontextmanager
@@ -48,16 +56,49 @@ async def status_for_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[
         yield
     except grpc.aio.AbortError:
         raise
+    except DecodeError:
+        # A request stream's elements are parsed as the handler reads them, so a malformed one surfaces
+        # here: the caller's error, not the server's.
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request message")
     except errors.EdgefleetError as e:
+        details = str(e) if len(str(e)) <= MAX_DETAILS else str(e)[:MAX_DETAILS] + "..."
         for kind, code in _STATUS:
             if isinstance(e, kind):
-                await context.abort(code, str(e))
-        await context.abort(grpc.StatusCode.INTERNAL, str(e))
+                await context.abort(code, details)
+        await context.abort(grpc.StatusCode.INTERNAL, details)
     except (asyncio.CancelledError, GeneratorExit):
         raise
     except Exception:
         log.exception("unexpected error")
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
+
+
+# ---- checks ----------------------------------------------------------------------------------------------
+
+
+def check_name(what: str, value: str, *, optional: bool = False) -> str:
+    """`selectors.check_name`, which lets a trailing newline through (`$` matches before one)."""
+    if optional and not value:
+        return value
+    if value.endswith("\n"):
+        raise errors.InvalidRequestError(f"bad {what} {value[:200]!r}")
+    return selectors.check_name(what, value)
+
+
+def check_target_path(path: str) -> str:
+    """A repository file: "/"-separated plain names ("digits/2/float32.tflite"), never empty, absolute or
+    with "." / ".." segments."""
+    if not 0 < len(path) <= 512:
+        raise errors.InvalidRequestError("target path must be 1..512 characters")
+    for part in path.split("/"):
+        check_name("target path segment", part)
+    return path
+
+
+def check_time(what: str, at_ms: int) -> int:
+    if not 0 <= at_ms <= now_ms() + MAX_AHEAD_MS:
+        raise errors.InvalidRequestError(f"{what} {at_ms} is not a time in ms since 1970")
+    return at_ms
 
 
 # ---- conversions -----------------------------------------------------------------------------------------
@@ -103,10 +144,17 @@ def capabilities_to_dict(caps: common_pb2.Capabilities) -> dict[str, Any]:
         data[key] = int(data.get(key, 0))
         if data[key] < 0:
             raise errors.InvalidRequestError(f"capabilities.{key} is negative")
+    if caps.cpu_count < 0:
+        raise errors.InvalidRequestError("capabilities.cpu_count is negative")
     if not math.isfinite(caps.latency_budget_ms) or caps.latency_budget_ms < 0:
         raise errors.InvalidRequestError("capabilities.latency_budget_ms must be a finite number >= 0")
-    if len(caps.accelerators) > 32:
-        raise errors.InvalidRequestError("too many accelerators")
+    # Stored with the device and returned by ListDevices: one device must not be able to make that answer
+    # larger than a client accepts (4 MiB by default).
+    for key in ("runtime", "runtime_version", "cpu_arch", "hardware_class"):
+        if len(getattr(caps, key)) > 128:
+            raise errors.InvalidRequestError(f"capabilities.{key} is longer than 128 characters")
+    if len(caps.accelerators) > 32 or any(len(a) > 128 for a in caps.accelerators):
+        raise errors.InvalidRequestError("too many accelerators, or too long names")
     return data
 
 
@@ -122,6 +170,8 @@ def telemetry_to_dict(report: device_pb2.TelemetryReport) -> dict[str, Any]:
     if health.HasField("temperature_celsius"):
         figures.append(health.temperature_celsius)
     for stats in report.inference:
+        if len(stats.target_path) > 512:
+            raise errors.InvalidRequestError("telemetry target path is too long")
         figures += [stats.latency_sum_ms, stats.latency_max_ms, *stats.latency_bounds_ms]
         if stats.count < 0 or stats.errors < 0 or any(c < 0 for c in stats.latency_counts):
             raise errors.InvalidRequestError("telemetry counts must not be negative")
@@ -129,6 +179,10 @@ def telemetry_to_dict(report: device_pb2.TelemetryReport) -> dict[str, Any]:
             raise errors.InvalidRequestError("telemetry histogram has too many buckets")
     if not all(math.isfinite(f) for f in figures):
         raise errors.InvalidRequestError("telemetry figures must be finite numbers")
+    counts = (health.memory_used_bytes, health.memory_total_bytes, health.disk_free_bytes)
+    if report.dropped_reports < 0 or any(c < 0 for c in counts):
+        raise errors.InvalidRequestError("telemetry counts must not be negative")
+    check_time("telemetry at_unix_ms", report.at_unix_ms)
     if len(report.inference) > 64:
         raise errors.InvalidRequestError("telemetry has too many model versions")
     data = MessageToDict(report, preserving_proto_field_name=True)
@@ -182,6 +236,7 @@ def deployment_info(status: DeploymentStatus) -> operator_pb2.DeploymentInfo:
         devices_notified=status.notified,
         variant=d.variant,
         unassigned=status.unassigned,
+        choices=status.choices,
         kind=d.kind,
     )
 
@@ -209,12 +264,18 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         async with status_for_errors(context):
             if not request.enrollment_token or len(request.enrollment_token) > 256:
                 raise errors.InvalidRequestError("enrollment_token is required")
-            device, secret, certificate = await self.fleet.enroll(
-                request.enrollment_token,
-                request.device_name,
-                capabilities_to_dict(request.capabilities),
-                request.csr_pem,
-            )
+            check_name("device name", request.device_name)
+            try:
+                device, secret, certificate = await self.fleet.enroll(
+                    request.enrollment_token,
+                    request.device_name,
+                    capabilities_to_dict(request.capabilities),
+                    request.csr_pem,
+                )
+            except UnsupportedAlgorithm as e:
+                # pki.load_csr_checked lets this through (a CSR naming a curve the backend lacks); it runs
+                # before the token is spent, so the caller's error can be reported as such.
+                raise errors.InvalidRequestError(f"unsupported certificate signing request: {e}") from e
             if certificate:
                 assert self.fleet.ca is not None
                 return device_pb2.EnrollResponse(
@@ -255,6 +316,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             kind = message.WhichOneof("kind")
             if kind == "status":
                 s = message.status
+                if s.sequence >= 2**63:  # stored as a signed 64-bit integer
+                    raise errors.InvalidRequestError("status sequence is out of range")
                 await self.fleet.handle_status(
                     device_id,
                     {
@@ -264,7 +327,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                         if s.HasField("capabilities")
                         else None,
                         "bad_targets": [t[:512] for t in s.bad_targets[:256]],
-                        "sent_at_ms": s.sent_at_unix_ms,
+                        "sent_at_ms": check_time("status sent_at_unix_ms", s.sent_at_unix_ms),
                         "sequence": s.sequence,
                     },
                 )
@@ -278,7 +341,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                         if e.stage in common_pb2.UpdateStage.values()
                         else "",
                         "reason": e.reason,
-                        "at_ms": e.at_unix_ms,
+                        "at_ms": check_time("event at_unix_ms", e.at_unix_ms),
                         "command_id": e.command_id,
                     },
                 )
@@ -312,11 +375,12 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
     async def GetMetadata(self, request: device_pb2.GetMetadataRequest, context: Any) -> Any:
         async with status_for_errors(context):
+            check_name("metadata name", request.name)
             return device_pb2.GetMetadataResponse(content=await self.fleet.get_metadata(request.name))
 
     async def DownloadModel(self, request: device_pb2.DownloadModelRequest, context: Any) -> Any:
         async with status_for_errors(context):
-            record = await self.fleet.model_for_download(request.target_path)
+            record = await self.fleet.model_for_download(check_target_path(request.target_path))
             wire_length = int(record.details.get("wire_bytes") or record.length)
             if not 0 <= request.offset <= wire_length:
                 raise errors.InvalidRequestError(f"offset {request.offset} is outside 0..{wire_length}")
@@ -337,6 +401,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
 
     async def CreateEnrollmentToken(self, request: Any, context: Any) -> Any:
         async with status_for_errors(context):
+            check_name("group", request.group, optional=True)
             token, expires = await self.fleet.create_enrollment_token(
                 request.group or "default", request.uses or 1, request.ttl_seconds or 7 * 86400
             )
@@ -399,7 +464,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
 
     async def ListModels(self, request: Any, context: Any) -> Any:
         async with status_for_errors(context):
-            models = await self.fleet.list_models(request.name)
+            models = await self.fleet.list_models(check_name("model name", request.name, optional=True))
             return operator_pb2.ListModelsResponse(
                 models=[
                     operator_pb2.ModelVersionInfo(
@@ -419,6 +484,10 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
 
     async def CreateDeployment(self, request: Any, context: Any) -> Any:
         async with status_for_errors(context):
+            # An empty model name would match every model's versions (list_models("") lists all).
+            check_name("model name", request.model_name)
+            check_name("version", request.version)
+            check_name("variant", request.variant, optional=True)
             status = await self.fleet.deploy(
                 request.model_name, request.version, request.selector, request.variant
             )
@@ -452,12 +521,15 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
 
     async def RevokeDevice(self, request: Any, context: Any) -> Any:
         async with status_for_errors(context):
-            await self.fleet.revoke(request.device_id)
+            await self.fleet.revoke(check_name("device id", request.device_id))
             self.on_revoke()
             return operator_pb2.RevokeDeviceResponse()
 
     async def GetTelemetry(self, request: Any, context: Any) -> Any:
         async with status_for_errors(context):
+            check_name("device id", request.device_id)
+            if request.limit < 0:
+                raise errors.InvalidRequestError("limit must not be negative")
             records = await self.fleet.telemetry(request.device_id, request.limit or 20)
             response = operator_pb2.GetTelemetryResponse()
             for at_ms, report in records:
@@ -472,6 +544,9 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
 
     async def ListEvents(self, request: Any, context: Any) -> Any:
         async with status_for_errors(context):
+            check_name("device id", request.device_id, optional=True)
+            if request.limit < 0:
+                raise errors.InvalidRequestError("limit must not be negative")
             events = await self.fleet.events(request.device_id, request.limit or 100)
             return operator_pb2.ListEventsResponse(
                 events=[

@@ -1,17 +1,18 @@
 """Which variant of a model version a device gets: the resource rule.
 
 Each variant carries measured figures (`ModelRecord.details`, produced by `server.compression` and signed
-with the variant): which runtimes compute it correctly, its accuracy, peak interpreter memory, latency and
-bytes on the wire. For one device the rule is:
+with the variant): which runtimes compute it correctly, its accuracy loss against the float model, its peak
+interpreter memory and latency on each runtime, and its bytes on the wire. For one device the rule is:
 
 1. drop variants the operator's tolerance excluded, that the device already refused (bad), and that its
    runtime is not measured to compute correctly;
-2. drop variants whose peak memory exceeds the device's memory budget (half its available memory) or whose
-   latency exceeds the device's latency budget, when it declares one;
-3. of the rest, take the most accurate; on a tie (within 0.1 point), the fewest bytes on the wire.
+2. drop variants whose peak memory on the device's runtime exceeds its memory budget (half its available
+   memory), or whose latency on its runtime exceeds its latency budget when it declares one;
+3. of the rest, take the most accurate (the smallest accuracy loss; within 0.1 point counts as a tie), and
+   among those the fewest bytes on the wire.
 
-A deployment can pin one variant; it is still refused for a device whose runtime computes it wrongly.
-With no variant that fits, the device gets nothing and the deployment reports why.
+A deployment can pin one variant; it is still refused for a device whose runtime computes it wrongly or
+that it does not fit. With no variant that fits, the device gets nothing and the deployment says why.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from server.storage import ModelRecord
 
 MEMORY_BUDGET_FRACTION = 0.5
 ACCURACY_TIE_POINTS = 0.1
+MIB = 2**20
+
+
+def _by_runtime(details: dict[str, Any], key: str, runtime: str) -> float:
+    per_runtime = details.get(f"{key}_by_runtime") if key == "peak_memory_bytes" else details.get(key)
+    if isinstance(per_runtime, dict) and runtime in per_runtime:
+        return float(per_runtime[runtime] or 0)
+    return float(details.get(key, 0) or 0) if key == "peak_memory_bytes" else 0.0
 
 
 def fits(record: ModelRecord, capabilities: dict[str, Any]) -> str:
@@ -33,30 +42,68 @@ def fits(record: ModelRecord, capabilities: dict[str, Any]) -> str:
     correct_on = details.get("runtimes_ok")
     if correct_on is not None and runtime not in correct_on:
         return f"not computed correctly by {runtime or 'an unknown runtime'}"
-    peak = int(details.get("peak_memory_bytes", 0))
+    peak = _by_runtime(details, "peak_memory_bytes", runtime)
     available = int(capabilities.get("memory_available_bytes", 0))
-    if peak and available and peak > available * MEMORY_BUDGET_FRACTION:
-        return f"needs {peak} bytes of memory, the device has {available} available"
-    budget = float(capabilities.get("latency_budget_ms", 0) or 0)
-    latency = float(details.get("latency_ms", {}).get(runtime, 0) or 0)
-    if budget and latency > budget:
-        return f"takes {latency:.2f} ms, over the device's {budget} ms budget"
+    budget = available * MEMORY_BUDGET_FRACTION
+    if peak and available and peak > budget:
+        return f"needs {peak / MIB:.1f} MiB, over the device's {budget / MIB:.1f} MiB budget"
+    latency_budget = float(capabilities.get("latency_budget_ms", 0) or 0)
+    latency = _by_runtime(details, "latency_ms", runtime)
+    if latency_budget and latency > latency_budget:
+        return f"takes {latency:.3f} ms on {runtime}, over the device's {latency_budget} ms budget"
     return ""
+
+
+def _loss(record: ModelRecord) -> float:
+    """Accuracy points lost against the float model (or the relative error without labels)."""
+    loss = record.details.get("accuracy_delta_points")
+    return float(loss) if loss is not None else 0.0
+
+
+def _wire(record: ModelRecord) -> int:
+    return int(record.details.get("wire_bytes", record.length))
+
+
+def choose(
+    variants: list[ModelRecord], capabilities: dict[str, Any], bad_targets: list[str], pinned: str = ""
+) -> tuple[ModelRecord | None, str]:
+    """The variant this device should run (or None), and a sentence saying why."""
+    refused = {v.variant: fits(v, capabilities) for v in variants}
+    for v in variants:
+        if v.target_path in bad_targets:
+            refused[v.variant] = "this device refused it before"
+    if pinned:
+        refused = {
+            name: why or ("" if name == pinned else "not the pinned variant") for name, why in refused.items()
+        }
+    candidates = [v for v in variants if not refused[v.variant]]
+    if not candidates:
+        reasons = "; ".join(f"{name}: {why}" for name, why in refused.items() if why)
+        return None, f"no variant fits ({reasons})"
+    best = min(_loss(v) for v in candidates)
+    close = [v for v in candidates if _loss(v) - best <= ACCURACY_TIE_POINTS]
+    chosen = min(close, key=lambda v: (_wire(v), v.target_path))
+    why = (
+        "pinned by the deployment"
+        if pinned
+        else (
+            f"the most accurate that fits ({-_loss(chosen):+.2f} points vs float32), then the smallest transfer "
+            f"({_wire(chosen)} bytes)"
+        )
+    )
+    skipped = [
+        f"{name} ({reason})"
+        for name, reason in refused.items()
+        if reason and not reason.startswith("not the pinned")
+    ]
+    if skipped:
+        why += "; not: " + ", ".join(skipped)
+    return chosen, why
 
 
 def choose_target(
     variants: list[ModelRecord], capabilities: dict[str, Any], bad_targets: list[str], pinned: str = ""
 ) -> str:
     """The target path this device should run, or "" when no variant fits."""
-    candidates = [v for v in variants if v.target_path not in bad_targets and not fits(v, capabilities)]
-    if pinned:
-        candidates = [v for v in candidates if v.variant == pinned]
-    if not candidates:
-        return ""
-
-    def accuracy(v: ModelRecord) -> float:
-        return float(v.details.get("accuracy", 0.0) or 0.0)
-
-    best = max(accuracy(v) for v in candidates)
-    close = [v for v in candidates if best - accuracy(v) <= ACCURACY_TIE_POINTS / 100]
-    return min(close, key=lambda v: (int(v.details.get("wire_bytes", v.length)), v.target_path)).target_path
+    chosen, _ = choose(variants, capabilities, bad_targets, pinned)
+    return chosen.target_path if chosen else ""

@@ -482,6 +482,7 @@ class DeploymentInfo(_message.Message):
     VARIANT_FIELD_NUMBER: _builtins.int
     UNASSIGNED_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    CHOICES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model_name: _builtins.str
     version: _builtins.str
@@ -500,6 +501,10 @@ class DeploymentInfo(_message.Message):
     def unassigned(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"<device>: why no variant fits" """
 
+    @_builtins.property
+    def choices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"<device>: <variant>: why" (in the reply to CreateDeployment)"""
+
     def __init__(
         self,
         *,
@@ -516,10 +521,11 @@ class DeploymentInfo(_message.Message):
         variant: _builtins.str = ...,
         unassigned: _abc.Iterable[_builtins.str] | None = ...,
         kind: _builtins.str = ...,
+        choices: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix_ms", b"created_at_unix_ms", "devices_failed", b"devices_failed", "devices_healthy", b"devices_healthy", "devices_notified", b"devices_notified", "devices_pending", b"devices_pending", "devices_targeted", b"devices_targeted", "id", b"id", "kind", b"kind", "model_name", b"model_name", "selector", b"selector", "unassigned", b"unassigned", "variant", b"variant", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created_at_unix_ms", b"created_at_unix_ms", "devices_failed", b"devices_failed", "devices_healthy", b"devices_healthy", "devices_notified", b"devices_notified", "devices_pending", b"devices_pending", "devices_targeted", b"devices_targeted", "id", b"id", "kind", b"kind", "model_name", b"model_name", "selector", b"selector", "unassigned", b"unassigned", "variant", b"variant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
