@@ -69,6 +69,7 @@ from edgefleet.runtime import available_runtimes, make_interpreter
 CALL_TIMEOUT_S = 10.0
 WARMUP_S = 0.3  # calls in the first WARMUP_S after the callers start are not counted in the baseline
 GAP_S = 0.4  # steady serving between two swaps (holds the control window)
+PRESPAWN_S = 0.6  # "prespawn" mode: time for the early-started worker to import its runtime (a download)
 
 
 @dataclass
@@ -282,17 +283,17 @@ def run_case(
     serving = Serving(call_timeout=CALL_TIMEOUT_S)
     naive = NaiveServing()
 
-    def start_worker(model: Model) -> ModelWorker:
-        worker = ModelWorker(model.path, runtime)
+    def start_worker(model: Model, spawned: ModelWorker | None = None) -> ModelWorker:
+        worker = spawned or ModelWorker(model.path, runtime)
         workers.append(worker)
-        worker.start(timeout=30)
+        worker.load(model.path, timeout=30)
         # The agent's golden check: one call on the candidate before it serves.
         (out,) = worker.call([x], timeout=CALL_TIMEOUT_S)
         if not np.allclose(out, expected[model.name], rtol=1e-5, atol=1e-7):
             raise RuntimeError(f"{model.name}: wrong warm-up output")
         return worker
 
-    if mode == "worker":
+    if mode in ("worker", "prespawn"):
 
         def infer() -> tuple[str, np.ndarray]:
             result = serving.infer([x])
@@ -304,7 +305,7 @@ def run_case(
             return naive.infer(x)
 
     try:
-        if mode == "worker":
+        if mode in ("worker", "prespawn"):
             serving.swap(start_worker(models[0]), {"target_path": models[0].name, "version": "a"})
         else:
             naive.slot = NaiveServing.load(runtime, models[0], x)
@@ -320,9 +321,17 @@ def run_case(
 
         for i in range(args.swaps):
             model = models[(i + 1) % 2]
+            spawned = None
+            if mode == "prespawn":
+                # As the agent does: the candidate's process starts when the update starts and imports the
+                # runtime during the download (here: a pause). Its CPU cost lands outside the swap window,
+                # in the time the control windows sample.
+                spawned = ModelWorker(model.path, runtime).spawn()
+                workers.append(spawned)
+                time.sleep(PRESPAWN_S)
             window = Window(time.perf_counter())
-            if mode == "worker":
-                seconds, new = _run_in_thread(lambda model=model: start_worker(model))
+            if mode in ("worker", "prespawn"):
+                seconds, new = _run_in_thread(lambda model=model, spawned=spawned: start_worker(model, spawned))
                 window.swapped = time.perf_counter()
                 old = serving.swap(new, {"target_path": model.name, "version": model.name[-1]})
                 assert old is not None
@@ -463,7 +472,7 @@ def main() -> int:
     parser.add_argument("--swaps", type=int, default=8)
     parser.add_argument("--baseline", type=float, default=2.0, help="seconds of baseline")
     parser.add_argument("--sizes", default="1,30", help="model sizes in MiB, comma separated")
-    parser.add_argument("--modes", default="worker,naive")
+    parser.add_argument("--modes", default="worker,prespawn,naive")
     args = parser.parse_args()
 
     runtimes = available_runtimes()

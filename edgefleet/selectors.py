@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from edgefleet.errors import InvalidRequestError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: "$" would let a final "\n" in
 
 
 @dataclass(frozen=True)
@@ -32,14 +32,14 @@ def parse_selector(text: str) -> Selector:
     if text == "all":
         return Selector("all")
     kind, _, value = text.partition(":")
-    if kind in ("group", "device") and _NAME.match(value):
+    if kind in ("group", "device") and _NAME.fullmatch(value):
         return Selector(kind, value)
     raise InvalidRequestError(f"bad selector {text!r}: use 'all', 'group:NAME' or 'device:ID'")
 
 
 def check_name(what: str, value: str) -> str:
     """Names of models, versions, groups and devices: safe in paths, URLs and logs."""
-    if not _NAME.match(value or ""):
+    if not _NAME.fullmatch(value or ""):
         raise InvalidRequestError(
             f"bad {what} {value!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )

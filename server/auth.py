@@ -163,11 +163,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         role = self.policy.get(details.method)
-        if role == PUBLIC:
-            return handler
         authenticator = self.authenticator
 
         async def gate(context: grpc.aio.ServicerContext) -> None:
+            if role == PUBLIC:
+                return
             if role is None:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this method is not open to anyone")
             principal = await authenticator.resolve(context)
@@ -186,19 +186,37 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 def _guarded(
     handler: grpc.RpcMethodHandler, gate: Callable[[grpc.aio.ServicerContext], Awaitable[None]]
 ) -> grpc.RpcMethodHandler:
-    """The same handler with `gate(context)` run before its behaviour."""
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    """The same handler with `gate(context)` run before its behaviour. A unary request is decoded after the
+    gate, by us: grpc would answer bytes that are not a protobuf with UNKNOWN, we answer INVALID_ARGUMENT."""
+    decode = handler.request_deserializer
+    serializer = handler.response_serializer
+
+    async def request_of(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return decode(raw) if decode else raw
+        except Exception:  # DecodeError and friends: the caller's bytes are not this message
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid protobuf message"
+            )
+
     if handler.unary_unary:
         unary_unary = handler.unary_unary
 
-        async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def uu(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             await gate(context)
-            return await unary_unary(request, context)
+            return await unary_unary(await request_of(raw, context), context)
 
-        return grpc.unary_unary_rpc_method_handler(uu, **kwargs)
+        return grpc.unary_unary_rpc_method_handler(uu, response_serializer=serializer)
+    if handler.unary_stream:
+        unary_stream = handler.unary_stream
+
+        async def us(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            await gate(context)
+            async for response in unary_stream(await request_of(raw, context), context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(us, response_serializer=serializer)
+    kwargs = {"request_deserializer": decode, "response_serializer": serializer}
     if handler.stream_unary:
         stream_unary = handler.stream_unary
 
@@ -207,13 +225,11 @@ def _guarded(
             return await stream_unary(requests, context)
 
         return grpc.stream_unary_rpc_method_handler(su, **kwargs)
-    streaming = handler.unary_stream or handler.stream_stream
+    stream_stream = handler.stream_stream
 
-    async def streamed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ss(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         await gate(context)
-        async for response in streaming(request, context):
+        async for response in stream_stream(requests, context):
             yield response
 
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streamed, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(streamed, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(ss, **kwargs)

@@ -45,7 +45,7 @@ from server.variants import choose, choose_target
 log = logging.getLogger("edgefleet.server")
 
 ORIGINAL_VARIANT = "float32"
-_METADATA_NAME = re.compile(r"^(root|timestamp|[1-9][0-9]{0,8}\.(root|snapshot|targets))$")
+_METADATA_NAME = re.compile(r"root|timestamp|[1-9][0-9]{0,8}\.(root|snapshot|targets)")  # fullmatch
 CLOCK_SKEW_WARNING_MS = 5 * 60 * 1000
 STAGES = ("downloading", "downloaded", "verified", "activated", "healthy", "failed", "rolled_back")
 
@@ -201,7 +201,7 @@ class Fleet:
         return await self._db(self.store.get_metadata, f"{version}.{role}")
 
     async def get_metadata(self, name: str) -> bytes:
-        if not _METADATA_NAME.match(name):
+        if not _METADATA_NAME.fullmatch(name):
             raise InvalidRequestError(f"bad metadata name {name!r}")
         if name == "root":
             versions: RepoVersions = await self._db(self.store.repo_versions)

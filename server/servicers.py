@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
@@ -272,9 +273,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     capabilities_to_dict(request.capabilities),
                     request.csr_pem,
                 )
-            except UnsupportedAlgorithm as e:
-                # pki.load_csr_checked lets this through (a CSR naming a curve the backend lacks); it runs
-                # before the token is spent, so the caller's error can be reported as such.
+            except (UnsupportedAlgorithm, x509.InvalidVersion) as e:
+                # pki.load_csr_checked lets these through (a CSR naming an unknown curve or key type, or
+                # an unknown version); it runs before the token is spent: the caller's error, say so.
                 raise errors.InvalidRequestError(f"unsupported certificate signing request: {e}") from e
             if certificate:
                 assert self.fleet.ca is not None
@@ -291,10 +292,12 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         device_id = principal.id
         queue = self.fleet.attach(device_id)
         reader = asyncio.create_task(self._read(device_id, request_iterator))
+        getter: asyncio.Task[Push] = asyncio.create_task(queue.get())
         log.info("device %s connected", device_id)
         try:
             while True:
-                getter = asyncio.create_task(queue.get())
+                if getter.done():
+                    getter = asyncio.create_task(queue.get())
                 done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     push = getter.result()
@@ -307,6 +310,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     reader.result()  # re-raises what ended the device's side
                 return
         finally:
+            getter.cancel()
             reader.cancel()
             self.fleet.detach(device_id, queue)
             log.info("device %s disconnected", device_id)
