@@ -725,6 +725,9 @@ class Agent:
         """An operator's order: back to the previous model from its local copy (no download) and report it.
         Obeyed only when signed metadata allows the previous version (see `_check_not_downgrade`)."""
         async with self._update_lock:
+            if command_id and command_id in self.state.rollbacks_done:
+                self._queue_status()  # already obeyed: say so again, do not go back twice
+                return
             await self._switch_to_previous(command_id, reason, ordered=True)
 
     async def _switch_to_previous(self, command_id: str, reason: str, *, ordered: bool) -> None:
@@ -754,6 +757,8 @@ class Agent:
         old = self.serving.swap(worker, target.ref())
         await self.faults.at_async("rolling_back")
         self.state.current, self.state.previous, self.state.pending = target.ref(), current, None
+        if command_id:
+            self.state.rollbacks_done = [*self.state.rollbacks_done[-31:], command_id]
         self.store.save(self.state)
         self._wanted = target.path
         self._queue_event(target.path, Stage.UPDATE_STAGE_ROLLED_BACK, reason, command_id)

@@ -27,6 +27,9 @@ class AgentState:
     pending: dict[str, Any] | None = None  # an update between activation and "healthy"
     status_sequence: int = 0  # of the last status report sent; the server ignores older ones
     floors: dict[str, int] = field(default_factory=dict)  # model name -> highest sequence installed
+    rollbacks_done: list[str] = field(
+        default_factory=list
+    )  # command ids carried out (an order can arrive twice)
 
 
 class StateStore:

@@ -109,11 +109,12 @@ def test_agent_killed_while_rolling_back_ends_on_one_model_and_obeys_the_order(
     assert _serves(agent) == V1
 
 
-def _worker_pids(agent: AgentProcess, sha: str) -> list[int]:
+def _worker_pids(agent: AgentProcess) -> list[int]:
+    """The agent's model worker processes (after a swap has settled: the active model's)."""
     pids = []
     for child in psutil.Process(agent.process.pid).children(recursive=True):
         try:
-            if child.status() != psutil.STATUS_ZOMBIE and any(sha in part for part in child.cmdline()):
+            if child.status() != psutil.STATUS_ZOMBIE and "device_agent.worker" in child.cmdline():
                 pids.append(child.pid)
         except psutil.Error:
             continue  # exited meanwhile
@@ -128,9 +129,11 @@ def test_new_model_failing_after_the_swap_goes_back_and_is_marked_bad_without_lo
     with InferenceLoad([agent.socket], [digits[2].x_test[:1]]):
         fleet.cli("deploy", "digits", "2", "--to", "all")
         _wait_event(fleet, agent, V2, "activated")
-        sha = agent.state()["current"]["sha256"]
-        # Its worker dies under load (as a model that crashes the interpreter would): every call fails.
-        for pid in wait_for(lambda: _worker_pids(agent, sha), 20, "a worker for v2"):
+        # v1's worker is retired at the swap; what is left is v2's. It dies under load (as a model that
+        # crashes the interpreter would): every call fails.
+        for pid in wait_for(
+            lambda: len(_worker_pids(agent)) == 1 and _worker_pids(agent), 20, "v2's worker alone"
+        ):
             psutil.Process(pid).kill()
         _wait_event(fleet, agent, V1, "rolled_back", "automatic rollback")
     assert agent.running() == V1 and V2 in agent.state()["bad_targets"]
