@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     p.add_argument("--check-interval", type=float, default=60.0, help="seconds between fallback checks")
     p.add_argument("--probation", type=float, default=5.0, help="seconds a new model must run cleanly")
     p.add_argument("--stall-timeout", type=float, default=30.0, help="seconds without download progress")
+    p.add_argument("--candidate-timeout", type=float, default=60.0, help="seconds to load and test a new model")
     p.add_argument("--hardware-class", default="")
     p.add_argument("--accelerator", action="append", default=[], help="declared accelerator/delegate name")
     p.add_argument("--latency-budget-ms", type=float, default=0.0)
@@ -74,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         check_interval_s=a.check_interval,
         probation_s=a.probation,
         stall_timeout_s=a.stall_timeout,
+        candidate_timeout_s=a.candidate_timeout,
         hardware_class=a.hardware_class,
         accelerators=tuple(a.accelerator),
         latency_budget_ms=a.latency_budget_ms,

@@ -117,3 +117,84 @@ def test_candidate_with_wrong_golden_output_is_refused_and_old_model_keeps_servi
     fleet.cli("deploy", "digits", "2", "--to", "all")
     _failed_with(fleet, agent, V2, "differs from golden")
     _still_serves_v1(agent)
+
+
+def test_candidate_whose_tensors_differ_from_the_signed_signature_is_refused(
+    fleet: LocalFleet, digits_files: dict
+) -> None:
+    agent = _running_v1(fleet, digits_files)
+
+    def other_signature(_path: str, custom: dict) -> None:
+        custom["signature"]["inputs"][0]["shape"] = [1, 65]
+
+    cli.push_model(
+        _operator(fleet), digits_files["v2"].read_bytes(), "digits", "2",
+        signing.load_signer(fleet.keys / "targets.key"), edit_custom=other_signature,
+    )  # fmt: skip
+    fleet.cli("deploy", "digits", "2", "--to", "all")
+    _failed_with(fleet, agent, V2, "tensor signature mismatch")
+    _still_serves_v1(agent)
+
+
+def _plant_signed_model(fleet: LocalFleet, name: str, data: bytes) -> str:
+    """What a compromised upload path could do: put a model the server's sandbox would refuse into its
+    storage, and have the operator's key sign it. Devices must still protect themselves."""
+    from edgefleet.hostile import INPUT_NAME, OUTPUT_NAME, SHAPE
+    from server.storage import FilesystemBlobStore, ModelRecord, now_ms, open_store
+
+    path = f"{name}/1/float32.tflite"
+    sha = FilesystemBlobStore(fleet.data_dir / "blobs").put_bytes(data)
+    spec = {"inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": list(SHAPE)}],
+            "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": list(SHAPE)}]}  # fmt: skip
+    details = {"wire_bytes": len(data), "wire_sha256": sha, "wire_encoding": "identity", "signature": spec}
+    store = open_store(f"sqlite:///{fleet.data_dir / 'fleet.db'}")
+    store.add_model(ModelRecord(path, name, "1", "float32", sha, len(data), spec, now_ms(), details=details))
+    store.close()
+    zeros = np.zeros(SHAPE, np.float32)
+    details["golden"] = Golden((zeros,), (zeros,)).to_json()
+
+    def sign(current: bytes | None) -> bytes:
+        target = signing.TargetFile(length=len(data), hashes={"sha256": sha}, path=path)
+        target.unrecognized_fields["custom"] = signing.model_custom(name, "1", "float32", details, sequence=1)
+        return signing.sign_targets(current, [target], signing.load_signer(fleet.keys / "targets.key"))
+
+    cli._publish(_operator(fleet), sign)
+    return path
+
+
+@pytest.mark.parametrize("attack", ["hang", "crash", "memory"])
+def test_signed_model_that_hangs_crashes_or_exhausts_the_interpreter_is_contained(
+    fleet: LocalFleet, digits_files: dict, attack: str
+) -> None:
+    from edgefleet import hostile
+
+    agent = fleet.start_agent("cam", fleet.enrollment_token(), "--candidate-timeout", "5")
+    fleet.cli("model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "1")
+    fleet.cli("deploy", "digits", "1", "--to", "all")
+    fleet.wait_running(agent, V1)
+
+    model = {
+        "hang": hostile.build_hanging_model,
+        "crash": hostile.build_crashing_model,
+        "memory": lambda: hostile.build_memory_hog_model(8 * 2**30),
+    }[attack]()
+    path = _plant_signed_model(fleet, "hostile", model)
+    fleet.cli("deploy", "hostile", "1", "--to", "all")
+    expected = {"hang": "did not finish", "crash": "worker died", "memory": "does not load"}[attack]
+    _failed_with(fleet, agent, path, expected)
+    assert agent.process.poll() is None  # the agent survived
+    assert path in agent.state()["bad_targets"]
+    _still_serves_v1(agent)
+
+
+def test_upload_that_crashes_the_interpreter_is_refused_and_the_server_survives(
+    fleet: LocalFleet, tmp_path: Path
+) -> None:
+    from edgefleet import hostile
+
+    crasher = tmp_path / "crash.tflite"
+    crasher.write_bytes(hostile.build_crashing_model())
+    with pytest.raises(cli.CliError, match="crashed"):
+        fleet.cli("model", "push", str(crasher), "--name", "evil", "--version", "1")
+    assert fleet.server is not None and fleet.server.poll() is None
+    assert fleet.cli_json("model", "list") == []
