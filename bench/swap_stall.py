@@ -331,7 +331,9 @@ def run_case(
                 time.sleep(PRESPAWN_S)
             window = Window(time.perf_counter())
             if mode in ("worker", "prespawn"):
-                seconds, new = _run_in_thread(lambda model=model, spawned=spawned: start_worker(model, spawned))
+                seconds, new = _run_in_thread(
+                    lambda model=model, spawned=spawned: start_worker(model, spawned)
+                )
                 window.swapped = time.perf_counter()
                 old = serving.swap(new, {"target_path": model.name, "version": model.name[-1]})
                 assert old is not None

@@ -45,12 +45,17 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     p.add_argument("--check-interval", type=float, default=60.0, help="seconds between fallback checks")
     p.add_argument("--probation", type=float, default=5.0, help="seconds a new model must run cleanly")
     p.add_argument("--stall-timeout", type=float, default=30.0, help="seconds without download progress")
-    p.add_argument("--candidate-timeout", type=float, default=60.0, help="seconds to load and test a new model")
+    p.add_argument(
+        "--candidate-timeout", type=float, default=60.0, help="seconds to load and test a new model"
+    )
     p.add_argument("--hardware-class", default="")
     p.add_argument("--accelerator", action="append", default=[], help="declared accelerator/delegate name")
     p.add_argument("--latency-budget-ms", type=float, default=0.0)
     p.add_argument(
-        "--memory-limit-mb", type=int, default=0, help="report this much memory instead of the OS's"
+        "--memory-limit-mb",
+        type=int,
+        default=0,
+        help="memory models may use (reported instead of the OS's figure)",
     )
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)

@@ -43,6 +43,7 @@ largest figure over the runtimes that compute V correctly (over all that ran it 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import logging
@@ -314,6 +315,7 @@ class Measured:
     outputs: np.ndarray | None = None
     latency_ms: float = 0.0
     peak_memory_bytes: int = 0
+    model_memory_bytes: int = 0  # peak_memory_bytes less the runtime's fixed cost (see `measure`)
 
 
 def measure(
@@ -329,12 +331,13 @@ def measure(
         np.save(work / "x.npy", x)
         for name, model in models.items():
             (work / f"{name}.tflite").write_bytes(model)
+        (work / f"{BASELINE}.tflite").write_bytes(_baseline_model())
         # One BLAS thread: the child forks, and a fork copies only the calling thread.
         env = os.environ | {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
         children = {}
         for runtime in runtimes:
             (work / runtime).mkdir()
-            command = [sys.executable, "-c", _CHILD_COMMAND, runtime, tmp, *models]
+            command = [sys.executable, "-c", _CHILD_COMMAND, runtime, tmp, BASELINE, *models]
             children[runtime] = subprocess.Popen(
                 command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
@@ -346,9 +349,22 @@ def measure(
                 child.kill()
                 child.wait()
                 problems[runtime] = f"timed out after {MEASURE_TIMEOUT_S} s"
-        return {
+        results = {
             name: {runtime: _load_result(work / runtime, name, problems[runtime]) for runtime in runtimes}
-            for name in models
+            for name in [BASELINE, *models]
+        }
+        # What a model needs beyond the runtime's own fixed cost (code pages, thread pools), which varies
+        # with the machine's state from run to run: the same measurement of a one-weight model, subtracted.
+        baseline = results.pop(BASELINE)
+        fixed = {runtime: 0 if run.error else run.peak_memory_bytes for runtime, run in baseline.items()}
+        return {
+            name: {
+                runtime: dataclasses.replace(
+                    run, model_memory_bytes=max(0, run.peak_memory_bytes - fixed[runtime])
+                )
+                for runtime, run in runs.items()
+            }
+            for name, runs in results.items()
         }
 
 
@@ -363,6 +379,14 @@ def _load_result(directory: Path, name: str, problem: str) -> Measured:
 
 
 _CHILD_COMMAND = "from server.compression import _measure_in_child; _measure_in_child()"
+BASELINE = "__runtime_baseline__"
+
+
+def _baseline_model() -> bytes:
+    """One 1x1 fully connected layer: loading it costs what any model costs, and nothing more."""
+    from edgefleet.modelgen import mlp_to_tflite
+
+    return mlp_to_tflite([(np.ones((1, 1), np.float32), np.zeros(1, np.float32))])
 
 
 def _measure_in_child() -> None:
@@ -373,6 +397,7 @@ def _measure_in_child() -> None:
     """
     runtime, work, names = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     x = np.load(work / "x.npy")
+    inputs = {BASELINE: np.zeros((1, 1), np.float32)}
     available_runtimes()  # import the runtimes before any memory baseline
     for name in names:
         result, error = work / runtime / f"{name}.npz", work / runtime / f"{name}.error"
@@ -380,7 +405,7 @@ def _measure_in_child() -> None:
         pid = os.fork()
         if pid == 0:
             try:
-                outputs, latency_ms, peak = _run(runtime, work / f"{name}.tflite", x)
+                outputs, latency_ms, peak = _run(runtime, work / f"{name}.tflite", inputs.get(name, x))
                 np.savez(result, outputs=outputs, latency_ms=latency_ms, peak_memory_bytes=peak)
             except Exception as e:  # the runtime's own errors come as ValueError, RuntimeError, ...
                 error.write_text(f"does not load or run: {_first_line(e)}")
@@ -620,6 +645,8 @@ def _variant(
         "latency_ms": {runtime: run.latency_ms for runtime, run in ran.items()},
         "peak_memory_bytes": 0,
         "peak_memory_bytes_by_runtime": {runtime: run.peak_memory_bytes for runtime, run in ran.items()},
+        "model_memory_bytes": 0,
+        "model_memory_bytes_by_runtime": {runtime: run.model_memory_bytes for runtime, run in ran.items()},
         "runtimes_ok": [],
         "runtimes_failed": {runtime: run.error for runtime, run in runs.items() if run.error},
         "excluded": f"the reference runtime {reference} cannot run it",
@@ -630,6 +657,7 @@ def _variant(
         error = np.abs(outputs[reference] - judge.float_outputs)
         lost = judge.points_lost(outputs[reference])
         counted = [ran[runtime].peak_memory_bytes for runtime in ok or ran]
+        counted_model = [ran[runtime].model_memory_bytes for runtime in ok or ran]
         if lost > tolerance_points:
             excluded = (
                 f"{lost:.2f} points lost ({judge.judged_by}), over the {tolerance_points} point tolerance"
@@ -642,6 +670,7 @@ def _variant(
             max_abs_error=float(error.max()),
             mean_abs_error=float(error.mean()),
             peak_memory_bytes=max(counted),
+            model_memory_bytes=max(counted_model),
             runtimes_ok=ok,
             runtimes_failed=details["runtimes_failed"] | wrong,
             excluded=excluded,

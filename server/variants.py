@@ -6,8 +6,9 @@ interpreter memory and latency on each runtime, and its bytes on the wire. For o
 
 1. drop variants the operator's tolerance excluded, that the device already refused (bad), and that its
    runtime is not measured to compute correctly;
-2. drop variants whose peak memory on the device's runtime exceeds its memory budget (half its available
-   memory), or whose latency on its runtime exceeds its latency budget when it declares one;
+2. drop variants whose memory on the device's runtime (beyond the runtime's own fixed cost, which every
+   variant shares) exceeds its memory budget (half its available memory), or whose latency on its runtime
+   exceeds its latency budget when it declares one;
 3. of the rest, take the most accurate (the smallest accuracy loss; within 0.1 point counts as a tie), and
    among those the fewest bytes on the wire.
 
@@ -27,10 +28,12 @@ MIB = 2**20
 
 
 def _by_runtime(details: dict[str, Any], key: str, runtime: str) -> float:
-    per_runtime = details.get(f"{key}_by_runtime") if key == "peak_memory_bytes" else details.get(key)
+    """A figure measured on the device's runtime: `<key>_by_runtime[runtime]`, else the overall one."""
+    per_runtime = details.get(f"{key}_by_runtime")
     if isinstance(per_runtime, dict) and runtime in per_runtime:
         return float(per_runtime[runtime] or 0)
-    return float(details.get(key, 0) or 0) if key == "peak_memory_bytes" else 0.0
+    overall = details.get(key, 0)
+    return float(overall or 0) if not isinstance(overall, dict) else float(overall.get(runtime, 0) or 0)
 
 
 def fits(record: ModelRecord, capabilities: dict[str, Any]) -> str:
@@ -42,11 +45,14 @@ def fits(record: ModelRecord, capabilities: dict[str, Any]) -> str:
     correct_on = details.get("runtimes_ok")
     if correct_on is not None and runtime not in correct_on:
         return f"not computed correctly by {runtime or 'an unknown runtime'}"
-    peak = _by_runtime(details, "peak_memory_bytes", runtime)
+    # The memory the model needs beyond the runtime's own fixed cost (the same for every variant).
+    needed = _by_runtime(
+        details, "model_memory_bytes" if "model_memory_bytes" in details else "peak_memory_bytes", runtime
+    )
     available = int(capabilities.get("memory_available_bytes", 0))
     budget = available * MEMORY_BUDGET_FRACTION
-    if peak and available and peak > budget:
-        return f"needs {peak / MIB:.1f} MiB, over the device's {budget / MIB:.1f} MiB budget"
+    if needed and available and needed > budget:
+        return f"needs {needed / MIB:.1f} MiB, over the device's {budget / MIB:.1f} MiB budget"
     latency_budget = float(capabilities.get("latency_budget_ms", 0) or 0)
     latency = _by_runtime(details, "latency_ms", runtime)
     if latency_budget and latency > latency_budget:
@@ -83,13 +89,15 @@ def choose(
     best = min(_loss(v) for v in candidates)
     close = [v for v in candidates if _loss(v) - best <= ACCURACY_TIE_POINTS]
     chosen = min(close, key=lambda v: (_wire(v), v.target_path))
+    loss = _loss(chosen)
+    if abs(loss) < 0.005:
+        accuracy = "as accurate as float32"
+    else:
+        accuracy = f"{abs(loss):.2f} points {'below' if loss > 0 else 'above'} float32"
     why = (
         "pinned by the deployment"
         if pinned
-        else (
-            f"the most accurate that fits ({-_loss(chosen):+.2f} points vs float32), then the smallest transfer "
-            f"({_wire(chosen)} bytes)"
-        )
+        else (f"the most accurate that fits ({accuracy}), then the smallest transfer ({_wire(chosen)} bytes)")
     )
     skipped = [
         f"{name} ({reason})"
