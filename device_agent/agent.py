@@ -40,6 +40,7 @@ from edgefleet.durable import commit_file, fsync_dir, write_atomic
 from edgefleet.modelinfo import check_signature
 from edgefleet.runtime import default_runtime, runtime_version
 from edgefleet.signing import DeviceTrust, ModelTarget, verify_file
+from edgefleet.tensors import ref_from_dict, ref_to_dict
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 log = logging.getLogger("edgefleet.agent")
@@ -393,7 +394,7 @@ class Agent:
             backoff.reset()
             kind = message.WhichOneof("kind")
             if kind == "assignment":
-                ref = _ref_to_dict(message.assignment.model)
+                ref = ref_to_dict(message.assignment.model)
                 self._spawn(self._apply_assignment(ref))
             elif kind == "rollback":
                 self._spawn(self.rollback(message.rollback.command_id, message.rollback.reason))
@@ -406,8 +407,8 @@ class Agent:
         self.store.save(self.state)
         return device_pb2.DeviceMessage(
             status=device_pb2.DeviceStatus(
-                current=_ref_to_proto(self.state.current),
-                previous=_ref_to_proto(self.state.previous),
+                current=ref_from_dict(self.state.current),
+                previous=ref_from_dict(self.state.previous),
                 capabilities=self.capabilities(),
                 agent_version=__version__,
                 bad_targets=self.state.bad_targets,
@@ -446,7 +447,7 @@ class Agent:
         if reply.rollback_pending:
             await self.rollback(reply.rollback_command_id, "ordered by an operator (periodic check)")
         elif reply.HasField("assignment"):
-            self._spawn(self._apply_assignment(_ref_to_dict(reply.assignment.model)))
+            self._spawn(self._apply_assignment(ref_to_dict(reply.assignment.model)))
 
     # ---- metadata over gRPC, for python-tuf running in a worker thread ---------------------------------
 
@@ -884,20 +885,3 @@ def _temperature() -> float | None:
     except (OSError, RuntimeError):
         return None
     return max(readings) if readings else None
-
-
-def _ref_to_dict(ref: common_pb2.ModelRef) -> dict[str, Any] | None:
-    if not ref.target_path:
-        return None
-    return {
-        "target_path": ref.target_path,
-        "model_name": ref.model_name,
-        "version": ref.version,
-        "variant": ref.variant,
-        "sha256": ref.sha256,
-        "length": ref.length,
-    }
-
-
-def _ref_to_proto(ref: dict[str, Any] | None) -> common_pb2.ModelRef:
-    return common_pb2.ModelRef(**ref) if ref else common_pb2.ModelRef()

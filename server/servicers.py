@@ -21,6 +21,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
 
 from edgefleet import errors, pki, selectors
+from edgefleet.tensors import ref_from_dict, ref_to_dict
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 from server.auth import Authenticator
 from server.fleet import AssignmentPush, DeploymentStatus, Disconnect, Fleet, Push, RollbackPush
@@ -114,29 +115,6 @@ def ref_of(record: ModelRecord) -> common_pb2.ModelRef:
         sha256=record.sha256,
         length=record.length,
     )
-
-
-def ref_from_dict(data: dict[str, Any] | None) -> common_pb2.ModelRef:
-    if not data:
-        return common_pb2.ModelRef()
-    return common_pb2.ModelRef(
-        **{k: v for k, v in data.items() if k in common_pb2.ModelRef.DESCRIPTOR.fields_by_name}
-    )
-
-
-def ref_to_dict(ref: common_pb2.ModelRef) -> dict[str, Any] | None:
-    if not ref.target_path:
-        return None
-    if len(ref.target_path) > 512:
-        raise errors.InvalidRequestError("target path is too long")
-    return {
-        "target_path": ref.target_path,
-        "model_name": ref.model_name,
-        "version": ref.version,
-        "variant": ref.variant,
-        "sha256": ref.sha256,
-        "length": ref.length,
-    }
 
 
 def capabilities_to_dict(caps: common_pb2.Capabilities) -> dict[str, Any]:
