@@ -198,3 +198,37 @@ def test_upload_that_crashes_the_interpreter_is_refused_and_the_server_survives(
         fleet.cli("model", "push", str(crasher), "--name", "evil", "--version", "1")
     assert fleet.server is not None and fleet.server.poll() is None
     assert fleet.cli_json("model", "list") == []
+
+
+def test_model_built_for_another_hardware_class_is_refused_as_incompatible(
+    fleet: LocalFleet, digits_files: dict
+) -> None:
+    agent = _running_v1(fleet, digits_files)
+
+    def other_hardware(_path: str, custom: dict) -> None:
+        custom["hardware_classes"] = ["jetson-orin"]
+
+    cli.push_model(
+        _operator(fleet), digits_files["v2"].read_bytes(), "digits", "2",
+        signing.load_signer(fleet.keys / "targets.key"), edit_custom=other_hardware,
+    )  # fmt: skip
+    fleet.cli("deploy", "digits", "2", "--to", "all")
+    _failed_with(fleet, agent, V2, "built for jetson-orin")
+    _still_serves_v1(agent)
+
+
+def test_server_streaming_past_the_signed_length_is_cut_off_at_it(
+    fleet: LocalFleet, digits_files: dict
+) -> None:
+    agent = _running_v1(fleet, digits_files)
+    fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
+    sha = next(m["sha256"] for m in fleet.cli_json("model", "list") if m["version"] == "2")
+    blob = fleet.data_dir / "blobs" / sha[:2] / sha
+    signed_length = blob.stat().st_size
+    with open(blob, "ab") as f:  # the server now sends 8 MiB more than was signed
+        f.write(b"\0" * 8 * 2**20)
+    fleet.cli("deploy", "digits", "2", "--to", "all")
+    fleet.wait_running(agent, V2)  # the first signed-length bytes are right; the rest was never kept
+    model = agent.state_dir / "models" / (agent.state()["current"]["sha256"] + ".tflite")
+    assert model.stat().st_size == signed_length
+    assert "from byte 0 of 87120" in agent.log()

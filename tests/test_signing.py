@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from tuf.api.metadata import Metadata
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata, Role
 
 from edgefleet import signing
 from edgefleet.errors import (
@@ -92,16 +95,55 @@ def test_targets_signed_by_the_online_key_are_refused(tmp_path: Path) -> None:
         repo.publish("m/1/float32.tflite", b"x", signer=signing.load_signer(repo.keys.online))
 
 
-def test_threshold_cannot_be_met_by_one_key_signing_twice(tmp_path: Path) -> None:
+def test_threshold_cannot_be_met_by_one_key_signing_twice_or_listed_twice(tmp_path: Path) -> None:
     repo = Repo(tmp_path)
     signed = signing.sign_targets(None, [signing.target_file("a", b"x", {})], repo.targets_signer)
     md = Metadata.from_bytes(signed)
-    root = Metadata.from_bytes(repo.root)
-    root.signed.roles["targets"].threshold = 2
-    sig = next(iter(md.signatures.values()))
-    md.signatures[sig.keyid + ""] = sig  # the same key's signature listed again counts once
+    root = Metadata.from_bytes(repo.root).signed
+    root.roles["targets"].threshold = 2
+    md.sign(repo.targets_signer, append=True)  # the same key signs again: still one signature
+    assert len(md.signatures) == 1
     with pytest.raises(Exception, match="signed by 1/2"):
-        root.signed.verify_delegate("targets", md.signed_bytes, md.signatures)
+        root.verify_delegate("targets", md.signed_bytes, md.signatures)
+    keyid = root.roles["targets"].keyids[0]
+    with pytest.raises(ValueError, match="unique"):
+        Role([keyid, keyid], 2)  # listing a key twice to count it twice is refused outright
+
+
+def test_key_rotation_new_root_signed_by_old_and_new_is_accepted_and_the_revoked_key_is_not(
+    tmp_path: Path,
+) -> None:
+    repo = Repo(tmp_path)
+    repo.publish("a", b"1")
+    device(tmp_path, repo).target("a")
+    old_root_signer = signing.load_signer(repo.keys.root)
+    old_targets = repo.targets_signer
+    new_root, new_targets = CryptoSigner.generate_ed25519(), CryptoSigner.generate_ed25519()
+
+    rotated = Metadata.from_bytes(repo.root)
+    root = rotated.signed
+    root.revoke_key(old_root_signer.public_key.keyid, "root")
+    root.revoke_key(old_targets.public_key.keyid, "targets")
+    root.add_key(new_root.public_key, "root")
+    root.add_key(new_targets.public_key, "targets")
+    root.version = 2
+    rotated.signatures.clear()
+    only_new = Metadata.from_bytes(rotated.to_bytes())
+    only_new.sign(new_root)
+    rotated.sign(old_root_signer)  # the old root vouches for the new one...
+    rotated.sign(new_root, append=True)  # ...and the new key signs too
+
+    repo.files["2.root"] = only_new.to_bytes()  # without the old root's signature: not a valid rotation
+    with pytest.raises(SignatureError):
+        device(tmp_path, repo).target("a")
+    repo.files["2.root"] = rotated.to_bytes()
+    repo.root = rotated.to_bytes()
+    repo.online = signing.OnlineRoles(repo.root, signing.load_signer(repo.keys.online))
+
+    with pytest.raises(SignatureError):  # the revoked targets key can no longer publish
+        repo.publish("b", b"2", signer=old_targets)
+    repo.publish("b", b"2", signer=new_targets)
+    assert device(tmp_path, repo).target("b").length == 1
 
 
 def test_targets_version_must_follow_the_published_one(tmp_path: Path) -> None:
@@ -112,6 +154,23 @@ def test_targets_version_must_follow_the_published_one(tmp_path: Path) -> None:
     )  # version 1 again
     with pytest.raises(InvalidRequestError, match="does not follow"):
         repo.online.check_targets(stale, repo.versions[0])
+
+
+def test_rollback_is_refused_also_when_the_stored_metadata_has_since_expired(tmp_path: Path) -> None:
+    repo = Repo(tmp_path)
+    repo.publish("a", b"1")
+    old_files = dict(repo.files)
+    repo.publish("b", b"2")
+    md = Metadata.from_bytes(repo.files["timestamp"])  # the newer timestamp, short-lived
+    md.signed.expires = signing.utcnow() + timedelta(seconds=2)
+    md.signatures.clear()
+    md.sign(signing.load_signer(repo.keys.online))
+    repo.files["timestamp"] = md.to_bytes()
+    device(tmp_path, repo).target("b")
+    time.sleep(3)  # what the device stored has now expired; it still marks the floor
+    repo.files = old_files
+    with pytest.raises(SignatureError, match="BadVersionNumber|version"):
+        device(tmp_path, repo).target("a")
 
 
 def test_new_timestamp_version_rollback_is_refused_also_after_restart(tmp_path: Path) -> None:
