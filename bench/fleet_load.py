@@ -6,23 +6,27 @@ it), measured with psutil; the devices are simulated in this process: each one i
 with a CSR of its own key over the enrollment port), has an mTLS channel (TCP + TLS connection) of its own
 and a Connect control stream, and reconnects with the agent's jittered exponential `Backoff`.
 
-Phases, one after the other:
+Phases, one after the other (server CPU is given as a share of one core; Python serves on one):
 
     enroll      one token with N uses; Enroll per device, 16 at a time: devices/s.
     connect     every device opens its channel (TLS handshake, `channel_ready`), then its control stream
                 (status first); until the server lists them all as connected: devices/s for each step.
     idle        the server's RSS / open fds / threads with no device connected, with N connections and with
-                N control streams (after a settling pause): the memory each connection and stream costs.
+                N control streams (after a settling pause): what each connection and stream costs.
     deploy      push an 8 MiB model (`build_large_mlp`) as `edgefleet model push` does, then CreateDeployment
                 to all: the RPC's time and when the Assignment reached each stream (p50 / p99 / all).
-    telemetry   `--telemetry-s` seconds in which every device reports at the agent's sustained rate
-                (one report per 1 / telemetry_per_device_per_s s, closed loop) while one device floods
-                (back to back, ignoring retry-after): accepted reports/s, the others' latency and refusals,
-                the flooder's accepted/refused counts.
+    telemetry   every device but one reports at the agent's default rate (1 / telemetry_interval_s, for one
+                interval), closed loop; then the same while one device floods (16 calls in flight, ignoring
+                retry-after); then at the most the server's per-device limit allows (telemetry_per_device_per_s,
+                for `--telemetry-s`) with the flood: reports/s accepted, the others' latency and refusals,
+                what the flooder got through.
+    download    100 devices open DownloadModel on the model, read one chunk and then nothing (no BDP probing:
+                a 64 KiB window); the server's memory and fds per stuck call; 20 full downloads meanwhile.
     restart     SIGTERM (the server's `grace_seconds`, default 5 s), start again on the same ports: how the
-                server cut the streams, when each device was back (the server pushes the still-pending
-                assignment on its new stream), busiest 100 ms and 1 s, tries per device, the new process's
-                peak RSS while the fleet came back.
+                server cut the streams, each device's tries, when the new server processed each status
+                (its `last_seen`) and when the assignment (still pending: the simulated devices never install
+                it) reached the new stream; busiest 100 ms and 1 s; the new process's peak while the fleet
+                came back; this process's longest event-loop stall (the simulation's own noise).
 
 Everything runs on 127.0.0.1 and is bounded: N devices, fixed phase durations, a timeout on every wait
 (the whole run is limited to `--budget-s`, default 170 s). The server process is stopped and every channel
@@ -49,6 +53,7 @@ from typing import Any
 
 import grpc
 
+from device_agent.config import AgentConfig
 from edgefleet import signing
 from server.app import ServerConfig
 
@@ -114,33 +119,41 @@ async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
     devices: list[Any] = []
     try:
         await asyncio.to_thread(server.start)
-        started = server.usage()
-        table.add("server", "started, no device", usage_text(started))
+        table.add("server", "started, no device", usage_text(server.usage()))
 
         # ---- enroll ----
-        t0 = time.monotonic()
+        before, t0 = server.usage(), time.monotonic()
         devices = await sim.enroll(server, n, prefix="bench")
-        enroll_s = time.monotonic() - t0
+        took = time.monotonic() - t0
         table.add(
-            "enroll", f"{n} devices (Enroll + CSR, 16 at a time)", f"{enroll_s:.1f} s, {n / enroll_s:.0f}/s"
+            "enroll",
+            f"{n} devices (Enroll + CSR, 16 at a time)",
+            f"{took:.1f} s, {n / took:.0f}/s (server CPU {cpu(before, server.usage(), took)})",
         )
         idle = await settle(server, 1)
         table.add("idle", "enrolled, no device connected", usage_text(idle))
 
         # ---- connections, then control streams ----
-        t0 = time.monotonic()
+        before, t0 = server.usage(), time.monotonic()
         stubs = [d.stub for d in devices]  # opens each device's channel
         await asyncio.gather(*(d.channel.channel_ready() for d in devices))
+        took = time.monotonic() - t0
         del stubs
-        tls_s = time.monotonic() - t0
-        table.add("connect", f"{n} TLS connections (channel_ready)", f"{tls_s:.1f} s, {n / tls_s:.0f}/s")
-        connections = await settle(server)
-        table.add("idle", f"{n} connections, no stream", usage_text(connections))
-        stream_s = await sim.connect_all(devices, server, timeout=120)
         table.add(
-            "connect", f"{n} control streams, status processed", f"{stream_s:.1f} s, {n / stream_s:.0f}/s"
+            "connect",
+            f"{n} mTLS connections (channel_ready)",
+            f"{took:.1f} s, {n / took:.0f}/s (server CPU {cpu(before, server.usage(), took)})",
+        )
+        connections = await settle(server)
+        before = connections
+        took = await sim.connect_all(devices, server, timeout=120)
+        table.add(
+            "connect",
+            f"{n} control streams, status processed",
+            f"{took:.1f} s, {n / took:.0f}/s (server CPU {cpu(before, server.usage(), took)})",
         )
         streams = await settle(server)
+        table.add("idle", f"{n} connections, no stream", usage_text(connections))
         table.add("idle", f"{n} control streams", usage_text(streams))
         per_connection = (connections.rss - idle.rss) / n
         per_stream = (streams.rss - connections.rss) / n
@@ -150,15 +163,18 @@ async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
             f"{per_connection / 1024:.0f} + {per_stream / 1024:.0f} = {(per_connection + per_stream) / 1024:.0f} KiB",
         )
         table.add("idle", "fds per device", f"{(streams.fds - idle.fds) / n:.2f}")
+        table.add("idle", "threads with no device / with all", f"{idle.threads} / {streams.threads}")
+        quiet = await settle(server, 3)
+        table.add("idle", f"server CPU with {n} idle streams", cpu(streams, quiet, 3))
         table.add(
             "idle",
-            f"{n} devices at {config.max_concurrent_rpcs} max_concurrent_rpcs",
-            f"{n / config.max_concurrent_rpcs:.0%} of the RPC slots held by streams",
+            f"RPC slots (max_concurrent_rpcs {config.max_concurrent_rpcs})",
+            f"{n / config.max_concurrent_rpcs:.0%} held by the control streams alone",
         )
 
         # ---- deployment fan-out ----
         t0 = time.monotonic()
-        await asyncio.to_thread(server.push_model, model, "bench", "1")
+        path = await asyncio.to_thread(server.push_model, model, "bench", "1")
         table.add(
             "deploy",
             f"push {len(model) / MIB:.0f} MiB model (upload, check, sign)",
@@ -172,8 +188,8 @@ async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
         received = [d.first_assignment(deployment.id, t0) - t0 for d in devices]
         table.add(
             "deploy",
-            "CreateDeployment RPC (targets, pushes)",
-            f"{rpc_s:.2f} s ({deployment.devices_notified} notified)",
+            "CreateDeployment RPC (choose targets, push)",
+            f"{rpc_s:.2f} s, {deployment.devices_notified} notified ({rpc_s / n * 1000:.2f} ms per device)",
         )
         table.add(
             "deploy",
@@ -183,7 +199,20 @@ async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
         table.add("deploy", "server peak during fan-out", usage_text(sampler.peak))
 
         # ---- telemetry ----
-        await telemetry(server, devices, config, args.telemetry_s, table)
+        agent_rate = 1 / AgentConfig().telemetry_interval_s
+        await telemetry(server, devices, agent_rate, args.telemetry_s, "agent's rate", table, flood=False)
+        await telemetry(server, devices, agent_rate, args.telemetry_s, "agent's rate + 1 flooding", table)
+        await telemetry(
+            server,
+            devices,
+            config.telemetry_per_device_per_s,
+            args.telemetry_s,
+            "the most the limit allows",
+            table,
+        )
+
+        # ---- stuck downloads ----
+        await downloads(server, devices, path, len(model), deployment.id, table)
 
         # ---- restart ----
         await restart(server, devices, deployment.id, table)
@@ -193,85 +222,135 @@ async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
 
 
 async def telemetry(
-    server: Any, devices: list[Any], config: ServerConfig, seconds: float, table: Table
+    server: Any,
+    devices: list[Any],
+    per_device_s: float,
+    seconds: float,
+    label: str,
+    table: Table,
+    flood: bool = True,
 ) -> None:
-    """Every device but one reports at the sustained rate the server allows it; one floods."""
+    """Every device but one reports `per_device_s` times a second (closed loop: a late reply delays the
+    next report, missed ticks are skipped) while the other one floods (`flood`): 16 calls in flight back
+    to back, ignoring retry-after."""
     flooder, others = devices[0], devices[1:]
-    period = 1 / config.telemetry_per_device_per_s
+    period = 1 / per_device_s
+    seconds = max(seconds, period)  # every device reports at least once
     latencies: list[float] = []
     codes: collections.Counter[grpc.StatusCode] = collections.Counter()
-    flood: collections.Counter[grpc.StatusCode] = collections.Counter()
+    flooded: collections.Counter[grpc.StatusCode] = collections.Counter()
     end = time.monotonic() + seconds
 
     async def steady(device: Any, offset: float) -> None:
-        await asyncio.sleep(offset)
-        next_at = time.monotonic()
+        next_at = time.monotonic() + offset
         while next_at < end:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             asked = time.monotonic()
             code = await device.report_telemetry(timeout=30)
             latencies.append(time.monotonic() - asked)
             codes[code] += 1
-            next_at += period
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            next_at = max(next_at + period, time.monotonic())
 
     async def flooding() -> None:
         while time.monotonic() < end:
-            flood[await flooder.report_telemetry(timeout=30)] += 1
+            flooded[await flooder.report_telemetry(timeout=30)] += 1
 
+    before = server.usage()
     async with sim.UsageSampler(server, 0.1) as sampler:
         t0 = time.monotonic()
-        await asyncio.gather(flooding(), *(steady(d, i * period / len(others)) for i, d in enumerate(others)))
+        await asyncio.gather(
+            *(flooding() for _ in range(16 if flood else 0)),
+            *(steady(d, (i / len(others)) * period) for i, d in enumerate(others)),
+        )
         took = time.monotonic() - t0
-    accepted = codes[sim.OK] + flood[sim.OK]
-    offered = len(others) * config.telemetry_per_device_per_s
+    after = server.usage()
+    accepted = codes[sim.OK]
     table.add(
         "telemetry",
-        f"{len(others)} devices x {config.telemetry_per_device_per_s:g}/s for {seconds:g} s",
-        f"offered {offered:.0f}/s",
+        f"{label}: {len(others)} devices x {per_device_s:g}/s",
+        f"offered {len(others) * per_device_s:.0f}/s for {seconds:g} s",
     )
     table.add(
         "telemetry",
-        "accepted reports/s (all devices)",
-        f"{accepted / took:.0f}/s ({accepted} in {took:.1f} s)",
+        "  accepted from them",
+        f"{accepted / took:.0f}/s ({accepted} in {took:.1f} s; server CPU {cpu(before, after, took)})",
     )
     table.add(
         "telemetry",
-        "well-behaved devices: latency p50 / p99 / max",
+        "  their latency p50 / p99 / max",
         f"{ms(pct(latencies, 50))} / {ms(pct(latencies, 99))} / {ms(max(latencies))}",
     )
     refused = {c.name: k for c, k in codes.items() if c != sim.OK}
-    table.add("telemetry", "well-behaved devices: refused", str(refused or 0))
+    table.add("telemetry", "  their refusals", str(refused or "none"))
+    if flood:
+        refused = {c.name: k for c, k in flooded.items() if c != sim.OK}
+        table.add(
+            "telemetry", "  flooding device: accepted, refused", f"{flooded[sim.OK]}, {refused or 'none'}"
+        )
+    table.add("telemetry", "  server peak", usage_text(sampler.peak))
+
+
+async def downloads(
+    server: Any, devices: list[Any], path: str, size: int, deployment_id: str, table: Table
+) -> None:
+    """100 devices open DownloadModel and read one chunk, then nothing (a 64 KiB receive window: no BDP
+    probing); meanwhile 20 others download the whole model."""
+    stuck_devices, readers = devices[:100], devices[100:120]
+    for d in stuck_devices:  # a fresh channel without BDP probing (the stream's window stays at 64 KiB)
+        await d.close()
+        d.channel_options = [("grpc.http2.bdp_probe", 0)]
+    await asyncio.gather(*(d.get_assignment() for d in stuck_devices))  # connected again
+    before = await settle(server, 1)
+    calls = []
+    try:
+        for d in stuck_devices:
+            call = d.stub.DownloadModel(sim.device_pb2.DownloadModelRequest(target_path=path))
+            await call.read()
+            calls.append(call)
+        await asyncio.sleep(1)
+        held = server.usage()
+        t0 = time.monotonic()
+        got = await asyncio.gather(*(d.download(path) for d in readers))
+        took = time.monotonic() - t0
+    finally:
+        for call in calls:
+            call.cancel()
+    await asyncio.sleep(1)
+    after = server.usage()
+    t_restarted = time.monotonic()
+    for d in stuck_devices:  # their control streams again, for the restart
+        d.start()
+    await sim.wait_assigned(stuck_devices, deployment_id, t_restarted, timeout=60)
+    per_call = (held.rss - before.rss) / len(calls)
     table.add(
-        "telemetry",
-        "flooding device: accepted / refused",
-        f"{flood[sim.OK]} / {sum(flood.values()) - flood[sim.OK]} ({dict((c.name, k) for c, k in flood.items())})",
+        "download",
+        f"{len(calls)} stuck DownloadModel calls ({size / MIB:.0f} MiB model)",
+        f"+{(held.rss - before.rss) / MIB:.0f} MiB ({per_call / MIB:.2f} MiB each), +{held.fds - before.fds} fds",
     )
-    table.add("telemetry", "server peak", usage_text(sampler.peak))
+    ok = sum(g == got[0] and len(g) == size for g in got)
+    table.add(
+        "download",
+        f"meanwhile {len(readers)} full downloads at once",
+        f"{took:.2f} s, {len(readers) * size / MIB / took:.0f} MiB/s, {ok} complete",
+    )
+    table.add("download", "after the stuck calls are cancelled", usage_text(after))
 
 
 async def restart(server: Any, devices: list[Any], deployment_id: str, table: Table) -> None:
     n = len(devices)
     before = server.usage()
-    stopped = time.monotonic()
-    await asyncio.to_thread(server.stop)  # SIGTERM: in-flight calls get grace_seconds
-    exited = time.monotonic()
-    ready = await asyncio.to_thread(server.start)
-    async with sim.UsageSampler(server, 0.1) as sampler:
-        await sim.wait_assigned(devices, deployment_id, stopped, timeout=120)
-        await server.wait_connected((d.id for d in devices), 0, timeout=60)
-    after = server.usage()
-    drops, backs, tries, first_retries = [], [], [], []
-    codes: collections.Counter[str] = collections.Counter()
-    for d in devices:
-        ends = [(t, code) for t, code, _ in d.ends if t >= stopped]
-        drop = ends[0][0]
-        back = d.first_assignment(deployment_id, stopped)
-        drops.append(drop - stopped)
-        backs.append(back - ready)
-        attempts = [t for t in d.attempts if drop < t <= back]
-        tries.append(len(attempts))
-        first_retries.append(attempts[0] - drop)
-        codes.update(code.name for _, code in ends)
+    with sim.quiet_gc():
+        async with sim.LoopLag() as lag:
+            stopped = time.monotonic()
+            await asyncio.to_thread(server.stop)  # SIGTERM: in-flight calls get grace_seconds
+            exited = time.monotonic()
+            ready = await asyncio.to_thread(server.start)
+            async with sim.UsageSampler(server, 0.1) as sampler:
+                await sim.wait_back(devices, deployment_id, stopped, timeout=120)
+                back = time.monotonic()
+    await server.wait_connected((d.id for d in devices), 0, timeout=60)
+    seen = await sim.status_times(server)
+    r = sim.RestartFigures.of(devices, deployment_id, stopped, ready, seen)
     table.add("restart", "before: server with the fleet", usage_text(before))
     table.add(
         "restart",
@@ -281,34 +360,43 @@ async def restart(server: Any, devices: list[Any], deployment_id: str, table: Ta
     table.add(
         "restart",
         f"{n} streams cut, after SIGTERM",
-        f"{min(drops):.2f} .. {max(drops):.2f} s (spread {ms(max(drops) - min(drops))})",
+        f"{min(r.cuts):.2f} .. {max(r.cuts):.2f} s (within {ms(max(r.cuts) - min(r.cuts))})",
     )
-    table.add("restart", "SIGTERM -> new process ready", f"{ready - stopped:.2f} s")
-    table.add("restart", "how the devices' tries ended", str(dict(codes)))
+    table.add("restart", "SIGTERM -> new process ready", f"{r.ready_after:.2f} s")
+    table.add("restart", "failed tries ended with", str(dict(r.codes)))
+    table.add("restart", "first retry after the cut, p10 / p50 / p90", spread(r.first_retries, False))
+    table.add(
+        "restart", "tries per device until back", str(dict(sorted(collections.Counter(r.tries).items())))
+    )
+    table.add("restart", "status processed, after ready: p10/50/90/max", spread(r.arrivals))
     table.add(
         "restart",
-        "first retry after the cut, p10 / p90",
-        f"{pct(first_retries, 10):.2f} / {pct(first_retries, 90):.2f} s",
+        "  busiest 100 ms / 1 s at the server",
+        f"{sim.busiest_window(r.arrivals, 0.1)} / {sim.busiest_window(r.arrivals, 1.0)} devices",
     )
+    per_second = collections.Counter(math.floor(a) for a in r.arrivals)
     table.add(
         "restart",
-        "back after ready, p10 / p50 / p90 / max",
-        f"{pct(backs, 10):.2f} / {pct(backs, 50):.2f} / {pct(backs, 90):.2f} / {max(backs):.2f} s",
+        "  statuses per second after ready",
+        " ".join(str(per_second.get(s, 0)) for s in range(min(per_second), max(per_second) + 1)),
     )
+    table.add("restart", "assignment on the new stream: p10/50/90/max", spread(r.backs))
+    table.add("restart", "new server while the fleet came back", f"peak {usage_text(sampler.peak)}")
     table.add(
         "restart",
-        "busiest 100 ms / 1 s of arrivals",
-        f"{sim.busiest_window(backs, 0.1)} / {sim.busiest_window(backs, 1.0)} devices ({sim.busiest_window(backs, 1.0) / n:.0%} in 1 s)",
+        "  its CPU from ready until all back",
+        cpu(sampler.samples[0], sampler.samples[-1], back - ready),
     )
-    per_second = collections.Counter(math.floor(b) for b in backs)
-    table.add(
-        "restart",
-        "arrivals per second after ready",
-        " ".join(f"{per_second.get(s, 0)}" for s in range(0, math.floor(max(backs)) + 1)),
-    )
-    table.add("restart", "tries per device until back", str(dict(sorted(collections.Counter(tries).items()))))
-    table.add("restart", "new server peak while the fleet came back", usage_text(sampler.peak))
-    table.add("restart", "new server with the fleet back", usage_text(after))
+    table.add("restart", "this process's longest event-loop stall", ms(lag.max))
+
+
+def spread(values: list[float], with_max: bool = True) -> str:
+    figures = " / ".join(f"{pct(values, q):.2f}" for q in (10, 50, 90))
+    return f"{figures} / {max(values):.2f} s" if with_max else f"{figures} s"
+
+
+def cpu(before: Any, after: Any, seconds: float) -> str:
+    return f"{(after.cpu_s - before.cpu_s) / seconds:.0%} of a core"
 
 
 def main() -> None:

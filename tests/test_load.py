@@ -9,9 +9,10 @@ stream, reconnecting with the agent's own jittered exponential `Backoff` as `dev
 
 The same simulation, at a larger scale and printing figures instead of asserting, is `bench/fleet_load.py`.
 
-The telemetry flood line ("one device flooding telemetry is rate-limited; other devices do not notice") is
-covered by tests/test_security.py::test_device_flooding_telemetry_is_rate_limited_and_others_are_not, and
-the agent's drop-oldest telemetry queue by the agent's own tests; they are not repeated here.
+The telemetry flood ("one device flooding telemetry is rate-limited") is covered by
+tests/test_security.py::test_device_flooding_telemetry_is_rate_limited_and_others_are_not and not repeated
+here; the rest of that line (the agent's bounded queue drops oldest first and counts the drops) is the last
+test below. bench/fleet_load.py measures what a flood costs the other devices at scale.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from device_agent.agent import Backoff
+from device_agent.agent import Backoff, Outbox
 from edgefleet import cli, pki, signing
 from edgefleet.modelgen import build_large_mlp
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
@@ -249,11 +250,15 @@ class ServerProcess:
         reply = await self.operator.CreateDeployment(
             operator_pb2.CreateDeploymentRequest(model_name=name, version=version, selector=selector),
             timeout=120,
+            wait_for_ready=True,
         )
         return reply.deployment
 
     async def devices(self) -> list[operator_pb2.DeviceInfo]:
-        return list((await self.operator.ListDevices(operator_pb2.ListDevicesRequest(), timeout=60)).devices)
+        reply = await self.operator.ListDevices(
+            operator_pb2.ListDevicesRequest(), timeout=60, wait_for_ready=True
+        )
+        return list(reply.devices)
 
     async def wait_connected(
         self, ids: Iterable[str], since_ms: int, timeout: float, poll_s: float = 0.25
@@ -458,7 +463,9 @@ async def enroll(
     per device over the enrollment port (server-authenticated TLS), `concurrency` at a time."""
     token = (
         await server.operator.CreateEnrollmentToken(
-            operator_pb2.CreateEnrollmentTokenRequest(group="load", uses=count), timeout=30
+            operator_pb2.CreateEnrollmentTokenRequest(group="load", uses=count),
+            timeout=30,
+            wait_for_ready=True,
         )
     ).token
     ca_pem = server.ca_pem
@@ -595,9 +602,10 @@ class RestartFigures:
         r = cls(ready - stopped, [], [], [], [], [], [], collections.Counter())
         for d in devices:
             ends = [(t, code) for t, code, _ in d.ends if t >= stopped]
-            back = d.first_assignment(deployment_id, stopped)
-            assert ends and back is not None, d.id
+            assert ends, d.id
             cut = ends[0][0]
+            back = d.first_assignment(deployment_id, cut)
+            assert back is not None, d.id
             tries = [t for t in d.attempts if cut < t <= back]
             r.cuts.append(cut - stopped)
             r.first_retries.append(tries[0] - cut)
@@ -667,6 +675,22 @@ async def wait_assigned(
         await asyncio.sleep(0.02)
 
 
+async def wait_back(devices: Sequence[SimDevice], deployment_id: str, stopped: float, timeout: float) -> None:
+    """Waits until every device's stream ended after `stopped` and it then received `deployment_id` again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = []
+        for d in devices:
+            cut = next((t for t, _, _ in d.ends if t >= stopped), None)
+            if cut is None or d.first_assignment(deployment_id, cut) is None:
+                missing.append(d.id)
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(missing)} of {len(devices)} devices are not back: {missing[:5]}")
+        await asyncio.sleep(0.05)
+
+
 # ---- bounded memory, file descriptors and threads under many control streams ------------------------------
 
 
@@ -715,17 +739,20 @@ async def test_hundreds_of_control_streams_keep_server_memory_fds_and_threads_bo
             print(f"after the {n} devices left: {gone}")
             assert gone.fds <= idle.fds + 4, f"{gone.fds - idle.fds} fds still held after every device left"
 
+            # All of them again, on new connections; the assignment is still pending, so it comes again.
             reconnected = time.monotonic()
-            await connect_all(devices, server)  # all of them again, on new connections
-            await wait_assigned(
-                devices, deployment.id, reconnected, timeout=30
-            )  # still pending: pushed again
+            await connect_all(devices, server)
+            await wait_assigned(devices, deployment.id, reconnected, timeout=30)
             await asyncio.sleep(1)
             again = server.usage()
             print(f"{n} streams again: {again}")
             assert again.fds - idle.fds <= n + 16
             # The first round grew the heap for n connections; the second reuses it (no per-connect leak).
-            assert again.rss - streams.rss < max(0.25 * (streams.rss - idle.rss), 16 * MIB), (streams, again)
+            first_round = streams.rss - idle.rss
+            assert again.rss - max(streams.rss, gone.rss) < max(0.25 * first_round, 16 * MIB), (
+                streams,
+                again,
+            )
         finally:
             await close_all(devices)
 
@@ -824,7 +851,7 @@ async def test_server_restart_under_the_fleet_reconnects_with_jittered_backoff_w
                     stopped = time.monotonic()
                     await asyncio.to_thread(server.stop)  # SIGTERM
                     ready = await asyncio.to_thread(server.start)  # the same ports
-                    await wait_assigned(devices, deployment.id, stopped, timeout=45)
+                    await wait_back(devices, deployment.id, stopped, timeout=45)
             await server.wait_connected((d.id for d in devices), 0, timeout=10)
             seen = await status_times(server)
         finally:
@@ -932,3 +959,32 @@ async def test_stuck_and_slow_download_consumers_do_not_exhaust_the_server(
             await close_all(devices)
         print(f"after the stuck consumers left: {after}")
         assert after.fds <= idle.fds + 2, f"{after.fds - idle.fds} files still open after the downloads ended"
+
+
+# ---- the agent's telemetry queue ----------------------------------------------------------------------------
+
+
+async def test_agent_telemetry_queue_keeps_the_newest_reports_and_counts_what_it_drops() -> None:
+    """The agent's bounded queue drops oldest first and counts the drops.
+
+    A device that cannot send (server down, or rate-limited) keeps the newest `telemetry_queue_size`
+    reports; each one pushed out is counted (the count goes out with the next report sent), and a report
+    whose sending failed goes back to the front unless the queue filled up meanwhile (then it is the
+    oldest, and the one dropped)."""
+    outbox = Outbox(telemetry_size=5)
+    for i in range(12):
+        outbox.put_telemetry(device_pb2.TelemetryReport(at_unix_ms=i))
+    assert [r.at_unix_ms for r in outbox.telemetry] == [7, 8, 9, 10, 11]
+    assert outbox.dropped == 7
+
+    failed = await outbox.get_telemetry()  # sending it fails: back to the front
+    assert failed.at_unix_ms == 7
+    outbox.put_telemetry(failed, front=True)
+    assert [r.at_unix_ms for r in outbox.telemetry] == [7, 8, 9, 10, 11] and outbox.dropped == 7
+
+    failed = await outbox.get_telemetry()
+    outbox.put_telemetry(device_pb2.TelemetryReport(at_unix_ms=12))  # a new one arrives meanwhile
+    outbox.put_telemetry(failed, front=True)  # full again: the failed (oldest) one is dropped
+    assert [r.at_unix_ms for r in outbox.telemetry] == [8, 9, 10, 11, 12]
+    assert outbox.dropped == 8
+    assert len(outbox.telemetry) <= 5
