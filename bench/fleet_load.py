@@ -168,8 +168,8 @@ async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
         table.add("idle", f"server CPU with {n} idle streams", cpu(streams, quiet, 3))
         table.add(
             "idle",
-            f"RPC slots (max_concurrent_rpcs {config.max_concurrent_rpcs})",
-            f"{n / config.max_concurrent_rpcs:.0%} held by the control streams alone",
+            f"RPC slots ({config.max_connected_devices} devices + {config.rpc_headroom} headroom)",
+            f"{n / (config.max_connected_devices + config.rpc_headroom):.0%} held by the control streams alone",
         )
 
         # ---- deployment fan-out ----

@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import resource
 import signal
 import socket
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from server.auth import (
 )
 from server.fleet import Fleet
 from server.limits import RateLimiter
-from server.servicers import DeviceServicer, OperatorServicer
+from server.servicers import DeviceLimits, DeviceServicer, OperatorServicer
 from server.storage import FilesystemBlobStore, open_store
 
 log = logging.getLogger("edgefleet.server")
@@ -53,11 +54,12 @@ class ServerConfig:
     validate_runtime: str = ""  # "" = the default runtime installed here
     max_model_bytes: int = 512 * 2**20
     max_message_bytes: int = 16 * 2**20  # uploads stream in chunks; this bounds one message (eval sets)
-    max_concurrent_rpcs: int = 10_000
+    max_connected_devices: int = 50_000  # control streams; more devices are told to retry later
+    rpc_headroom: int = 10_000  # calls beyond the control streams (downloads, operators, health)
     grace_seconds: float = 5.0
     renew_interval_seconds: int = 3600
-    telemetry_per_device_per_s: float = 2.0  # sustained; bursts of `telemetry_burst` are fine
-    telemetry_burst: int = 20
+    telemetry_per_device_per_s: float = 0.5  # sustained (the agent sends one per 10 s by default)
+    telemetry_burst: int = 10
 
     @property
     def db_url(self) -> str:
@@ -72,8 +74,11 @@ class RunningServer:
     enroll_port: int
     operator_token: str
     scheduler: AsyncIOScheduler
+    health: health.aio.HealthServicer
 
     async def stop(self, grace: float = 5.0) -> None:
+        # NOT_SERVING first, so load balancers and health checks move devices elsewhere before the cut.
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.scheduler.shutdown(wait=False)
         await asyncio.gather(*(server.stop(grace) for server in self.servers))
         self.fleet.store.close()
@@ -87,6 +92,7 @@ _SERVER_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_concurrent_streams", 32),  # per connection: one device cannot open thousands of calls
 ]
 
 
@@ -112,6 +118,13 @@ def tls_material(config: ServerConfig) -> tuple[pki.CertificateAuthority, pki.Tl
     return ca, server_files
 
 
+def _raise_fd_limit() -> None:
+    """Every connected device holds a socket: use all the descriptors the system allows this process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
@@ -123,6 +136,7 @@ def _is_ip(name: str) -> bool:
 async def start_server(config: ServerConfig) -> RunningServer:
     """Opens storage, checks keys and starts serving. Raises EdgefleetError subclasses with what to fix."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    _raise_fd_limit()
     for path, what in ((config.trust_root, "root.json"), (config.online_key, "online key")):
         if not path.exists():
             raise InvalidRequestError(
@@ -151,7 +165,12 @@ async def start_server(config: ServerConfig) -> RunningServer:
         tls=not config.insecure_plaintext, operator_token=operator_token, device_status=fleet.device_status
     )
     telemetry_limit = RateLimiter(config.telemetry_per_device_per_s, config.telemetry_burst)
-    device_servicer = DeviceServicer(fleet, authenticator, telemetry_limit)
+    device_servicer = DeviceServicer(
+        fleet,
+        authenticator,
+        telemetry_limit,
+        DeviceLimits(max_connected_devices=config.max_connected_devices),
+    )
     message_limits = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -160,7 +179,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
     def new_server(policy: dict[str, str], limits: list[tuple[str, int]]) -> grpc.aio.Server:
         server = grpc.aio.server(
             interceptors=[AuthInterceptor(authenticator, policy)],
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            # Control streams hold a slot each: leave room for everything else above them.
+            maximum_concurrent_rpcs=config.max_connected_devices + config.rpc_headroom,
             options=_SERVER_OPTIONS + limits,
         )
         device_pb2_grpc.add_DeviceServiceServicer_to_server(device_servicer, server)
@@ -211,7 +231,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         f", enrollment on {host}:{enroll_port}" if enroll_port else "",
         config.db_url.split("@")[-1],
     )
-    return RunningServer(servers, fleet, port, enroll_port, operator_token, scheduler)
+    return RunningServer(servers, fleet, port, enroll_port, operator_token, scheduler, health_servicer)
 
 
 async def serve(config: ServerConfig, ready_file: Path | None = None) -> None:

@@ -25,6 +25,7 @@ import grpc
 
 from edgefleet import pki
 from edgefleet.durable import write_atomic
+from edgefleet.errors import TransportError
 from edgefleet.v1 import device_pb2, operator_pb2
 
 PUBLIC = "public"
@@ -133,9 +134,17 @@ class Authenticator:
         device_id = await self._device(token, True)
         return Principal(DEVICE, device_id) if device_id else None
 
+    async def checked(self, context: grpc.aio.ServicerContext) -> Principal | None:
+        """`resolve`, with a database that is busy or down answered UNAVAILABLE (retryable)."""
+        try:
+            return await self.resolve(context)
+        except TransportError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e)[:300])
+            raise  # abort raises; this keeps the type checker informed
+
     async def principal(self, context: grpc.aio.ServicerContext) -> Principal:
         """For handlers: the caller (the gate has already refused anyone else)."""
-        found = await self.resolve(context)
+        found = await self.checked(context)
         if found is None:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, "credentials are missing, revoked or not valid"
@@ -170,7 +179,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 return
             if role is None:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this method is not open to anyone")
-            principal = await authenticator.resolve(context)
+            principal = await authenticator.checked(context)
             if principal is None:
                 await context.abort(
                     grpc.StatusCode.UNAUTHENTICATED, "credentials are missing, revoked or not valid"

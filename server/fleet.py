@@ -431,6 +431,9 @@ class Fleet:
     def is_connected(self, device_id: str) -> bool:
         return device_id in self._streams
 
+    def connected_count(self) -> int:
+        return len(self._streams)
+
     def attach(self, device_id: str) -> asyncio.Queue[Push]:
         """A new control stream for the device; replaces (and thereby ends) an older one."""
         queue: asyncio.Queue[Push] = asyncio.Queue(maxsize=64)

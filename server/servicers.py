@@ -12,6 +12,7 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -41,7 +42,7 @@ _STATUS = (
     (errors.TransportError, grpc.StatusCode.UNAVAILABLE),
 )
 
-DOWNLOAD_CHUNK_BYTES = 256 * 1024
+DOWNLOAD_CHUNK_BYTES = 64 * 1024  # what a stuck reader pins in server memory is a few of these
 UPLOAD_CHUNK_LIMIT = 4 * 2**20
 # Error messages quote what the caller sent; unbounded, one can exceed the caller's metadata limit (8 KiB by
 # default) and turn a clear INVALID_ARGUMENT into a client-side RESOURCE_EXHAUSTED.
@@ -233,11 +234,29 @@ def variant_info(record: ModelRecord) -> operator_pb2.VariantInfo:
 # ---- device service --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What one device, and all of them together, may hold of the server at once."""
+
+    max_connected_devices: int = 50_000
+    downloads_per_device: int = 2
+    telemetry_in_flight: int = 64  # reports being stored at once, fleet-wide; more are told to retry
+
+
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
-    def __init__(self, fleet: Fleet, auth: Authenticator, telemetry_limit: RateLimiter):
+    def __init__(
+        self,
+        fleet: Fleet,
+        auth: Authenticator,
+        telemetry_limit: RateLimiter,
+        limits: DeviceLimits = DeviceLimits(),
+    ):
         self.fleet = fleet
         self.auth = auth
         self.telemetry_limit = telemetry_limit
+        self.limits = limits
+        self._downloads: dict[str, int] = {}
+        self._telemetry_in_flight = 0
 
     async def Enroll(self, request: device_pb2.EnrollRequest, context: grpc.aio.ServicerContext) -> Any:
         async with status_for_errors(context):
@@ -268,6 +287,14 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     async def Connect(self, request_iterator: AsyncIterator[device_pb2.DeviceMessage], context: Any) -> Any:
         principal = await self.auth.principal(context)
         device_id = principal.id
+        if (
+            not self.fleet.is_connected(device_id)
+            and self.fleet.connected_count() >= self.limits.max_connected_devices
+        ):
+            context.set_trailing_metadata((("retry-after-ms", "30000"),))
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "the server has all the devices it can hold"
+            )
         queue = self.fleet.attach(device_id)
         reader = asyncio.create_task(self._read(device_id, request_iterator))
         getter: asyncio.Task[Push] = asyncio.create_task(queue.get())
@@ -334,13 +361,24 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         principal = await self.auth.principal(context)
         wait = self.telemetry_limit.take(principal.id)
         if wait:
+            # Held before it is refused: a device ignoring the hint slows itself down, not the fleet.
+            await asyncio.sleep(min(wait, 1.0))
             context.set_trailing_metadata((("retry-after-ms", str(int(wait * 1000) + 1)),))
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"telemetry rate limit: retry in {wait:.1f} s"
             )
-        async with status_for_errors(context):
-            await self.fleet.handle_telemetry(principal.id, telemetry_to_dict(request.report))
-            return device_pb2.ReportTelemetryResponse()
+        if self._telemetry_in_flight >= self.limits.telemetry_in_flight:
+            context.set_trailing_metadata((("retry-after-ms", "1000"),))
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is busy storing telemetry; retry"
+            )
+        self._telemetry_in_flight += 1
+        try:
+            async with status_for_errors(context):
+                await self.fleet.handle_telemetry(principal.id, telemetry_to_dict(request.report))
+                return device_pb2.ReportTelemetryResponse()
+        finally:
+            self._telemetry_in_flight -= 1
 
     async def GetAssignment(self, request: device_pb2.GetAssignmentRequest, context: Any) -> Any:
         principal = await self.auth.principal(context)
@@ -361,16 +399,31 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             return device_pb2.GetMetadataResponse(content=await self.fleet.get_metadata(request.name))
 
     async def DownloadModel(self, request: device_pb2.DownloadModelRequest, context: Any) -> Any:
-        async with status_for_errors(context):
-            record = await self.fleet.model_for_download(check_target_path(request.target_path))
-            wire_length = int(record.details.get("wire_bytes") or record.length)
-            if not 0 <= request.offset <= wire_length:
-                raise errors.InvalidRequestError(f"offset {request.offset} is outside 0..{wire_length}")
-            chunks = self.fleet.read_wire(record, request.offset, DOWNLOAD_CHUNK_BYTES)
-            offset = request.offset
-            while chunk := await asyncio.to_thread(next, chunks, b""):
-                yield device_pb2.DownloadModelResponse(data=chunk, offset=offset, total_length=wire_length)
-                offset += len(chunk)
+        # Flow control bounds what a slow or stuck reader pins (a few 64 KiB chunks); the per-device cap
+        # bounds how many such calls one device can hold.
+        principal = await self.auth.principal(context)
+        if self._downloads.get(principal.id, 0) >= self.limits.downloads_per_device:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "too many downloads at once from this device"
+            )
+        self._downloads[principal.id] = self._downloads.get(principal.id, 0) + 1
+        try:
+            async with status_for_errors(context):
+                record = await self.fleet.model_for_download(check_target_path(request.target_path))
+                wire_length = int(record.details.get("wire_bytes") or record.length)
+                if not 0 <= request.offset <= wire_length:
+                    raise errors.InvalidRequestError(f"offset {request.offset} is outside 0..{wire_length}")
+                chunks = self.fleet.read_wire(record, request.offset, DOWNLOAD_CHUNK_BYTES)
+                offset = request.offset
+                while chunk := await asyncio.to_thread(next, chunks, b""):
+                    yield device_pb2.DownloadModelResponse(
+                        data=chunk, offset=offset, total_length=wire_length
+                    )
+                    offset += len(chunk)
+        finally:
+            self._downloads[principal.id] -= 1
+            if not self._downloads[principal.id]:
+                del self._downloads[principal.id]
 
 
 # ---- operator service ------------------------------------------------------------------------------------
