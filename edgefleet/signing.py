@@ -412,6 +412,7 @@ def dumps(obj: Any) -> str:
 # Measured figures copied from the server's details into the signed metadata (the rest is recomputable).
 METRIC_KEYS = (
     "recipe",
+    "judged_by",
     "size_bytes",
     "accuracy",
     "accuracy_delta_points",
@@ -419,6 +420,9 @@ METRIC_KEYS = (
     "mean_abs_error",
     "latency_ms",
     "peak_memory_bytes",
+    "peak_memory_bytes_by_runtime",
+    "model_memory_bytes",
+    "model_memory_bytes_by_runtime",
     "runtimes_failed",
     "excluded",
 )
