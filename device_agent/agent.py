@@ -15,6 +15,7 @@ runs in model worker processes (`device_agent.serving`). Every stage is reported
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -171,6 +172,7 @@ class Agent:
                 self._local = await start_local_service(self, self.config.socket_path, self.config.local_port)
             self._scheduler = AsyncIOScheduler()
             self._scheduler.add_job(self._periodic_check, "interval", seconds=self.config.check_interval_s)
+            self._scheduler.add_job(self._supervise_worker, "interval", seconds=1.0, max_instances=1)
             self._scheduler.add_job(
                 self._collect_telemetry, "interval", seconds=self.config.telemetry_interval_s
             )
@@ -198,8 +200,13 @@ class Agent:
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed: %r", task.exception(), exc_info=task.exception())
 
     @property
     def _metadata(self) -> tuple[tuple[str, str], ...]:
@@ -316,35 +323,64 @@ class Agent:
                     Stage.UPDATE_STAGE_ROLLED_BACK,
                     f"automatic rollback: {bad} never completed its probation",
                 )
-        for role in ("current", "previous"):
-            ref = getattr(self.state, role)
-            if ref is None:
-                continue
-            try:
-                target = await asyncio.to_thread(self._load_local_target, ref)
-                if role == "current":
-                    worker = await asyncio.to_thread(
-                        self._test_candidate, target, self.store.model_path(target.sha256)
-                    )
-                    self.serving.swap(worker, target.ref())
-                    if not self.state.pending:
-                        # Re-confirm after a restart: a "healthy" report in flight at a kill is not lost.
-                        self._queue_event(target.path, Stage.UPDATE_STAGE_HEALTHY, "checked again at start")
-            except errors.EdgefleetError as e:
-                log.error("%s model %s is unusable: %s", role, ref.get("target_path"), e)
-                self.store.model_path(ref.get("sha256", "x")).unlink(missing_ok=True)
-                if role == "current":
-                    self._queue_event(
-                        ref.get("target_path", ""), Stage.UPDATE_STAGE_FAILED, f"local copy unusable: {e}"
-                    )
-                    # Fetch it again: the server still assigns it, and the bytes come back verified.
-                    self._spawn(self._apply_assignment(ref, refetch=True))
-                else:
-                    self.state.previous = None
-                    self.store.save(self.state)
-        if self.state.pending and self.state.current and self.serving.worker is not None:
-            # Killed during probation: finish it now.
-            self._spawn(self._probation(self.state.current, self.state.previous))
+        current, previous = self.state.current, self.state.previous
+        if previous is not None and not await asyncio.to_thread(self._usable, previous):
+            self.state.previous = previous = None
+            self.store.save(self.state)
+        if current is None:
+            return
+        try:
+            target = await asyncio.to_thread(self._load_local_target, current)
+            worker = await asyncio.to_thread(
+                self._test_candidate, target, self.store.model_path(target.sha256)
+            )
+        except (errors.EdgefleetError, ValueError, OSError) as e:
+            log.error("current model %s is unusable: %s", current.get("target_path"), e)
+            self.store.model_path(current.get("sha256", "x")).unlink(missing_ok=True)
+            self._queue_event(
+                current.get("target_path", ""), Stage.UPDATE_STAGE_FAILED, f"local copy unusable: {e}"
+            )
+            # Serve the previous model meanwhile (the truth goes in the status), and fetch the lost one again:
+            # the bytes come back verified.
+            self.state.current, self.state.previous, self.state.pending = previous, None, None
+            self.store.save(self.state)
+            if previous is not None:
+                await self._serve_local(previous)
+            self._spawn(self._apply_assignment(current))
+            return
+        self.serving.swap(worker, target.ref())
+        if not self.state.pending:
+            # Re-confirm after a restart: a "healthy" report in flight at a kill is not lost.
+            self._queue_event(target.path, Stage.UPDATE_STAGE_HEALTHY, "checked again at start")
+        else:
+            self._spawn(self._resume_probation(current["target_path"]))
+
+    def _usable(self, ref: dict[str, Any]) -> bool:
+        try:
+            self._load_local_target(ref)
+            return True
+        except (errors.EdgefleetError, ValueError, OSError):
+            self.store.model_path(ref.get("sha256", "x")).unlink(missing_ok=True)
+            return False
+
+    async def _serve_local(self, ref: dict[str, Any]) -> None:
+        try:
+            target = await asyncio.to_thread(self._load_local_target, ref)
+            worker = await asyncio.to_thread(
+                self._test_candidate, target, self.store.model_path(target.sha256)
+            )
+        except (errors.EdgefleetError, ValueError, OSError) as e:
+            log.error("model %s is unusable too: %s", ref.get("target_path"), e)
+            self.state.current = None
+            self.store.save(self.state)
+            return
+        self.serving.swap(worker, target.ref())
+
+    async def _resume_probation(self, path: str) -> None:
+        """Killed during a probation: finish it, under the update lock like any update."""
+        async with self._update_lock:
+            if self.state.pending and self.state.pending.get("target_path") == path and self.state.current:
+                await self._probation(self.state.current, self.state.previous)
 
     def _load_local_target(self, ref: dict[str, Any]) -> ModelTarget:
         path = self.store.model_path(ref["sha256"])
@@ -445,7 +481,7 @@ class Agent:
             log.debug("periodic check failed: %s", e.code().name)
             return
         if reply.rollback_pending:
-            await self.rollback(reply.rollback_command_id, "ordered by an operator (periodic check)")
+            self._spawn(self.rollback(reply.rollback_command_id, "ordered by an operator (periodic check)"))
         elif reply.HasField("assignment"):
             self._spawn(self._apply_assignment(ref_to_dict(reply.assignment.model)))
 
@@ -493,6 +529,8 @@ class Agent:
         reported = ""
         while self._wanted == path and not self._stopping.is_set():
             async with self._update_lock:
+                if self._wanted != path:
+                    return  # a newer assignment or a rollback came while this one waited for the lock
                 current = (self.state.current or {}).get("target_path")
                 if (current == path and not refetch) or path in self.state.bad_targets:
                     return
@@ -514,7 +552,9 @@ class Agent:
                     if isinstance(e, OSError):
                         # Disk full or failing: drop the partial download; the old model is untouched.
                         await asyncio.to_thread(self.store.prune_models, self._kept_models())
-                    if isinstance(e, (errors.MetadataExpiredError, OSError)) and reported != problem:
+                    if isinstance(
+                        e, (errors.MetadataExpiredError, errors.MetadataRefusedError, OSError)
+                    ) and (reported != problem):
                         reported = problem  # report once per kind of trouble, then retry quietly
                         self._queue_event(path, Stage.UPDATE_STAGE_FAILED, f"will retry: {problem}")
             await asyncio.sleep(backoff.next())
@@ -562,12 +602,14 @@ class Agent:
         worker = self._new_worker(target.length).spawn()
         try:
             have = model_file.exists() and await asyncio.to_thread(_verifies, target, model_file)
-            if not have:
+            if have:  # the signed description may be newer than the one kept (or lost to a kill)
+                write_atomic(model_file.with_suffix(".target.json"), target.target_json())
+            else:
                 self._queue_event(path, Stage.UPDATE_STAGE_DOWNLOADING)
-                await self._download(target)
+                resumed = await self._download(target)
                 await self.faults.at_async("downloaded")
                 self._queue_event(path, Stage.UPDATE_STAGE_DOWNLOADED)
-                await asyncio.to_thread(self._finish_file, target)
+                await asyncio.to_thread(self._finish_file, target, resumed)
             self._queue_event(
                 path, Stage.UPDATE_STAGE_VERIFIED, "signed metadata, length and sha256 check out"
             )
@@ -577,8 +619,9 @@ class Agent:
             raise
         await self._activate(target, worker)
 
-    async def _download(self, target: ModelTarget) -> None:
-        """Appends to downloads/<sha>.part from its current length; never keeps more than the signed length."""
+    async def _download(self, target: ModelTarget) -> bool:
+        """Appends to downloads/<sha>.part from its current length; never keeps more than the signed length.
+        Returns whether it resumed an earlier partial download."""
         assert self._stub is not None
         part = self.store.download_path(target.sha256)
         offset = part.stat().st_size if part.exists() else 0
@@ -586,6 +629,7 @@ class Agent:
             part.unlink()
             offset = 0
         log.info("downloading %s from byte %d of %d", target.path, offset, target.wire_length)
+        started_at = offset
         with open(part, "ab") as f:
             call = self._stub.DownloadModel(
                 device_pb2.DownloadModelRequest(target_path=target.path, offset=offset),
@@ -610,8 +654,7 @@ class Agent:
                     f.write(data)
                     offset += len(data)
             except grpc.aio.AioRpcError as e:
-                if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                    raise errors.HashMismatchError(f"server cannot serve {target.path}: {e.details()}") from e
+                # Even NOT_FOUND may be the server's passing fault (a restore): the signed target is not bad.
                 raise errors.TransportError(f"download: {e.code().name} {e.details()}") from e
             finally:
                 call.cancel()
@@ -619,8 +662,9 @@ class Agent:
                 os.fsync(f.fileno())
         if offset < target.wire_length:
             raise errors.TransportError(f"download ended at {offset} of {target.wire_length} bytes")
+        return started_at > 0
 
-    def _finish_file(self, target: ModelTarget) -> None:
+    def _finish_file(self, target: ModelTarget, resumed: bool = False) -> None:
         """Blocking: checks the wire bytes, decodes them (bounded by the signed length), checks the model's
         length and sha256, and moves it into place durably. Deletes the partial file when anything is bad."""
         part = self.store.download_path(target.sha256)
@@ -672,12 +716,28 @@ class Agent:
 
     async def _activate(self, target: ModelTarget, worker: ModelWorker) -> None:
         previous = self.state.current
+        if previous is not None and previous.get("target_path") == target.path:
+            previous = (
+                self.state.previous
+            )  # re-installing the same model (a lost copy): keep the real previous
+        floors = {
+            **self.state.floors,
+            target.name: max(self.state.floors.get(target.name, 0), target.sequence),
+        }
+        new_state = dataclasses.replace(
+            self.state,
+            current=target.ref(),
+            previous=previous,
+            pending={"target_path": target.path, "activated_ms": now_ms()},
+            floors=floors,
+        )
+        try:
+            self.store.save(new_state)  # the commit point: from here a restart runs the new model
+        except BaseException:
+            worker.kill()  # nothing changed: the old model keeps serving
+            raise
         old = self.serving.swap(worker, target.ref())
-        self.state.previous = previous
-        self.state.current = target.ref()
-        self.state.pending = {"target_path": target.path, "activated_ms": now_ms()}
-        self.state.floors[target.name] = max(self.state.floors.get(target.name, 0), target.sequence)
-        self.store.save(self.state)  # the commit point: from here a restart runs the new model
+        self.state = new_state
         await self.faults.at_async("activated")
         self._queue_event(target.path, Stage.UPDATE_STAGE_ACTIVATED)
         self._queue_status()
@@ -721,6 +781,9 @@ class Agent:
         self._mark_bad(path, problem)
         if previous is not None:
             await self._switch_to_previous("", f"automatic rollback: {problem}", ordered=False)
+        if self.state.pending and self.state.pending.get("target_path") == path:
+            self.state.pending = None  # no way back: it keeps serving, marked bad, not re-tried at each start
+            self.store.save(self.state)
 
     async def rollback(self, command_id: str, reason: str) -> None:
         """An operator's order: back to the previous model from its local copy (no download) and report it.
@@ -770,7 +833,9 @@ class Agent:
     async def _supervise_worker(self) -> None:
         """Restarts a model worker that died; a model whose worker keeps dying goes back to the previous one."""
         worker, ref = self.serving.worker, self.serving.ref
-        if worker is None or worker.alive() or worker.closed or self._update_lock.locked():
+        # The worker in the serving slot is never retired (a swap replaces the slot first), so a closed one
+        # was killed: by a call that timed out, or by the system.
+        if worker is None or worker.alive() or self._update_lock.locked():
             return
         path = ref["target_path"]
         now = time.monotonic()

@@ -52,6 +52,11 @@ class MetadataExpiredError(TransportError):
     """Refused now, but nothing is marked bad: fresh metadata (or a corrected clock) fixes it."""
 
 
+class MetadataRefusedError(TransportError):
+    """The metadata is refused (unsigned, a rollback, malformed); the model it names is not proven bad, so
+    nothing is marked: reported, and tried again later."""
+
+
 class InvalidRequestError(EdgefleetError):
     pass
 

@@ -43,6 +43,7 @@ from edgefleet.errors import (
     HashMismatchError,
     InvalidRequestError,
     MetadataExpiredError,
+    MetadataRefusedError,
     SignatureError,
     TransportError,
 )
@@ -379,9 +380,9 @@ class DeviceTrust:
                 "if that is wrong, fix the clock; otherwise the server is serving stale metadata"
             ) from e
         except tuf_exceptions.RepositoryError as e:
-            raise SignatureError(f"signed metadata refused: {type(e).__name__}: {e}") from e
+            raise MetadataRefusedError(f"signed metadata refused: {type(e).__name__}: {e}") from e
         except (DeserializationError, ValueError, KeyError, TypeError) as e:
-            raise SignatureError(f"malformed metadata: {e}") from e
+            raise MetadataRefusedError(f"signed metadata refused: malformed: {e}") from e
         if info is None:
             raise SignatureError(f"{target_path} is not in the signed targets metadata")
         return info

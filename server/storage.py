@@ -511,8 +511,8 @@ class SqlFleetStore(FleetStore):
             conn.execute(_deployments.insert().values(**deployment.__dict__))
             for device_id, target in device_targets.items():
                 values: dict[str, Any] = {"desired_target": target, "desired_deployment": deployment.id}
-                if deployment.kind == "rollback":
-                    values["rollback_command"] = deployment.id
+                # A rollback order stands until obeyed or replaced: a later deployment replaces it.
+                values["rollback_command"] = deployment.id if deployment.kind == "rollback" else ""
                 conn.execute(_devices.update().where(_devices.c.id == device_id).values(**values))
 
     def add_deployment_target(self, deployment_id: str, device_id: str, target: str) -> None:

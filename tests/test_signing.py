@@ -15,6 +15,7 @@ from edgefleet.errors import (
     HashMismatchError,
     InvalidRequestError,
     MetadataExpiredError,
+    MetadataRefusedError,
     SignatureError,
     TransportError,
 )
@@ -134,7 +135,7 @@ def test_key_rotation_new_root_signed_by_old_and_new_is_accepted_and_the_revoked
     rotated.sign(new_root, append=True)  # ...and the new key signs too
 
     repo.files["2.root"] = only_new.to_bytes()  # without the old root's signature: not a valid rotation
-    with pytest.raises(SignatureError):
+    with pytest.raises(MetadataRefusedError):
         device(tmp_path, repo).target("a")
     repo.files["2.root"] = rotated.to_bytes()
     repo.root = rotated.to_bytes()
@@ -169,7 +170,7 @@ def test_rollback_is_refused_also_when_the_stored_metadata_has_since_expired(tmp
     device(tmp_path, repo).target("b")
     time.sleep(3)  # what the device stored has now expired; it still marks the floor
     repo.files = old_files
-    with pytest.raises(SignatureError, match="BadVersionNumber|version"):
+    with pytest.raises(MetadataRefusedError, match="BadVersionNumber|version"):
         device(tmp_path, repo).target("a")
 
 
@@ -180,7 +181,7 @@ def test_new_timestamp_version_rollback_is_refused_also_after_restart(tmp_path: 
     repo.publish("b", b"2")
     device(tmp_path, repo).target("b")  # the device has seen the newer release
     repo.files = old_files  # a server (or network) replays the older, validly signed release
-    with pytest.raises(SignatureError):
+    with pytest.raises(MetadataRefusedError):
         device(tmp_path, repo).target("a")  # a new DeviceTrust: the floor came from disk
 
 
@@ -204,7 +205,7 @@ def test_malformed_metadata_gives_a_clean_error(tmp_path: Path, garbage: bytes) 
     repo = Repo(tmp_path)
     repo.publish("a", b"1")
     repo.files["timestamp"] = garbage
-    with pytest.raises(SignatureError):
+    with pytest.raises(MetadataRefusedError):
         device(tmp_path, repo).target("a")
     with pytest.raises(InvalidRequestError):
         repo.online.check_targets(garbage, 1)

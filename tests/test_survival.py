@@ -292,3 +292,21 @@ def test_device_with_revoked_credentials_is_cut_off(fleet: LocalFleet, digits_fi
     wait_for(lambda: not fleet.device(agent)["connected"], 20, "the revoked device to be disconnected")
     wait_for(lambda: "UNAUTHENTICATED" in agent.log(), 30, "the agent to be refused")
     assert _serves(agent) == V1  # local inference keeps working; only the fleet link is closed
+
+
+def test_model_worker_killed_after_probation_is_restarted_and_serving_resumes(
+    fleet: LocalFleet, digits_files: dict
+) -> None:
+    agent = _v1_running(fleet, digits_files)
+    (pid,) = wait_for(lambda: len(_worker_pids(agent)) == 1 and _worker_pids(agent), 20, "v1's worker")
+    psutil.Process(pid).kill()  # the system takes it (out of memory, say)
+    wait_for(lambda: _worker_pids(agent) and _worker_pids(agent) != [pid], 20, "a new worker")
+    wait_for(lambda: _answers_with(agent, V1), 20, "inference to resume")
+    assert agent.running() == V1 and V1 not in agent.state()["bad_targets"]
+
+
+def _answers_with(agent: AgentProcess, target: str) -> bool:
+    try:
+        return _serves(agent) == target
+    except Exception:  # the call in flight when the worker died fails; the next ones must not
+        return False
