@@ -797,7 +797,9 @@ async def test_overload_is_refused_with_resource_exhausted_and_the_server_recove
             print(
                 f"\n2000 calls over a limit of {limit} in {burst_s:.2f} s: {dict(counts)}; peak {sampler.peak}"
             )
-            assert set(counts) <= {OK, EXHAUSTED}, counts
+            # Every answer is a clean one a device retries: RESOURCE_EXHAUSTED, or UNAVAILABLE when the
+            # database is what is busy (its write lock waits are bounded). Never INTERNAL or a hang.
+            assert set(counts) <= {OK, EXHAUSTED, grpc.StatusCode.UNAVAILABLE}, counts
             # What does not fit is refused at once, or waits its turn on its own connection (32 streams
             # each): the server never takes on more than it has room for.
             assert counts[EXHAUSTED] > 0, counts
