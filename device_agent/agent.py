@@ -152,7 +152,6 @@ class Agent:
         self._stopping = asyncio.Event()
         self._scheduler: AsyncIOScheduler | None = None
         self._local: Any = None
-        self.started = asyncio.Event()
         self.trust = DeviceTrust(self.store.folder / "metadata", self._get_metadata_blocking)
         self.faults = Faults.from_env()
         self._worker_crashes: dict[str, list[float]] = {}  # target -> monotonic times its worker died
@@ -178,7 +177,6 @@ class Agent:
             )
             self._scheduler.start()
             self._spawn(self._send_telemetry())
-            self.started.set()
             await self._connection_loop()
         finally:
             await self._shutdown()
@@ -510,7 +508,7 @@ class Agent:
 
     # ---- updates ---------------------------------------------------------------------------------------
 
-    async def _apply_assignment(self, ref: dict[str, Any] | None, refetch: bool = False) -> None:
+    async def _apply_assignment(self, ref: dict[str, Any] | None) -> None:
         """Installs the assigned model. Transport failures, expired metadata and a full disk are retried
         with backoff until it works or a newer assignment replaces it; a bad artifact marks the version bad
         (never retried); a downgrade without an operator's signature is refused until the metadata changes."""
@@ -520,11 +518,11 @@ class Agent:
         self._wanted = path
         self._applying.add(path)
         try:
-            await self._apply_loop(path, refetch)
+            await self._apply_loop(path)
         finally:
             self._applying.discard(path)
 
-    async def _apply_loop(self, path: str, refetch: bool) -> None:
+    async def _apply_loop(self, path: str) -> None:
         backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
         reported = ""
         while self._wanted == path and not self._stopping.is_set():
@@ -532,7 +530,7 @@ class Agent:
                 if self._wanted != path:
                     return  # a newer assignment or a rollback came while this one waited for the lock
                 current = (self.state.current or {}).get("target_path")
-                if (current == path and not refetch) or path in self.state.bad_targets:
+                if current == path or path in self.state.bad_targets:
                     return
                 try:
                     await self._install(path)

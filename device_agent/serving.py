@@ -277,7 +277,3 @@ def _check_inputs(signature: ModelSignature | None, inputs: Sequence[np.ndarray]
             raise InvalidRequestError(
                 f"input {spec.name!r} must be {spec.dtype} {list(spec.shape)}, got {got}"
             )
-
-
-def cpu_count() -> int:
-    return os.cpu_count() or 1

@@ -233,7 +233,7 @@ class LocalFleet:
         self.agents[name] = agent
         if wait:
             wait_for(
-                lambda: agent.device_id() and Path(agent.socket).exists() or _dead(agent),
+                lambda: agent.device_id() and _answers(agent.socket) or _dead(agent),
                 60,
                 f"{name} to start",
             )

@@ -13,7 +13,6 @@ channel was authenticated with, never from a request field.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 from dataclasses import dataclass
 from functools import lru_cache
@@ -203,12 +202,6 @@ def identity_of(pem: bytes) -> Identity:
         cert.serial_number,
         cert.not_valid_after_utc,
     )
-
-
-def fingerprint(pem: bytes) -> str:
-    return hashlib.sha256(
-        x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
-    ).hexdigest()
 
 
 @dataclass(frozen=True)

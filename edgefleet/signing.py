@@ -48,7 +48,6 @@ from edgefleet.errors import (
     TransportError,
 )
 
-SPEC_VERSION = "1.0.31"
 ROOT_LIFETIME = timedelta(days=365)
 TARGETS_LIFETIME = timedelta(days=365)
 SNAPSHOT_LIFETIME = timedelta(days=7)
@@ -402,10 +401,6 @@ def custom_of(target: TargetFile) -> dict[str, Any]:
     if not isinstance(custom, dict):
         raise SignatureError(f"{target.path}: custom metadata is not an object")
     return custom
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)
 
 
 # ---- what a model target's custom fields say ---------------------------------------------------------------
