@@ -806,8 +806,15 @@ async def test_overload_is_refused_with_resource_exhausted_and_the_server_recove
             assert burst_s < 20, burst_s  # refused at once, not queued until a deadline
             refusals = [(code, details) for d in late for _, code, details in d.ends]
             assert refusals, "no late device was refused"
+            # A late device's stream may also be refused by HTTP/2 itself: its own connection carries its
+            # share of the burst, and a stream over the 32-per-connection cap that races the server's
+            # SETTINGS frame is reset with REFUSED_STREAM (code 7) before any handler ran. gRPC reports that
+            # as UNAVAILABLE, which the agent retries with backoff like the others.
             assert all(
-                (code, details) == CLIENT_SIDE_INTERNAL or code == EXHAUSTED for code, details in refusals
+                (code, details) == CLIENT_SIDE_INTERNAL
+                or code == EXHAUSTED
+                or (code == grpc.StatusCode.UNAVAILABLE and "error code 7" in details)
+                for code, details in refusals
             ), collections.Counter(refusals)
             assert health in (OK, EXHAUSTED), health
             assert server.alive(), server.log_tail()
