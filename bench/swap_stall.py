@@ -286,9 +286,9 @@ def run_case(
     def start_worker(model: Model, spawned: ModelWorker | None = None) -> ModelWorker:
         worker = spawned or ModelWorker(model.path, runtime)
         workers.append(worker)
-        worker.load(model.path, timeout=30)
-        # The agent's golden check: one call on the candidate before it serves.
-        (out,) = worker.call([x], timeout=CALL_TIMEOUT_S)
+        # The agent's golden check: one call on the candidate, run as part of its load, before it serves.
+        worker.load(model.path, timeout=30, warm_inputs=[x])
+        (out,) = worker.warm_outputs or [None]
         if not np.allclose(out, expected[model.name], rtol=1e-5, atol=1e-7):
             raise RuntimeError(f"{model.name}: wrong warm-up output")
         return worker

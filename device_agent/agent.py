@@ -703,10 +703,14 @@ class Agent:
         the signed signature and its output on the signed golden input. The warm worker is returned."""
         worker = worker or self._new_worker(target.length)
         try:
-            signature = worker.load(model_file, timeout=self.config.candidate_timeout_s)
+            signature = worker.load(
+                model_file, timeout=self.config.candidate_timeout_s, warm_inputs=target.golden.inputs
+            )
             check_signature(signature, target.signature)
-            outputs = worker.call(list(target.golden.inputs), timeout=self.config.candidate_timeout_s)
-            target.golden.check(outputs)
+            if worker.warm_error is not None:
+                raise errors.ModelError(f"the candidate fails on its golden input: {worker.warm_error}")
+            assert worker.warm_outputs is not None
+            target.golden.check(worker.warm_outputs)
         except BaseException:
             worker.kill()
             raise

@@ -57,6 +57,8 @@ class ModelWorker:
         self.lock = threading.Lock()  # one request at a time through the socket
         self.closed = False
         self.signature: ModelSignature | None = None
+        self.warm_outputs: list[np.ndarray] | None = None  # of the warm-up inputs given to `load`
+        self.warm_error: str | None = None  # why those inputs failed, when they did
         self._process: Any = None
         self._conn: multiprocessing.connection.Connection | None = None
 
@@ -71,6 +73,8 @@ class ModelWorker:
             stdin=subprocess.DEVNULL,
             env={
                 **os.environ,
+                # numpy's BLAS would start a thread per core that the worker never uses (it does no algebra).
+                "OPENBLAS_NUM_THREADS": "1",
                 "PYTHONPATH": os.pathsep.join(filter(None, [_PROJECT_ROOT, os.environ.get("PYTHONPATH")])),
             },
         )
@@ -78,13 +82,17 @@ class ModelWorker:
         self._conn = multiprocessing.connection.Connection(parent.detach())
         return self
 
-    def load(self, model_path: Path, timeout: float = 30.0) -> ModelSignature:
+    def load(
+        self, model_path: Path, timeout: float = 30.0, warm_inputs: Sequence[np.ndarray] | None = None
+    ) -> ModelSignature:
+        """Loads the model; with `warm_inputs` also runs them once, in the same low-priority load (their
+        outputs land in `warm_outputs`, or the reason they failed in `warm_error`)."""
         if self._process is None:
             self.spawn()
         assert self._conn is not None
         self.model_path = Path(model_path)
         try:
-            self._conn.send(str(model_path))
+            self._conn.send((str(model_path), None if warm_inputs is None else list(warm_inputs)))
         except OSError as e:
             self.kill()
             raise ModelError(f"model worker died before loading (exit code {self._exit_code()})") from e
@@ -93,6 +101,7 @@ class ModelWorker:
             self.kill()
             raise ModelError(f"model does not load: {reply[1]}")
         self.signature = ModelSignature.from_json(reply[1])
+        self.warm_outputs, self.warm_error = reply[2], reply[3]
         return self.signature
 
     def start(self, timeout: float = 30.0) -> ModelSignature:
@@ -139,6 +148,10 @@ class ModelWorker:
             outputs: list[np.ndarray] = payload
             return outputs
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def alive(self) -> bool:
         return bool(self._process is not None and self._process.poll() is None and not self.closed)
 
@@ -146,8 +159,10 @@ class ModelWorker:
         """Waits for the call in progress, then stops the worker. A kill, not a polite exit: the worker has
         nothing to flush, and a Python shutdown costs 50-120 ms of CPU that callers would feel."""
         with self.lock:
+            # Callers queued behind the call in progress see `closed` and go to the new worker at once,
+            # instead of waiting for the kill below.
             self.closed = True
-            self.kill()
+        self.kill()
 
     def kill(self) -> None:
         self.closed = True
