@@ -9,15 +9,17 @@ that overlapped the window (median and max over the repetitions):
     control                 sleep 150 ms: what the machine does on its own.
     ModelWorker start+warm  what the agent does to load a candidate: a new Python process (interpreter start,
                             numpy + runtime imports), model load, one call.
-    graceful retire()       what the agent does to the old worker: it is sent None and exits normally
+    graceful exit           what the agent first did to the old worker: it is sent None and exits normally
                             (Python's full interpreter teardown), then reaped.
-    lock + SIGKILL          the alternative: take the worker's lock (the call in progress finishes), mark it
-                            closed, SIGKILL it. A worker has nothing to flush.
+    retire(): SIGKILL       what the agent does now (`ModelWorker.retire`, chosen after this experiment): take
+                            the worker's lock (the call in progress finishes), mark it closed, SIGKILL it. A
+                            worker has nothing to flush.
     spare: load+warm        the alternative for loading: a spare Python process that already imported numpy
                             and the runtime (started beforehand, outside the window) only loads the model and
                             runs one call.
 
-This is an experiment for the design, not a test: the last two are not what the agent does today.
+This is an experiment for the design, not a test: "graceful exit" and "spare" are not what the agent does
+today.
 
 Run: .venv/bin/python bench/swap_phases.py [--sizes 1,30] [--runtime ai-edge-litert] [--reps 8]
 """
@@ -89,17 +91,19 @@ def run_size(mib: int, runtime: str, args: argparse.Namespace, tmp: Path) -> Non
         spare.stdin.flush()
         assert spare.stdout.readline().strip() == "loaded"
 
-    def sigkill(worker: ModelWorker) -> None:
+    def graceful_exit(worker: ModelWorker) -> None:
         with worker.lock:
             worker.closed = True
+            worker._conn.send(None)  # the worker's loop ends on None
+            worker._process.wait(timeout=30)
         worker.kill()
 
     # name -> (prepare outside the window, the action timed, clean up outside the window)
     actions: dict[str, tuple[Callable[[], Any], Callable[[Any], Any], Callable[[Any], None]]] = {
         "control: sleep 150 ms": (lambda: None, lambda _: time.sleep(0.15), lambda _: None),
         "ModelWorker start+warm": (lambda: None, lambda _: new_worker(), lambda w: w.kill()),
-        "graceful retire()": (new_worker, lambda w: w.retire(), lambda _: None),
-        "lock + SIGKILL": (new_worker, sigkill, lambda _: None),
+        "graceful exit": (new_worker, graceful_exit, lambda _: None),
+        "retire(): SIGKILL": (new_worker, lambda w: w.retire(), lambda _: None),
         "spare: load+warm": (new_spare, spare_load, lambda _: None),
     }
     windows: dict[str, list[tuple[float, float]]] = {name: [] for name in actions}
