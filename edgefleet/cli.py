@@ -477,6 +477,7 @@ def _deployment_row(d: Any) -> dict[str, Any]:
         "healthy": d.devices_healthy,
         "failed": d.devices_failed,
         "pending": d.devices_pending,
+        "superseded": d.devices_superseded,
         "unassigned": list(d.unassigned),
         "choices": list(d.choices),
     }
@@ -492,7 +493,18 @@ def cmd_deployments(args: argparse.Namespace) -> None:
         emit(
             args,
             rows,
-            ["id", "kind", "model", "selector", "variant", "targeted", "healthy", "failed", "pending"],
+            [
+                "id",
+                "kind",
+                "model",
+                "selector",
+                "variant",
+                "targeted",
+                "healthy",
+                "failed",
+                "pending",
+                "superseded",
+            ],
         )
         if not args.watch or not rows or rows[-1]["pending"] == 0:
             return

@@ -116,6 +116,7 @@ class DeploymentStatus:
     healthy: int = 0
     failed: int = 0
     pending: int = 0
+    superseded: int = 0  # targeted, since taken over by a later deployment or rollback
     notified: int = 0
     unassigned: list[str] = field(default_factory=list)
     choices: list[str] = field(default_factory=list)
@@ -607,7 +608,6 @@ class Fleet:
             status = statuses.get(device.desired_deployment)
             if status is None:
                 continue
-            status.targeted += 1
             current = (device.current or {}).get("target_path")
             if current == device.desired_target and device.last_stage in ("healthy", "rolled_back"):
                 status.healthy += 1
@@ -615,6 +615,10 @@ class Fleet:
                 status.failed += 1
             else:
                 status.pending += 1
+        for status in statuses.values():
+            still_pointing = status.healthy + status.failed + status.pending
+            status.targeted = max(status.deployment.devices_targeted, still_pointing)
+            status.superseded = status.targeted - still_pointing
         return list(statuses.values())
 
     async def list_devices(self, selector_text: str = "") -> list[DeviceRecord]:

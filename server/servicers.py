@@ -211,6 +211,7 @@ def deployment_info(status: DeploymentStatus) -> operator_pb2.DeploymentInfo:
         devices_healthy=status.healthy,
         devices_failed=status.failed,
         devices_pending=status.pending,
+        devices_superseded=status.superseded,
         devices_notified=status.notified,
         variant=d.variant,
         unassigned=status.unassigned,

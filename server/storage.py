@@ -27,11 +27,20 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from edgefleet.durable import commit_file
 from edgefleet.errors import (
     ConflictError,
+    EdgefleetError,
     HashMismatchError,
     InvalidRequestError,
     NotFoundError,
     TransportError,
 )
+
+# Raise it with every change to the tables below: a server refuses a database made for another version
+# instead of failing later on a missing column.
+SCHEMA_VERSION = 2
+
+
+class SchemaMismatchError(EdgefleetError):
+    """The database was made by an edgefleet with other tables."""
 
 
 def now_ms() -> int:
@@ -91,6 +100,7 @@ class Deployment:
     kind: str = "deploy"  # or "rollback"
     reason: str = ""
     variant: str = ""  # pinned variant, "" = the per-device choice
+    devices_targeted: int = 0  # every device it has pointed at, also those a later deployment took over
 
 
 @dataclass
@@ -241,6 +251,7 @@ _metadata_files = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("content", sa.LargeBinary, nullable=False),
 )
+_schema = sa.Table("schema_version", _meta, sa.Column("version", sa.Integer, nullable=False))
 _repo = sa.Table(
     "repo_versions",
     _meta,
@@ -261,6 +272,7 @@ _deployments = sa.Table(
     sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("reason", sa.Text, nullable=False, default=""),
     sa.Column("variant", sa.String(64), nullable=False, default=""),
+    sa.Column("devices_targeted", sa.Integer, nullable=False, default=0),
 )
 _events = sa.Table(
     "events",
@@ -350,7 +362,20 @@ class SqlFleetStore(FleetStore):
                 url = "postgresql+psycopg://" + url[len("postgresql://") :]
             self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
         with self._tx() as conn:
+            ours = set(_meta.tables) - {_schema.name}
+            older_tables = ours & set(sa.inspect(conn).get_table_names())
             _meta.create_all(conn)
+            found = conn.execute(sa.select(_schema.c.version)).scalar()
+            if found is None and older_tables:
+                found = 1  # made before the schema had a version
+            if found is None:
+                conn.execute(_schema.insert().values(version=SCHEMA_VERSION))
+            elif found != SCHEMA_VERSION:
+                raise SchemaMismatchError(
+                    f"the database at {_safe_url(url)} has schema version {found}, this edgefleet uses "
+                    f"{SCHEMA_VERSION}; start the edgefleet that made it, or give this one a new database "
+                    "(--database-url or a new --data-dir)"
+                )
             if conn.execute(sa.select(_repo.c.id)).first() is None:
                 conn.execute(_repo.insert().values(id=1, root=0, targets=0, snapshot=0, timestamp=0))
 
@@ -508,7 +533,9 @@ class SqlFleetStore(FleetStore):
 
     def add_deployment(self, deployment: Deployment, device_targets: dict[str, str]) -> None:
         with self._tx() as conn:
-            conn.execute(_deployments.insert().values(**deployment.__dict__))
+            conn.execute(
+                _deployments.insert().values({**deployment.__dict__, "devices_targeted": len(device_targets)})
+            )
             for device_id, target in device_targets.items():
                 values: dict[str, Any] = {"desired_target": target, "desired_deployment": deployment.id}
                 # A rollback order stands until obeyed or replaced: a later deployment replaces it.
@@ -517,11 +544,17 @@ class SqlFleetStore(FleetStore):
 
     def add_deployment_target(self, deployment_id: str, device_id: str, target: str) -> None:
         with self._tx() as conn:
-            conn.execute(
+            pointed = conn.execute(
                 _devices.update()
-                .where(_devices.c.id == device_id)
+                .where(_devices.c.id == device_id, _devices.c.desired_deployment != deployment_id)
                 .values(desired_target=target, desired_deployment=deployment_id)
             )
+            if pointed.rowcount:  # count each device once
+                conn.execute(
+                    _deployments.update()
+                    .where(_deployments.c.id == deployment_id)
+                    .values(devices_targeted=_deployments.c.devices_targeted + 1)
+                )
 
     def list_deployments(self) -> list[Deployment]:
         with self._tx() as conn:
@@ -653,3 +686,8 @@ class FilesystemBlobStore(BlobStore):
         except BaseException:
             writer.abort()
             raise
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return sa.engine.make_url(url).render_as_string(hide_password=True)

@@ -11,12 +11,14 @@ import pytest
 
 from edgefleet.errors import ConflictError, HashMismatchError, InvalidRequestError, NotFoundError
 from server.storage import (
+    SCHEMA_VERSION,
     Deployment,
     EventRecord,
     FilesystemBlobStore,
     FleetStore,
     ModelRecord,
     RepoVersions,
+    SchemaMismatchError,
     now_ms,
     open_store,
 )
@@ -99,6 +101,17 @@ def test_deployment_sets_desired_targets_atomically(store: FleetStore) -> None:
     assert [d.id for d in store.list_deployments()] == ["dep-1", "rb-1"]
 
 
+def test_a_deployment_counts_every_device_it_pointed_at_once(store: FleetStore) -> None:
+    token = store.create_enrollment_token("g", 3, now_ms() + 60_000)
+    a, b, late = (store.enroll(token, name, {})[0] for name in ("a", "b", "late"))
+    store.add_deployment(Deployment("dep-1", "m", "1", "all", now_ms()), {a.id: "m/1/x", b.id: "m/1/x"})
+    store.add_deployment_target("dep-1", late.id, "m/1/x")
+    store.add_deployment_target("dep-1", late.id, "m/1/x")  # the same device again: counted once
+    store.add_deployment(Deployment("dep-2", "m", "2", f"device:{a.id}", now_ms()), {a.id: "m/2/x"})
+    counts = {d.id: d.devices_targeted for d in store.list_deployments()}
+    assert counts == {"dep-1": 3, "dep-2": 1}
+
+
 def test_events_and_telemetry_are_listed_oldest_first(store: FleetStore) -> None:
     for i in range(3):
         store.add_event(EventRecord("d", "t", "healthy", str(i), i))
@@ -119,3 +132,21 @@ def test_blob_store_is_content_addressed_and_checks_the_hash(tmp_path: Path) -> 
     with pytest.raises(InvalidRequestError, match="limit"):
         blobs.put_bytes(b"x" * 101)
     assert not list((tmp_path / "blobs" / "tmp").iterdir())  # no partial files left behind
+
+
+def test_a_database_of_another_schema_version_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    open_store(url).close()
+    open_store(url).close()  # its own database: fine
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE schema_version SET version = version + 1"))
+    with pytest.raises(SchemaMismatchError, match="new database"):
+        open_store(url)
+    with engine.begin() as conn:  # made before the schema had a version
+        conn.execute(sa.text("DROP TABLE schema_version"))
+    with pytest.raises(SchemaMismatchError, match=f"schema version 1, this edgefleet uses {SCHEMA_VERSION}"):
+        open_store(url)
+    engine.dispose()

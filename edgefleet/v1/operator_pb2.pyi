@@ -483,6 +483,7 @@ class DeploymentInfo(_message.Message):
     UNASSIGNED_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     CHOICES_FIELD_NUMBER: _builtins.int
+    DEVICES_SUPERSEDED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model_name: _builtins.str
     version: _builtins.str
@@ -497,6 +498,10 @@ class DeploymentInfo(_message.Message):
     variant: _builtins.str
     kind: _builtins.str
     """"deploy" or "rollback" """
+    devices_superseded: _builtins.int
+    """Targeted, then taken over by a later deployment or rollback: targeted = healthy + failed + pending +
+    superseded.
+    """
     @_builtins.property
     def unassigned(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"<device>: why no variant fits" """
@@ -522,10 +527,11 @@ class DeploymentInfo(_message.Message):
         unassigned: _abc.Iterable[_builtins.str] | None = ...,
         kind: _builtins.str = ...,
         choices: _abc.Iterable[_builtins.str] | None = ...,
+        devices_superseded: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created_at_unix_ms", b"created_at_unix_ms", "devices_failed", b"devices_failed", "devices_healthy", b"devices_healthy", "devices_notified", b"devices_notified", "devices_pending", b"devices_pending", "devices_targeted", b"devices_targeted", "id", b"id", "kind", b"kind", "model_name", b"model_name", "selector", b"selector", "unassigned", b"unassigned", "variant", b"variant", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created_at_unix_ms", b"created_at_unix_ms", "devices_failed", b"devices_failed", "devices_healthy", b"devices_healthy", "devices_notified", b"devices_notified", "devices_pending", b"devices_pending", "devices_superseded", b"devices_superseded", "devices_targeted", b"devices_targeted", "id", b"id", "kind", b"kind", "model_name", b"model_name", "selector", b"selector", "unassigned", b"unassigned", "variant", b"variant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
