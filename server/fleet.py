@@ -559,12 +559,14 @@ class Fleet:
             "dep-" + secrets.token_hex(4), name, version, str(selector), now_ms(), variant=variant
         )
         targets: dict[str, str] = {}
+        pushes: list[tuple[DeviceRecord, ModelRecord]] = []
         unassigned: list[str] = []
         choices: list[str] = []
         for device in await self._targeted(selector):
             chosen, why = choose(variants, device.capabilities, device.bad_targets, variant)
             if chosen is not None:
                 targets[device.id] = chosen.target_path
+                pushes.append((device, chosen))
                 choices.append(f"{device.name} ({device.id}): {chosen.variant}: {why}")
             else:
                 unassigned.append(f"{device.name} ({device.id}): {why}")
@@ -572,10 +574,13 @@ class Fleet:
         status = DeploymentStatus(
             deployment, targeted=len(targets), pending=len(targets), unassigned=unassigned, choices=choices
         )
-        for device_id in targets:
-            before = self.is_connected(device_id)
-            await self.push_pending(device_id)
-            status.notified += before
+        # What `push_pending` would read back from the database, known here already: one read per device
+        # would make a deployment to 50,000 devices outlast the CLI's wait.
+        for device, chosen in pushes:
+            if self.is_connected(device.id):
+                status.notified += 1
+                if chosen.target_path != (device.current or {}).get("target_path"):
+                    self._push(device.id, AssignmentPush(chosen, deployment.id))
         log.info(
             "deployment %s: %s %s to %s (%d devices)", deployment.id, name, version, selector, len(targets)
         )

@@ -536,11 +536,16 @@ class SqlFleetStore(FleetStore):
             conn.execute(
                 _deployments.insert().values({**deployment.__dict__, "devices_targeted": len(device_targets)})
             )
+            by_target: dict[str, list[str]] = {}
             for device_id, target in device_targets.items():
+                by_target.setdefault(target, []).append(device_id)
+            for target, device_ids in by_target.items():
                 values: dict[str, Any] = {"desired_target": target, "desired_deployment": deployment.id}
                 # A rollback order stands until obeyed or replaced: a later deployment replaces it.
                 values["rollback_command"] = deployment.id if deployment.kind == "rollback" else ""
-                conn.execute(_devices.update().where(_devices.c.id == device_id).values(**values))
+                for i in range(0, len(device_ids), 500):  # well under any database's parameter limit
+                    batch = device_ids[i : i + 500]
+                    conn.execute(_devices.update().where(_devices.c.id.in_(batch)).values(**values))
 
     def add_deployment_target(self, deployment_id: str, device_id: str, target: str) -> None:
         with self._tx() as conn:

@@ -1,0 +1,117 @@
+"""How long does `edgefleet deploy --to all` take on a large fleet, and what does it cost per device?
+
+A real server (`server.app.start_server`, SQLite under a temp folder) in this process; the devices are rows
+written straight into its database (enrolling 20,000 devices through the RPC would take a minute and is
+measured by `fleet_load.py`), none of them connected. For each fleet size, `Fleet.deploy` to all, as the
+CreateDeployment RPC calls it: the wall time, the time per device, and whether every device's record then
+points at the new deployment. Then a second deployment to all (each device is taken over from the first).
+
+The CLI waits 30 s for CreateDeployment: that is the budget a deployment to the whole fleet must fit in.
+
+Run: .venv/bin/python bench/deploy_scale.py [--sizes 1000,5000,20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from edgefleet import signing
+from server.app import ServerConfig, start_server
+from server.fleet import target_path
+from server.storage import ModelRecord, now_ms
+
+CLI_TIMEOUT_S = 30
+
+
+def add_devices(fleet: object, count: int) -> None:
+    engine = fleet.store.engine  # type: ignore[attr-defined]
+    devices = sa.Table("devices", sa.MetaData(), autoload_with=engine)
+    now = now_ms()
+    rows = [
+        {
+            "id": f"dev-{i:06d}",
+            "name": f"sim-{i}",
+            "group_name": "default",
+            "token_hash": secrets.token_hex(32),
+            "enrolled_ms": now,
+            "last_seen_ms": now,
+            "current": None,
+            "previous": None,
+            "desired_target": "",
+            "desired_deployment": "",
+            "capabilities": {},
+            "bad_targets": [],
+            "last_stage": "",
+            "last_reason": "",
+            "rollback_command": "",
+            "revoked": False,
+            "status_sequence": 0,
+            "clock_skew_ms": 0,
+        }
+        for i in range(count)
+    ]
+    with engine.begin() as conn:
+        conn.execute(devices.insert(), rows)
+
+
+def add_model(fleet: object, version: str) -> None:
+    store = fleet.store  # type: ignore[attr-defined]
+    record = ModelRecord(
+        target_path("demo", version), "demo", version, "float32", "0" * 64, 1, {}, now_ms(), signed=True
+    )
+    store.add_model(record)
+    store.mark_signed([record.target_path])
+
+
+async def run(size: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        keys = signing.init_keys(folder / "keys")
+        running = await start_server(
+            ServerConfig(
+                data_dir=folder / "data",
+                listen="127.0.0.1:0",
+                enroll_listen="127.0.0.1:0",
+                trust_root=keys.trust_root,
+                online_key=keys.online,
+                grace_seconds=0,
+            )
+        )
+        try:
+            fleet = running.fleet
+            await asyncio.to_thread(add_devices, fleet, size)
+            for version in ("1", "2"):
+                await asyncio.to_thread(add_model, fleet, version)
+            for version in ("1", "2"):
+                started = time.perf_counter()
+                status = await fleet.deploy("demo", version, "all")
+                seconds = time.perf_counter() - started
+                devices = await fleet.list_devices()
+                pointing = sum(d.desired_deployment == status.deployment.id for d in devices)
+                verdict = "within" if seconds < CLI_TIMEOUT_S else "OVER"
+                print(
+                    f"{size:>7} devices  deploy v{version}: {seconds:7.2f} s  "
+                    f"{seconds / size * 1e6:7.0f} us/device  targeted {status.targeted}, "
+                    f"records pointing at it {pointing}  ({verdict} the CLI's {CLI_TIMEOUT_S} s)"
+                )
+        finally:
+            await running.stop(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,5000,20000")
+    args = parser.parse_args()
+    for size in (int(s) for s in args.sizes.split(",")):
+        asyncio.run(run(size))
+
+
+if __name__ == "__main__":
+    main()
