@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from edgefleet.localfleet import LocalFleet
 from edgefleet.modelgen import DigitsData, build_digits_model
@@ -30,6 +32,21 @@ def digits_files(
     (folder / "v2.tflite").write_bytes(v2)
     np.savez(folder / "eval.npz", x=data.x_test, y=data.y_test)
     return {"v1": folder / "v1.tflite", "v2": folder / "v2.tflite", "eval": folder / "eval.npz"}
+
+
+def database_url(backend: str, tmp_path: Path) -> str:
+    """A fresh, empty database: a SQLite file under `tmp_path`, or the PostgreSQL database that scripts/test
+    started (emptied first); skips the test when there is no PostgreSQL."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'fleet.db'}"
+    url = os.environ.get("EDGEFLEET_TEST_POSTGRES_URL", "")
+    if not url:
+        pytest.skip("no PostgreSQL: scripts/test starts one (scripts/test-postgres)")
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+    return url
 
 
 @pytest.fixture

@@ -7,14 +7,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from conftest import database_url
 from rpc_harness import Harness, running_harness
 
 from edgefleet.v1 import operator_pb2
 
 
-@pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    async with running_harness(tmp_path) as h:
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with running_harness(tmp_path, database_url=database_url(request.param, tmp_path)) as h:
         yield h
 
 

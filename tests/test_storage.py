@@ -3,11 +3,11 @@ EDGEFLEET_TEST_POSTGRES_URL names one)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import database_url
 
 from edgefleet.errors import ConflictError, HashMismatchError, InvalidRequestError, NotFoundError
 from server.storage import (
@@ -23,22 +23,10 @@ from server.storage import (
     open_store,
 )
 
-BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get("EDGEFLEET_TEST_POSTGRES_URL") else [])
 
-
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FleetStore]:
-    if request.param == "sqlite":
-        s = open_store(f"sqlite:///{tmp_path / 'fleet.db'}")
-    else:
-        import sqlalchemy as sa
-
-        url = os.environ["EDGEFLEET_TEST_POSTGRES_URL"]
-        engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
-        with engine.begin() as conn:
-            conn.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-        engine.dispose()
-        s = open_store(url)
+    s = open_store(database_url(request.param, tmp_path))
     yield s
     s.close()
 
