@@ -251,7 +251,12 @@ _metadata_files = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("content", sa.LargeBinary, nullable=False),
 )
-_schema = sa.Table("schema_version", _meta, sa.Column("version", sa.Integer, nullable=False))
+_schema = sa.Table(
+    "schema_version",
+    _meta,
+    sa.Column("id", sa.Integer, primary_key=True),  # one row
+    sa.Column("version", sa.Integer, nullable=False),
+)
 _repo = sa.Table(
     "repo_versions",
     _meta,
@@ -272,7 +277,7 @@ _deployments = sa.Table(
     sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("reason", sa.Text, nullable=False, default=""),
     sa.Column("variant", sa.String(64), nullable=False, default=""),
-    sa.Column("devices_targeted", sa.Integer, nullable=False, default=0),
+    sa.Column("devices_targeted", sa.Integer, nullable=False, server_default="0"),
 )
 _events = sa.Table(
     "events",
@@ -361,21 +366,28 @@ class SqlFleetStore(FleetStore):
             if url.startswith("postgresql://"):
                 url = "postgresql+psycopg://" + url[len("postgresql://") :]
             self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        try:
+            self._set_up_schema()
+        except BaseException:
+            self.engine.dispose()
+            raise
+
+    def _set_up_schema(self) -> None:
         with self._tx() as conn:
-            ours = set(_meta.tables) - {_schema.name}
-            older_tables = ours & set(sa.inspect(conn).get_table_names())
-            _meta.create_all(conn)
-            found = conn.execute(sa.select(_schema.c.version)).scalar()
-            if found is None and older_tables:
-                found = 1  # made before the schema had a version
-            if found is None:
-                conn.execute(_schema.insert().values(version=SCHEMA_VERSION))
-            elif found != SCHEMA_VERSION:
+            if conn.dialect.name == "postgresql":  # servers starting together set the schema up one by one
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7368657)"))
+            found = _schema_version(conn)
+            if found is not None and found > SCHEMA_VERSION:
                 raise SchemaMismatchError(
-                    f"the database at {_safe_url(url)} has schema version {found}, this edgefleet uses "
-                    f"{SCHEMA_VERSION}; start the edgefleet that made it, or give this one a new database "
-                    "(--database-url or a new --data-dir)"
+                    f"the database at {_safe_url(self.url)} has schema version {found}, made by a newer edgefleet "
+                    f"(this one knows up to {SCHEMA_VERSION}); run that version or a newer one"
                 )
+            _meta.create_all(conn)  # the tables a new database needs; existing ones are left as they are
+            if found is not None and found < 2:
+                _migrate_to_2(conn)
+            if found != SCHEMA_VERSION:
+                conn.execute(_schema.delete())
+                conn.execute(_schema.insert().values(id=1, version=SCHEMA_VERSION))
             if conn.execute(sa.select(_repo.c.id)).first() is None:
                 conn.execute(_repo.insert().values(id=1, root=0, targets=0, snapshot=0, timestamp=0))
 
@@ -533,9 +545,8 @@ class SqlFleetStore(FleetStore):
 
     def add_deployment(self, deployment: Deployment, device_targets: dict[str, str]) -> None:
         with self._tx() as conn:
-            conn.execute(
-                _deployments.insert().values({**deployment.__dict__, "devices_targeted": len(device_targets)})
-            )
+            conn.execute(_deployments.insert().values({**deployment.__dict__, "devices_targeted": 0}))
+            pointed = 0
             by_target: dict[str, list[str]] = {}
             for device_id, target in device_targets.items():
                 by_target.setdefault(target, []).append(device_id)
@@ -545,7 +556,14 @@ class SqlFleetStore(FleetStore):
                 values["rollback_command"] = deployment.id if deployment.kind == "rollback" else ""
                 for i in range(0, len(device_ids), 500):  # well under any database's parameter limit
                     batch = device_ids[i : i + 500]
-                    conn.execute(_devices.update().where(_devices.c.id.in_(batch)).values(**values))
+                    pointed += conn.execute(
+                        _devices.update().where(_devices.c.id.in_(batch)).values(**values)
+                    ).rowcount
+            conn.execute(
+                _deployments.update()
+                .where(_deployments.c.id == deployment.id)
+                .values(devices_targeted=pointed)
+            )
 
     def add_deployment_target(self, deployment_id: str, device_id: str, target: str) -> None:
         with self._tx() as conn:
@@ -696,3 +714,32 @@ class FilesystemBlobStore(BlobStore):
 def _safe_url(url: str) -> str:
     """The URL without its password, for messages and logs."""
     return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def _schema_version(conn: sa.Connection) -> int | None:
+    """The database's schema version; None for an empty database."""
+    tables = set(sa.inspect(conn).get_table_names())
+    if _schema.name in tables:
+        found = conn.execute(sa.select(sa.func.max(_schema.c.version))).scalar()
+        if found is not None:
+            return int(found)
+    # Our tables without a version row: made before versions (1), or a first start that stopped half-way
+    # (SQLite commits each CREATE TABLE on its own); the migrations below cope with either.
+    return 1 if tables & (set(_meta.tables) - {_schema.name}) else None
+
+
+def _migrate_to_2(conn: sa.Connection) -> None:
+    """Version 2 added deployments.devices_targeted. What version 1 knew of it: the devices that still point
+    at each deployment."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("deployments")}
+    if "devices_targeted" not in columns:
+        conn.execute(
+            sa.text("ALTER TABLE deployments ADD COLUMN devices_targeted INTEGER NOT NULL DEFAULT 0")
+        )
+    pointing = sa.select(_devices.c.desired_deployment, sa.func.count()).group_by(
+        _devices.c.desired_deployment
+    )
+    for deployment_id, count in conn.execute(pointing).all():
+        conn.execute(
+            _deployments.update().where(_deployments.c.id == deployment_id).values(devices_targeted=count)
+        )

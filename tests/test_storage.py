@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from conftest import database_url
 
 from edgefleet.errors import ConflictError, HashMismatchError, InvalidRequestError, NotFoundError
@@ -25,8 +26,13 @@ from server.storage import (
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FleetStore]:
-    s = open_store(database_url(request.param, tmp_path))
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def store(backend: str, tmp_path: Path) -> Iterator[FleetStore]:
+    s = open_store(database_url(backend, tmp_path))
     yield s
     s.close()
 
@@ -122,19 +128,40 @@ def test_blob_store_is_content_addressed_and_checks_the_hash(tmp_path: Path) -> 
     assert not list((tmp_path / "blobs" / "tmp").iterdir())  # no partial files left behind
 
 
-def test_a_database_of_another_schema_version_is_refused_with_what_to_do(tmp_path: Path) -> None:
-    import sqlalchemy as sa
+def test_a_database_from_before_schema_versions_is_migrated_and_keeps_its_records(
+    tmp_path: Path, backend: str
+) -> None:
+    url = database_url(backend, tmp_path)
+    store = open_store(url)
+    token = store.create_enrollment_token("g", 3, now_ms() + 60_000)
+    devices = [store.enroll(token, name, {})[0] for name in ("a", "b", "c")]
+    store.add_deployment(Deployment("dep-1", "m", "1", "all", now_ms()), {d.id: "m/1/x" for d in devices})
+    store.add_deployment(Deployment("dep-2", "m", "2", "all", now_ms()), {devices[0].id: "m/2/x"})
+    store.close()
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.begin() as conn:  # what version 1 left: no version table, no devices_targeted
+        conn.execute(sa.text("DROP TABLE schema_version"))
+        conn.execute(sa.text("ALTER TABLE deployments DROP COLUMN devices_targeted"))
+    engine.dispose()
 
-    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    migrated = open_store(url)
+    try:
+        assert {d.id for d in migrated.list_devices()} == {d.id for d in devices}
+        # Version 1 knew only the devices that still point at a deployment.
+        assert {d.id: d.devices_targeted for d in migrated.list_deployments()} == {"dep-1": 2, "dep-2": 1}
+    finally:
+        migrated.close()
+    open_store(url).close()  # and it opens again as a version-2 database, nothing migrated twice
+
+
+def test_a_database_from_a_newer_edgefleet_is_refused_with_what_to_do(tmp_path: Path, backend: str) -> None:
+    url = database_url(backend, tmp_path)
     open_store(url).close()
-    open_store(url).close()  # its own database: fine
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE schema_version SET version = version + 1"))
-    with pytest.raises(SchemaMismatchError, match="new database"):
-        open_store(url)
-    with engine.begin() as conn:  # made before the schema had a version
-        conn.execute(sa.text("DROP TABLE schema_version"))
-    with pytest.raises(SchemaMismatchError, match=f"schema version 1, this edgefleet uses {SCHEMA_VERSION}"):
-        open_store(url)
     engine.dispose()
+    with pytest.raises(
+        SchemaMismatchError, match=f"newer edgefleet \\(this one knows up to {SCHEMA_VERSION}\\)"
+    ):
+        open_store(url)
