@@ -7,8 +7,9 @@ threads call `Serving.infer` in a tight loop on an active ModelWorker. For each 
 that overlapped the window (median and max over the repetitions):
 
     control                 sleep 150 ms: what the machine does on its own.
-    ModelWorker start+warm  what the agent does to load a candidate: a new Python process (interpreter start,
-                            numpy + runtime imports), model load, one call.
+    ModelWorker start+warm  a new worker process (interpreter start, numpy + runtime imports), model load, one
+                            call, all at normal priority. (The agent now starts the candidate's process during
+                            the download and loads it at a lower priority; swap_stall.py --modes prespawn.)
     graceful exit           what the agent first did to the old worker: it is sent None and exits normally
                             (Python's full interpreter teardown), then reaped.
     retire(): SIGKILL       what the agent does now (`ModelWorker.retire`, chosen after this experiment): take

@@ -283,12 +283,15 @@ def run_case(
     serving = Serving(call_timeout=CALL_TIMEOUT_S)
     naive = NaiveServing()
 
-    def start_worker(model: Model, spawned: ModelWorker | None = None) -> ModelWorker:
-        worker = spawned or ModelWorker(model.path, runtime)
+    def start_worker(model: Model, spawned: ModelWorker | None = None, candidate: bool = True) -> ModelWorker:
+        # As the agent does: a candidate (another model is serving) loads at a lower priority.
+        worker = spawned or ModelWorker(model.path, runtime, low_priority=candidate)
         workers.append(worker)
         # The agent's golden check: one call on the candidate, run as part of its load, before it serves.
         worker.load(model.path, timeout=30, warm_inputs=[x])
-        (out,) = worker.warm_outputs or [None]
+        if worker.warm_error is not None or worker.warm_outputs is None:
+            raise RuntimeError(f"{model.name}: the warm-up call failed: {worker.warm_error}")
+        (out,) = worker.warm_outputs
         if not np.allclose(out, expected[model.name], rtol=1e-5, atol=1e-7):
             raise RuntimeError(f"{model.name}: wrong warm-up output")
         return worker
@@ -306,7 +309,9 @@ def run_case(
 
     try:
         if mode in ("worker", "prespawn"):
-            serving.swap(start_worker(models[0]), {"target_path": models[0].name, "version": "a"})
+            serving.swap(
+                start_worker(models[0], candidate=False), {"target_path": models[0].name, "version": "a"}
+            )
         else:
             naive.slot = NaiveServing.load(runtime, models[0], x)
 
@@ -326,7 +331,7 @@ def run_case(
                 # As the agent does: the candidate's process starts when the update starts and imports the
                 # runtime during the download (here: a pause). Its CPU cost lands outside the swap window,
                 # in the time the control windows sample.
-                spawned = ModelWorker(model.path, runtime).spawn()
+                spawned = ModelWorker(model.path, runtime, low_priority=True).spawn()
                 workers.append(spawned)
                 time.sleep(PRESPAWN_S)
             window = Window(time.perf_counter())

@@ -596,8 +596,9 @@ class Agent:
         self._check_compatible(target)
         self._check_not_downgrade(target)
         model_file = self.store.model_path(target.sha256)
-        # Its process starts now and imports the runtime while we download and verify.
-        worker = self._new_worker(target.length).spawn()
+        # Its process starts now and imports the runtime while we download and verify. It loads at a lower
+        # CPU priority while another model serves; with none serving, nothing is there to yield to.
+        worker = self._new_worker(target.length, low_priority=self.serving.worker is not None).spawn()
         try:
             have = model_file.exists() and await asyncio.to_thread(_verifies, target, model_file)
             if have:  # the signed description may be newer than the one kept (or lost to a kill)
@@ -690,11 +691,19 @@ class Agent:
         fsync_dir(part.parent)
         self.faults.at("written")
 
-    def _new_worker(self, model_length: int) -> ModelWorker:
+    def _new_worker(self, model_length: int, low_priority: bool = False) -> ModelWorker:
+        """Start, restart and rollback load at normal priority: nothing serves then, or the operator wants
+        the old model back now. Only an update's candidate loads at a lower one (`ModelWorker`)."""
         # The candidate's own address-space limit: generous for the runtime (~150 MiB) and the model, far
         # below what a model built to exhaust memory would take.
         limit = self.config.worker_memory_limit_bytes or 1024 * 2**20 + 4 * model_length
-        return ModelWorker(None, self.runtime, num_threads=self.config.num_threads, memory_limit_bytes=limit)
+        return ModelWorker(
+            None,
+            self.runtime,
+            num_threads=self.config.num_threads,
+            memory_limit_bytes=limit,
+            low_priority=low_priority,
+        )
 
     def _test_candidate(
         self, target: ModelTarget, model_file: Path, worker: ModelWorker | None = None

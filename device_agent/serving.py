@@ -48,12 +48,21 @@ class ModelWorker:
     the model does not load in time or the process dies."""
 
     def __init__(
-        self, model_path: Path | None, runtime: str, *, num_threads: int = 1, memory_limit_bytes: int = 0
+        self,
+        model_path: Path | None,
+        runtime: str,
+        *,
+        num_threads: int = 1,
+        memory_limit_bytes: int = 0,
+        low_priority: bool = False,
     ):
         self.model_path = Path(model_path) if model_path else None
         self.runtime = runtime
         self._num_threads = num_threads
         self._memory_limit = memory_limit_bytes
+        # Load (import, model, warm-up) at a lower CPU priority than the process that serves: for a
+        # candidate loading beside an active model on the same cores (device_agent/worker.py).
+        self._low_priority = low_priority
         self.lock = threading.Lock()  # one request at a time through the socket
         self.closed = False
         self.signature: ModelSignature | None = None
@@ -66,15 +75,23 @@ class ModelWorker:
         # A fresh interpreter via exec, not fork (the agent runs gRPC threads) and not multiprocessing's
         # spawn (it re-imports the embedding application's __main__).
         parent, child = socket.socketpair()
-        args = [str(child.fileno()), self.runtime, str(self._num_threads), str(self._memory_limit)]
+        args = [
+            str(child.fileno()),
+            self.runtime,
+            str(self._num_threads),
+            str(self._memory_limit),
+            str(int(self._low_priority)),
+        ]
         self._process = subprocess.Popen(
             [sys.executable, "-m", "device_agent.worker", *args],
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
             env={
                 **os.environ,
-                # numpy's BLAS would start a thread per core that the worker never uses (it does no algebra).
+                # numpy's BLAS would start threads the worker never uses (it does no algebra), and each
+                # thread's malloc arena reserves address space that counts against the memory limit.
                 "OPENBLAS_NUM_THREADS": "1",
+                "MALLOC_ARENA_MAX": "2",
                 "PYTHONPATH": os.pathsep.join(filter(None, [_PROJECT_ROOT, os.environ.get("PYTHONPATH")])),
             },
         )
@@ -85,8 +102,8 @@ class ModelWorker:
     def load(
         self, model_path: Path, timeout: float = 30.0, warm_inputs: Sequence[np.ndarray] | None = None
     ) -> ModelSignature:
-        """Loads the model; with `warm_inputs` also runs them once, in the same low-priority load (their
-        outputs land in `warm_outputs`, or the reason they failed in `warm_error`)."""
+        """Loads the model; with `warm_inputs` also runs them once, as part of the load (their outputs land in
+        `warm_outputs`, or the reason they failed in `warm_error`)."""
         if self._process is None:
             self.spawn()
         assert self._conn is not None

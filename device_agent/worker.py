@@ -1,16 +1,17 @@
-"""The child process that runs one model: `python -m device_agent.worker FD RUNTIME THREADS MEMORY_LIMIT`.
+"""The child process that runs one model:
+`python -m device_agent.worker FD RUNTIME THREADS MEMORY_LIMIT LOW_PRIORITY`.
 
 It imports the runtime, waits for the model's path (and optional warm-up inputs) on the socket, loads the
 model, runs the warm-up inputs once, sends its tensor signature and those outputs, then answers inference
 requests until it receives None or the socket closes. Errors are sent back, never raised: the parent decides
 what they mean.
 
-Loading happens on a thread of lower CPU priority (nice 10). On a small device the candidate loads while the
-active model serves callers on the same cores; at a lower priority the load yields to them instead of taking
-an equal share. Not nice 19: with both cores busy at normal priority, import + load + warm-up of a 30 MiB
-model took 1.1 s at nice 10 but 7.2 s at nice 19 (0.3 s at nice 0), and an update must not starve on a busy
-device. Serving then happens on the main thread, at normal priority (Linux keeps a nice value per thread,
-and a process may not raise its priority back).
+Loading happens on a thread of its own. With LOW_PRIORITY (a candidate loading beside the active model on
+the same cores) that thread runs 10 nice levels below the process (Linux; with one interpreter thread), so
+the load yields to the callers instead of taking an equal share. Not 19 levels: with both cores busy at
+normal priority, import + load + warm-up of a 30 MiB model took 1.1 s at +10 but 7.2 s at +19 (0.3 s at
++0), and an update must not starve on a busy device. Serving then happens on the main thread, at the
+process's own priority (Linux keeps a nice value per thread, and a process may not raise its priority back).
 """
 
 from __future__ import annotations
@@ -21,19 +22,25 @@ import sys
 import threading
 from typing import Any
 
-LOAD_NICENESS = 10
+LOAD_NICENESS = 10  # added to the process's own
 
 
 def main(argv: list[str]) -> None:
-    fd, runtime, num_threads, memory_limit = argv
+    fd, runtime, num_threads, memory_limit, low_priority = argv
     conn = multiprocessing.connection.Connection(int(fd))
     if int(memory_limit):
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (int(memory_limit), int(memory_limit)))
     loaded: list[Any] = []
-    loader = threading.Thread(target=_load, args=(conn, runtime, int(num_threads), loaded), name="loader")
-    loader.start()
+    loader = threading.Thread(
+        target=_load, args=(conn, runtime, int(num_threads), low_priority == "1", loaded), name="loader"
+    )
+    try:
+        loader.start()
+    except RuntimeError as e:  # no memory left for a thread under the limit
+        _reply(conn, ("error", f"cannot start the loader: {e}"))
+        return
     loader.join()
     if not loaded:
         return
@@ -48,17 +55,23 @@ def main(argv: list[str]) -> None:
         if request is None:
             return
         try:
-            conn.send(("ok", _run(interpreter, inputs, outputs, request)))
+            reply: tuple[Any, ...] = ("ok", _run(interpreter, inputs, outputs, request))
         except Exception as e:
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+            reply = ("error", f"{type(e).__name__}: {e}")
+        if not _reply(conn, reply):
+            return
 
 
 def _load(
-    conn: multiprocessing.connection.Connection, runtime: str, num_threads: int, loaded: list[Any]
+    conn: multiprocessing.connection.Connection,
+    runtime: str,
+    num_threads: int,
+    low_priority: bool,
+    loaded: list[Any],
 ) -> None:
-    # With more than one thread the runtime starts its thread pool from this thread, and the pool would
-    # inherit the low priority for good: then load at normal priority.
-    if num_threads == 1:
+    # With more than one interpreter thread the runtime starts its pool from this thread, and the pool would
+    # keep the lower priority for good: then load at the process's own priority.
+    if low_priority and num_threads == 1:
         _lower_priority_of_this_thread()
     try:
         from edgefleet.modelinfo import signature_of
@@ -68,8 +81,8 @@ def _load(
         model_path, warm_inputs = conn.recv()
         interpreter = make_interpreter(runtime, model_path=model_path, num_threads=num_threads)
         signature = signature_of(interpreter).to_json()
-    except BaseException as e:  # anything: a bad model, no memory, a missing runtime
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+    except BaseException as e:  # anything: a bad model, no memory, a missing runtime, the parent gone
+        _reply(conn, ("error", f"{type(e).__name__}: {e}"))
         return
     warm_outputs, warm_error = None, None
     if warm_inputs is not None:
@@ -82,8 +95,17 @@ def _load(
             )
         except Exception as e:
             warm_error = f"{type(e).__name__}: {e}"
-    conn.send(("ready", signature, warm_outputs, warm_error))
-    loaded.append(interpreter)
+    if _reply(conn, ("ready", signature, warm_outputs, warm_error)):
+        loaded.append(interpreter)
+
+
+def _reply(conn: multiprocessing.connection.Connection, message: tuple[Any, ...]) -> bool:
+    """False when the parent has gone (it stopped waiting, or died): then there is nothing left to do."""
+    try:
+        conn.send(message)
+    except OSError:
+        return False
+    return True
 
 
 def _run(interpreter: Any, inputs: list[int], outputs: list[int], arrays: list[Any]) -> list[Any]:
@@ -94,9 +116,14 @@ def _run(interpreter: Any, inputs: list[int], outputs: list[int], arrays: list[A
 
 
 def _lower_priority_of_this_thread() -> None:
+    if not sys.platform.startswith("linux"):  # elsewhere the nice value is per process, serving included
+        return
+    thread = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICENESS)
-    except (AttributeError, OSError):  # not Linux: load at normal priority
+        os.setpriority(
+            os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + LOAD_NICENESS)
+        )
+    except OSError:  # not allowed: load at the process's priority
         pass
 
 

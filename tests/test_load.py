@@ -807,9 +807,9 @@ async def test_overload_is_refused_with_resource_exhausted_and_the_server_recove
             refusals = [(code, details) for d in late for _, code, details in d.ends]
             assert refusals, "no late device was refused"
             # A late device's stream may also be refused by HTTP/2 itself: its own connection carries its
-            # share of the burst, and a stream over the 32-per-connection cap that races the server's
-            # SETTINGS frame is reset with REFUSED_STREAM (code 7) before any handler ran. gRPC reports that
-            # as UNAVAILABLE, which the agent retries with backoff like the others.
+            # share of the burst, over the 32-streams-per-connection cap, and a stream can be reset with
+            # REFUSED_STREAM (code 7) before any handler ran. gRPC reports that as UNAVAILABLE, which the
+            # agent retries with backoff like the others.
             assert all(
                 (code, details) == CLIENT_SIDE_INTERNAL
                 or code == EXHAUSTED

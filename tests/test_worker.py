@@ -1,11 +1,13 @@
-"""The model worker's load path and hot swaps: the candidate loads at a lower CPU priority and serves at
-normal priority, its warm-up inputs run in the load, retiring a worker sends waiting callers to the new one,
-and callers on several threads see no failed or torn call through 100 swaps."""
+"""The model worker's load path and hot swaps: a candidate loads at a lower CPU priority and serves at the
+process's, its warm-up inputs run in the load, no caller waits for a retiring worker's kill, and callers on
+several threads see no failed or torn call through 100 swaps."""
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ def _niceness_by_thread(pid: int) -> dict[int, int]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:  # the thread ended meanwhile
+        except OSError:  # the thread ended meanwhile
             continue
         values[int(task.name)] = int(fields[16])  # fields after the command name start at field 3
     return values
@@ -46,19 +48,26 @@ def _bare_outputs(runtime: str, path: Path, inputs: list[np.ndarray]) -> list[np
     return [interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()]
 
 
-def test_candidate_loads_at_low_priority_and_serves_at_normal_priority(
-    runtime: str, digits_files: dict[str, Path], digits: tuple[bytes, bytes, DigitsData]
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+@pytest.mark.parametrize("low_priority", [True, False], ids=["candidate", "nothing-serving"])
+def test_candidate_loads_at_low_priority_and_serves_at_the_process_priority(
+    runtime: str, low_priority: bool, digits_files: dict[str, Path], digits: tuple[bytes, bytes, DigitsData]
 ) -> None:
-    worker = ModelWorker(None, runtime).spawn()
+    own = os.getpriority(os.PRIO_PROCESS, 0)  # the worker inherits it: that is what serving runs at
+    loading = min(19, own + LOAD_NICENESS) if low_priority else own
+    worker = ModelWorker(None, runtime, low_priority=low_priority).spawn()
     try:
         pid = worker.pid
         assert pid is not None
         deadline = time.monotonic() + 30
-        # The loader thread lowers its own priority first thing, then waits for the model's path.
-        while sorted(_niceness_by_thread(pid).values()) != [0, LOAD_NICENESS]:
+        # The loader thread sets its priority first thing, then waits for the model's path.
+        while len(_niceness_by_thread(pid)) < 2:
             assert time.monotonic() < deadline, _niceness_by_thread(pid)
             time.sleep(0.01)
-        assert _niceness_by_thread(pid)[pid] == 0, "the main thread, which serves, must keep normal priority"
+        time.sleep(0.1)
+        niceness = _niceness_by_thread(pid)
+        assert niceness.pop(pid) == own, "the main thread, which serves, keeps the process's priority"
+        assert list(niceness.values()) == [loading]
 
         x = digits[2].x_test[:1].astype(np.float32)
         worker.load(digits_files["v1"], warm_inputs=[x])
@@ -66,12 +75,12 @@ def test_candidate_loads_at_low_priority_and_serves_at_normal_priority(
         expected = _bare_outputs(runtime, digits_files["v1"], [x])
         assert worker.warm_outputs is not None
         np.testing.assert_array_equal(worker.warm_outputs[0], expected[0])
-        # The loader is gone; what serves runs at normal priority.
+        # The loader is gone; what serves runs at the process's priority.
         deadline = time.monotonic() + 10
-        while LOAD_NICENESS in _niceness_by_thread(pid).values():
+        while len(_niceness_by_thread(pid)) > 1:
             assert time.monotonic() < deadline, _niceness_by_thread(pid)
             time.sleep(0.01)
-        assert _niceness_by_thread(pid)[pid] == 0
+        assert _niceness_by_thread(pid) == {pid: own}
         np.testing.assert_array_equal(worker.call([x], timeout=10)[0], expected[0])
     finally:
         worker.kill()
@@ -92,9 +101,13 @@ def test_warm_inputs_that_do_not_fit_are_reported_and_the_worker_still_serves(
         worker.kill()
 
 
-def test_retiring_during_calls_moves_every_caller_to_the_new_worker_without_a_failure(
+def test_no_caller_waits_for_a_retiring_workers_kill_and_every_call_after_the_swap_runs_the_new_model(
     runtime: str, digits_files: dict[str, Path]
 ) -> None:
+    """The kill is made slow (1 s) so that a caller stuck behind it would show. Only a caller that took the
+    old worker before the swap and reached its lock after `retire` did can be stuck so: `retire` releases the
+    lock before the kill. That race is narrow (the lock's earlier waiters are served first) and this test
+    does not force it; it checks the property on three callers in a tight loop."""
     x = np.zeros((1, 64), np.float32)
     serving = Serving()
     workers = []
@@ -102,38 +115,52 @@ def test_retiring_during_calls_moves_every_caller_to_the_new_worker_without_a_fa
         worker = ModelWorker(digits_files[name], runtime)
         worker.load(digits_files[name], warm_inputs=[x])
         workers.append(worker)
+    old_kill = workers[0].kill
+    slow_kill_s = 1.0
+
+    def slow_kill() -> None:  # a caller that waited for the kill would take at least this long
+        time.sleep(slow_kill_s)
+        old_kill()
+
+    workers[0].kill = slow_kill  # type: ignore[method-assign]
     serving.swap(workers[0], {"target_path": "v1"})
     stop = threading.Event()
-    seen: list[str] = []
+    calls: list[tuple[float, float, str]] = []
     failures: list[BaseException] = []
 
     def caller() -> None:
         while not stop.is_set():
+            started = time.perf_counter()
             try:
-                seen.append(serving.infer([x]).target_path)
+                target = serving.infer([x]).target_path
             except BaseException as e:  # noqa: BLE001 - any failure is what this test looks for
                 failures.append(e)
+                continue
+            calls.append((started, time.perf_counter(), target))
 
     threads = [threading.Thread(target=caller) for _ in range(3)]
     try:
         for thread in threads:
             thread.start()
         time.sleep(0.2)
-        old = serving.swap(workers[1], {"target_path": "v2"})
-        assert old is workers[0]
-        old.retire()
-        calls_at_retire = len(seen)
+        assert serving.swap(workers[1], {"target_path": "v2"}) is workers[0]
+        swapped = time.perf_counter()
+        workers[0].retire()
+        assert time.perf_counter() - swapped >= slow_kill_s
         time.sleep(0.2)
     finally:
         stop.set()
         for thread in threads:
             thread.join(timeout=10)
         serving.stop()
-        for worker in workers:
-            worker.kill()
+        old_kill()
+        workers[1].kill()
     assert not failures, failures
     assert not workers[0].alive()
-    assert seen[calls_at_retire:] and set(seen[calls_at_retire + 3 :]) == {"v2"}
+    longest = max(end - start for start, end, _ in calls)
+    assert longest < slow_kill_s / 2, f"a caller waited {longest:.3f} s: for the old worker's kill"
+    after_swap = {target for start, _, target in calls if start > swapped}
+    assert after_swap == {"v2"}, after_swap
 
 
 def test_inference_on_several_threads_during_100_swaps_never_fails_or_tears(
@@ -147,15 +174,21 @@ def test_inference_on_several_threads_during_100_swaps_never_fails_or_tears(
     expected = {str(p): _bare_outputs(runtime, p, [x])[0] for p in paths}
     assert not np.allclose(*expected.values()), "the two versions must give different outputs"
 
+    made: list[ModelWorker] = []  # every worker, stopped at the end whatever happens
+
     def ready_worker(path: Path) -> ModelWorker:  # as the agent does: spawn, load with the golden input
-        worker = ModelWorker(path, runtime).spawn()
+        worker = ModelWorker(path, runtime, low_priority=True).spawn()
+        made.append(worker)
         worker.load(path, warm_inputs=[x])
         assert worker.warm_outputs is not None
         np.testing.assert_allclose(worker.warm_outputs[0], expected[str(path)], rtol=1e-6)
         return worker
 
     serving = Serving()
-    serving.swap(ready_worker(paths[0]), {"target_path": str(paths[0])})
+    first = ModelWorker(paths[0], runtime)
+    made.append(first)
+    first.load(paths[0])
+    serving.swap(first, {"target_path": str(paths[0])})
     stop = threading.Event()
     calls = collections.Counter[str]()
     problems: list[str] = []
@@ -187,15 +220,18 @@ def test_inference_on_several_threads_during_100_swaps_never_fails_or_tears(
                 old = serving.swap(new, {"target_path": str(paths[(i + 1) % 2])})
                 assert old is not None
                 old.retire()
+                deadline = time.monotonic() + 30
                 while sum(calls.values()) < before + 8:  # each model serves some calls before the next swap
                     assert not problems, problems[:5]
+                    assert time.monotonic() < deadline, f"no calls served after swap {i}"
                     time.sleep(0.001)
         finally:
             stop.set()
             for thread in threads:
                 thread.join(timeout=10)
-            for future in upcoming:
-                future.result(timeout=60).kill()
+            concurrent.futures.wait(upcoming, timeout=60)
             serving.stop()
+            for worker in made:
+                worker.kill()
     assert not problems, problems[:5]
     assert min(calls.values()) > swaps, calls  # both versions served, many calls each
