@@ -471,7 +471,7 @@ def _deployment_row(d: Any) -> dict[str, Any]:
         "kind": d.kind,
         "model": f"{d.model_name} {d.version}".strip() or "-",
         "selector": d.selector,
-        "variant": d.variant or "per device",
+        "variant": d.variant or ("-" if d.kind == "rollback" else "per device"),
         "created": when(d.created_at_unix_ms),
         "targeted": d.devices_targeted,
         "healthy": d.devices_healthy,
