@@ -34,13 +34,14 @@ from edgefleet.errors import (
     TransportError,
 )
 
-# Raise it with every change to the tables below: a server refuses a database made for another version
-# instead of failing later on a missing column.
+# Raise it with every change to the tables below, and add the step that brings an older database up to it
+# (`_migrate_to_2`): a server migrates an older database when it starts and refuses a newer one, instead of
+# failing later on a missing column.
 SCHEMA_VERSION = 2
 
 
 class SchemaMismatchError(EdgefleetError):
-    """The database was made by an edgefleet with other tables."""
+    """The database was made by a newer edgefleet, with tables this one does not know."""
 
 
 def now_ms() -> int:
