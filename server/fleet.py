@@ -13,6 +13,7 @@ Data flow of an update:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import secrets
@@ -493,15 +494,19 @@ class Fleet:
 
     async def push_pending(self, device_id: str) -> None:
         """Tells a connected device what it should do now, if anything."""
-        device: DeviceRecord = await self._db(self.store.get_device, device_id)
+        await self._push_pending_to(await self._db(self.store.get_device, device_id))
+
+    async def _push_pending_to(self, device: DeviceRecord, desired: ModelRecord | None = None) -> None:
+        """`push_pending` for a record in hand; `desired` is the desired target's model when the caller has
+        it (else it is read)."""
         current = (device.current or {}).get("target_path", "")
         if device.rollback_command and current != device.desired_target:
-            self._push(device_id, RollbackPush(device.rollback_command, "ordered by an operator"))
+            self._push(device.id, RollbackPush(device.rollback_command, "ordered by an operator"))
         elif device.desired_target and device.desired_target != current:
             if device.desired_target in device.bad_targets:
                 return  # the device already refused it; a new deployment is needed
-            record = await self._db(self.store.get_model, device.desired_target)
-            self._push(device_id, AssignmentPush(record, device.desired_deployment))
+            record = desired or await self._db(self.store.get_model, device.desired_target)
+            self._push(device.id, AssignmentPush(record, device.desired_deployment))
 
     async def assignment_for(self, device_id: str) -> tuple[ModelRecord | None, str, str]:
         """For the periodic check: (desired model, deployment id, pending rollback command id)."""
@@ -574,13 +579,18 @@ class Fleet:
         status = DeploymentStatus(
             deployment, targeted=len(targets), pending=len(targets), unassigned=unassigned, choices=choices
         )
-        # What `push_pending` would read back from the database, known here already: one read per device
+        # What `push_pending` would read back from the database is known here already: two reads per device
         # would make a deployment to 50,000 devices outlast the CLI's wait.
         for device, chosen in pushes:
             if self.is_connected(device.id):
                 status.notified += 1
-                if chosen.target_path != (device.current or {}).get("target_path"):
-                    self._push(device.id, AssignmentPush(chosen, deployment.id))
+                pointed = dataclasses.replace(
+                    device,
+                    desired_target=chosen.target_path,
+                    desired_deployment=deployment.id,
+                    rollback_command="",
+                )
+                await self._push_pending_to(pointed, chosen)
         log.info(
             "deployment %s: %s %s to %s (%d devices)", deployment.id, name, version, selector, len(targets)
         )
