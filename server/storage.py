@@ -364,9 +364,9 @@ class SqlFleetStore(FleetStore):
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
         else:
-            if url.startswith("postgresql://"):
-                url = "postgresql+psycopg://" + url[len("postgresql://") :]
-            self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+            self.engine = sa.create_engine(
+                sqlalchemy_url(url), pool_pre_ping=True, pool_size=10, max_overflow=10
+            )
         try:
             self._set_up_schema()
         except BaseException:
@@ -710,6 +710,13 @@ class FilesystemBlobStore(BlobStore):
         except BaseException:
             writer.abort()
             raise
+
+
+def sqlalchemy_url(url: str) -> str:
+    """The URL SQLAlchemy needs: `postgresql://` means the psycopg 3 driver, the one edgefleet installs."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url[len("postgresql://") :]
+    return url
 
 
 def _safe_url(url: str) -> str:

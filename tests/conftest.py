@@ -12,6 +12,8 @@ import sqlalchemy as sa
 
 from edgefleet.localfleet import LocalFleet
 from edgefleet.modelgen import DigitsData, build_digits_model
+from edgefleet.runtime import RUNTIMES, available_runtimes
+from server.storage import sqlalchemy_url
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +36,14 @@ def digits_files(
     return {"v1": folder / "v1.tflite", "v2": folder / "v2.tflite", "eval": folder / "eval.npz"}
 
 
+@pytest.fixture(params=RUNTIMES)
+def runtime(request: pytest.FixtureRequest) -> str:
+    """Each TFLite runtime the project supports; skipped where it is not installed."""
+    if request.param not in available_runtimes():
+        pytest.skip(f"{request.param} is not installed")
+    return str(request.param)
+
+
 def database_url(backend: str, tmp_path: Path) -> str:
     """A fresh, empty database: a SQLite file under `tmp_path`, or the PostgreSQL database that scripts/test
     started (emptied first); skips the test when there is no PostgreSQL."""
@@ -42,7 +52,7 @@ def database_url(backend: str, tmp_path: Path) -> str:
     url = os.environ.get("EDGEFLEET_TEST_POSTGRES_URL", "")
     if not url:
         pytest.skip("no PostgreSQL: scripts/test starts one (scripts/test-postgres)")
-    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    engine = sa.create_engine(sqlalchemy_url(url))
     with engine.begin() as conn:
         conn.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
     engine.dispose()

@@ -22,6 +22,7 @@ from server.storage import (
     SchemaMismatchError,
     now_ms,
     open_store,
+    sqlalchemy_url,
 )
 
 
@@ -138,7 +139,7 @@ def test_a_database_from_before_schema_versions_is_migrated_and_keeps_its_record
     store.add_deployment(Deployment("dep-1", "m", "1", "all", now_ms()), {d.id: "m/1/x" for d in devices})
     store.add_deployment(Deployment("dep-2", "m", "2", "all", now_ms()), {devices[0].id: "m/2/x"})
     store.close()
-    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    engine = sa.create_engine(sqlalchemy_url(url))
     with engine.begin() as conn:  # what version 1 left: no version table, no devices_targeted
         conn.execute(sa.text("DROP TABLE schema_version"))
         conn.execute(sa.text("ALTER TABLE deployments DROP COLUMN devices_targeted"))
@@ -157,7 +158,7 @@ def test_a_database_from_before_schema_versions_is_migrated_and_keeps_its_record
 def test_a_database_from_a_newer_edgefleet_is_refused_with_what_to_do(tmp_path: Path, backend: str) -> None:
     url = database_url(backend, tmp_path)
     open_store(url).close()
-    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    engine = sa.create_engine(sqlalchemy_url(url))
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE schema_version SET version = version + 1"))
     engine.dispose()
