@@ -21,7 +21,6 @@ from device_agent.serving import ModelWorker
 from edgefleet import hostile
 from edgefleet.errors import ModelError
 from edgefleet.modelgen import build_digits_model
-from edgefleet.runtime import RUNTIMES, available_runtimes
 
 # Measured on Linux x86_64 (Python 3.11): a worker loading the digits model needs RLIMIT_AS >= 149 MiB with
 # ai-edge-litert 2.3.0 and >= 133 MiB with tflite-runtime 2.14.0 (below that the runtime does not even
@@ -67,13 +66,6 @@ def _probe(model_path: Path, runtime: str, timeout: float) -> str:
     if done.returncode:
         return f"{stage} fails: {(done.stderr.strip().splitlines() or ['?'])[-1][:300]}"
     return "runs"
-
-
-@pytest.fixture(params=RUNTIMES)
-def runtime(request: pytest.FixtureRequest) -> str:
-    if request.param not in available_runtimes():
-        pytest.skip(f"{request.param} is not installed")
-    return str(request.param)
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,8 @@ import pytest
 from device_agent.serving import ModelWorker, Serving
 from device_agent.worker import LOAD_NICENESS
 from edgefleet.modelgen import DigitsData
-from edgefleet.runtime import RUNTIMES, available_runtimes, default_runtime, make_interpreter
-
-
-@pytest.fixture(params=RUNTIMES)
-def runtime(request: pytest.FixtureRequest) -> str:
-    if request.param not in available_runtimes():
-        pytest.skip(f"{request.param} is not installed")
-    return str(request.param)
+from edgefleet.modelinfo import run
+from edgefleet.runtime import default_runtime, make_interpreter
 
 
 def _niceness_by_thread(pid: int) -> dict[int, int]:
@@ -41,11 +35,7 @@ def _niceness_by_thread(pid: int) -> dict[int, int]:
 
 
 def _bare_outputs(runtime: str, path: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    interpreter = make_interpreter(runtime, model_path=str(path))
-    for detail, array in zip(interpreter.get_input_details(), inputs, strict=True):
-        interpreter.set_tensor(detail["index"], array)
-    interpreter.invoke()
-    return [interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()]
+    return run(make_interpreter(runtime, model_path=str(path)), inputs)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
