@@ -44,9 +44,7 @@ def main(argv: list[str]) -> None:
     loader.join()
     if not loaded:
         return
-    interpreter = loaded[0]
-    inputs = [d["index"] for d in interpreter.get_input_details()]
-    outputs = [d["index"] for d in interpreter.get_output_details()]
+    interpreter, inputs, outputs = loaded
     while True:
         try:
             request = conn.recv()
@@ -81,22 +79,19 @@ def _load(
         model_path, warm_inputs = conn.recv()
         interpreter = make_interpreter(runtime, model_path=model_path, num_threads=num_threads)
         signature = signature_of(interpreter).to_json()
+        inputs = [d["index"] for d in interpreter.get_input_details()]
+        outputs = [d["index"] for d in interpreter.get_output_details()]
     except BaseException as e:  # anything: a bad model, no memory, a missing runtime, the parent gone
         _reply(conn, ("error", f"{type(e).__name__}: {e}"))
         return
     warm_outputs, warm_error = None, None
     if warm_inputs is not None:
         try:
-            warm_outputs = _run(
-                interpreter,
-                [d["index"] for d in interpreter.get_input_details()],
-                [d["index"] for d in interpreter.get_output_details()],
-                warm_inputs,
-            )
+            warm_outputs = _run(interpreter, inputs, outputs, warm_inputs)
         except Exception as e:
             warm_error = f"{type(e).__name__}: {e}"
     if _reply(conn, ("ready", signature, warm_outputs, warm_error)):
-        loaded.append(interpreter)
+        loaded.extend((interpreter, inputs, outputs))
 
 
 def _reply(conn: multiprocessing.connection.Connection, message: tuple[Any, ...]) -> bool:
