@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import sqlalchemy as sa
+from edgefleet.server.app import ServerConfig, start_server
+from edgefleet.server.fleet import target_path
+from edgefleet.server.storage import ModelRecord, now_ms
 
 from edgefleet import signing
-from server.app import ServerConfig, start_server
-from server.fleet import target_path
-from server.storage import ModelRecord, now_ms
 
 CLI_TIMEOUT_S = 30
 

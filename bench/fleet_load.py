@@ -52,10 +52,10 @@ from types import ModuleType
 from typing import Any
 
 import grpc
+from edgefleet.agent.config import AgentConfig
+from edgefleet.server.app import ServerConfig
 
-from device_agent.config import AgentConfig
 from edgefleet import signing
-from server.app import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20

@@ -63,9 +63,9 @@ from typing import Any
 import grpc
 import numpy as np
 import psutil
+from edgefleet.agent.local_api import start_local_service
+from edgefleet.agent.serving import ModelWorker, Result, Serving
 
-from device_agent.local_api import start_local_service
-from device_agent.serving import ModelWorker, Result, Serving
 from edgefleet.modelgen import build_digits_model
 from edgefleet.runtime import available_runtimes, make_interpreter, runtime_version
 from edgefleet.tensors import from_proto, to_proto
@@ -299,7 +299,7 @@ def _worker_pid(model_path: Path) -> int:
     """The pid of the ModelWorker child serving `model_path` (found by its command line)."""
     for child in psutil.Process().children():
         cmdline = child.cmdline()
-        if "device_agent.worker" in cmdline and str(model_path) in cmdline:
+        if "edgefleet.agent.worker" in cmdline and str(model_path) in cmdline:
             return int(child.pid)
     raise RuntimeError("worker process not found")
 

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgefleet.agent.serving import ModelWorker, Serving
 
-from device_agent.serving import ModelWorker, Serving
 from edgefleet.modelgen import build_large_mlp
 from edgefleet.runtime import LITERT
 

@@ -12,10 +12,10 @@ import time
 
 import numpy as np
 from ai_edge_quantizer import qtyping
+from edgefleet.server import compression
 
 from edgefleet import modelgen, wire
 from edgefleet.runtime import LITERT, TFLITE_RUNTIME
-from server import compression
 
 TOLERANCE_POINTS = 1.0
 TARGET_RATIO = 10

@@ -14,8 +14,9 @@ import signal
 import sys
 from pathlib import Path
 
-from device_agent.agent import Agent
-from device_agent.config import AgentConfig
+from edgefleet.agent.agent import Agent
+from edgefleet.agent.config import AgentConfig
+
 from edgefleet.errors import EdgefleetError
 
 

@@ -9,7 +9,7 @@
     every N s   -> telemetry (health + inference histograms); a periodic check in case the stream is down
 
 Blocking work (metadata verification, hashing, decompression, process start) runs in threads; inference
-runs in model worker processes (`device_agent.serving`). Every stage is reported to the server.
+runs in model worker processes (edgefleet.agent.serving`). Every stage is reported to the server.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import grpc
 import numpy as np
 import psutil
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.faults import Faults
+from edgefleet.agent.serving import LATENCY_BOUNDS_MS, ModelWorker, Result, Serving
+from edgefleet.agent.state import AgentState, StateStore
 
-from device_agent.config import AgentConfig
-from device_agent.faults import Faults
-from device_agent.serving import LATENCY_BOUNDS_MS, ModelWorker, Result, Serving
-from device_agent.state import AgentState, StateStore
 from edgefleet import __version__, errors, pki, wire
 from edgefleet.durable import commit_file, fsync_dir, write_atomic
 from edgefleet.modelinfo import check_signature
@@ -166,7 +166,7 @@ class Agent:
             await self._ensure_enrolled()
             await self._start_current_model()
             if self.config.socket_path or self.config.local_port:
-                from device_agent.local_api import start_local_service
+                from edgefleet.agent.local_api import start_local_service
 
                 self._local = await start_local_service(self, self.config.socket_path, self.config.local_port)
             self._scheduler = AsyncIOScheduler()

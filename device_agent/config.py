@@ -1,6 +1,6 @@
 """The agent's configuration: a frozen dataclass with safe defaults (units in the names).
 
-Parsed from flags and environment only in `device_agent.__main__`.
+Parsed from flags and environment only in edgefleet.agent.__main__`.
 """
 
 from __future__ import annotations

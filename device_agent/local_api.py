@@ -9,14 +9,14 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from edgefleet.agent.serving import NoModelError
 
-from device_agent.serving import NoModelError
 from edgefleet import errors
 from edgefleet.tensors import from_proto, to_proto
 from edgefleet.v1 import common_pb2, local_pb2, local_pb2_grpc
 
 if TYPE_CHECKING:
-    from device_agent.agent import Agent
+    from edgefleet.agent.agent import Agent
 
 
 class InferenceServicer(local_pb2_grpc.InferenceServiceServicer):

@@ -32,9 +32,6 @@ from edgefleet.modelinfo import ModelSignature
 LATENCY_BOUNDS_MS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
 
 
-_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
 class WorkerGone(EdgefleetError):
     """The worker was retired (a swap) or died; the caller retries on the active one."""
 
@@ -61,7 +58,7 @@ class ModelWorker:
         self._num_threads = num_threads
         self._memory_limit = memory_limit_bytes
         # Load (import, model, warm-up) at a lower CPU priority than the process that serves: for a
-        # candidate loading beside an active model on the same cores (device_agent/worker.py).
+        # candidate loading beside an active model on the same cores (edgefleet.agent.worker).
         self._low_priority = low_priority
         self.lock = threading.Lock()  # one request at a time through the socket
         self.closed = False
@@ -83,7 +80,7 @@ class ModelWorker:
             str(int(self._low_priority)),
         ]
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "device_agent.worker", *args],
+            [sys.executable, "-m", "edgefleet.agent.worker", *args],
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
             env={
@@ -92,7 +89,6 @@ class ModelWorker:
                 # thread's malloc arena reserves address space that counts against the memory limit.
                 "OPENBLAS_NUM_THREADS": "1",
                 "MALLOC_ARENA_MAX": "2",
-                "PYTHONPATH": os.pathsep.join(filter(None, [_PROJECT_ROOT, os.environ.get("PYTHONPATH")])),
             },
         )
         child.close()

@@ -1,5 +1,5 @@
 """The child process that runs one model:
-`python -m device_agent.worker FD RUNTIME THREADS MEMORY_LIMIT LOW_PRIORITY`.
+`python -m edgefleet.agent.worker FD RUNTIME THREADS MEMORY_LIMIT LOW_PRIORITY`.
 
 It imports the runtime, waits for the model's path (and optional warm-up inputs) on the socket, loads the
 model, runs the warm-up inputs once, sends its tensor signature and those outputs, then answers inference

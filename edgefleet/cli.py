@@ -147,7 +147,7 @@ def cmd_server(args: argparse.Namespace) -> None:
     import asyncio
     import logging
 
-    from server.app import ServerConfig, serve
+    from edgefleet.server.app import ServerConfig, serve
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -1,6 +1,6 @@
 """Hostile ``.tflite`` models: structurally valid flatbuffers that attack the interpreter running them.
 
-They exist to test the device agent's sandbox (``device_agent.serving.ModelWorker``): every model loads
+They exist to test the device agent's sandbox (`edgefleet.agent.serving.ModelWorker``): every model loads
 through the ordinary ``Interpreter(model_path=...)`` path, with a float32 ``[1, 4]`` input ``x`` and a float32
 ``[1, 4]`` output ``y`` in a ``serving_default`` signature, so nothing short of running it reveals the attack.
 

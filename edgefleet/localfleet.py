@@ -28,12 +28,9 @@ from edgefleet import cli
 from edgefleet.tensors import from_proto, to_proto
 from edgefleet.v1 import local_pb2, local_pb2_grpc
 
-_ROOT = str(Path(__file__).resolve().parent.parent)
-
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -209,7 +206,7 @@ class LocalFleet:
         log_path = self.root / "agents" / f"{name}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
         args = [
-            sys.executable, "-m", "device_agent",
+            sys.executable, "-m", "edgefleet.agent",
             "--server", self.address,
             "--state-dir", str(state_dir),
             "--name", name,

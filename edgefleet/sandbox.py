@@ -2,9 +2,9 @@
 
 A signed model is still untrusted input for the TFLite interpreter: a crafted file can overflow its stack
 (SIGSEGV), loop forever in invoke(), or ask for gigabytes. The server inspects and compresses uploads this
-way; the agent runs every model in its own worker process (device_agent.serving) for the same reason.
+way; the agent runs every model in its own worker process (edgefleet.agent.serving) for the same reason.
 
-    result = sandbox.run("server.fleet:describe_upload", arg1, arg2, timeout=120, memory_limit=2 * 2**30)
+    result = sandbox.run("edgefleet.server.fleet:describe_upload", arg1, arg2, timeout=120, memory_limit=2 * 2**30)
 
 The child gets the arguments pickled on stdin and writes its pickled result to a private temp file (stdout
 stays free for whatever the libraries print; a file, unlike a pipe, cannot fill up while we wait). A crash, a timeout or a memory limit becomes ModelError; an
@@ -14,7 +14,6 @@ EdgefleetError raised in the child is raised again here.
 from __future__ import annotations
 
 import importlib
-import os
 import pickle
 import subprocess
 import sys
@@ -24,11 +23,8 @@ from typing import Any
 
 from edgefleet.errors import EdgefleetError, ModelError
 
-_ROOT = str(Path(__file__).resolve().parent.parent)
-
 
 def run(target: str, *args: Any, timeout: float, memory_limit: int = 0) -> Any:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory(prefix="edgefleet-sandbox-") as folder:
         result_path = Path(folder) / "result.pickle"
         process = subprocess.Popen(
@@ -36,7 +32,6 @@ def run(target: str, *args: Any, timeout: float, memory_limit: int = 0) -> Any:
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env=env,
         )
         try:
             _, stderr = process.communicate(pickle.dumps((target, args)), timeout=timeout)

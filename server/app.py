@@ -18,6 +18,17 @@ from pathlib import Path
 
 import grpc
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from edgefleet.server.auth import (
+    Authenticator,
+    AuthInterceptor,
+    build_policy,
+    enrollment_policy,
+    load_or_create_operator_token,
+)
+from edgefleet.server.fleet import Fleet
+from edgefleet.server.limits import RateLimiter
+from edgefleet.server.servicers import DeviceLimits, DeviceServicer, OperatorServicer
+from edgefleet.server.storage import FilesystemBlobStore, open_store
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edgefleet import pki, signing
@@ -25,17 +36,6 @@ from edgefleet.durable import write_atomic
 from edgefleet.errors import InvalidRequestError
 from edgefleet.runtime import default_runtime
 from edgefleet.v1 import device_pb2_grpc, operator_pb2_grpc
-from server.auth import (
-    Authenticator,
-    AuthInterceptor,
-    build_policy,
-    enrollment_policy,
-    load_or_create_operator_token,
-)
-from server.fleet import Fleet
-from server.limits import RateLimiter
-from server.servicers import DeviceLimits, DeviceServicer, OperatorServicer
-from server.storage import FilesystemBlobStore, open_store
 
 log = logging.getLogger("edgefleet.server")
 

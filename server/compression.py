@@ -378,7 +378,7 @@ def _load_result(directory: Path, name: str, problem: str) -> Measured:
     return Measured(f"not measured: {problem.strip()[-300:] or 'the measuring process stopped'}")
 
 
-_CHILD_COMMAND = "from server.compression import _measure_in_child; _measure_in_child()"
+_CHILD_COMMAND = "from edgefleet.server.compression import _measure_in_child; _measure_in_child()"
 BASELINE = "__runtime_baseline__"
 
 

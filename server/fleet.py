@@ -22,16 +22,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from edgefleet import pki, sandbox, signing
-from edgefleet.errors import (
-    ConflictError,
-    InvalidRequestError,
-    NotFoundError,
-    SignatureError,
-)
-from edgefleet.modelinfo import describe_file, inspect_model
-from edgefleet.selectors import Selector, check_name, parse_selector
-from server.storage import (
+from edgefleet.server.storage import (
     BlobStore,
     Deployment,
     DeviceRecord,
@@ -41,7 +32,17 @@ from server.storage import (
     RepoVersions,
     now_ms,
 )
-from server.variants import choose, choose_target
+from edgefleet.server.variants import choose, choose_target
+
+from edgefleet import pki, sandbox, signing
+from edgefleet.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    SignatureError,
+)
+from edgefleet.modelinfo import describe_file, inspect_model
+from edgefleet.selectors import Selector, check_name, parse_selector
 
 log = logging.getLogger("edgefleet.server")
 
@@ -65,7 +66,7 @@ def describe_upload(
         return [
             (ORIGINAL_VARIANT, content, signature.to_json(), describe_file(content, original=None), content)
         ]
-    from server import compression  # heavy (ai-edge-quantizer): only when compressing
+    from edgefleet.server import compression  # heavy (ai-edge-quantizer): only when compressing
 
     eval_set = compression.load_eval_npz(eval_npz)
     calibration = compression.load_eval_npz(calibration_npz).x if calibration_npz else None
@@ -302,7 +303,7 @@ class Fleet:
         """Blocking: validates and measures the upload (and builds its variants) in a sandboxed child
         process, since the interpreter must not see untrusted bytes inside the server. Runs in a thread."""
         described = sandbox.run(
-            "server.fleet:describe_upload",
+            "edgefleet.server.fleet:describe_upload",
             content,
             eval_npz,
             calibration_npz,

@@ -18,16 +18,16 @@ from typing import Any
 import grpc
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
+from edgefleet.server.auth import Authenticator
+from edgefleet.server.fleet import AssignmentPush, DeploymentStatus, Disconnect, Fleet, Push, RollbackPush
+from edgefleet.server.limits import RateLimiter
+from edgefleet.server.storage import DeviceRecord, ModelRecord, now_ms
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
 
 from edgefleet import errors, pki, selectors
 from edgefleet.tensors import ref_from_dict, ref_to_dict
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
-from server.auth import Authenticator
-from server.fleet import AssignmentPush, DeploymentStatus, Disconnect, Fleet, Push, RollbackPush
-from server.limits import RateLimiter
-from server.storage import DeviceRecord, ModelRecord, now_ms
 
 log = logging.getLogger("edgefleet.server")
 

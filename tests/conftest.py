@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from edgefleet.server.storage import sqlalchemy_url
 
 from edgefleet.localfleet import LocalFleet
 from edgefleet.modelgen import DigitsData, build_digits_model
 from edgefleet.runtime import RUNTIMES, available_runtimes
-from server.storage import sqlalchemy_url
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from edgefleet.server.app import RunningServer, ServerConfig, start_server
+from edgefleet.server.fleet import Fleet, target_path
+from edgefleet.server.storage import ModelRecord, now_ms
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
@@ -38,9 +41,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgefleet import pki, signing
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
-from server.app import RunningServer, ServerConfig, start_server
-from server.fleet import Fleet, target_path
-from server.storage import ModelRecord, now_ms
 
 T = TypeVar("T")
 

@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from edgefleet.server import compression
+from edgefleet.server.storage import ModelRecord
+from edgefleet.server.variants import choose_target
 
 from edgefleet import modelgen, wire
 from edgefleet.errors import InvalidRequestError, ModelError
 from edgefleet.runtime import LITERT, TFLITE_RUNTIME, available_runtimes, make_interpreter
-from server import compression
-from server.storage import ModelRecord
-from server.variants import choose_target
 
 pytestmark = pytest.mark.skipif(
     available_runtimes() != [LITERT, TFLITE_RUNTIME], reason="compares ai-edge-litert with tflite-runtime"

@@ -20,6 +20,8 @@ from typing import Any
 
 import grpc
 import pytest
+from edgefleet.server.servicers import MAX_AHEAD_MS
+from edgefleet.server.storage import now_ms
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
@@ -41,8 +43,6 @@ from rpc_harness import (
 from edgefleet import pki
 from edgefleet.selectors import check_name
 from edgefleet.v1 import common_pb2, device_pb2
-from server.servicers import MAX_AHEAD_MS
-from server.storage import now_ms
 
 FUZZ = settings(
     max_examples=150,

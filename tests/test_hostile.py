@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from edgefleet.agent.serving import ModelWorker
 
-from device_agent.serving import ModelWorker
 from edgefleet import hostile
 from edgefleet.errors import ModelError
 from edgefleet.modelgen import build_digits_model

@@ -5,7 +5,7 @@ ServerConfig fields a test chooses), so its RSS, file descriptors and threads ar
 process that holds nothing but the server. The devices are simulated in this process: each one is a real
 enrolled device (Enroll over the enrollment port with a CSR of its own key, then an mTLS channel with the
 certificate the server issued), with a channel (TCP + TLS connection) of its own and a Connect control
-stream, reconnecting with the agent's own jittered exponential `Backoff` as `device_agent.agent` does.
+stream, reconnecting with the agent's own jittered exponential `Backoff` as edgefleet.agent.agent` does.
 
 The same simulation, at a larger scale and printing figures instead of asserting, is `bench/fleet_load.py`.
 
@@ -37,13 +37,13 @@ from typing import Any
 import grpc
 import psutil
 import pytest
+from edgefleet.agent.agent import Backoff, Outbox
+from edgefleet.server.storage import now_ms
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from device_agent.agent import Backoff, Outbox
 from edgefleet import cli, pki, signing
 from edgefleet.modelgen import build_large_mlp
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
-from server.storage import now_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -61,7 +61,7 @@ CAPABILITIES = common_pb2.Capabilities(
     hardware_class="load-sim",
 )
 
-# What the agent's channel uses (device_agent.agent.Agent._open_channel), plus a subchannel pool of its
+# What the agent's channel uses (edgefleet.agent.agent.Agent._open_channel), plus a subchannel pool of its
 # own so that every simulated device really has a TCP connection (and a TLS session) of its own.
 DEVICE_CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -69,7 +69,7 @@ DEVICE_CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 8 * 2**20),
     ("grpc.use_local_subchannel_pool", 1),
 ]
-AGENT_BACKOFF_INITIAL_S = 0.5  # device_agent.config.AgentConfig defaults
+AGENT_BACKOFF_INITIAL_S = 0.5  # edgefleet.agent.config.AgentConfig defaults
 AGENT_BACKOFF_MAX_S = 30.0
 
 
@@ -78,7 +78,7 @@ AGENT_BACKOFF_MAX_S = 30.0
 _LAUNCHER = """
 import asyncio, json, logging, sys
 from pathlib import Path
-from server.app import ServerConfig, serve
+from edgefleet.server.app import ServerConfig, serve
 fields = json.loads(sys.argv[1])
 ready = Path(fields.pop("ready_file"))
 for name in ("data_dir", "trust_root", "online_key"):

@@ -20,6 +20,9 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from edgefleet.server.app import ServerConfig
+from edgefleet.server.auth import PUBLIC, Authenticator, AuthInterceptor, build_policy, enrollment_policy
+from edgefleet.server.storage import now_ms
 from google.protobuf.descriptor import Descriptor
 from grpc_health.v1 import health_pb2
 from rpc_harness import (
@@ -41,9 +44,6 @@ from rpc_harness import (
 
 from edgefleet import pki
 from edgefleet.v1 import common_pb2, device_pb2, operator_pb2
-from server.app import ServerConfig
-from server.auth import PUBLIC, Authenticator, AuthInterceptor, build_policy, enrollment_policy
-from server.storage import now_ms
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from conftest import database_url
-
-from edgefleet.errors import ConflictError, HashMismatchError, InvalidRequestError, NotFoundError
-from server.storage import (
+from edgefleet.server.storage import (
     SCHEMA_VERSION,
     Deployment,
     EventRecord,
@@ -24,6 +22,8 @@ from server.storage import (
     open_store,
     sqlalchemy_url,
 )
+
+from edgefleet.errors import ConflictError, HashMismatchError, InvalidRequestError, NotFoundError
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -114,7 +114,7 @@ def _worker_pids(agent: AgentProcess) -> list[int]:
     pids = []
     for child in psutil.Process(agent.process.pid).children(recursive=True):
         try:
-            if child.status() != psutil.STATUS_ZOMBIE and "device_agent.worker" in child.cmdline():
+            if child.status() != psutil.STATUS_ZOMBIE and "edgefleet.agent.worker" in child.cmdline():
                 pids.append(child.pid)
         except psutil.Error:
             continue  # exited meanwhile

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edgefleet.agent.serving import ModelWorker, Serving
+from edgefleet.agent.worker import LOAD_NICENESS
 
-from device_agent.serving import ModelWorker, Serving
-from device_agent.worker import LOAD_NICENESS
 from edgefleet.modelgen import DigitsData
 from edgefleet.modelinfo import run
 from edgefleet.runtime import default_runtime, make_interpreter
