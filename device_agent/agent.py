@@ -535,25 +535,28 @@ class Agent:
                 try:
                     await self._install(path)
                     return
-                except errors.DowngradeRefusedError as e:
-                    if self._refused.get(path) != str(e):
-                        self._refused[path] = str(e)
-                        self._queue_event(path, Stage.UPDATE_STAGE_FAILED, str(e))
-                    return
-                except errors.ArtifactError as e:
-                    self._mark_bad(path, str(e))
-                    await asyncio.to_thread(self.store.prune_models, self._kept_models())
-                    return
-                except (errors.TransportError, OSError) as e:
-                    problem = str(e) if isinstance(e, errors.TransportError) else f"storage: {e}"
-                    log.warning("update to %s interrupted: %s", path, problem)
-                    if isinstance(e, OSError):
-                        # Disk full or failing: drop the partial download; the old model is untouched.
+                except errors.EdgefleetError as e:
+                    if e.marks_bad:  # a property of the signed artifact: never tried again
+                        self._mark_bad(path, str(e))
                         await asyncio.to_thread(self.store.prune_models, self._kept_models())
-                    if isinstance(
-                        e, (errors.MetadataExpiredError, errors.MetadataRefusedError, OSError)
-                    ) and (reported != problem):
+                        return
+                    if not e.retryable:  # a downgrade without the operator's permission: until it changes
+                        if self._refused.get(path) != str(e):
+                            self._refused[path] = str(e)
+                            self._queue_event(path, Stage.UPDATE_STAGE_FAILED, str(e))
+                        return
+                    problem = str(e)
+                    log.warning("update to %s interrupted: %s", path, problem)
+                    if isinstance(e, errors.MetadataError) and reported != problem:
                         reported = problem  # report once per kind of trouble, then retry quietly
+                        self._queue_event(path, Stage.UPDATE_STAGE_FAILED, f"will retry: {problem}")
+                except OSError as e:
+                    problem = f"storage: {e}"
+                    log.warning("update to %s interrupted: %s", path, problem)
+                    # Disk full or failing: drop the partial download; the old model is untouched.
+                    await asyncio.to_thread(self.store.prune_models, self._kept_models())
+                    if reported != problem:
+                        reported = problem
                         self._queue_event(path, Stage.UPDATE_STAGE_FAILED, f"will retry: {problem}")
             await asyncio.sleep(backoff.next())
 

@@ -1,16 +1,24 @@
-"""The error tree shared by the server, the agent and the CLI.
+"""Every error edgefleet raises on purpose, filed by who is at fault. This module is the one list.
 
-EdgefleetError
-├── ArtifactError            the thing itself is bad: never retry the same bytes
-│   ├── SignatureError       metadata not signed by trusted keys, expired, or a rollback
-│   ├── HashMismatchError    bytes differ from the signed length or sha256
-│   ├── ModelError           does not load, tensors differ from what is declared, wrong golden output
-│   └── IncompatibleError    built for another runtime or hardware class
-├── TransportError           the network or the server failed: retry later with backoff
-├── InvalidRequestError      a caller sent something malformed (maps to INVALID_ARGUMENT)
-├── NotFoundError            (NOT_FOUND)
-├── ConflictError            state changed underneath the caller (FAILED_PRECONDITION)
-└── AccessDeniedError        the caller may not do this (PERMISSION_DENIED)
+EdgefleetError                      retryable  marks_bad
+├── ArtifactError                   no         yes   the signed artifact itself is bad
+│   ├── ModelError                  no         yes   does not load, tensors differ, wrong golden output
+│   ├── IncompatibleError           no         yes   built for another runtime or hardware class
+│   ├── HashMismatchError           no         yes   bytes differ from the signed length or sha256
+│   └── SignatureError              no         yes   no such signed target, or its signed fields are malformed
+│       └── DowngradeRefusedError   no         no    older than what ran; needs an operator's signed permission
+├── MetadataError                   yes        no    the signed metadata as a whole is refused for now
+│   ├── MetadataRefusedError        yes        no    unsigned, a rollback, malformed: fresh metadata may fix it
+│   └── MetadataExpiredError        yes        no    expired: fresh metadata, or a corrected clock, fixes it
+├── TransportError                  yes        no    the network, the server or its database failed
+├── InvalidRequestError             no         no    a caller sent something malformed (INVALID_ARGUMENT)
+├── NotFoundError                   no         no    (NOT_FOUND)
+├── ConflictError                   no         no    state changed underneath the caller (FAILED_PRECONDITION)
+└── AccessDeniedError               no         no    the caller may not do this (PERMISSION_DENIED)
+
+`retryable`: the same request may succeed later (back off and try again). `marks_bad`: the failure is a
+property of the signed artifact, so the version is never tried again. Callers decide by these two
+properties, never by the order of `except` clauses.
 """
 
 from __future__ import annotations
@@ -19,17 +27,14 @@ from __future__ import annotations
 class EdgefleetError(Exception):
     """Root of every error edgefleet raises on purpose."""
 
+    retryable = False
+    marks_bad = False
+
 
 class ArtifactError(EdgefleetError):
-    """The artifact or its metadata is bad; fetching the same bytes again will not help."""
+    """The signed artifact is bad; fetching the same bytes again will not help."""
 
-
-class SignatureError(ArtifactError):
-    pass
-
-
-class HashMismatchError(ArtifactError):
-    pass
+    marks_bad = True
 
 
 class ModelError(ArtifactError):
@@ -40,21 +45,39 @@ class IncompatibleError(ArtifactError):
     pass
 
 
+class HashMismatchError(ArtifactError):
+    pass
+
+
+class SignatureError(ArtifactError):
+    pass
+
+
 class DowngradeRefusedError(SignatureError):
-    """Going back to an older model needs an operator's signature; the server's word is not enough."""
+    """Going back to an older model needs an operator's signature; the server's word is not enough. Nothing
+    is marked: a new signature (a rollback order) lifts it."""
+
+    marks_bad = False
+
+
+class MetadataError(EdgefleetError):
+    """The signed metadata is refused for now; the model it names is not proven bad, so nothing is marked."""
+
+    retryable = True
+
+
+class MetadataRefusedError(MetadataError):
+    """Unsigned, a rollback, malformed: reported, and tried again later."""
+
+
+class MetadataExpiredError(MetadataError):
+    """Fresh metadata (or a corrected clock) fixes it."""
 
 
 class TransportError(EdgefleetError):
     """The server or the network failed; worth retrying with backoff."""
 
-
-class MetadataExpiredError(TransportError):
-    """Refused now, but nothing is marked bad: fresh metadata (or a corrected clock) fixes it."""
-
-
-class MetadataRefusedError(TransportError):
-    """The metadata is refused (unsigned, a rollback, malformed); the model it names is not proven bad, so
-    nothing is marked: reported, and tried again later."""
+    retryable = True
 
 
 class InvalidRequestError(EdgefleetError):

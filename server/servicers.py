@@ -39,6 +39,7 @@ _STATUS = (
     (errors.SignatureError, grpc.StatusCode.PERMISSION_DENIED),
     (errors.IncompatibleError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ArtifactError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.MetadataError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.TransportError, grpc.StatusCode.UNAVAILABLE),
 )
 
