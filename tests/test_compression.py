@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from edgefleet.server import compression
+from edgefleet.server.compression import recipes
 from edgefleet.server.storage import ModelRecord
 from edgefleet.server.variants import choose_target
 
@@ -338,10 +339,10 @@ def test_blockwise_int4_is_measured_not_trusted(
     blockwise = (
         "int4 weights in blocks of 32",
         lambda qt: qt.add_dynamic_config(
-            ".*", compression._OP, 4, granularity=compression.qtyping.QuantGranularity.BLOCKWISE_32
+            ".*", recipes.ALL_OPS, 4, granularity=recipes.qtyping.QuantGranularity.BLOCKWISE_32
         ),
     )
-    monkeypatch.setattr(compression, "RECIPES", {"int4-dynamic-b32": blockwise})
+    monkeypatch.setattr(recipes, "RECIPES", {"int4-dynamic-b32": blockwise})
     built = compression.build_variants(model, compression.EvalSet(data.x_test, data.y_test), sparsity=())
     details = {v.name: v.details for v in built}["int4-dynamic-b32"]
     assert details["runtimes_ok"] == [LITERT]
