@@ -1,6 +1,6 @@
 """Random bytes and mutated valid requests against every DeviceService RPC of one real server.
 
-../shared/RELIABILITY.md, "Bad input": random bytes and fuzzed protobufs give INVALID_ARGUMENT (or another
+docs/reliability.md, "Bad input": random bytes and fuzzed protobufs give INVALID_ARGUMENT (or another
 clean status), never a crash or a bad write. A server-side exception shows as UNKNOWN (raised in a handler)
 or INTERNAL (caught by `status_for_errors`), so neither may ever come back; afterwards the server is
 healthy, answers a normal call, and what it stored still passes the server's own checks.

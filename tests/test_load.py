@@ -1,4 +1,4 @@
-"""Load: a simulated fleet against one real server process (../shared/RELIABILITY.md, "Load").
+"""Load: a simulated fleet against one real server process (docs/reliability.md, "Load").
 
 The server runs in a subprocess of its own (`server.app.serve`, what `edgefleet server` runs, with
 ServerConfig fields a test chooses), so its RSS, file descriptors and threads are measured with psutil on a

@@ -1,6 +1,6 @@
 """Attacks on the fleet server's RPC surface, against a real in-process server (tests/rpc_harness.py).
 
-Each test is named after the attack it shows fails. They cover ../shared/RELIABILITY.md, "Transport and
+Each test is named after the attack it shows fails. They cover docs/reliability.md, "Transport and
 identity" (who may call what, credentials from the channel only, expired / revoked / foreign certificates,
 replayed status reports) and "Bad input" (oversized messages and metadata, semantically invalid fields, and
 telemetry floods from "Load").
