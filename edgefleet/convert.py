@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import fields
 
 from edgefleet.errors import InvalidRequestError
 from edgefleet.v1 import common_pb2, device_pb2
@@ -50,14 +51,7 @@ def ref_from_proto(ref: common_pb2.ModelRef) -> ModelRef | None:
 def ref_to_proto(ref: ModelRef | None) -> common_pb2.ModelRef:
     if ref is None:
         return common_pb2.ModelRef()
-    return common_pb2.ModelRef(
-        target_path=ref.target_path,
-        model_name=ref.model_name,
-        version=ref.version,
-        variant=ref.variant,
-        sha256=ref.sha256,
-        length=ref.length,
-    )
+    return common_pb2.ModelRef(**ref.to_json())
 
 
 # ---- capabilities ----------------------------------------------------------------------------------------
@@ -76,35 +70,14 @@ def capabilities_from_proto(caps: common_pb2.Capabilities) -> Capabilities:
             raise InvalidRequestError(f"capabilities.{key} is longer than 128 characters")
     if len(caps.accelerators) > 32 or any(len(a) > 128 for a in caps.accelerators):
         raise InvalidRequestError("too many accelerators, or too long names")
-    return Capabilities(
-        runtime=caps.runtime,
-        runtime_version=caps.runtime_version,
-        cpu_arch=caps.cpu_arch,
-        cpu_count=caps.cpu_count,
-        memory_total_bytes=caps.memory_total_bytes,
-        memory_available_bytes=caps.memory_available_bytes,
-        disk_free_bytes=caps.disk_free_bytes,
-        accelerators=tuple(caps.accelerators),
-        hardware_class=caps.hardware_class,
-        latency_budget_ms=caps.latency_budget_ms,
-    )
+    values = {f.name: getattr(caps, f.name) for f in fields(Capabilities)}
+    return Capabilities(**{**values, "accelerators": tuple(caps.accelerators)})
 
 
 def capabilities_to_proto(caps: Capabilities | None) -> common_pb2.Capabilities:
     if caps is None:
         return common_pb2.Capabilities()
-    return common_pb2.Capabilities(
-        runtime=caps.runtime,
-        runtime_version=caps.runtime_version,
-        cpu_arch=caps.cpu_arch,
-        cpu_count=caps.cpu_count,
-        memory_total_bytes=caps.memory_total_bytes,
-        memory_available_bytes=caps.memory_available_bytes,
-        disk_free_bytes=caps.disk_free_bytes,
-        accelerators=list(caps.accelerators),
-        hardware_class=caps.hardware_class,
-        latency_budget_ms=caps.latency_budget_ms,
-    )
+    return common_pb2.Capabilities(**caps.to_json())
 
 
 # ---- what a device reports -------------------------------------------------------------------------------
