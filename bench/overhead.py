@@ -63,13 +63,14 @@ from typing import Any
 import grpc
 import numpy as np
 import psutil
-from edgefleet.agent.local_api import start_local_service
+from edgefleet.agent.local_api import LocalStatus, start_local_service
 from edgefleet.agent.serving import ModelWorker, Result, Serving
 
 from edgefleet.modelgen import build_digits_model
 from edgefleet.runtime import available_runtimes, make_interpreter, runtime_version
 from edgefleet.tensors import from_proto, to_proto
-from edgefleet.v1 import common_pb2, local_pb2, local_pb2_grpc
+from edgefleet.v1 import local_pb2, local_pb2_grpc
+from edgefleet.values import ModelRef
 
 TARGET = "models/digits"
 ECHO_CHILD = """
@@ -141,20 +142,18 @@ def timed(
 
 
 class AgentShim:
-    """Exactly what `InferenceServicer` uses of an Agent, backed by a real Serving."""
+    """Exactly what `InferenceServicer` uses of an Agent (`local_api.LocalAgent`), backed by a real Serving."""
 
     def __init__(self, serving: Any, runtime: str, infer: Callable[[list[np.ndarray]], Result] | None = None):
         self.serving = serving
         self.runtime = runtime
-        self.connected = True
-        self.state = SimpleNamespace(current=None, previous=None)
         self._infer = infer or serving.infer
 
     def infer(self, inputs: list[np.ndarray]) -> Result:
         return self._infer(inputs)
 
-    def capabilities(self) -> common_pb2.Capabilities:
-        return common_pb2.Capabilities(runtime=self.runtime, runtime_version=runtime_version(self.runtime))
+    def local_status(self) -> LocalStatus:
+        return LocalStatus(None, None, self.runtime, runtime_version(self.runtime), connected=True)
 
 
 class LocalService:
@@ -329,11 +328,11 @@ def bench_runtime(
     echo: EchoChild | None = None
     try:
         signature = worker.start(timeout=30)
-        serving.swap(worker, {"target_path": TARGET, "version": "1"})
+        serving.swap(worker, ModelRef(TARGET, version="1"))
         result = serving.infer([x])
         assert result.target_path == TARGET and np.allclose(result.outputs[0], expected, rtol=1e-5, atol=1e-7)
         fake = Serving()
-        fake.swap(FakeWorker(signature, expected), {"target_path": TARGET, "version": "1"})  # type: ignore[arg-type]
+        fake.swap(FakeWorker(signature, expected), ModelRef(TARGET, version="1"))  # type: ignore[arg-type]
         worker_pid = _worker_pid(model_path)
         cpu_of: dict[str, int | None] = {"agent": None, "worker": worker_pid}
         echo = child = EchoChild()

@@ -44,6 +44,7 @@ from edgefleet.agent.serving import ModelWorker, Serving
 
 from edgefleet.modelgen import build_large_mlp
 from edgefleet.runtime import LITERT
+from edgefleet.values import ModelRef
 
 SPARE_CHILD = """
 import sys
@@ -122,7 +123,7 @@ def run_size(mib: int, runtime: str, args: argparse.Namespace, tmp: Path) -> Non
 
     threads = [threading.Thread(target=caller, args=log, daemon=True) for log in logs]
     try:
-        serving.swap(new_worker(), {"target_path": "models/active", "version": "1"})
+        serving.swap(new_worker(), ModelRef("models/active", version="1"))
         for thread in threads:
             thread.start()
         for _ in range(args.reps):

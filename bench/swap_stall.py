@@ -6,7 +6,7 @@ exception is recorded), measures a baseline for `--baseline` seconds, then perfo
 alternating B/A exactly the way the agent does:
 
     load    a background thread starts a new `ModelWorker` for the other model and warms it with one call
-            (the agent's `_test_candidate`: start + golden call);
+            (the agent's `LocalModels.test_candidate`: start + golden call);
     switch  `Serving.swap(new, ref)` on the "event loop" (main) thread, then `old.retire()` in another
             thread, off the hot path.
 
@@ -65,6 +65,7 @@ from edgefleet.agent.serving import ModelWorker, Serving
 
 from edgefleet.modelgen import build_large_mlp
 from edgefleet.runtime import available_runtimes, make_interpreter
+from edgefleet.values import ModelRef
 
 CALL_TIMEOUT_S = 10.0
 WARMUP_S = 0.3  # calls in the first WARMUP_S after the callers start are not counted in the baseline
@@ -309,9 +310,7 @@ def run_case(
 
     try:
         if mode in ("worker", "prespawn"):
-            serving.swap(
-                start_worker(models[0], candidate=False), {"target_path": models[0].name, "version": "a"}
-            )
+            serving.swap(start_worker(models[0], candidate=False), ModelRef(models[0].name, version="a"))
         else:
             naive.slot = NaiveServing.load(runtime, models[0], x)
 
@@ -340,7 +339,7 @@ def run_case(
                     lambda model=model, spawned=spawned: start_worker(model, spawned)
                 )
                 window.swapped = time.perf_counter()
-                old = serving.swap(new, {"target_path": model.name, "version": model.name[-1]})
+                old = serving.swap(new, ModelRef(model.name, version=model.name[-1]))
                 assert old is not None
                 retire_started = time.perf_counter()
                 retirer = threading.Thread(target=old.retire)

@@ -1,26 +1,50 @@
 """The agent's local inference service for applications on the device: a Unix socket (and optionally a
 loopback port), never a public address. Applications in Python can also call `Agent.infer` directly.
+
+It needs only what `LocalAgent` names (inference and a status), not the agent itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
-from edgefleet.agent.serving import NoModelError
+import numpy as np
+from edgefleet.agent.serving import NoModelError, Result
 
 from edgefleet import errors
+from edgefleet.convert import ref_to_proto
 from edgefleet.tensors import from_proto, to_proto
-from edgefleet.v1 import common_pb2, local_pb2, local_pb2_grpc
+from edgefleet.v1 import local_pb2, local_pb2_grpc
+from edgefleet.values import ModelRef
 
-if TYPE_CHECKING:
-    from edgefleet.agent.agent import Agent
+
+@dataclass(frozen=True)
+class LocalStatus:
+    """What an application on the device may learn about the agent."""
+
+    current: ModelRef | None
+    previous: ModelRef | None
+    runtime: str
+    runtime_version: str
+    connected: bool  # to the fleet server
+
+
+class LocalAgent(Protocol):
+    """What the local service needs of an agent."""
+
+    def infer(self, inputs: list[np.ndarray]) -> Result:
+        """Blocking; raises what `Serving.infer` raises."""
+        ...
+
+    def local_status(self) -> LocalStatus: ...
 
 
 class InferenceServicer(local_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, agent: Agent):
+    def __init__(self, agent: LocalAgent):
         self.agent = agent
 
     async def Infer(self, request: local_pb2.InferRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -44,17 +68,17 @@ class InferenceServicer(local_pb2_grpc.InferenceServiceServicer):
         )
 
     async def GetAgentStatus(self, request: local_pb2.GetAgentStatusRequest, context: Any) -> Any:
-        state = self.agent.state
+        status = self.agent.local_status()
         return local_pb2.GetAgentStatusResponse(
-            current=common_pb2.ModelRef(**state.current) if state.current else None,
-            previous=common_pb2.ModelRef(**state.previous) if state.previous else None,
-            runtime=self.agent.runtime,
-            runtime_version=self.agent.capabilities().runtime_version,
-            connected=self.agent.connected,
+            current=ref_to_proto(status.current) if status.current else None,
+            previous=ref_to_proto(status.previous) if status.previous else None,
+            runtime=status.runtime,
+            runtime_version=status.runtime_version,
+            connected=status.connected,
         )
 
 
-async def start_local_service(agent: Agent, socket_path: str, port: int) -> grpc.aio.Server:
+async def start_local_service(agent: LocalAgent, socket_path: str, port: int) -> grpc.aio.Server:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 2**20)])
     local_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(agent), server)
     if socket_path:

@@ -28,6 +28,7 @@ import numpy as np
 
 from edgefleet.errors import EdgefleetError, InvalidRequestError, ModelError
 from edgefleet.modelinfo import ModelSignature
+from edgefleet.values import ModelRef
 
 LATENCY_BOUNDS_MS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
 
@@ -221,15 +222,15 @@ class Serving:
     def __init__(self, call_timeout: float = 10.0):
         # (worker, ref) in one attribute: rebinding it is atomic, so no caller sees one model's worker with
         # another model's name.
-        self._slot: tuple[ModelWorker, dict[str, Any]] | None = None
+        self._slot: tuple[ModelWorker, ModelRef] | None = None
         self._call_timeout = call_timeout
         self._stats: dict[str, _Stats] = {}
         self._totals: dict[str, list[int]] = {}  # target -> [calls, failures] since start (for probation)
         self._stats_lock = threading.Lock()
 
     @property
-    def ref(self) -> dict[str, Any]:
-        return self._slot[1] if self._slot else {}
+    def ref(self) -> ModelRef | None:
+        return self._slot[1] if self._slot else None
 
     @property
     def worker(self) -> ModelWorker | None:
@@ -249,15 +250,15 @@ class Serving:
                 outputs = worker.call(inputs, self._call_timeout)
             except WorkerGone:
                 if slot is self._slot:
-                    self._record(ref["target_path"], time.perf_counter() - started, ok=False)
+                    self._record(ref.target_path, time.perf_counter() - started, ok=False)
                     raise ModelError("the model worker stopped; the agent is restarting it") from None
                 continue  # swapped meanwhile: run on the new model
             except ModelError:
-                self._record(ref["target_path"], time.perf_counter() - started, ok=False)
+                self._record(ref.target_path, time.perf_counter() - started, ok=False)
                 raise
-            self._record(ref["target_path"], time.perf_counter() - started, ok=True)
+            self._record(ref.target_path, time.perf_counter() - started, ok=True)
             names = tuple(t.name for t in worker.signature.outputs) if worker.signature else ()
-            return Result(outputs, ref["target_path"], ref.get("version", ""), names)
+            return Result(outputs, ref.target_path, ref.version, names)
 
     def _record(self, target: str, seconds: float, ok: bool) -> None:
         with self._stats_lock:
@@ -266,7 +267,7 @@ class Serving:
             totals[0] += 1
             totals[1] += not ok
 
-    def swap(self, worker: ModelWorker, ref: dict[str, Any]) -> ModelWorker | None:
+    def swap(self, worker: ModelWorker, ref: ModelRef) -> ModelWorker | None:
         """Makes `worker` the active one; returns the previous worker (the caller retires it off-thread)."""
         old = self._slot
         self._slot = (worker, ref)

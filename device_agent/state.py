@@ -12,32 +12,93 @@ Layout of the state folder:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgefleet.durable import write_atomic
+from edgefleet.errors import InvalidRequestError
+from edgefleet.values import ModelRef
+
+
+def now_ms() -> int:
+    """The device's clock, in ms since 1970: what the state file and every report record times in."""
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An update between its activation and "healthy"."""
+
+    target_path: str
+    activated_ms: int = 0
+    starts: int = 0  # agent starts during this probation (see decisions.gives_up_at_start)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"target_path": self.target_path, "activated_ms": self.activated_ms}
+        if self.starts:  # written only once counted, as before: the file keeps its shape
+            data["starts"] = self.starts
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> Pending | None:
+        if not data:
+            return None
+        try:
+            return cls(str(data["target_path"]), int(data.get("activated_ms", 0)), int(data.get("starts", 0)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InvalidRequestError(f"state file: malformed pending update: {e}") from e
 
 
 @dataclass
 class AgentState:
-    current: dict[str, Any] | None = None  # ModelRef fields of the running model
-    previous: dict[str, Any] | None = None  # kept on disk for rollback
+    current: ModelRef | None = None  # the running model
+    previous: ModelRef | None = None  # kept on disk for rollback
     bad_targets: list[str] = field(default_factory=list)  # refused or failed: never tried again
-    pending: dict[str, Any] | None = None  # an update between activation and "healthy"
+    pending: Pending | None = None  # an update between activation and "healthy"
     status_sequence: int = 0  # of the last status report sent; the server ignores older ones
     floors: dict[str, int] = field(default_factory=dict)  # model name -> highest sequence installed
     rollbacks_done: list[str] = field(
         default_factory=list
     )  # command ids carried out (an order can arrive twice)
 
+    def to_json(self) -> dict[str, Any]:
+        """The state file's shape: the same keys as every earlier version wrote."""
+        return {
+            "current": self.current.to_json() if self.current else None,
+            "previous": self.previous.to_json() if self.previous else None,
+            "bad_targets": list(self.bad_targets),
+            "pending": self.pending.to_json() if self.pending else None,
+            "status_sequence": self.status_sequence,
+            "floors": dict(self.floors),
+            "rollbacks_done": list(self.rollbacks_done),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AgentState:
+        """Raises InvalidRequestError for a malformed model reference or pending update."""
+        return cls(
+            current=ModelRef.optional(data.get("current")),
+            previous=ModelRef.optional(data.get("previous")),
+            bad_targets=[str(t) for t in data.get("bad_targets", [])],
+            pending=Pending.from_json(data.get("pending")),
+            status_sequence=int(data.get("status_sequence", 0)),
+            floors={str(k): int(v) for k, v in data.get("floors", {}).items()},
+            rollbacks_done=[str(c) for c in data.get("rollbacks_done", [])],
+        )
+
 
 class StateStore:
+    """The state folder, and the one live `AgentState` every part of the agent reads and changes: `save()`
+    writes it; `commit(new)` writes a replacement and only then adopts it (a failed write changes nothing)."""
+
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         for sub in ("models", "downloads", "metadata"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
         self.folder.chmod(0o700)
+        self.state = self.load()
 
     @property
     def state_path(self) -> Path:
@@ -46,11 +107,14 @@ class StateStore:
     def load(self) -> AgentState:
         if not self.state_path.exists():
             return AgentState()
-        data = json.loads(self.state_path.read_text())
-        return AgentState(**{k: v for k, v in data.items() if k in AgentState.__dataclass_fields__})
+        return AgentState.from_json(json.loads(self.state_path.read_text()))
 
-    def save(self, state: AgentState) -> None:
-        write_atomic(self.state_path, json.dumps(asdict(state), indent=1, sort_keys=True).encode())
+    def save(self) -> None:
+        write_atomic(self.state_path, json.dumps(self.state.to_json(), indent=1, sort_keys=True).encode())
+
+    def commit(self, new_state: AgentState) -> None:
+        write_atomic(self.state_path, json.dumps(new_state.to_json(), indent=1, sort_keys=True).encode())
+        self.state = new_state
 
     def load_credentials(self) -> dict[str, str] | None:
         path = self.folder / "credentials.json"

@@ -47,6 +47,7 @@ from edgefleet.errors import (
     SignatureError,
     TransportError,
 )
+from edgefleet.values import ModelRef
 
 ROOT_LIFETIME = timedelta(days=365)
 TARGETS_LIFETIME = timedelta(days=365)
@@ -508,15 +509,8 @@ class ModelTarget:
         except (KeyError, TypeError, ValueError, ModelError) as e:
             raise SignatureError(f"{target.path}: signed model fields are malformed: {e}") from e
 
-    def ref(self) -> dict[str, Any]:
-        return {
-            "target_path": self.path,
-            "model_name": self.name,
-            "version": self.version,
-            "variant": self.variant,
-            "sha256": self.sha256,
-            "length": self.length,
-        }
+    def ref(self) -> ModelRef:
+        return ModelRef(self.path, self.name, self.version, self.variant, self.sha256, self.length)
 
     def target_json(self) -> bytes:
         return json.dumps({self.path: self.target.to_dict()}).encode()

@@ -5,7 +5,7 @@ ServerConfig fields a test chooses), so its RSS, file descriptors and threads ar
 process that holds nothing but the server. The devices are simulated in this process: each one is a real
 enrolled device (Enroll over the enrollment port with a CSR of its own key, then an mTLS channel with the
 certificate the server issued), with a channel (TCP + TLS connection) of its own and a Connect control
-stream, reconnecting with the agent's own jittered exponential `Backoff` as edgefleet.agent.agent` does.
+stream, reconnecting with the agent's own jittered exponential `Backoff` as `edgefleet.agent.control` does.
 
 The same simulation, at a larger scale and printing figures instead of asserting, is `bench/fleet_load.py`.
 
@@ -37,7 +37,8 @@ from typing import Any
 import grpc
 import psutil
 import pytest
-from edgefleet.agent.agent import Backoff, Outbox
+from edgefleet.agent.connection import Backoff
+from edgefleet.agent.telemetry import Outbox
 from edgefleet.server.storage import now_ms
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -61,7 +62,7 @@ CAPABILITIES = common_pb2.Capabilities(
     hardware_class="load-sim",
 )
 
-# What the agent's channel uses (edgefleet.agent.agent.Agent._open_channel), plus a subchannel pool of its
+# What the agent's channel uses (edgefleet.agent.connection.open_channel), plus a subchannel pool of its
 # own so that every simulated device really has a TCP connection (and a TLS session) of its own.
 DEVICE_CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),

@@ -20,6 +20,7 @@ from edgefleet.agent.worker import LOAD_NICENESS
 from edgefleet.modelgen import DigitsData
 from edgefleet.modelinfo import run
 from edgefleet.runtime import default_runtime, make_interpreter
+from edgefleet.values import ModelRef
 
 
 def _niceness_by_thread(pid: int) -> dict[int, int]:
@@ -113,7 +114,7 @@ def test_no_caller_waits_for_a_retiring_workers_kill_and_every_call_after_the_sw
         old_kill()
 
     workers[0].kill = slow_kill  # type: ignore[method-assign]
-    serving.swap(workers[0], {"target_path": "v1"})
+    serving.swap(workers[0], ModelRef("v1"))
     stop = threading.Event()
     calls: list[tuple[float, float, str]] = []
     failures: list[BaseException] = []
@@ -133,7 +134,7 @@ def test_no_caller_waits_for_a_retiring_workers_kill_and_every_call_after_the_sw
         for thread in threads:
             thread.start()
         time.sleep(0.2)
-        assert serving.swap(workers[1], {"target_path": "v2"}) is workers[0]
+        assert serving.swap(workers[1], ModelRef("v2")) is workers[0]
         swapped = time.perf_counter()
         workers[0].retire()
         assert time.perf_counter() - swapped >= slow_kill_s
@@ -178,7 +179,7 @@ def test_inference_on_several_threads_during_100_swaps_never_fails_or_tears(
     first = ModelWorker(paths[0], runtime)
     made.append(first)
     first.load(paths[0])
-    serving.swap(first, {"target_path": str(paths[0])})
+    serving.swap(first, ModelRef(str(paths[0])))
     stop = threading.Event()
     calls = collections.Counter[str]()
     problems: list[str] = []
@@ -207,7 +208,7 @@ def test_inference_on_several_threads_during_100_swaps_never_fails_or_tears(
                 if i + 2 < swaps:
                     upcoming.append(pool.submit(ready_worker, paths[(i + 3) % 2]))
                 before = sum(calls.values())
-                old = serving.swap(new, {"target_path": str(paths[(i + 1) % 2])})
+                old = serving.swap(new, ModelRef(str(paths[(i + 1) % 2])))
                 assert old is not None
                 old.retire()
                 deadline = time.monotonic() + 30

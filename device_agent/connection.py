@@ -1,0 +1,162 @@
+"""The agent's link to the fleet server: enrollment at first start, then the one channel every call uses.
+
+    first start: pin the fleet's root.json (and CA) -> a key pair here, a CSR to the enrollment port
+                 (server-authenticated TLS) with the one-time token -> the device certificate, kept in tls/
+    every start: the credentials on disk -> one mutual-TLS channel (plaintext only when configured so)
+
+`Backoff` is the jittered exponential delay every retry loop of the agent waits with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.state import StateStore
+
+from edgefleet import errors, pki
+from edgefleet.signing import DeviceTrust
+from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
+
+log = logging.getLogger("edgefleet.agent")
+
+# Status codes worth retrying; anything else from the server is a refusal.
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.ABORTED,
+}
+
+
+class Backoff:
+    """Jittered exponential backoff, so a fleet that lost its server does not reconnect in one stampede."""
+
+    def __init__(self, initial: float, maximum: float):
+        self.initial, self.maximum, self.current = initial, maximum, initial
+
+    def next(self) -> float:
+        delay = self.current * random.uniform(0.5, 1.5)
+        self.current = min(self.current * 2, self.maximum)
+        return delay
+
+    def reset(self) -> None:
+        self.current = self.initial
+
+
+@dataclass
+class Connection:
+    """The open channel to the server and who this device is on it."""
+
+    device_id: str
+    token: str  # only in plaintext demo mode; with TLS the client certificate is the credential
+    channel: grpc.aio.Channel
+    stub: device_pb2_grpc.DeviceServiceStub
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    options = [
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.max_receive_message_length", 8 * 2**20),
+    ]
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+async def connect(
+    config: AgentConfig,
+    store: StateStore,
+    trust: DeviceTrust,
+    capabilities: Callable[[], common_pb2.Capabilities],
+) -> Connection:
+    """First start: pin the fleet's root.json (and CA), trade the enrollment token for credentials.
+    Then open the one channel every later call uses: mutual TLS, or plaintext only when configured so.
+    Raises InvalidRequestError for what the first start lacks, AccessDeniedError when enrollment is refused."""
+    if not trust.is_pinned():
+        if config.trust_root is None:
+            raise errors.InvalidRequestError("first start needs --trust-root (the fleet's root.json)")
+        DeviceTrust.pin_root(store.folder / "metadata", Path(config.trust_root).read_bytes())
+    tls = pki.TlsFiles(store.folder / "tls")
+    creds = store.load_credentials()
+    if creds is None:
+        creds = await _enroll(config, store, tls, capabilities())
+    if config.insecure_plaintext:
+        channel = open_channel(config.server, None)
+    else:
+        if not tls.exists():
+            raise errors.InvalidRequestError(f"{tls.folder} lacks the device's certificate: enroll again")
+        channel = open_channel(
+            config.server,
+            grpc.ssl_channel_credentials(
+                root_certificates=tls.ca.read_bytes(),
+                private_key=tls.key.read_bytes(),
+                certificate_chain=tls.cert.read_bytes(),
+            ),
+        )
+    return Connection(
+        creds["device_id"], creds.get("device_token", ""), channel, device_pb2_grpc.DeviceServiceStub(channel)
+    )
+
+
+async def _enroll(
+    config: AgentConfig, store: StateStore, tls: pki.TlsFiles, capabilities: common_pb2.Capabilities
+) -> dict[str, str]:
+    if not config.enroll_token:
+        raise errors.InvalidRequestError("first start needs --enroll-token (from `edgefleet token create`)")
+    key = pki.new_key()
+    request = device_pb2.EnrollRequest(
+        enrollment_token=config.enroll_token,
+        device_name=config.name,
+        capabilities=capabilities,
+    )
+    if config.insecure_plaintext:
+        channel = open_channel(config.server, None)
+    else:
+        if config.ca_cert is None:
+            raise errors.InvalidRequestError(
+                "first start needs --ca-cert (the fleet CA, from the server's ca/)"
+            )
+        ca_pem = Path(config.ca_cert).read_bytes()
+        request.csr_pem = pki.make_csr(key, config.name)
+        channel = open_channel(config.enroll_address, grpc.ssl_channel_credentials(ca_pem))
+    backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
+    try:
+        stub = device_pb2_grpc.DeviceServiceStub(channel)
+        while True:
+            try:
+                reply = await stub.Enroll(request, timeout=config.rpc_timeout_s)
+                break
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in RETRYABLE:
+                    raise errors.AccessDeniedError(f"enrollment refused: {e.details()}") from e
+                log.warning("enrollment: server unavailable (%s); retrying", e.code().name)
+                await asyncio.sleep(backoff.next())
+    finally:
+        await channel.close()
+    if not config.insecure_plaintext:
+        # Trust stays with the CA we were provisioned with; the reply's copy is not believed.
+        tls.write(key, pki.x509.load_pem_x509_certificate(reply.certificate_pem), pki.load_cert(ca_pem))
+    creds = {"device_id": reply.device_id, "group": reply.group}
+    if reply.device_token:
+        creds["device_token"] = reply.device_token
+    store.save_credentials(creds)
+    log.info("enrolled as %s in group %s", reply.device_id, reply.group)
+    return creds

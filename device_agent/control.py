@@ -1,0 +1,174 @@
+"""The control stream to the server, what the agent says on it, and the metadata bridge for python-tuf.
+
+    connect -> send the device's status first (every time) -> then queued events and status, in order
+    server  -> assignment: `on_assignment(ref)`; rollback order: `on_rollback(command_id, reason)`
+    down    -> reconnect with jittered exponential backoff; `periodic_check` asks for the assignment in case
+               the stream missed it
+    python-tuf, in a worker thread -> `get_metadata_blocking(name)` -> GetMetadata on the event loop
+
+Statuses and events are typed values (`edgefleet.values`) turned into protobuf by `edgefleet.convert`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import grpc
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.connection import RETRYABLE, Backoff, Connection
+from edgefleet.agent.state import StateStore, now_ms
+from edgefleet.agent.telemetry import Outbox
+
+from edgefleet import __version__, errors
+from edgefleet.convert import event_to_proto, ref_from_proto, status_to_proto
+from edgefleet.v1 import device_pb2
+from edgefleet.values import Capabilities, DeviceStatus, ModelRef, UpdateEvent
+
+log = logging.getLogger("edgefleet.agent")
+
+Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
+
+
+class Control:
+    """Owns the control stream; `connection` is set once the agent has enrolled and connected."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        store: StateStore,
+        outbox: Outbox,
+        capabilities: Callable[[], Capabilities],
+        spawn: Spawn,
+        stopping: asyncio.Event,
+    ):
+        self.config = config
+        self.store = store
+        self.outbox = outbox
+        self.capabilities = capabilities
+        self.spawn = spawn
+        self.stopping = stopping
+        self.connection: Connection | None = None
+        self.connected = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # Set by the agent: what an assignment or a rollback order sets going.
+        self.on_assignment: Callable[[ModelRef | None], None] = lambda ref: None
+        self.on_rollback: Callable[[str, str], None] = lambda command_id, reason: None
+
+    # ---- the stream ------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keeps the control stream up until `stopping` is set."""
+        backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        while not self.stopping.is_set():
+            stream = self.spawn(self._run_stream(backoff))
+            stopper = self.spawn(self.stopping.wait())
+            await asyncio.wait({stream, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if self.stopping.is_set():
+                stream.cancel()
+                break
+            self.connected = False
+            exc = stream.exception() if not stream.cancelled() else None
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in RETRYABLE:
+                log.error("server refused the control stream: %s %s", exc.code().name, exc.details())
+            elif exc is not None and not isinstance(exc, grpc.aio.AioRpcError):
+                log.error("control stream failed: %r", exc)
+            delay = backoff.next()
+            log.info("control stream down; reconnecting in %.1f s", delay)
+            try:
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def _run_stream(self, backoff: Backoff) -> None:
+        assert self.connection is not None
+
+        async def outgoing() -> AsyncIterator[device_pb2.DeviceMessage]:
+            yield self._status_message()  # the truth first, on every connect
+            while True:
+                yield await self.outbox.get_event()
+
+        call = self.connection.stub.Connect(outgoing(), metadata=self.connection.metadata)
+        async for message in call:
+            self.connected = True
+            backoff.reset()
+            kind = message.WhichOneof("kind")
+            if kind == "assignment":
+                self.on_assignment(ref_from_proto(message.assignment.model))
+            elif kind == "rollback":
+                self.on_rollback(message.rollback.command_id, message.rollback.reason)
+            await asyncio.sleep(0)
+        # A stream the server ended cleanly still counts as down: reconnect.
+
+    async def periodic_check(self) -> None:
+        """The fallback when the control stream missed something (or is down)."""
+        assert self.connection is not None
+        try:
+            reply = await self.connection.stub.GetAssignment(
+                device_pb2.GetAssignmentRequest(),
+                metadata=self.connection.metadata,
+                timeout=self.config.rpc_timeout_s,
+            )
+        except grpc.aio.AioRpcError as e:
+            log.debug("periodic check failed: %s", e.code().name)
+            return
+        if reply.rollback_pending:
+            self.on_rollback(reply.rollback_command_id, "ordered by an operator (periodic check)")
+        elif reply.HasField("assignment"):
+            self.on_assignment(ref_from_proto(reply.assignment.model))
+
+    # ---- what the agent says ---------------------------------------------------------------------------
+
+    def _status_message(self) -> device_pb2.DeviceMessage:
+        state = self.store.state
+        # The sequence is persisted before use, so no restart or clock change ever sends an old number.
+        state.status_sequence += 1
+        self.store.save()
+        status = DeviceStatus(
+            current=state.current,
+            previous=state.previous,
+            capabilities=self.capabilities(),
+            agent_version=__version__,
+            bad_targets=tuple(state.bad_targets),
+            sent_at_ms=now_ms(),
+            sequence=state.status_sequence,
+        )
+        return device_pb2.DeviceMessage(status=status_to_proto(status))
+
+    def queue_status(self) -> None:
+        self.outbox.put_event(self._status_message())
+
+    def queue_event(self, target_path: str, stage: str, reason: str = "", command_id: str = "") -> None:
+        """`stage` is one of `edgefleet.values.STAGES`."""
+        log.info("%s %s %s", stage, target_path, reason)
+        event = UpdateEvent(target_path, stage, reason[:1000], now_ms(), command_id)
+        self.outbox.put_event(device_pb2.DeviceMessage(event=event_to_proto(event)))
+
+    # ---- metadata over gRPC, for python-tuf running in a worker thread ---------------------------------
+
+    def get_metadata_blocking(self, name: str) -> bytes:
+        """Called from a worker thread; runs GetMetadata on the agent's loop. Raises FileNotFoundError when the
+        server has no such file (python-tuf's signal that a role version does not exist yet), TransportError
+        otherwise."""
+        assert self.loop is not None and self.connection is not None
+        connection = self.connection
+
+        async def fetch() -> bytes:
+            reply = await connection.stub.GetMetadata(
+                device_pb2.GetMetadataRequest(name=name),
+                metadata=connection.metadata,
+                timeout=self.config.rpc_timeout_s,
+            )
+            return bytes(reply.content)
+
+        try:
+            return asyncio.run_coroutine_threadsafe(fetch(), self.loop).result(self.config.rpc_timeout_s + 5)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                raise FileNotFoundError(name) from e
+            raise errors.TransportError(f"GetMetadata {name}: {e.code().name} {e.details()}") from e
+        except TimeoutError as e:
+            raise errors.TransportError(f"GetMetadata {name} timed out") from e

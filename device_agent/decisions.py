@@ -1,0 +1,180 @@
+"""The agent's decisions, apart from everything that does them: no I/O, no clock, no asyncio, no grpc.
+
+As python-tuf keeps `TrustedMetadataSet` apart from its updater, the agent's async code (`updates`,
+`supervision`) fetches, persists and acts; what it should do is decided here, from plain values:
+
+    may this target run here?          check_compatible     (signed runtimes, hardware classes)
+    is it a downgrade, and allowed?    check_not_downgrade  (floors this device ran vs signed rollback floors)
+    did the install error doom it?     after_install_error  (the error's `marks_bad` / `retryable`)
+    did probation pass?                probation_problem, golden_problem
+    restarted too often in probation?  gives_up_at_start    (MAX_STARTS_IN_PROBATION)
+    does its worker keep dying?        recent_crashes, crashes_mean_rollback
+
+Functions that refuse raise the `edgefleet.errors` class that says why; the others return a value.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from edgefleet import errors
+from edgefleet.values import ModelRef
+
+MAX_STARTS_IN_PROBATION = 3
+MAX_WORKER_CRASHES = 3  # within WORKER_CRASH_WINDOW_S: the model is bad, go back to the previous one
+WORKER_CRASH_WINDOW_S = 600.0
+MAX_BAD_TARGETS = 256  # the newest kept: the status report carries them all
+MAX_ROLLBACKS_REMEMBERED = 32  # command ids: enough to recognise an order that arrives twice
+
+
+# ---- may this target run here -----------------------------------------------------------------------------
+
+
+def check_compatible(
+    path: str,
+    runtimes: Sequence[str],
+    hardware_classes: Sequence[str],
+    *,
+    runtime: str,
+    hardware_class: str,
+) -> None:
+    """Raises IncompatibleError when the target is signed for other runtimes or hardware classes (an empty
+    list signs it for all)."""
+    if runtimes and runtime not in runtimes:
+        raise errors.IncompatibleError(
+            f"{path} is signed as correct on {', '.join(runtimes)}, this device runs {runtime}"
+        )
+    if hardware_classes and hardware_class not in hardware_classes:
+        raise errors.IncompatibleError(
+            f"{path} is built for {', '.join(hardware_classes)}, "
+            f"this device is {hardware_class or 'unclassified'}"
+        )
+
+
+def check_not_downgrade(
+    path: str,
+    name: str,
+    sequence: int,
+    *,
+    floors: Mapping[str, int],
+    rollback_floors: Mapping[str, int],
+) -> None:
+    """Older than what this device has run (`floors`) needs the operator's signed permission
+    (`rollback_floors`, from the verified targets metadata), not the server's word.
+    Raises DowngradeRefusedError."""
+    floor = floors.get(name, 0)
+    if sequence >= floor:
+        return
+    allowed = rollback_floors.get(name)
+    if allowed is None or sequence < allowed:
+        raise errors.DowngradeRefusedError(
+            f"{path} is older than what this device has run ({name} sequence {sequence} < "
+            f"{floor}) and no operator signature allows going back to it"
+        )
+
+
+def raised_floors(floors: Mapping[str, int], name: str, sequence: int) -> dict[str, int]:
+    """The floors after installing `name` at `sequence`: a floor never goes down."""
+    return {**floors, name: max(floors.get(name, 0), sequence)}
+
+
+# ---- what an install error means -------------------------------------------------------------------------
+
+
+class AfterError(enum.Enum):
+    MARK_BAD = "mark_bad"  # a property of the signed artifact: never tried again
+    REFUSE = "refuse"  # e.g. a downgrade without permission: not retried until the metadata changes
+    RETRY = "retry"  # the transport, the metadata for now: back off and try again
+
+
+def after_install_error(error: errors.EdgefleetError) -> AfterError:
+    """Decided by the error's `marks_bad` and `retryable`, never by its class."""
+    if error.marks_bad:
+        return AfterError.MARK_BAD
+    if not error.retryable:
+        return AfterError.REFUSE
+    return AfterError.RETRY
+
+
+def reports_retry(error: errors.EdgefleetError) -> bool:
+    """Retried trouble worth an event (once per kind): refused or expired metadata. A transport failure is
+    only logged; the server already knows its own outages."""
+    return isinstance(error, errors.MetadataError)
+
+
+def with_bad_target(bad_targets: Sequence[str], path: str) -> list[str]:
+    """`bad_targets` with `path` added once, the newest MAX_BAD_TARGETS kept."""
+    marked = list(bad_targets) if path in bad_targets else [*bad_targets, path]
+    return marked[-MAX_BAD_TARGETS:]
+
+
+def with_rollback_done(done: Sequence[str], command_id: str) -> list[str]:
+    return [*done[-(MAX_ROLLBACKS_REMEMBERED - 1) :], command_id]
+
+
+# ---- probation --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Inferences on one target since the agent started: (calls, failures) from `Serving.totals`."""
+
+    calls: int = 0
+    failures: int = 0
+
+    def since(self, before: Totals) -> Totals:
+        return Totals(self.calls - before.calls, self.failures - before.failures)
+
+
+def probation_problem(before: Totals, now: Totals, *, worker_alive: bool) -> str:
+    """Why the candidate fails its probation so far ("" when nothing is wrong yet): an inference failed, or
+    its worker process died. Checked often, so a failing model goes back within a fraction of a second."""
+    during = now.since(before)
+    if during.failures:
+        return f"{during.failures} of {during.calls} inferences failed during probation"
+    if not worker_alive:
+        return "its worker process died during probation"
+    return ""
+
+
+def golden_problem(error: str | None) -> str:
+    """At the end of probation the signed golden input runs again; `error` is why it failed, if it did."""
+    return f"golden check after activation failed: {error}" if error is not None else ""
+
+
+def healthy_reason(before: Totals, now: Totals) -> str:
+    return f"{now.since(before).calls} inferences, 0 failed"
+
+
+def previous_after_activation(
+    current: ModelRef | None, previous: ModelRef | None, new_path: str
+) -> ModelRef | None:
+    """Which model stays the previous one once `new_path` runs: the one running now, unless it is `new_path`
+    itself (a lost copy re-installed), which keeps the real previous."""
+    if current is not None and current.target_path == new_path:
+        return previous
+    return current
+
+
+# ---- restarts and crashes ----------------------------------------------------------------------------------
+
+
+def gives_up_at_start(starts: int) -> bool:
+    """A pending update whose probation the agent has now started `starts` times: once past
+    MAX_STARTS_IN_PROBATION the new model keeps taking the agent down, so go back to the previous one."""
+    return starts > MAX_STARTS_IN_PROBATION
+
+
+def recent_crashes(
+    crashes: Sequence[float], now: float, window_s: float = WORKER_CRASH_WINDOW_S
+) -> list[float]:
+    """The crash times (monotonic seconds) still inside the window, with this one (`now`) added."""
+    return [t for t in crashes if now - t < window_s] + [now]
+
+
+def crashes_mean_rollback(crash_count: int, has_previous: bool) -> bool:
+    """A worker that died MAX_WORKER_CRASHES times in the window means a bad model, when there is a previous
+    one to go back to; otherwise it is restarted again."""
+    return crash_count >= MAX_WORKER_CRASHES and has_previous

@@ -1,0 +1,149 @@
+"""The model files kept on the device, and the candidate test every model passes before it serves.
+
+All blocking (hashing, decoding, starting a process): the async code calls these through
+`asyncio.to_thread`.
+
+    downloads/<sha>.part -> `finish_file`: wire sha256, bounded decode, length + sha256 -> models/<sha>.tflite
+    models/<sha>.tflite + .target.json -> `load_target`: the signed description, the file re-verified
+    `test_candidate`: its own process (time and memory limited), signed tensors, signed golden output
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.faults import Faults
+from edgefleet.agent.serving import ModelWorker
+from edgefleet.agent.state import StateStore
+
+from edgefleet import errors, wire
+from edgefleet.durable import commit_file, fsync_dir, write_atomic
+from edgefleet.modelinfo import check_signature
+from edgefleet.signing import ModelTarget, verify_file
+from edgefleet.values import ModelRef
+
+# What a local copy can fail with: bad or missing bytes, a malformed description, the disk.
+UNUSABLE = (errors.EdgefleetError, ValueError, OSError)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class LocalModels:
+    def __init__(self, config: AgentConfig, runtime: str, store: StateStore, faults: Faults):
+        self.config = config
+        self.runtime = runtime
+        self.store = store
+        self.faults = faults
+
+    def load_target(self, ref: ModelRef) -> ModelTarget:
+        """The signed description kept beside the file, with the file checked against it. Raises
+        HashMismatchError when the file is missing or differs, SignatureError when the description is bad."""
+        path = self.store.model_path(ref.sha256)
+        meta = path.with_suffix(".target.json")
+        if not path.exists() or not meta.exists():
+            raise errors.HashMismatchError("model file is missing")
+        target = ModelTarget.from_target_json(meta.read_bytes())
+        verify_file(target.target, path)
+        return target
+
+    def usable(self, ref: ModelRef) -> bool:
+        """Whether the local copy verifies; one that does not is deleted (it is fetched again if needed)."""
+        try:
+            self.load_target(ref)
+            return True
+        except UNUSABLE:
+            self.forget(ref)
+            return False
+
+    def forget(self, ref: ModelRef) -> None:
+        self.store.model_path(ref.sha256 or "x").unlink(missing_ok=True)
+
+    def start(self, ref: ModelRef) -> tuple[ModelTarget, ModelWorker]:
+        """The local copy of `ref`, verified and tested as a candidate: (its target, a warm worker)."""
+        target = self.load_target(ref)
+        return target, self.test_candidate(target, self.store.model_path(target.sha256))
+
+    def verifies(self, target: ModelTarget, path: Path) -> bool:
+        """Whether the file already here is the signed one; a file that is not is deleted."""
+        try:
+            verify_file(target.target, path)
+            return True
+        except errors.HashMismatchError:
+            path.unlink(missing_ok=True)
+            return False
+
+    def finish_file(self, target: ModelTarget) -> None:
+        """Checks the wire bytes, decodes them (bounded by the signed length), checks the model's length and
+        sha256, and moves it into place durably. Deletes the partial file when anything is bad."""
+        part = self.store.download_path(target.sha256)
+        final = self.store.model_path(target.sha256)
+        tmp = final.with_suffix(".tmp")
+        try:
+            if sha256_file(part) != target.wire_sha256:
+                raise errors.HashMismatchError(
+                    f"{target.path}: downloaded bytes do not match the signed sha256"
+                )
+            decoder = wire.BoundedDecoder(target.wire_encoding, target.length)
+            with open(part, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(decoder.feed(chunk))
+                dst.write(decoder.finish())
+            verify_file(target.target, tmp)
+            self.faults.at("verified")
+        except BaseException:
+            part.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+            raise
+        write_atomic(final.with_suffix(".target.json"), target.target_json())
+        commit_file(tmp, final)
+        part.unlink(missing_ok=True)
+        fsync_dir(part.parent)
+        self.faults.at("written")
+
+    def new_worker(self, model_length: int, low_priority: bool = False) -> ModelWorker:
+        """Start, restart and rollback load at normal priority: nothing serves then, or the operator wants
+        the old model back now. Only an update's candidate loads at a lower one (`ModelWorker`)."""
+        # The candidate's own address-space limit: generous for the runtime (~150 MiB) and the model, far
+        # below what a model built to exhaust memory would take.
+        limit = self.config.worker_memory_limit_bytes or 1024 * 2**20 + 4 * model_length
+        return ModelWorker(
+            None,
+            self.runtime,
+            num_threads=self.config.num_threads,
+            memory_limit_bytes=limit,
+            low_priority=low_priority,
+        )
+
+    def test_candidate(
+        self, target: ModelTarget, model_file: Path, worker: ModelWorker | None = None
+    ) -> ModelWorker:
+        """Loads the model in its own process (time and memory limited), checks its tensors against the
+        signed signature and its output on the signed golden input. The warm worker is returned.
+        Raises ModelError when it does not load or its output is wrong."""
+        worker = worker or self.new_worker(target.length)
+        try:
+            signature = worker.load(
+                model_file, timeout=self.config.candidate_timeout_s, warm_inputs=target.golden.inputs
+            )
+            check_signature(signature, target.signature)
+            if worker.warm_error is not None:
+                raise errors.ModelError(f"the candidate fails on its golden input: {worker.warm_error}")
+            assert worker.warm_outputs is not None
+            target.golden.check(worker.warm_outputs)
+        except BaseException:
+            worker.kill()
+            raise
+        return worker
+
+    def prune(self) -> None:
+        """Deletes model files and downloads that are neither the current model nor the previous one."""
+        state = self.store.state
+        self.store.prune_models({r.sha256 for r in (state.current, state.previous) if r})
