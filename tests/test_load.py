@@ -38,7 +38,7 @@ import grpc
 import psutil
 import pytest
 from edgefleet.agent.agent import Backoff, Outbox
-from edgefleet.server.storage import now_ms
+from edgefleet.server.storage.records import now_ms
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgefleet import cli, pki, signing
