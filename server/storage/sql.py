@@ -8,6 +8,7 @@ Typed values become JSON columns here and nowhere else: `ModelRef` and `Capabili
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from collections.abc import Iterator
 from typing import Any
@@ -392,7 +393,7 @@ def _device(row: Any) -> DeviceRecord:
         previous=ModelRef.optional(m["previous"]),
         desired_target=m["desired_target"],
         desired_deployment=m["desired_deployment"],
-        capabilities=Capabilities.from_json(m["capabilities"] or {}),
+        capabilities=_capabilities(m["capabilities"]),
         bad_targets=tuple(m["bad_targets"] or ()),
         last_stage=m["last_stage"],
         last_reason=m["last_reason"],
@@ -401,6 +402,21 @@ def _device(row: Any) -> DeviceRecord:
         status_sequence=m["status_sequence"],
         clock_skew_ms=m["clock_skew_ms"],
     )
+
+
+_CAPABILITY_FIELDS = frozenset(f.name for f in dataclasses.fields(Capabilities))
+_NO_CAPABILITIES = Capabilities()
+
+
+def _capabilities(data: dict[str, Any] | None) -> Capabilities:
+    """The column holds what `Capabilities.to_json` wrote (or, before typed values, the same fields from
+    protobuf's JSON form, already typed): built directly, since a deployment reads one per device and
+    `from_json`'s checks would cost it more than the query."""
+    if not data:
+        return _NO_CAPABILITIES
+    known = {k: v for k, v in data.items() if k in _CAPABILITY_FIELDS}
+    known["accelerators"] = tuple(known.get("accelerators", ()))
+    return Capabilities(**known)
 
 
 def _device_row(device: DeviceRecord) -> dict[str, Any]:
