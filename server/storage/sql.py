@@ -1,19 +1,18 @@
 """`SqlFleetStore`: the records in SQLite (the embedded default) or PostgreSQL (several servers, one
 database), through one SQLAlchemy Core code path. The tables and their migrations are in `schema.py`.
 
-Typed values become JSON columns here and nowhere else: `ModelRef` and `Capabilities` through their own
-`to_json` / `from_json`, telemetry through `_telemetry_to_json` / `_telemetry_from_json`.
+Rows become records in `rows.py`, the one place typed values meet JSON columns.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy as sa
+from edgefleet.server.storage import rows
 from edgefleet.server.storage import schema as t
 from edgefleet.server.storage.interfaces import FleetStore
 from edgefleet.server.storage.records import (
@@ -29,7 +28,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from edgefleet.errors import ConflictError, NotFoundError, TransportError
 from edgefleet.selectors import Selector
-from edgefleet.values import Capabilities, HealthSample, InferenceStats, ModelRef, TelemetryReport
+from edgefleet.values import Capabilities, ModelRef, TelemetryReport
 
 _BATCH = 500  # ids per `IN (...)`: well under any database's parameter limit
 
@@ -120,7 +119,9 @@ class SqlFleetStore(FleetStore):
             )
             if took.rowcount != 1:
                 return False
-            conn.execute(t.devices.insert().values(**_device_row(device), token_hash=token_hash(credential)))
+            conn.execute(
+                t.devices.insert().values(**rows.device_values(device), token_hash=token_hash(credential))
+            )
         return True
 
     # ---- devices -----------------------------------------------------------------------------------------
@@ -129,14 +130,14 @@ class SqlFleetStore(FleetStore):
         query = sa.select(t.devices).where(t.devices.c.token_hash == token_hash(credential))
         with self._tx() as conn:
             row = conn.execute(query).first()
-        return _device(row) if row else None
+        return rows.to_device(row) if row else None
 
     def get_device(self, device_id: str) -> DeviceRecord:
         with self._tx() as conn:
             row = conn.execute(sa.select(t.devices).where(t.devices.c.id == device_id)).first()
         if row is None:
             raise NotFoundError(f"no device {device_id!r}")
-        return _device(row)
+        return rows.to_device(row)
 
     def list_devices(self) -> list[DeviceRecord]:
         return self._devices(sa.true())
@@ -151,7 +152,7 @@ class SqlFleetStore(FleetStore):
     def _devices(self, where: sa.ColumnElement[bool]) -> list[DeviceRecord]:
         query = sa.select(t.devices).where(where).order_by(t.devices.c.name, t.devices.c.id)
         with self._tx() as conn:
-            return [_device(r) for r in conn.execute(query)]
+            return [rows.to_device(r) for r in conn.execute(query)]
 
     def record_status(
         self,
@@ -338,10 +339,10 @@ class SqlFleetStore(FleetStore):
                 .where(d.desired_deployment != "")
                 .group_by(d.desired_deployment)
             )
-            rows = conn.execute(query).all()
+            counted = conn.execute(query).all()
         return {
             deployment_id: DeploymentCounts(int(ok), int(bad), int(total) - int(ok) - int(bad))
-            for deployment_id, ok, bad, total in rows
+            for deployment_id, ok, bad, total in counted
         }
 
     # ---- events and telemetry ----------------------------------------------------------------------------
@@ -360,11 +361,11 @@ class SqlFleetStore(FleetStore):
         if deployment_id:
             query = query.where(e.deployment_id == deployment_id)
         with self._tx() as conn:
-            rows = list(conn.execute(query))
-        return [EventRecord(**{k: v for k, v in r._mapping.items() if k != "id"}) for r in reversed(rows)]
+            found = list(conn.execute(query))
+        return [EventRecord(**{k: v for k, v in r._mapping.items() if k != "id"}) for r in reversed(found)]
 
     def add_telemetry(self, device_id: str, report: TelemetryReport) -> None:
-        row = {"device_id": device_id, "at_ms": report.at_ms, "report": _telemetry_to_json(report)}
+        row = {"device_id": device_id, "at_ms": report.at_ms, "report": rows.telemetry_to_json(report)}
         with self._tx() as conn:
             conn.execute(t.telemetry.insert().values(**row))
 
@@ -374,71 +375,8 @@ class SqlFleetStore(FleetStore):
             sa.select(m.at_ms, m.report).where(m.device_id == device_id).order_by(m.id.desc()).limit(limit)
         )
         with self._tx() as conn:
-            rows = list(conn.execute(query))
-        return [_telemetry_from_json(r.at_ms, r.report) for r in reversed(rows)]
-
-
-# ---- rows <-> records ------------------------------------------------------------------------------------
-
-
-def _device(row: Any) -> DeviceRecord:
-    m = row._mapping
-    return DeviceRecord(
-        id=m["id"],
-        name=m["name"],
-        group=m["group_name"],
-        enrolled_ms=m["enrolled_ms"],
-        last_seen_ms=m["last_seen_ms"],
-        current=ModelRef.optional(m["current"]),
-        previous=ModelRef.optional(m["previous"]),
-        desired_target=m["desired_target"],
-        desired_deployment=m["desired_deployment"],
-        capabilities=_capabilities(m["capabilities"]),
-        bad_targets=tuple(m["bad_targets"] or ()),
-        last_stage=m["last_stage"],
-        last_reason=m["last_reason"],
-        rollback_command=m["rollback_command"],
-        revoked=m["revoked"],
-        status_sequence=m["status_sequence"],
-        clock_skew_ms=m["clock_skew_ms"],
-    )
-
-
-_CAPABILITY_FIELDS = frozenset(f.name for f in dataclasses.fields(Capabilities))
-_NO_CAPABILITIES = Capabilities()
-
-
-def _capabilities(data: dict[str, Any] | None) -> Capabilities:
-    """The column holds what `Capabilities.to_json` wrote (or, before typed values, the same fields from
-    protobuf's JSON form, already typed): built directly, since a deployment reads one per device and
-    `from_json`'s checks would cost it more than the query."""
-    if not data:
-        return _NO_CAPABILITIES
-    known = {k: v for k, v in data.items() if k in _CAPABILITY_FIELDS}
-    known["accelerators"] = tuple(known.get("accelerators", ()))
-    return Capabilities(**known)
-
-
-def _device_row(device: DeviceRecord) -> dict[str, Any]:
-    return {
-        "id": device.id,
-        "name": device.name,
-        "group_name": device.group,
-        "enrolled_ms": device.enrolled_ms,
-        "last_seen_ms": device.last_seen_ms,
-        "current": device.current.to_json() if device.current else None,
-        "previous": device.previous.to_json() if device.previous else None,
-        "desired_target": device.desired_target,
-        "desired_deployment": device.desired_deployment,
-        "capabilities": device.capabilities.to_json(),
-        "bad_targets": list(device.bad_targets),
-        "last_stage": device.last_stage,
-        "last_reason": device.last_reason,
-        "rollback_command": device.rollback_command,
-        "revoked": device.revoked,
-        "status_sequence": device.status_sequence,
-        "clock_skew_ms": device.clock_skew_ms,
-    }
+            found = list(conn.execute(query))
+        return [rows.telemetry_from_json(r.at_ms, r.report) for r in reversed(found)]
 
 
 def _desired_is_bad(dialect: str) -> sa.ColumnElement[bool]:
@@ -448,53 +386,3 @@ def _desired_is_bad(dialect: str) -> sa.ColumnElement[bool]:
     else:
         text = "EXISTS (SELECT 1 FROM json_each(devices.bad_targets) WHERE json_each.value = devices.desired_target)"
     return sa.literal_column(text, type_=sa.Boolean)
-
-
-def _telemetry_to_json(report: TelemetryReport) -> dict[str, Any]:
-    """The shape the telemetry column has always held (the report's proto fields by name)."""
-    health = {k: v for k, v in report.health.__dict__.items() if v is not None}
-    inference = [
-        {
-            **s.__dict__,
-            "latency_bounds_ms": list(s.latency_bounds_ms),
-            "latency_counts": list(s.latency_counts),
-        }
-        for s in report.inference
-    ]
-    return {
-        "at_ms": report.at_ms,
-        "health": health,
-        "inference": inference,
-        "dropped_reports": report.dropped_reports,
-    }
-
-
-def _telemetry_from_json(at_ms: int, data: dict[str, Any]) -> TelemetryReport:
-    # Rows written before typed values hold protobuf's JSON form: 64-bit integers as strings, defaults left
-    # out; the int()/float() conversions read both.
-    health = data.get("health") or {}
-    temperature = health.get("temperature_celsius")
-    return TelemetryReport(
-        at_ms=at_ms,
-        health=HealthSample(
-            cpu_percent=float(health.get("cpu_percent", 0.0)),
-            memory_used_bytes=int(health.get("memory_used_bytes", 0)),
-            memory_total_bytes=int(health.get("memory_total_bytes", 0)),
-            disk_free_bytes=int(health.get("disk_free_bytes", 0)),
-            temperature_celsius=float(temperature) if temperature is not None else None,
-            uptime_seconds=float(health.get("uptime_seconds", 0.0)),
-        ),
-        inference=tuple(
-            InferenceStats(
-                target_path=str(s.get("target_path", "")),
-                count=int(s.get("count", 0)),
-                errors=int(s.get("errors", 0)),
-                latency_bounds_ms=tuple(float(b) for b in s.get("latency_bounds_ms", ())),
-                latency_counts=tuple(int(c) for c in s.get("latency_counts", ())),
-                latency_sum_ms=float(s.get("latency_sum_ms", 0.0)),
-                latency_max_ms=float(s.get("latency_max_ms", 0.0)),
-            )
-            for s in data.get("inference") or ()
-        ),
-        dropped_reports=int(data.get("dropped_reports", 0)),
-    )
