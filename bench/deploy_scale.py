@@ -2,7 +2,7 @@
 
 A real server (`server.app.start_server`, SQLite under a temp folder) in this process; the devices are rows
 written straight into its database (enrolling 20,000 devices through the RPC would take a minute and is
-measured by `fleet_load.py`), none of them connected. For each fleet size, `Fleet.deploy` to all, as the
+measured by `fleet_load.py`), none of them connected. For each fleet size, `Deployments.deploy` to all, as the
 CreateDeployment RPC calls it: the wall time, the time per device, and whether every device's record then
 points at the new deployment. Then a second deployment to all (each device is taken over from the first).
 
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from edgefleet.server.app import ServerConfig, start_server
-from edgefleet.server.fleet import target_path
-from edgefleet.server.storage import ModelRecord, now_ms
+from edgefleet.server.repository import target_path
+from edgefleet.server.storage.records import ModelRecord, now_ms
 
 from edgefleet import signing
 
@@ -91,9 +91,9 @@ async def run(size: int) -> None:
                 await asyncio.to_thread(add_model, fleet, version)
             for version in ("1", "2"):
                 started = time.perf_counter()
-                status = await fleet.deploy("demo", version, "all")
+                status = await fleet.deployments.deploy("demo", version, "all")
                 seconds = time.perf_counter() - started
-                devices = await fleet.list_devices()
+                devices = await fleet.devices.list_devices()
                 pointing = sum(d.desired_deployment == status.deployment.id for d in devices)
                 verdict = "within" if seconds < CLI_TIMEOUT_S else "OVER"
                 print(

@@ -1,4 +1,4 @@
-"""Assembles and runs the fleet server: config -> storage -> Fleet -> grpc.aio server.
+"""Assembles and runs the fleet server: config -> storage -> Fleet (the logic) -> servicers -> grpc.aio server.
 
 Everything defaults to one data folder (`edgefleet-data/`): the SQLite database, the blob store and the
 operator token. Configuration is parsed at the edge (the CLI) into a frozen `ServerConfig`.
@@ -25,10 +25,12 @@ from edgefleet.server.auth import (
     enrollment_policy,
     load_or_create_operator_token,
 )
+from edgefleet.server.device_service import DeviceLimits, DeviceServicer
 from edgefleet.server.fleet import Fleet
 from edgefleet.server.limits import RateLimiter
-from edgefleet.server.servicers import DeviceLimits, DeviceServicer, OperatorServicer
-from edgefleet.server.storage import FilesystemBlobStore, open_store
+from edgefleet.server.operator_service import OperatorServicer
+from edgefleet.server.storage import open_store
+from edgefleet.server.storage.blobs import FilesystemBlobStore
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edgefleet import pki, signing
@@ -157,12 +159,14 @@ async def start_server(config: ServerConfig) -> RunningServer:
         ca=ca,
         device_cert_days=config.device_cert_days,
     )
-    await fleet.init_repository()
-    await fleet.renew_online_metadata()
+    await fleet.repository.init_repository()
+    await fleet.repository.renew_online_metadata()
 
     operator_token = load_or_create_operator_token(config.data_dir / "operator.token")
     authenticator = Authenticator(
-        tls=not config.insecure_plaintext, operator_token=operator_token, device_status=fleet.device_status
+        tls=not config.insecure_plaintext,
+        operator_token=operator_token,
+        device_status=fleet.devices.device_status,
     )
     telemetry_limit = RateLimiter(config.telemetry_per_device_per_s, config.telemetry_burst)
     device_servicer = DeviceServicer(
@@ -221,7 +225,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
     scheduler = AsyncIOScheduler()
-    scheduler.add_job(fleet.renew_online_metadata, "interval", seconds=config.renew_interval_seconds)
+    scheduler.add_job(
+        fleet.repository.renew_online_metadata, "interval", seconds=config.renew_interval_seconds
+    )
     scheduler.start()
     host = config.listen.rsplit(":", 1)[0]
     log.info(

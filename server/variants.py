@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgefleet.server.storage import ModelRecord
+from edgefleet.server.storage.records import ModelRecord
 
 MEMORY_BUDGET_FRACTION = 0.5
 ACCURACY_TIE_POINTS = 0.1

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from edgefleet.server.storage import sqlalchemy_url
+from edgefleet.server.storage.sql import sqlalchemy_url
 
 from edgefleet.localfleet import LocalFleet
 from edgefleet.modelgen import DigitsData, build_digits_model

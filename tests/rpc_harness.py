@@ -32,8 +32,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edgefleet.server.app import RunningServer, ServerConfig, start_server
-from edgefleet.server.fleet import Fleet, target_path
-from edgefleet.server.storage import ModelRecord, now_ms
+from edgefleet.server.fleet import Fleet
+from edgefleet.server.repository import target_path
+from edgefleet.server.storage.records import ModelRecord, now_ms
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
@@ -467,22 +468,24 @@ class Harness:
 
     @contextlib.contextmanager
     def fleet_calls(self) -> Iterator[list[str]]:
-        """Records which Fleet methods the handlers call meanwhile: every handler that does anything goes
-        through the fleet, so an empty list means no handler ran. (The authentication gate looks devices up
-        through a reference it took at start-up, so it does not show here.)"""
+        """Records which methods of the fleet's parts (repository, deployments, devices, control streams)
+        the handlers call meanwhile: every handler that does anything goes through them, so an empty list
+        means no handler ran. (The authentication gate looks devices up through a reference it took at
+        start-up, so it does not show here.)"""
         calls: list[str] = []
-        fleet = self.fleet
         patched = []
-        for name in dir(type(fleet)):
-            if name.startswith("_") or not callable(getattr(type(fleet), name)):
-                continue
-            setattr(fleet, name, _spy(calls, name, getattr(fleet, name)))
-            patched.append(name)
+        for part in self.fleet.parts:
+            for name in dir(type(part)):
+                if name.startswith("_") or not callable(getattr(type(part), name)):
+                    continue
+                label = f"{type(part).__name__}.{name}"
+                setattr(part, name, _spy(calls, label, getattr(part, name)))
+                patched.append((part, name))
         try:
             yield calls
         finally:
-            for name in patched:
-                delattr(fleet, name)
+            for part, name in patched:
+                delattr(part, name)
 
     async def healthy(self, *, enroll_port: bool = False) -> bool:
         """Health Check answers SERVING (on the main port with the operator certificate)."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from edgefleet.server import compression
 from edgefleet.server.compression import recipes
-from edgefleet.server.storage import ModelRecord
+from edgefleet.server.storage.records import ModelRecord
 from edgefleet.server.variants import choose_target
 
 from edgefleet import modelgen, wire

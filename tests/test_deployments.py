@@ -13,9 +13,10 @@ from rpc_harness import Harness, running_harness
 from edgefleet.v1 import operator_pb2
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
-    async with running_harness(tmp_path, database_url=database_url(request.param, tmp_path)) as h:
+    url = "memory://" if request.param == "memory" else database_url(request.param, tmp_path)
+    async with running_harness(tmp_path, database_url=url) as h:
         yield h
 
 

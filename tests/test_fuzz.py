@@ -20,8 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
-from edgefleet.server.servicers import MAX_AHEAD_MS
-from edgefleet.server.storage import now_ms
+from edgefleet.server.storage.records import now_ms
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
@@ -41,6 +40,7 @@ from rpc_harness import (
 )
 
 from edgefleet import pki
+from edgefleet.convert import MAX_AHEAD_MS
 from edgefleet.selectors import check_name
 from edgefleet.v1 import common_pb2, device_pb2
 
@@ -170,7 +170,7 @@ def assert_still_good(target: Target) -> None:
     latest = now_ms() + MAX_AHEAD_MS
     for device in store.list_devices():
         check_name("device name", device.name)
-        assert all(0 <= at_ms <= latest for at_ms, _ in store.list_telemetry(device.id, 100_000))
+        assert all(0 <= r.at_ms <= latest for r in store.list_telemetry(device.id, 100_000))
     assert all(0 <= e.at_ms <= latest for e in store.list_events("", 100_000))
 
 

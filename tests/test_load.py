@@ -39,7 +39,7 @@ import psutil
 import pytest
 from edgefleet.agent.connection import Backoff
 from edgefleet.agent.telemetry import Outbox
-from edgefleet.server.storage import now_ms
+from edgefleet.server.storage.records import now_ms
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgefleet import cli, pki, signing

@@ -139,7 +139,9 @@ def test_candidate_whose_tensors_differ_from_the_signed_signature_is_refused(
 def _plant_signed_model(fleet: LocalFleet, name: str, data: bytes) -> str:
     """What a compromised upload path could do: put a model the server's sandbox would refuse into its
     storage, and have the operator's key sign it. Devices must still protect themselves."""
-    from edgefleet.server.storage import FilesystemBlobStore, ModelRecord, now_ms, open_store
+    from edgefleet.server.storage import open_store
+    from edgefleet.server.storage.blobs import FilesystemBlobStore
+    from edgefleet.server.storage.records import ModelRecord, now_ms
 
     from edgefleet.hostile import INPUT_NAME, OUTPUT_NAME, SHAPE
 

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from edgefleet.server.app import ServerConfig
 from edgefleet.server.auth import PUBLIC, Authenticator, AuthInterceptor, build_policy, enrollment_policy
-from edgefleet.server.storage import now_ms
+from edgefleet.server.storage.records import now_ms
 from google.protobuf.descriptor import Descriptor
 from grpc_health.v1 import health_pb2
 from rpc_harness import (
@@ -151,7 +151,7 @@ async def test_rpc_missing_from_the_policy_is_refused_to_everyone(harness: Harne
         return request
 
     authenticator = Authenticator(
-        tls=True, operator_token="unused", device_status=harness.fleet.device_status
+        tls=True, operator_token="unused", device_status=harness.fleet.devices.device_status
     )
     server = grpc.aio.server(interceptors=[AuthInterceptor(authenticator, build_policy())])
     server.add_generic_rpc_handlers(
@@ -266,7 +266,7 @@ async def test_revoked_device_is_refused_and_its_control_stream_ended(harness: H
     device, other = await harness.enroll_devices(2)
     stream = device.stub.Connect()
     await stream.write(device_pb2.DeviceMessage.FromString(status(1, now_ms(), "m/1/float32.tflite")))
-    await wait_until(lambda: harness.fleet.is_connected(device.id))
+    await wait_until(lambda: harness.fleet.streams.is_connected(device.id))
 
     await harness.operator_stub.RevokeDevice(
         operator_pb2.RevokeDeviceRequest(device_id=device.id), timeout=10
@@ -274,7 +274,7 @@ async def test_revoked_device_is_refused_and_its_control_stream_ended(harness: H
     with pytest.raises(grpc.aio.AioRpcError) as ended:
         await asyncio.wait_for(stream.read(), 10)
     assert ended.value.code() == UNAVAILABLE
-    assert not harness.fleet.is_connected(device.id)
+    assert not harness.fleet.streams.is_connected(device.id)
 
     before = await harness.rows()
     with harness.fleet_calls() as fleet_calls:
@@ -334,7 +334,7 @@ async def test_device_cannot_speak_for_another_device(harness: Harness) -> None:
     assert connect.code == OK
     record_a = await asyncio.to_thread(harness.fleet.store.get_device, a.id)
     record_b = await asyncio.to_thread(harness.fleet.store.get_device, b.id)
-    assert (record_a.current or {}).get("target_path") == model.target_path
+    assert record_a.current is not None and record_a.current.target_path == model.target_path
     assert record_b.current is None and record_b.status_sequence == 0
     assert len(await asyncio.to_thread(harness.fleet.store.list_telemetry, a.id, 10)) == 1
     assert await asyncio.to_thread(harness.fleet.store.list_telemetry, b.id, 10) == []
@@ -355,8 +355,8 @@ async def test_replayed_old_status_report_does_not_change_deployment_state(harne
     assert answer.code == OK
 
     record = await asyncio.to_thread(harness.fleet.store.get_device, device.id)
-    assert (record.current or {}).get("target_path") == v2.target_path
-    assert (record.previous or {}).get("target_path") == v1.target_path
+    assert record.current is not None and record.current.target_path == v2.target_path
+    assert record.previous is not None and record.previous.target_path == v1.target_path
     listed = await harness.operator_stub.ListDevices(operator_pb2.ListDevicesRequest(), timeout=10)
     assert [d.current.target_path for d in listed.devices] == [v2.target_path]
     assert [d.desired.target_path for d in listed.devices] == [v2.target_path]

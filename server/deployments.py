@@ -1,0 +1,181 @@
+"""Deployments and rollbacks: which devices a selector names, which variant each gets, what the operator
+sees of every rollout, and telling connected devices at once.
+
+    deploy(name, version, selector) -> a variant per device (server.variants) -> one transaction points
+    every device at its target -> connected devices get an AssignmentPush; the rest catch up on connect
+    rollback(selector) -> each device with a previous model is ordered back to it, from its own copy
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgefleet.server.repository import Repository
+from edgefleet.server.rules import pending_action, rollback_command_for
+from edgefleet.server.storage.interfaces import FleetStore
+from edgefleet.server.storage.records import Deployment, DeviceRecord, ModelRecord, now_ms
+from edgefleet.server.streams import AssignmentPush, ControlStreams, RollbackPush
+from edgefleet.server.variants import choose, choose_target
+
+from edgefleet.errors import NotFoundError
+from edgefleet.selectors import parse_selector
+from edgefleet.values import Capabilities
+
+log = logging.getLogger("edgefleet.server")
+
+OPERATOR_ORDER = "ordered by an operator"
+
+
+@dataclass
+class DeploymentStatus:
+    deployment: Deployment
+    targeted: int = 0
+    healthy: int = 0
+    failed: int = 0
+    pending: int = 0
+    superseded: int = 0  # targeted, since taken over by a later deployment or rollback
+    notified: int = 0
+    unassigned: list[str] = field(default_factory=list)
+    choices: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RollbackResult:
+    command_id: str
+    targeted: int = 0
+    notified: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+class Deployments:
+    def __init__(self, store: FleetStore, streams: ControlStreams, repository: Repository):
+        self.store = store
+        self.streams = streams
+        self.repository = repository
+
+    async def deploy(
+        self, name: str, version: str, selector_text: str, variant: str = ""
+    ) -> DeploymentStatus:
+        selector = parse_selector(selector_text)
+        variants = await self.repository.signed_variants(name, version)  # fails early, saying why
+        if variant and variant not in {v.variant for v in variants}:
+            known = ", ".join(sorted(v.variant for v in variants))
+            raise NotFoundError(f"{name} {version} has no signed variant {variant!r}; it has: {known}")
+        deployment = Deployment(
+            "dep-" + secrets.token_hex(4), name, version, str(selector), now_ms(), variant=variant
+        )
+        targets: dict[str, str] = {}
+        pushes: list[tuple[DeviceRecord, ModelRecord]] = []
+        unassigned: list[str] = []
+        choices: list[str] = []
+        for device in await asyncio.to_thread(self.store.devices_matching, selector):
+            chosen, why = choose(
+                variants, _capabilities_dict(device.capabilities), list(device.bad_targets), variant
+            )
+            if chosen is not None:
+                targets[device.id] = chosen.target_path
+                pushes.append((device, chosen))
+                choices.append(f"{device.name} ({device.id}): {chosen.variant}: {why}")
+            else:
+                unassigned.append(f"{device.name} ({device.id}): {why}")
+        rollback_command = rollback_command_for(deployment)
+        await asyncio.to_thread(self.store.add_deployment, deployment, targets, rollback_command)
+        status = DeploymentStatus(
+            deployment, targeted=len(targets), pending=len(targets), unassigned=unassigned, choices=choices
+        )
+        # What `push_pending` would read back from the database is known here already: two reads per device
+        # would make a deployment to 50,000 devices outlast the CLI's wait.
+        for device, chosen in pushes:
+            if self.streams.is_connected(device.id):
+                status.notified += 1
+                pointed = dataclasses.replace(
+                    device,
+                    desired_target=chosen.target_path,
+                    desired_deployment=deployment.id,
+                    rollback_command=rollback_command,
+                )
+                await self.push_pending_to(pointed, chosen)
+        log.info(
+            "deployment %s: %s %s to %s (%d devices)", deployment.id, name, version, selector, len(targets)
+        )
+        return status
+
+    async def rollback(self, selector_text: str, reason: str) -> RollbackResult:
+        """Each targeted device goes back to the model it ran before, from its own copy."""
+        selector = parse_selector(selector_text)
+        result = RollbackResult("rb-" + secrets.token_hex(4))
+        targets: dict[str, str] = {}
+        for device in await asyncio.to_thread(self.store.devices_matching, selector):
+            if device.previous is None:
+                result.skipped.append(f"{device.id}: has no previous model")
+                continue
+            targets[device.id] = device.previous.target_path
+        deployment = Deployment(result.command_id, "", "", str(selector), now_ms(), "rollback", reason[:500])
+        await asyncio.to_thread(
+            self.store.add_deployment, deployment, targets, rollback_command_for(deployment)
+        )
+        result.targeted = len(targets)
+        for device_id in targets:
+            result.notified += self.streams.push(device_id, RollbackPush(result.command_id, reason))
+        log.info("rollback %s to %s: %d devices (%s)", result.command_id, selector, len(targets), reason)
+        return result
+
+    async def deployment_statuses(self) -> list[DeploymentStatus]:
+        deployments = await asyncio.to_thread(self.store.list_deployments)
+        counts = await asyncio.to_thread(self.store.deployment_counts)
+        statuses = []
+        for deployment in deployments:
+            found = counts.get(deployment.id)
+            status = DeploymentStatus(deployment)
+            if found is not None:
+                status.healthy, status.failed, status.pending = found.healthy, found.failed, found.pending
+            still_pointing = status.healthy + status.failed + status.pending
+            status.targeted = max(deployment.devices_targeted, still_pointing)
+            status.superseded = status.targeted - still_pointing
+            statuses.append(status)
+        return statuses
+
+    async def point_new_device(self, device: DeviceRecord) -> None:
+        """A device that joins after a rollout started still gets it: the latest deployment (not rollback)
+        whose selector names it."""
+        for deployment in reversed(await asyncio.to_thread(self.store.list_deployments)):
+            if deployment.kind == "deploy" and parse_selector(deployment.selector).matches(
+                device.id, device.group
+            ):
+                variants = await self.repository.signed_variants(deployment.model_name, deployment.version)
+                target = choose_target(
+                    variants,
+                    _capabilities_dict(device.capabilities),
+                    list(device.bad_targets),
+                    deployment.variant,
+                )
+                if target:
+                    await asyncio.to_thread(
+                        self.store.add_deployment_target, deployment.id, device.id, target
+                    )
+                return
+
+    async def push_pending(self, device_id: str) -> None:
+        """Tells a connected device what it should do now, if anything."""
+        await self.push_pending_to(await asyncio.to_thread(self.store.get_device, device_id))
+
+    async def push_pending_to(self, device: DeviceRecord, desired: ModelRecord | None = None) -> None:
+        """`push_pending` for a record in hand; `desired` is the desired target's model when the caller has
+        it (else it is read)."""
+        action = pending_action(device)
+        if action == "rollback":
+            self.streams.push(device.id, RollbackPush(device.rollback_command, OPERATOR_ORDER))
+        elif action == "assign":
+            record = desired or await self.repository.model(device.desired_target)
+            self.streams.push(device.id, AssignmentPush(record, device.desired_deployment))
+
+
+def _capabilities_dict(capabilities: Capabilities) -> dict[str, Any]:
+    """What `server.variants` reads. `Capabilities.to_json` (dataclasses.asdict, a deep copy) would cost a
+    large deployment more than all its database work; a flat copy of the fields is the same dict."""
+    return {**vars(capabilities), "accelerators": list(capabilities.accelerators)}

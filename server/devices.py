@@ -1,0 +1,191 @@
+"""The devices: enrollment, revocation, and what each reports (status, update events, telemetry).
+
+A device's status report is the truth about what it runs; the server stores it and pushes what the device
+should do next down its control stream (`deployments.push_pending`). Revoking a device ends its stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+
+from edgefleet.server.deployments import Deployments
+from edgefleet.server.repository import Repository
+from edgefleet.server.rules import CLOCK_SKEW_WARNING_MS, TOKEN_USED_UP, pending_rollback, token_refusal
+from edgefleet.server.storage.interfaces import FleetStore
+from edgefleet.server.storage.records import DeviceRecord, EventRecord, ModelRecord, now_ms
+from edgefleet.server.streams import ControlStreams
+
+from edgefleet import pki
+from edgefleet.errors import InvalidRequestError, NotFoundError
+from edgefleet.selectors import check_name, parse_selector
+from edgefleet.values import Capabilities, DeviceStatus, TelemetryReport, UpdateEvent
+
+log = logging.getLogger("edgefleet.server")
+
+MAX_LISTED = 1000  # telemetry reports or events in one answer
+
+
+class Devices:
+    def __init__(
+        self,
+        store: FleetStore,
+        streams: ControlStreams,
+        repository: Repository,
+        deployments: Deployments,
+        ca: pki.CertificateAuthority | None = None,
+        device_cert_days: float = 365,
+    ):
+        self.store = store
+        self.streams = streams
+        self.repository = repository
+        self.deployments = deployments
+        self.ca = ca  # None: a plaintext local demo, devices get bearer tokens
+        self.device_cert_days = device_cert_days
+
+    async def get(self, device_id: str) -> DeviceRecord:
+        """Raises NotFoundError, saying where to look, for an unknown device."""
+        try:
+            return await asyncio.to_thread(self.store.get_device, device_id)
+        except NotFoundError as e:
+            raise NotFoundError(f"no device {device_id!r}; see `edgefleet devices`") from e
+
+    # ---- enrollment and revocation -----------------------------------------------------------------------
+
+    async def create_enrollment_token(self, group: str, uses: int, ttl_seconds: int) -> tuple[str, int]:
+        check_name("group", group)
+        if not 1 <= uses <= 100_000 or not 60 <= ttl_seconds <= 365 * 86400:
+            raise InvalidRequestError("uses must be 1..100000 and ttl 60 s..365 days")
+        expires = now_ms() + ttl_seconds * 1000
+        token = "enr_" + secrets.token_urlsafe(32)
+        await asyncio.to_thread(self.store.add_enrollment_token, token, group, uses, expires)
+        return token, expires
+
+    async def enroll(
+        self, token: str, name: str, capabilities: Capabilities, csr_pem: bytes = b""
+    ) -> tuple[DeviceRecord, str, bytes]:
+        """Consumes one use of the token; returns the device, its bearer secret (plaintext demo) and its
+        certificate (TLS: issued for the CSR's key, with the device id the server chose as its name)."""
+        check_name("device name", name)
+        if self.ca is not None and not csr_pem:
+            raise InvalidRequestError("enrollment needs a certificate signing request (csr_pem)")
+        if self.ca is not None:
+            pki.load_csr_checked(csr_pem)  # refuse a bad CSR before the token is spent
+        now = now_ms()
+        found = await asyncio.to_thread(self.store.enrollment_token, token)
+        refusal = token_refusal(found, now)
+        if refusal:
+            raise InvalidRequestError(refusal)
+        assert found is not None
+        device = DeviceRecord(
+            "dev-" + secrets.token_hex(6), name, found.group, now, capabilities=capabilities
+        )
+        secret = "dev_" + secrets.token_urlsafe(32)
+        if not await asyncio.to_thread(self.store.enroll_device, token, now, device, secret):
+            raise InvalidRequestError(TOKEN_USED_UP)  # another device took the last use meanwhile
+        certificate = b""
+        if self.ca is not None:
+            certificate = pki.cert_pem(
+                self.ca.sign_csr(csr_pem, device.id, pki.DEVICE, self.device_cert_days)
+            )
+        await self.deployments.point_new_device(device)
+        log.info("enrolled %s (%s) in group %s", device.id, name, device.group)
+        return device, secret, certificate
+
+    async def revoke(self, device_id: str) -> None:
+        await self.get(device_id)
+        await asyncio.to_thread(self.store.set_revoked, device_id)
+        self.streams.disconnect(device_id, "credentials revoked")  # ends its control stream now
+        log.warning("revoked device %s", device_id)
+
+    async def device_status(self, key: str, by_token: bool) -> tuple[str, bool] | None:
+        """(device id, revoked) for a device id or bearer token; None when unknown."""
+        if by_token:
+            device = await asyncio.to_thread(self.store.device_for_token, key)
+        else:
+            try:
+                device = await asyncio.to_thread(self.store.get_device, key)
+            except NotFoundError:
+                return None
+        return (device.id, device.revoked) if device else None
+
+    # ---- what devices report -----------------------------------------------------------------------------
+
+    async def handle_status(self, device_id: str, status: DeviceStatus) -> None:
+        """The device's truth about what it runs. A report whose sequence is not newer than the last one
+        accepted is ignored (a replay or a reordering), whatever the device's clock says."""
+        device = await self.get(device_id)
+        if status.sequence <= device.status_sequence:
+            log.warning(
+                "ignored a stale status report from %s (sequence %d <= %d)",
+                device_id,
+                status.sequence,
+                device.status_sequence,
+            )
+            return
+        skew = status.sent_at_ms - now_ms() if status.sent_at_ms else 0
+        if abs(skew) > CLOCK_SKEW_WARNING_MS:
+            log.warning(
+                "device %s clock is off by %.0f s; its signed-metadata expiry checks will be wrong",
+                device_id,
+                skew / 1000,
+            )
+        capabilities = status.capabilities or device.capabilities
+        stored = await asyncio.to_thread(
+            lambda: self.store.record_status(
+                device_id,
+                current=status.current,
+                previous=status.previous,
+                capabilities=capabilities,
+                bad_targets=status.bad_targets,
+                sequence=status.sequence,
+                clock_skew_ms=skew,
+                seen_ms=now_ms(),
+            )
+        )
+        if stored:
+            await self.deployments.push_pending(device_id)
+
+    async def assignment_for(self, device_id: str) -> tuple[ModelRecord | None, str, str]:
+        """For the periodic check: (desired model, deployment id, pending rollback command id)."""
+        device = await self.get(device_id)
+        await asyncio.to_thread(self.store.touch, device_id, now_ms())
+        record = await self.repository.model(device.desired_target) if device.desired_target else None
+        return record, device.desired_deployment, pending_rollback(device)
+
+    async def handle_event(self, device_id: str, event: UpdateEvent) -> None:
+        device = await self.get(device_id)
+        record = EventRecord(
+            device_id,
+            event.target_path,
+            event.stage,
+            event.reason,
+            event.at_ms or now_ms(),
+            device.desired_deployment,
+        )
+        await asyncio.to_thread(self.store.add_event, record)
+        await asyncio.to_thread(self.store.record_stage, device_id, event.stage, event.reason, now_ms())
+        if event.stage == "rolled_back" and event.command_id:
+            await asyncio.to_thread(self.store.clear_rollback, device_id, event.command_id)  # obeyed
+        log.info("device %s: %s %s %s", device_id, event.stage, record.target_path, record.reason)
+
+    async def handle_telemetry(self, device_id: str, report: TelemetryReport) -> None:
+        if not report.at_ms:
+            report = dataclasses.replace(report, at_ms=now_ms())
+        await asyncio.to_thread(self.store.add_telemetry, device_id, report)
+
+    # ---- listings ----------------------------------------------------------------------------------------
+
+    async def list_devices(self, selector_text: str = "") -> list[DeviceRecord]:
+        if not selector_text:
+            return await asyncio.to_thread(self.store.list_devices)
+        return await asyncio.to_thread(self.store.devices_matching, parse_selector(selector_text))
+
+    async def telemetry(self, device_id: str, limit: int) -> list[TelemetryReport]:
+        await self.get(device_id)  # NOT_FOUND for unknown devices
+        return await asyncio.to_thread(self.store.list_telemetry, device_id, max(1, min(limit, MAX_LISTED)))
+
+    async def events(self, device_id: str, limit: int) -> list[EventRecord]:
+        return await asyncio.to_thread(self.store.list_events, device_id, max(1, min(limit, MAX_LISTED)))

@@ -1,0 +1,233 @@
+"""The operator service: what the CLI calls. Each handler checks the request's fields, calls the logic
+(`Fleet.repository`, `.deployments`, `.devices`) and translates the answer to protobuf; errors become
+status codes in `rpc_status.status_for_errors`. Only operator certificates reach it (`server.auth`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from edgefleet.server.deployments import OPERATOR_ORDER, DeploymentStatus
+from edgefleet.server.fleet import Fleet
+from edgefleet.server.rpc_status import check_name, status_for_errors
+from edgefleet.server.storage.records import DeviceRecord, EventRecord, ModelRecord
+
+from edgefleet import convert, errors
+from edgefleet.v1 import operator_pb2, operator_pb2_grpc
+from edgefleet.values import HealthSample, TelemetryReport
+
+UPLOAD_CHUNK_LIMIT = 4 * 2**20
+
+
+def device_info(
+    device: DeviceRecord, connected: bool, desired: ModelRecord | None
+) -> operator_pb2.DeviceInfo:
+    return operator_pb2.DeviceInfo(
+        id=device.id,
+        name=device.name,
+        group=device.group,
+        connected=connected,
+        last_seen_unix_ms=device.last_seen_ms,
+        current=convert.ref_to_proto(device.current),
+        previous=convert.ref_to_proto(device.previous),
+        desired=convert.ref_to_proto(desired.ref() if desired else None),
+        last_stage=device.last_stage,
+        last_reason=device.last_reason,
+        capabilities=convert.capabilities_to_proto(device.capabilities),
+        revoked=device.revoked,
+        clock_skew_ms=device.clock_skew_ms,
+    )
+
+
+def deployment_info(status: DeploymentStatus) -> operator_pb2.DeploymentInfo:
+    d = status.deployment
+    return operator_pb2.DeploymentInfo(
+        id=d.id,
+        model_name=d.model_name,
+        version=d.version,
+        selector=d.selector,
+        created_at_unix_ms=d.created_ms,
+        devices_targeted=status.targeted,
+        devices_healthy=status.healthy,
+        devices_failed=status.failed,
+        devices_pending=status.pending,
+        devices_superseded=status.superseded,
+        devices_notified=status.notified,
+        variant=d.variant,
+        unassigned=status.unassigned,
+        choices=status.choices,
+        kind=d.kind,
+    )
+
+
+def variant_info(record: ModelRecord) -> operator_pb2.VariantInfo:
+    return operator_pb2.VariantInfo(
+        target_path=record.target_path,
+        variant=record.variant,
+        sha256=record.sha256,
+        length=record.length,
+        details_json=json.dumps(record.details, sort_keys=True),
+    )
+
+
+def model_info(m: ModelRecord) -> operator_pb2.ModelVersionInfo:
+    return operator_pb2.ModelVersionInfo(
+        name=m.name,
+        version=m.version,
+        variant=m.variant,
+        target_path=m.target_path,
+        sha256=m.sha256,
+        length=m.length,
+        signed=m.signed,
+        created_at_unix_ms=m.created_ms,
+        details_json=json.dumps(m.details, sort_keys=True),
+    )
+
+
+def telemetry_record(report: TelemetryReport) -> operator_pb2.TelemetryRecord:
+    message = convert.telemetry_to_proto(report)
+    record = operator_pb2.TelemetryRecord(at_unix_ms=report.at_ms, dropped_reports=report.dropped_reports)
+    if report.health != HealthSample():  # a report without health figures answers without them
+        record.health.CopyFrom(message.health)
+    record.inference.extend(message.inference)
+    return record
+
+
+def event_info(e: EventRecord) -> operator_pb2.DeviceEvent:
+    return operator_pb2.DeviceEvent(
+        device_id=e.device_id, target_path=e.target_path, stage=e.stage, reason=e.reason, at_unix_ms=e.at_ms
+    )
+
+
+class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
+    def __init__(self, fleet: Fleet, on_revoke: Callable[[], None] = lambda: None):
+        self.fleet = fleet
+        self.on_revoke = on_revoke  # drops cached credentials so a revocation takes effect at once
+
+    async def CreateEnrollmentToken(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            check_name("group", request.group, optional=True)
+            token, expires = await self.fleet.devices.create_enrollment_token(
+                request.group or "default", request.uses or 1, request.ttl_seconds or 7 * 86400
+            )
+            return operator_pb2.CreateEnrollmentTokenResponse(token=token, expires_at_unix_ms=expires)
+
+    async def UploadModel(
+        self, request_iterator: AsyncIterator[operator_pb2.UploadModelRequest], context: Any
+    ) -> Any:
+        async with status_for_errors(context):
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise errors.InvalidRequestError("an upload starts with a header message")
+            header = first.header
+
+            async def chunks() -> AsyncIterator[bytes]:
+                async for message in request_iterator:
+                    if message.WhichOneof("kind") != "chunk":
+                        raise errors.InvalidRequestError("only chunks may follow the header")
+                    if len(message.chunk) > UPLOAD_CHUNK_LIMIT:
+                        raise errors.InvalidRequestError(f"chunks are limited to {UPLOAD_CHUNK_LIMIT} bytes")
+                    yield message.chunk
+
+            repository = self.fleet.repository
+            records = await repository.upload_model(
+                header.name,
+                header.version,
+                header.length,
+                header.sha256,
+                chunks(),
+                eval_npz=header.eval_npz,
+                calibration_npz=header.calibration_npz,
+                tolerance_points=header.tolerance_points or 1.0,
+            )
+            original = records[0]
+            return operator_pb2.UploadModelResponse(
+                target_path=original.target_path,
+                sha256=original.sha256,
+                length=original.length,
+                inputs=[operator_pb2.TensorSpec(**t) for t in original.signature["inputs"]],
+                outputs=[operator_pb2.TensorSpec(**t) for t in original.signature["outputs"]],
+                validated_with=repository.validate_runtime,
+                variants=[variant_info(r) for r in records],
+            )
+
+    async def GetSignedMetadata(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            if request.name not in ("root", "targets"):
+                raise errors.InvalidRequestError("ask for 'root' or 'targets'")
+            content = await self.fleet.repository.current_metadata(request.name)
+            return operator_pb2.GetSignedMetadataResponse(content=content)
+
+    async def PublishTargets(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            versions = await self.fleet.repository.publish_targets(request.targets_json)
+            return operator_pb2.PublishTargetsResponse(
+                targets_version=versions.targets,
+                snapshot_version=versions.snapshot,
+                timestamp_version=versions.timestamp,
+            )
+
+    async def ListModels(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            name = check_name("model name", request.name, optional=True)
+            models = await self.fleet.repository.list_models(name)
+            return operator_pb2.ListModelsResponse(models=[model_info(m) for m in models])
+
+    async def CreateDeployment(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            # An empty model name would match every model's versions (list_models("") lists all).
+            check_name("model name", request.model_name)
+            check_name("version", request.version)
+            check_name("variant", request.variant, optional=True)
+            status = await self.fleet.deployments.deploy(
+                request.model_name, request.version, request.selector, request.variant
+            )
+            return operator_pb2.CreateDeploymentResponse(deployment=deployment_info(status))
+
+    async def ListDeployments(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            statuses = await self.fleet.deployments.deployment_statuses()
+            return operator_pb2.ListDeploymentsResponse(deployments=[deployment_info(s) for s in statuses])
+
+    async def RollbackDevices(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            result = await self.fleet.deployments.rollback(request.selector, request.reason or OPERATOR_ORDER)
+            return operator_pb2.RollbackDevicesResponse(
+                command_id=result.command_id,
+                devices_targeted=result.targeted,
+                devices_notified=result.notified,
+                skipped=result.skipped,
+            )
+
+    async def ListDevices(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            devices = await self.fleet.devices.list_devices(request.selector)
+            models = {m.target_path: m for m in await self.fleet.repository.list_models()}
+            connected = self.fleet.streams.is_connected
+            return operator_pb2.ListDevicesResponse(
+                devices=[device_info(d, connected(d.id), models.get(d.desired_target)) for d in devices]
+            )
+
+    async def RevokeDevice(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            await self.fleet.devices.revoke(check_name("device id", request.device_id))
+            self.on_revoke()
+            return operator_pb2.RevokeDeviceResponse()
+
+    async def GetTelemetry(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            check_name("device id", request.device_id)
+            if request.limit < 0:
+                raise errors.InvalidRequestError("limit must not be negative")
+            reports = await self.fleet.devices.telemetry(request.device_id, request.limit or 20)
+            return operator_pb2.GetTelemetryResponse(records=[telemetry_record(r) for r in reports])
+
+    async def ListEvents(self, request: Any, context: Any) -> Any:
+        async with status_for_errors(context):
+            check_name("device id", request.device_id, optional=True)
+            if request.limit < 0:
+                raise errors.InvalidRequestError("limit must not be negative")
+            events = await self.fleet.devices.events(request.device_id, request.limit or 100)
+            return operator_pb2.ListEventsResponse(events=[event_info(e) for e in events])

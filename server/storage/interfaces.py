@@ -1,0 +1,207 @@
+"""The storage interfaces, named by role: `FleetStore` keeps every record, `BlobStore` keeps model files.
+
+Implementations are named by mechanism (`SqlFleetStore`, `MemoryFleetStore`, `FilesystemBlobStore`) and
+chosen by `edgefleet.server.storage.open_store(url)`. Stores are synchronous; the async logic calls them
+through `asyncio.to_thread`. They hold no rules: what a token's state means, what a rollback is, what to
+tell an operator is decided above them; they offer the atomic primitives those decisions need.
+
+Every FleetStore method raises TransportError when the database is unavailable (the caller answers
+UNAVAILABLE, retryable), and NotFoundError / ConflictError where named.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from pathlib import Path
+
+from edgefleet.server.storage.records import (
+    Deployment,
+    DeploymentCounts,
+    DeviceRecord,
+    EnrollmentToken,
+    EventRecord,
+    ModelRecord,
+    RepoVersions,
+)
+
+from edgefleet.selectors import Selector
+from edgefleet.values import Capabilities, ModelRef, TelemetryReport
+
+
+class FleetStore(abc.ABC):
+    """Everything the server remembers except model bytes."""
+
+    # ---- enrollment --------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def add_enrollment_token(self, token: str, group: str, uses: int, expires_ms: int) -> None:
+        """Keeps only a hash of `token`."""
+
+    @abc.abstractmethod
+    def enrollment_token(self, token: str) -> EnrollmentToken | None: ...
+
+    @abc.abstractmethod
+    def enroll_device(self, token: str, now_ms: int, device: DeviceRecord, credential: str) -> bool:
+        """In one transaction: takes one use of `token` if one is left and it has not expired at `now_ms`,
+        and adds `device` with its secret `credential` (kept as a hash). False, writing nothing, when no use
+        was taken (two devices racing on the last use cannot both succeed)."""
+
+    # ---- devices -----------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def device_for_token(self, credential: str) -> DeviceRecord | None: ...
+
+    @abc.abstractmethod
+    def get_device(self, device_id: str) -> DeviceRecord:
+        """Raises NotFoundError for an unknown id."""
+
+    @abc.abstractmethod
+    def list_devices(self) -> list[DeviceRecord]:
+        """Ordered by name, then id."""
+
+    @abc.abstractmethod
+    def devices_matching(self, selector: Selector) -> list[DeviceRecord]:
+        """The devices `selector` names, ordered as `list_devices`, read by a query rather than a scan."""
+
+    @abc.abstractmethod
+    def record_status(
+        self,
+        device_id: str,
+        *,
+        current: ModelRef | None,
+        previous: ModelRef | None,
+        capabilities: Capabilities,
+        bad_targets: tuple[str, ...],
+        sequence: int,
+        clock_skew_ms: int,
+        seen_ms: int,
+    ) -> bool:
+        """Stores a device's report, only if `sequence` is newer than the last one stored; False otherwise
+        (a replay or a reordering changes nothing)."""
+
+    @abc.abstractmethod
+    def record_stage(self, device_id: str, stage: str, reason: str, seen_ms: int) -> None:
+        """The update stage the device reported last, and why."""
+
+    @abc.abstractmethod
+    def clear_rollback(self, device_id: str, command_id: str) -> bool:
+        """Drops the device's pending rollback order if it is `command_id`; False when it was not."""
+
+    @abc.abstractmethod
+    def touch(self, device_id: str, seen_ms: int) -> None:
+        """The device was heard from at `seen_ms`."""
+
+    @abc.abstractmethod
+    def set_revoked(self, device_id: str) -> None:
+        """Raises NotFoundError for an unknown id."""
+
+    # ---- models and signed metadata ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def add_model(self, record: ModelRecord) -> None:
+        """Raises ConflictError when the target path exists already."""
+
+    @abc.abstractmethod
+    def get_model(self, target_path: str) -> ModelRecord:
+        """Raises NotFoundError for an unknown path."""
+
+    @abc.abstractmethod
+    def list_models(self, name: str = "") -> list[ModelRecord]:
+        """Every model file ("" = of every model), by name, then upload time."""
+
+    @abc.abstractmethod
+    def mark_signed(self, target_paths: list[str]) -> None: ...
+
+    @abc.abstractmethod
+    def put_metadata(self, files: dict[str, bytes], versions: RepoVersions, expected: RepoVersions) -> None:
+        """Stores a release atomically, only if the stored versions still equal `expected` (else
+        ConflictError)."""
+
+    @abc.abstractmethod
+    def get_metadata(self, name: str) -> bytes:
+        """Raises NotFoundError for an unknown file."""
+
+    @abc.abstractmethod
+    def repo_versions(self) -> RepoVersions: ...
+
+    # ---- deployments -------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def add_deployment(
+        self, deployment: Deployment, device_targets: dict[str, str], rollback_command: str = ""
+    ) -> None:
+        """In one transaction: records the deployment, sets each listed device's desired target and
+        deployment, and sets its pending rollback order to `rollback_command` ("" clears it). The
+        deployment's `devices_targeted` becomes the number of devices pointed at."""
+
+    @abc.abstractmethod
+    def add_deployment_target(self, deployment_id: str, device_id: str, target: str) -> None:
+        """Points one more device (e.g. one that enrolled later) at an existing deployment; a device that
+        already points at it is counted once."""
+
+    @abc.abstractmethod
+    def list_deployments(self) -> list[Deployment]:
+        """Oldest first."""
+
+    @abc.abstractmethod
+    def deployment_counts(self) -> dict[str, DeploymentCounts]:
+        """For each deployment some device still points at: how many are healthy, failed and pending,
+        counted by the store (one query), not by reading every device."""
+
+    # ---- events and telemetry ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def add_event(self, event: EventRecord) -> None: ...
+
+    @abc.abstractmethod
+    def list_events(
+        self, device_id: str = "", limit: int = 100, deployment_id: str = ""
+    ) -> list[EventRecord]:
+        """The newest `limit` events ("" = of every device / deployment), oldest first."""
+
+    @abc.abstractmethod
+    def add_telemetry(self, device_id: str, report: TelemetryReport) -> None: ...
+
+    @abc.abstractmethod
+    def list_telemetry(self, device_id: str, limit: int) -> list[TelemetryReport]:
+        """The newest `limit` reports of the device, oldest first."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class BlobWriter(abc.ABC):
+    """One upload in progress: bytes go to a temporary place, hashed as they come; `commit` moves them to
+    their content address."""
+
+    length: int
+
+    @abc.abstractmethod
+    def write(self, chunk: bytes) -> None:
+        """Raises InvalidRequestError past the store's size limit."""
+
+    @abc.abstractmethod
+    def commit(self, expected_sha256: str = "") -> str:
+        """Returns the sha256; raises HashMismatchError when it is not `expected_sha256`."""
+
+    @abc.abstractmethod
+    def abort(self) -> None: ...
+
+
+class BlobStore(abc.ABC):
+    """Model files, keyed by their sha256."""
+
+    @abc.abstractmethod
+    def begin_write(self) -> BlobWriter: ...
+
+    @abc.abstractmethod
+    def put_bytes(self, data: bytes) -> str:
+        """Stores `data` whole; returns its sha256."""
+
+    @abc.abstractmethod
+    def path(self, sha256: str) -> Path:
+        """Raises InvalidRequestError for anything but 64 lowercase hex digits."""
+
+    @abc.abstractmethod
+    def read(self, sha256: str, offset: int, chunk_size: int) -> Iterator[bytes]: ...
