@@ -1,6 +1,7 @@
 """How long does `edgefleet deploy --to all` take on a large fleet, and what does it cost per device?
 
-A real server (`server.app.start_server`, SQLite under a temp folder) in this process; the devices are rows
+A real server (edgefleet.devtools.inprocess: `server.app.start_server`, SQLite under a temp folder) in this
+process; the devices are rows
 written straight into its database (enrolling 20,000 devices through the RPC would take a minute and is
 measured by `fleet_load.py`), none of them connected. For each fleet size, `Deployments.deploy` to all, as the
 CreateDeployment RPC calls it: the wall time, the time per device, and whether every device's record then
@@ -21,11 +22,9 @@ import time
 from pathlib import Path
 
 import sqlalchemy as sa
-from edgefleet.server.app import ServerConfig, start_server
+from edgefleet.devtools.inprocess import running_server
 from edgefleet.server.repository import target_path
 from edgefleet.server.storage.records import ModelRecord, now_ms
-
-from edgefleet import signing
 
 CLI_TIMEOUT_S = 30
 
@@ -72,20 +71,8 @@ def add_model(fleet: object, version: str) -> None:
 
 async def run(size: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        keys = signing.init_keys(folder / "keys")
-        running = await start_server(
-            ServerConfig(
-                data_dir=folder / "data",
-                listen="127.0.0.1:0",
-                enroll_listen="127.0.0.1:0",
-                trust_root=keys.trust_root,
-                online_key=keys.online,
-                grace_seconds=0,
-            )
-        )
-        try:
-            fleet = running.fleet
+        async with running_server(Path(tmp)) as server:
+            fleet = server.fleet
             await asyncio.to_thread(add_devices, fleet, size)
             for version in ("1", "2"):
                 await asyncio.to_thread(add_model, fleet, version)
@@ -101,8 +88,6 @@ async def run(size: int) -> None:
                     f"{seconds / size * 1e6:7.0f} us/device  targeted {status.targeted}, "
                     f"records pointing at it {pointing}  ({verdict} the CLI's {CLI_TIMEOUT_S} s)"
                 )
-        finally:
-            await running.stop(0)
 
 
 def main() -> None:

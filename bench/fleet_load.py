@@ -1,8 +1,9 @@
 """How does one fleet server process hold up under a simulated fleet of `--devices` devices (default 2,000)?
 
 The fleet simulation of tests/test_load.py at a larger scale, printing figures instead of asserting. The
-server runs in a subprocess (`server.app.serve` with the default ServerConfig, as `edgefleet server` runs
-it), measured with psutil; the devices are simulated in this process: each one is really enrolled (Enroll
+server runs in a subprocess (edgefleet.devtools.serverprocess: `server.app.serve` with the default
+ServerConfig, as `edgefleet server` runs it), measured with psutil; the devices are simulated in this
+process (edgefleet.devtools.simdevices): each one is really enrolled (Enroll
 with a CSR of its own key over the enrollment port), has an mTLS channel (TCP + TLS connection) of its own
 and a Connect control stream, and reconnects with the agent's jittered exponential `Backoff`.
 
@@ -41,37 +42,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import importlib.util
 import math
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import grpc
 from edgefleet.agent.config import AgentConfig
+from edgefleet.devtools import fleetstats, simdevices
+from edgefleet.devtools.modelgen import build_large_mlp
+from edgefleet.devtools.serverprocess import MIB, ServerProcess, UsageSampler
 from edgefleet.server.app import ServerConfig
 
 from edgefleet import signing
+from edgefleet.v1 import device_pb2
 
-ROOT = Path(__file__).resolve().parents[1]
-MIB = 2**20
-
-
-def _simulation() -> ModuleType:
-    """tests/test_load.py: the server process, the simulated devices and their enrollment."""
-    spec = importlib.util.spec_from_file_location("fleet_sim", ROOT / "tests" / "test_load.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sim = _simulation()
+OK = grpc.StatusCode.OK
 
 
 class Table:
@@ -94,7 +83,7 @@ class Table:
 
 
 def pct(values: list[float], q: float) -> float:
-    return sim.percentile(values, q)
+    return fleetstats.percentile(values, q)
 
 
 def ms(seconds: float) -> str:
@@ -113,9 +102,9 @@ async def settle(server: Any, seconds: float = 2.0) -> Any:
 async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
     n = args.devices
     keys = signing.init_keys(folder / "keys")
-    model = sim.build_large_mlp(8 * MIB)
+    model = build_large_mlp(8 * MIB)
     config = ServerConfig()
-    server = sim.ServerProcess(folder / "server", keys, grace_seconds=args.grace_s)
+    server = ServerProcess(folder / "server", keys, grace_seconds=args.grace_s)
     devices: list[Any] = []
     try:
         await asyncio.to_thread(server.start)
@@ -123,7 +112,7 @@ async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
 
         # ---- enroll ----
         before, t0 = server.usage(), time.monotonic()
-        devices = await sim.enroll(server, n, prefix="bench")
+        devices = await simdevices.enroll(server, n, prefix="bench")
         took = time.monotonic() - t0
         table.add(
             "enroll",
@@ -146,7 +135,7 @@ async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
         )
         connections = await settle(server)
         before = connections
-        took = await sim.connect_all(devices, server, timeout=120)
+        took = await simdevices.connect_all(devices, server, timeout=120)
         table.add(
             "connect",
             f"{n} control streams, status processed",
@@ -180,11 +169,11 @@ async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
             f"push {len(model) / MIB:.0f} MiB model (upload, check, sign)",
             f"{time.monotonic() - t0:.1f} s",
         )
-        async with sim.UsageSampler(server, 0.1) as sampler:
+        async with UsageSampler(server, 0.1) as sampler:
             t0 = time.monotonic()
             deployment = await server.deploy("bench", "1")
             rpc_s = time.monotonic() - t0
-            await sim.wait_assigned(devices, deployment.id, t0, timeout=120)
+            await simdevices.wait_assigned(devices, deployment.id, t0, timeout=120)
         received = [d.first_assignment(deployment.id, t0) - t0 for d in devices]
         table.add(
             "deploy",
@@ -217,7 +206,7 @@ async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
         # ---- restart ----
         await restart(server, devices, deployment.id, table)
     finally:
-        await sim.close_all(devices)
+        await simdevices.close_all(devices)
         await server.close()
 
 
@@ -256,7 +245,7 @@ async def telemetry(
             flooded[await flooder.report_telemetry(timeout=30)] += 1
 
     before = server.usage()
-    async with sim.UsageSampler(server, 0.1) as sampler:
+    async with UsageSampler(server, 0.1) as sampler:
         t0 = time.monotonic()
         await asyncio.gather(
             *(flooding() for _ in range(16 if flood else 0)),
@@ -264,7 +253,7 @@ async def telemetry(
         )
         took = time.monotonic() - t0
     after = server.usage()
-    accepted = codes[sim.OK]
+    accepted = codes[OK]
     table.add(
         "telemetry",
         f"{label}: {len(others)} devices x {per_device_s:g}/s",
@@ -280,13 +269,11 @@ async def telemetry(
         "  their latency p50 / p99 / max",
         f"{ms(pct(latencies, 50))} / {ms(pct(latencies, 99))} / {ms(max(latencies))}",
     )
-    refused = {c.name: k for c, k in codes.items() if c != sim.OK}
+    refused = {c.name: k for c, k in codes.items() if c != OK}
     table.add("telemetry", "  their refusals", str(refused or "none"))
     if flood:
-        refused = {c.name: k for c, k in flooded.items() if c != sim.OK}
-        table.add(
-            "telemetry", "  flooding device: accepted, refused", f"{flooded[sim.OK]}, {refused or 'none'}"
-        )
+        refused = {c.name: k for c, k in flooded.items() if c != OK}
+        table.add("telemetry", "  flooding device: accepted, refused", f"{flooded[OK]}, {refused or 'none'}")
     table.add("telemetry", "  server peak", usage_text(sampler.peak))
 
 
@@ -304,7 +291,7 @@ async def downloads(
     calls = []
     try:
         for d in stuck_devices:
-            call = d.stub.DownloadModel(sim.device_pb2.DownloadModelRequest(target_path=path))
+            call = d.stub.DownloadModel(device_pb2.DownloadModelRequest(target_path=path))
             await call.read()
             calls.append(call)
         await asyncio.sleep(1)
@@ -320,7 +307,7 @@ async def downloads(
     t_restarted = time.monotonic()
     for d in stuck_devices:  # their control streams again, for the restart
         d.start()
-    await sim.wait_assigned(stuck_devices, deployment_id, t_restarted, timeout=60)
+    await simdevices.wait_assigned(stuck_devices, deployment_id, t_restarted, timeout=60)
     per_call = (held.rss - before.rss) / len(calls)
     table.add(
         "download",
@@ -339,18 +326,18 @@ async def downloads(
 async def restart(server: Any, devices: list[Any], deployment_id: str, table: Table) -> None:
     n = len(devices)
     before = server.usage()
-    with sim.quiet_gc():
-        async with sim.LoopLag() as lag:
+    with fleetstats.quiet_gc():
+        async with fleetstats.LoopLag() as lag:
             stopped = time.monotonic()
             await asyncio.to_thread(server.stop)  # SIGTERM: in-flight calls get grace_seconds
             exited = time.monotonic()
             ready = await asyncio.to_thread(server.start)
-            async with sim.UsageSampler(server, 0.1) as sampler:
-                await sim.wait_back(devices, deployment_id, stopped, timeout=120)
+            async with UsageSampler(server, 0.1) as sampler:
+                await simdevices.wait_back(devices, deployment_id, stopped, timeout=120)
                 back = time.monotonic()
     await server.wait_connected((d.id for d in devices), 0, timeout=60)
-    seen = await sim.status_times(server)
-    r = sim.RestartFigures.of(devices, deployment_id, stopped, ready, seen)
+    seen = await fleetstats.status_times(server)
+    r = fleetstats.RestartFigures.of(devices, deployment_id, stopped, ready, seen)
     table.add("restart", "before: server with the fleet", usage_text(before))
     table.add(
         "restart",
@@ -372,7 +359,7 @@ async def restart(server: Any, devices: list[Any], deployment_id: str, table: Ta
     table.add(
         "restart",
         "  busiest 100 ms / 1 s at the server",
-        f"{sim.busiest_window(r.arrivals, 0.1)} / {sim.busiest_window(r.arrivals, 1.0)} devices",
+        f"{fleetstats.busiest_window(r.arrivals, 0.1)} / {fleetstats.busiest_window(r.arrivals, 1.0)} devices",
     )
     per_second = collections.Counter(math.floor(a) for a in r.arrivals)
     table.add(

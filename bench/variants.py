@@ -12,9 +12,10 @@ import time
 
 import numpy as np
 from ai_edge_quantizer import qtyping
+from edgefleet.devtools import modelgen
 from edgefleet.server import compression
 
-from edgefleet import modelgen, wire
+from edgefleet import wire
 from edgefleet.runtime import LITERT, TFLITE_RUNTIME
 
 TOLERANCE_POINTS = 1.0

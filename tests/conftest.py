@@ -1,4 +1,4 @@
-"""Shared fixtures: real models built by edgefleet.modelgen, and a real local fleet (server + agent processes)."""
+"""Shared fixtures: real models built by edgefleet.devtools.modelgen, and a real local fleet (server + agent processes)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from edgefleet.devtools.localfleet import LocalFleet
+from edgefleet.devtools.modelgen import DigitsData, build_digits_model
 from edgefleet.server.storage.sql import sqlalchemy_url
 
-from edgefleet.localfleet import LocalFleet
-from edgefleet.modelgen import DigitsData, build_digits_model
 from edgefleet.runtime import RUNTIMES, available_runtimes
 
 

@@ -1,6 +1,6 @@
 """A real fleet server in this process, for tests that speak gRPC to it the way devices and operators do.
 
-    harness = await Harness.start(tmp_path)        # start_server() on 127.0.0.1:0 (both ports), fresh keys
+    harness = await Harness.start(tmp_path)        # edgefleet.devtools.inprocess: 127.0.0.1:0, fresh keys
     harness.operator                               # grpc.aio channel with the operator's mTLS certificate
     device = await harness.enroll("cam-1")         # token -> Enroll over the enrollment port -> mTLS channel
     outcome = await call(device.channel, rpc)      # any RPC by its descriptor, raw bytes in and out
@@ -31,8 +31,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from edgefleet.server.app import RunningServer, ServerConfig, start_server
-from edgefleet.server.fleet import Fleet
+from edgefleet.devtools.inprocess import InProcessServer
+from edgefleet.server.app import RunningServer
 from edgefleet.server.repository import target_path
 from edgefleet.server.storage.records import ModelRecord, now_ms
 from google.protobuf.descriptor import ServiceDescriptor
@@ -272,15 +272,12 @@ class Device:
         return device_pb2_grpc.DeviceServiceStub(self.channel)
 
 
-class Harness:
-    """One running server (`running`, `fleet`) with its CA, and the channels opened to it (closed by
-    `close`)."""
+class Harness(InProcessServer):
+    """The in-process server (edgefleet.devtools.inprocess) with its CA, and the channels opened to it (closed
+    by `close`)."""
 
     def __init__(self, folder: Path, running: RunningServer, keys: signing.KeyFiles):
-        self.folder = folder
-        self.running = running
-        self.keys = keys
-        self.data_dir = folder / "data"
+        super().__init__(folder, running, keys)
         self.ca = pki.CertificateAuthority.load_or_create(self.data_dir / "ca")
         self.ca_pem = pki.cert_pem(self.ca.cert)
         operator_files = pki.TlsFiles(self.data_dir / "operator")
@@ -291,42 +288,11 @@ class Harness:
         self.operator = self.channel(self.operator_credential)
         self.operator_stub = operator_pb2_grpc.OperatorServiceStub(self.operator)
 
-    @classmethod
-    async def start(cls, folder: Path, keys: signing.KeyFiles | None = None, **config: Any) -> Harness:
-        """Fresh TUF keys (unless given) and a server on 127.0.0.1 with OS-chosen ports; `config` overrides
-        ServerConfig fields."""
-        folder.mkdir(parents=True, exist_ok=True)
-        keys = keys or signing.init_keys(folder / "keys")
-        running = await start_server(
-            ServerConfig(
-                data_dir=folder / "data",
-                listen="127.0.0.1:0",
-                enroll_listen="127.0.0.1:0",
-                trust_root=keys.trust_root,
-                online_key=keys.online,
-                grace_seconds=0,
-                **config,
-            )
-        )
-        return cls(folder, running, keys)
-
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
         self._channels.clear()
-        await self.running.stop(0)
-
-    @property
-    def fleet(self) -> Fleet:
-        return self.running.fleet
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.running.port}"
-
-    @property
-    def enroll_address(self) -> str:
-        return f"127.0.0.1:{self.running.enroll_port}"
+        await super().close()
 
     # ---- channels ------------------------------------------------------------------------------------
 

@@ -10,12 +10,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from edgefleet.devtools import modelgen
 from edgefleet.server import compression
 from edgefleet.server.compression import recipes
 from edgefleet.server.storage.records import ModelRecord
 from edgefleet.server.variants import choose_target
 
-from edgefleet import modelgen, wire
+from edgefleet import wire
 from edgefleet.errors import InvalidRequestError, ModelError
 from edgefleet.runtime import LITERT, TFLITE_RUNTIME, available_runtimes, make_interpreter
 

@@ -17,10 +17,10 @@ import numpy as np
 import psutil
 import pytest
 from edgefleet.agent.serving import ModelWorker
+from edgefleet.devtools import hostile
+from edgefleet.devtools.modelgen import build_digits_model
 
-from edgefleet import hostile
 from edgefleet.errors import ModelError
-from edgefleet.modelgen import build_digits_model
 
 # Measured on Linux x86_64 (Python 3.11): a worker loading the digits model needs RLIMIT_AS >= 149 MiB with
 # ai-edge-litert 2.3.0 and >= 133 MiB with tflite-runtime 2.14.0 (below that the runtime does not even

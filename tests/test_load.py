@@ -1,11 +1,12 @@
 """Load: a simulated fleet against one real server process (docs/reliability.md, "Load").
 
-The server runs in a subprocess of its own (`server.app.serve`, what `edgefleet server` runs, with
-ServerConfig fields a test chooses), so its RSS, file descriptors and threads are measured with psutil on a
-process that holds nothing but the server. The devices are simulated in this process: each one is a real
-enrolled device (Enroll over the enrollment port with a CSR of its own key, then an mTLS channel with the
-certificate the server issued), with a channel (TCP + TLS connection) of its own and a Connect control
-stream, reconnecting with the agent's own jittered exponential `Backoff` as `edgefleet.agent.control` does.
+The server runs in a subprocess of its own (edgefleet.devtools.serverprocess: `server.app.serve`, what
+`edgefleet server` runs, with ServerConfig fields a test chooses), so its RSS, file descriptors and threads
+are measured with psutil on a process that holds nothing but the server. The devices are simulated in this
+process (edgefleet.devtools.simdevices): each one is a real enrolled device (Enroll over the enrollment port
+with a CSR of its own key, then an mTLS channel with the certificate the server issued), with a channel
+(TCP + TLS connection) of its own and a Connect control stream, reconnecting with the agent's own jittered
+exponential `Backoff` as `edgefleet.agent.control` does.
 
 The same simulation, at a larger scale and printing figures instead of asserting, is `bench/fleet_load.py`.
 
@@ -17,625 +18,41 @@ test below. bench/fleet_load.py measures what a flood costs the other devices at
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
-import contextlib
-import gc
-import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
 import pytest
-from edgefleet.agent.connection import Backoff
 from edgefleet.agent.telemetry import Outbox
-from edgefleet.server.storage.records import now_ms
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from edgefleet import cli, pki, signing
-from edgefleet.modelgen import build_large_mlp
-from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
-
-ROOT = Path(__file__).resolve().parents[1]
-MIB = 2**20
-OK = grpc.StatusCode.OK
-EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-CAPABILITIES = common_pb2.Capabilities(
-    runtime="ai-edge-litert",
-    runtime_version="2.0.0",
-    cpu_arch="x86_64",
-    cpu_count=4,
-    memory_total_bytes=2**31,
-    memory_available_bytes=2**30,
-    disk_free_bytes=2**34,
-    hardware_class="load-sim",
+from edgefleet.devtools.fleetstats import (
+    LoopLag,
+    RestartFigures,
+    busiest_window,
+    percentile,
+    quiet_gc,
+    status_times,
+)
+from edgefleet.devtools.modelgen import build_large_mlp
+from edgefleet.devtools.serverprocess import MIB, UsageSampler, server_process
+from edgefleet.devtools.simdevices import (
+    AGENT_BACKOFF_INITIAL_S,
+    SimDevice,
+    close_all,
+    connect_all,
+    enroll,
+    wait_assigned,
+    wait_back,
 )
 
-# What the agent's channel uses (edgefleet.agent.connection.open_channel), plus a subchannel pool of its
-# own so that every simulated device really has a TCP connection (and a TLS session) of its own.
-DEVICE_CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.max_receive_message_length", 8 * 2**20),
-    ("grpc.use_local_subchannel_pool", 1),
-]
-AGENT_BACKOFF_INITIAL_S = 0.5  # edgefleet.agent.config.AgentConfig defaults
-AGENT_BACKOFF_MAX_S = 30.0
-
-
-# ---- the server, in a process of its own ------------------------------------------------------------------
-
-_LAUNCHER = """
-import asyncio, json, logging, sys
-from pathlib import Path
-from edgefleet.server.app import ServerConfig, serve
-fields = json.loads(sys.argv[1])
-ready = Path(fields.pop("ready_file"))
-for name in ("data_dir", "trust_root", "online_key"):
-    fields[name] = Path(fields[name])
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-logging.getLogger("apscheduler").setLevel(logging.WARNING)
-asyncio.run(serve(ServerConfig(**fields), ready))
-"""
-
-
-@dataclass(frozen=True)
-class Usage:
-    rss: int
-    fds: int
-    threads: int
-    cpu_s: float = 0.0  # user + system CPU time the process has used so far
-
-    def __str__(self) -> str:
-        return f"RSS {self.rss / MIB:.1f} MiB, {self.fds} fds, {self.threads} threads"
-
-
-class ServerProcess:
-    """`serve(ServerConfig(...))` in a subprocess, restartable on the same ports; the operator's channel."""
-
-    def __init__(self, folder: Path, keys: signing.KeyFiles, **config: Any):
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.keys = keys
-        self.data_dir = folder / "data"
-        self.config = config
-        self.port = 0
-        self.enroll_port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self._operator: grpc.aio.Channel | None = None
-
-    # -- lifecycle --
-
-    def start(self, timeout: float = 60) -> float:
-        """Starts the server (on the ports of the first start, if any) and waits until it serves. Returns
-        the time.monotonic() at which it was seen ready."""
-        assert self.proc is None
-        ready = self.folder / "ready.json"
-        ready.unlink(missing_ok=True)
-        fields = {
-            "data_dir": str(self.data_dir),
-            "trust_root": str(self.keys.trust_root),
-            "online_key": str(self.keys.online),
-            "listen": f"127.0.0.1:{self.port}",
-            "enroll_listen": f"127.0.0.1:{self.enroll_port}",
-            "ready_file": str(ready),
-            **self.config,
-        }
-        self.starts += 1
-        with open(self.folder / f"server-{self.starts}.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _LAUNCHER, json.dumps(fields)],
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not ready in {timeout} s: {self.log_tail()}")
-            time.sleep(0.02)
-        seen = time.monotonic()
-        ports = json.loads(ready.read_text())
-        self.port, self.enroll_port = ports["port"], ports["enroll_port"]
-        return seen
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
-        """SIGTERM: a graceful stop (in-flight calls get `grace_seconds`); SIGKILL: a crash."""
-        if self.proc is None:
-            return
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        finally:
-            self.proc = None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        path = self.folder / f"server-{self.starts}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-    def usage(self) -> Usage:
-        assert self.proc is not None
-        p = psutil.Process(self.proc.pid)
-        with p.oneshot():
-            cpu = p.cpu_times()
-            return Usage(p.memory_info().rss, p.num_fds(), p.num_threads(), cpu.user + cpu.system)
-
-    async def close(self) -> None:
-        if self._operator is not None:
-            await self._operator.close()
-            self._operator = None
-        await asyncio.to_thread(self.stop)
-
-    # -- addresses and credentials --
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def enroll_address(self) -> str:
-        return f"127.0.0.1:{self.enroll_port}"
-
-    @property
-    def ca_pem(self) -> bytes:
-        return (self.data_dir / "ca" / "ca.crt").read_bytes()
-
-    def operator_credentials(self) -> grpc.ChannelCredentials:
-        files = pki.TlsFiles(self.data_dir / "operator")
-        return grpc.ssl_channel_credentials(
-            files.ca.read_bytes(), files.key.read_bytes(), files.cert.read_bytes()
-        )
-
-    @property
-    def operator(self) -> operator_pb2_grpc.OperatorServiceStub:
-        if self._operator is None:
-            self._operator = grpc.aio.secure_channel(self.address, self.operator_credentials())
-        return operator_pb2_grpc.OperatorServiceStub(self._operator)
-
-    async def healthy(self, timeout: float = 5) -> grpc.StatusCode:
-        """The Health Check's status code on the main port (the operator's mTLS channel)."""
-        if self._operator is None:
-            _ = self.operator
-        assert self._operator is not None
-        try:
-            reply = await health_pb2_grpc.HealthStub(self._operator).Check(
-                health_pb2.HealthCheckRequest(), timeout=timeout
-            )
-        except grpc.aio.AioRpcError as e:
-            return e.code()
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        return OK
-
-    # -- operator actions --
-
-    def push_model(self, data: bytes, name: str, version: str) -> str:
-        """Blocking: uploads, signs and publishes the model as `edgefleet model push` does. Returns its
-        target path."""
-        args = argparse.Namespace(
-            server=self.address,
-            insecure_plaintext=False,
-            tls_dir=str(self.data_dir / "operator"),
-            token_file="",
-        )
-        op = cli.Operator(args)
-        try:
-            cli.push_model(op, data, name, version, signing.load_signer(self.keys.targets))
-        finally:
-            op.channel.close()
-        return f"{name}/{version}/float32.tflite"
-
-    async def deploy(self, name: str, version: str, selector: str = "all") -> operator_pb2.DeploymentInfo:
-        reply = await self.operator.CreateDeployment(
-            operator_pb2.CreateDeploymentRequest(model_name=name, version=version, selector=selector),
-            timeout=120,
-            wait_for_ready=True,
-        )
-        return reply.deployment
-
-    async def devices(self) -> list[operator_pb2.DeviceInfo]:
-        reply = await self.operator.ListDevices(
-            operator_pb2.ListDevicesRequest(), timeout=60, wait_for_ready=True
-        )
-        return list(reply.devices)
-
-    async def wait_connected(
-        self, ids: Iterable[str], since_ms: int, timeout: float, poll_s: float = 0.25
-    ) -> float:
-        """Waits until every device in `ids` holds a control stream whose status the server processed at
-        or after `since_ms` (server clock). Returns the time.monotonic() it was seen."""
-        wanted = set(ids)
-        deadline = time.monotonic() + timeout
-        while True:
-            infos = await self.devices()
-            up = {d.id for d in infos if d.connected and d.last_seen_unix_ms >= since_ms}
-            if wanted <= up:
-                return time.monotonic()
-            if time.monotonic() > deadline:
-                missing = sorted(wanted - up)
-                raise TimeoutError(f"{len(missing)} of {len(wanted)} devices not connected: {missing[:5]}")
-            await asyncio.sleep(poll_s)
-
-    async def wait_disconnected(self, ids: Iterable[str], timeout: float) -> None:
-        wanted = set(ids)
-        deadline = time.monotonic() + timeout
-        while any(d.connected for d in await self.devices() if d.id in wanted):
-            if time.monotonic() > deadline:
-                raise TimeoutError("devices still connected")
-            await asyncio.sleep(0.25)
-
-
-class UsageSampler:
-    """Samples the server's usage every `interval` s in the background; `peak` is the highest RSS seen."""
-
-    def __init__(self, server: ServerProcess, interval: float = 0.05):
-        self.server = server
-        self.interval = interval
-        self.samples: list[Usage] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(psutil.Error, AssertionError):
-                self.samples.append(self.server.usage())
-            await asyncio.sleep(self.interval)
-
-    async def __aenter__(self) -> UsageSampler:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-    @property
-    def peak(self) -> Usage:
-        return Usage(
-            max(s.rss for s in self.samples),
-            max(s.fds for s in self.samples),
-            max(s.threads for s in self.samples),
-            max(s.cpu_s for s in self.samples),
-        )
-
-
-# ---- simulated devices ------------------------------------------------------------------------------------
-
-
-@dataclass
-class SimDevice:
-    """A real enrolled device without the agent: its own mTLS channel and a Connect control stream that
-    reports its status first (with a sequence that increases across reconnects) and then stays open,
-    reconnecting with the agent's `Backoff` (reset when a message arrives, as the agent does)."""
-
-    id: str
-    name: str
-    key_pem: bytes
-    cert_pem: bytes
-    ca_pem: bytes
-    address: str
-    sequence: int = 0
-    attempts: list[float] = field(default_factory=list)  # time.monotonic() of each Connect call
-    ends: list[tuple[float, grpc.StatusCode, str]] = field(default_factory=list)  # how streams ended
-    assignments: list[tuple[float, str]] = field(default_factory=list)  # (received at, deployment id)
-    channel_options: list[tuple[str, Any]] = field(default_factory=list)  # added to the agent's
-
-    def __post_init__(self) -> None:
-        self.backoff = Backoff(AGENT_BACKOFF_INITIAL_S, AGENT_BACKOFF_MAX_S)
-        self.channel: grpc.aio.Channel | None = None
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._call: Any = None
-
-    @property
-    def stub(self) -> device_pb2_grpc.DeviceServiceStub:
-        if self.channel is None:
-            credentials = grpc.ssl_channel_credentials(self.ca_pem, self.key_pem, self.cert_pem)
-            options = DEVICE_CHANNEL_OPTIONS + list(self.channel_options)
-            self.channel = grpc.aio.secure_channel(self.address, credentials, options=options)
-        return device_pb2_grpc.DeviceServiceStub(self.channel)
-
-    # -- the control stream --
-
-    def start(self) -> None:
-        assert self._task is None or self._task.done()
-        self._stop = asyncio.Event()
-        self._task = asyncio.create_task(self._connection_loop())
-
-    async def stop(self) -> None:
-        """Ends the control stream (a clean close, as an agent that stops) and the reconnect loop."""
-        self._stop.set()
-        if self._call is not None:
-            self._call.cancel()
-        if self._task is not None:
-            await self._task
-            self._task = None
-
-    async def close(self) -> None:
-        await self.stop()
-        if self.channel is not None:
-            await self.channel.close()
-            self.channel = None
-
-    async def _connection_loop(self) -> None:
-        while not self._stop.is_set():
-            self.attempts.append(time.monotonic())
-            code, details = OK, ""
-            try:
-                await self._stream()
-            except grpc.aio.AioRpcError as e:
-                code, details = e.code(), e.details() or ""
-            except asyncio.CancelledError:
-                if not self._stop.is_set():
-                    raise
-                code = grpc.StatusCode.CANCELLED
-            self.ends.append((time.monotonic(), code, details))
-            if self._stop.is_set():
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.backoff.next())
-
-    async def _stream(self) -> None:
-        stop = self._stop
-
-        async def outgoing() -> AsyncIterator[device_pb2.DeviceMessage]:
-            self.sequence += 1
-            yield device_pb2.DeviceMessage(
-                status=device_pb2.DeviceStatus(
-                    capabilities=CAPABILITIES,
-                    agent_version="load-sim",
-                    sent_at_unix_ms=now_ms(),
-                    sequence=self.sequence,
-                )
-            )
-            await stop.wait()
-
-        self._call = self.stub.Connect(outgoing())
-        try:
-            async for message in self._call:
-                self.backoff.reset()
-                if message.WhichOneof("kind") == "assignment":
-                    self.assignments.append((time.monotonic(), message.assignment.deployment_id))
-        finally:
-            self._call = None  # a finished call still holds its channel's connection open
-
-    def first_assignment(self, deployment_id: str, after: float = 0.0) -> float | None:
-        return next((t for t, d in self.assignments if d == deployment_id and t >= after), None)
-
-    # -- other calls --
-
-    async def report_telemetry(self, timeout: float = 10) -> grpc.StatusCode:
-        request = device_pb2.ReportTelemetryRequest(
-            report=device_pb2.TelemetryReport(
-                at_unix_ms=now_ms(), health=common_pb2.HealthSample(cpu_percent=5, memory_used_bytes=2**20)
-            )
-        )
-        try:
-            await self.stub.ReportTelemetry(request, timeout=timeout)
-        except grpc.aio.AioRpcError as e:
-            return e.code()
-        return OK
-
-    async def get_assignment(self, timeout: float = 10) -> grpc.StatusCode:
-        try:
-            await self.stub.GetAssignment(device_pb2.GetAssignmentRequest(), timeout=timeout)
-        except grpc.aio.AioRpcError as e:
-            return e.code()
-        return OK
-
-    async def download(self, target_path: str, timeout: float = 60) -> bytes:
-        data = bytearray()
-        call = self.stub.DownloadModel(
-            device_pb2.DownloadModelRequest(target_path=target_path), timeout=timeout
-        )
-        async for chunk in call:
-            assert chunk.offset == len(data)
-            data += chunk.data
-        return bytes(data)
-
-
-async def enroll(
-    server: ServerProcess, count: int, *, prefix: str = "sim", concurrency: int = 16
-) -> list[SimDevice]:
-    """Enrolls `count` devices for real: one token with `count` uses, then Enroll with a fresh key's CSR
-    per device over the enrollment port (server-authenticated TLS), `concurrency` at a time."""
-    token = (
-        await server.operator.CreateEnrollmentToken(
-            operator_pb2.CreateEnrollmentTokenRequest(group="load", uses=count),
-            timeout=30,
-            wait_for_ready=True,
-        )
-    ).token
-    ca_pem = server.ca_pem
-    channel = grpc.aio.secure_channel(server.enroll_address, grpc.ssl_channel_credentials(ca_pem))
-    stub = device_pb2_grpc.DeviceServiceStub(channel)
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(i: int) -> SimDevice:
-        name = f"{prefix}-{i}"
-        key = pki.new_key()
-        request = device_pb2.EnrollRequest(
-            enrollment_token=token,
-            device_name=name,
-            capabilities=CAPABILITIES,
-            csr_pem=pki.make_csr(key, name),
-        )
-        async with gate:
-            for attempt in range(5):
-                try:
-                    reply = await stub.Enroll(request, timeout=30)
-                    break
-                except grpc.aio.AioRpcError as e:  # a busy database answers UNAVAILABLE: retry
-                    if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == 4:
-                        raise
-                    await asyncio.sleep(0.2 * 2**attempt)
-        return SimDevice(
-            reply.device_id, name, pki.key_pem(key), reply.certificate_pem, ca_pem, server.address
-        )
-
-    try:
-        return list(await asyncio.gather(*(one(i) for i in range(count))))
-    finally:
-        await channel.close()
-
-
-async def connect_all(devices: Sequence[SimDevice], server: ServerProcess, timeout: float = 60) -> float:
-    """Starts every device's control stream; returns the seconds until the server had them all."""
-    since = now_ms()
-    started = time.monotonic()
-    for device in devices:
-        device.start()
-    await server.wait_connected((d.id for d in devices), since, timeout)
-    return time.monotonic() - started
-
-
-async def close_all(devices: Sequence[SimDevice]) -> None:
-    await asyncio.gather(*(d.close() for d in devices), return_exceptions=True)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
-
-
-def busiest_window(times: Sequence[float], window: float) -> int:
-    """The most events in any window of `window` seconds."""
-    ordered = sorted(times)
-    best, start = 0, 0
-    for end, t in enumerate(ordered):
-        while t - ordered[start] > window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
-
-
-@contextlib.contextmanager
-def quiet_gc() -> Iterator[None]:
-    """Moves every object that exists to the permanent generation. One process simulating hundreds of
-    devices must not stall all of them at once in a full collection (a real device has a process of its
-    own): without this, a gen-2 collection of ~0.8 s with 2,000 devices fires all their backoff timers
-    together afterwards, a burst the devices would never make."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-class LoopLag:
-    """The longest this process's event loop was late for a 10 ms tick: the simulation's own stalls."""
-
-    def __init__(self) -> None:
-        self.max = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            asked = time.monotonic()
-            await asyncio.sleep(0.01)
-            self.max = max(self.max, time.monotonic() - asked - 0.01)
-
-    async def __aenter__(self) -> LoopLag:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-
-async def status_times(server: ServerProcess) -> dict[str, float]:
-    """When the server last processed each device's status (`last_seen`), on this process's monotonic clock."""
-    offset = time.time() - time.monotonic()
-    return {d.id: d.last_seen_unix_ms / 1000 - offset for d in await server.devices()}
-
-
-@dataclass
-class RestartFigures:
-    """How a fleet came back after a server restart (times in s)."""
-
-    ready_after: float  # SIGTERM -> the new process serves
-    cuts: list[float]  # SIGTERM -> each device's stream ended
-    first_retries: list[float]  # each device's stream end -> its first try to reconnect
-    tries: list[int]  # tries per device from its stream's end until it was back
-    tries_bound: list[int]  # the most an exponential backoff allows in that time
-    backs: list[float]  # ready -> the device received the assignment on its new stream
-    arrivals: list[float]  # ready -> the new server processed the device's status
-    codes: collections.Counter[str]  # how the failed tries ended
-
-    @classmethod
-    def of(
-        cls,
-        devices: Sequence[SimDevice],
-        deployment_id: str,
-        stopped: float,
-        ready: float,
-        seen: dict[str, float],
-    ) -> RestartFigures:
-        r = cls(ready - stopped, [], [], [], [], [], [], collections.Counter())
-        for d in devices:
-            ends = [(t, code) for t, code, _ in d.ends if t >= stopped]
-            assert ends, d.id
-            cut = ends[0][0]
-            back = d.first_assignment(deployment_id, cut)
-            assert back is not None, d.id
-            tries = [t for t in d.attempts if cut < t <= back]
-            r.cuts.append(cut - stopped)
-            r.first_retries.append(tries[0] - cut)
-            r.tries.append(len(tries))
-            # Backoff delays are at least 0.25 s * 2^k (initial 0.5 s, jitter x0.5..1.5), so k tries take
-            # at least 0.25 * (2^k - 1) s.
-            r.tries_bound.append(math.floor(math.log2((back - cut) / (AGENT_BACKOFF_INITIAL_S / 2) + 1)) + 1)
-            r.backs.append(back - ready)
-            r.arrivals.append(seen[d.id] - ready)
-            r.codes.update(code.name for t, code in ends if t < back)
-        return r
-
-    def __str__(self) -> str:
-        def spread(values: Sequence[float]) -> str:
-            return (
-                " / ".join(f"{percentile(values, q):.2f}" for q in (10, 50, 90)) + f" / {max(values):.2f} s"
-            )
-
-        n = len(self.cuts)
-        return (
-            f"{n} streams cut {min(self.cuts):.2f} .. {max(self.cuts):.2f} s after SIGTERM; new server ready "
-            f"{self.ready_after:.2f} s after it\n"
-            f"first retry after the cut p10 / p50 / p90 / max: {spread(self.first_retries)}\n"
-            f"statuses processed by the new server, after ready: {spread(self.arrivals)}; busiest 100 ms "
-            f"{busiest_window(self.arrivals, 0.1)}, busiest 1 s {busiest_window(self.arrivals, 1.0)} devices\n"
-            f"assignment received again, after ready: {spread(self.backs)}\n"
-            f"tries per device: {dict(sorted(collections.Counter(self.tries).items()))}; failed tries ended "
-            f"{dict(self.codes)}"
-        )
+from edgefleet import signing
+from edgefleet.v1 import device_pb2
+
+OK = grpc.StatusCode.OK
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------------
@@ -652,46 +69,6 @@ def model() -> bytes:
     return build_large_mlp(8 * MIB)
 
 
-@contextlib.asynccontextmanager
-async def running(folder: Path, keys: signing.KeyFiles, **config: Any) -> AsyncIterator[ServerProcess]:
-    server = ServerProcess(folder, keys, **config)
-    try:
-        await asyncio.to_thread(server.start)
-        yield server
-    finally:
-        await server.close()
-
-
-async def wait_assigned(
-    devices: Sequence[SimDevice], deployment_id: str, after: float, timeout: float
-) -> None:
-    """Waits until every device received an Assignment of `deployment_id` on its stream at or after `after`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        missing = [d.id for d in devices if d.first_assignment(deployment_id, after) is None]
-        if not missing:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(missing)} of {len(devices)} devices got no assignment: {missing[:5]}")
-        await asyncio.sleep(0.02)
-
-
-async def wait_back(devices: Sequence[SimDevice], deployment_id: str, stopped: float, timeout: float) -> None:
-    """Waits until every device's stream ended after `stopped` and it then received `deployment_id` again."""
-    deadline = time.monotonic() + timeout
-    while True:
-        missing = []
-        for d in devices:
-            cut = next((t for t, _, _ in d.ends if t >= stopped), None)
-            if cut is None or d.first_assignment(deployment_id, cut) is None:
-                missing.append(d.id)
-        if not missing:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(missing)} of {len(devices)} devices are not back: {missing[:5]}")
-        await asyncio.sleep(0.05)
-
-
 # ---- bounded memory, file descriptors and threads under many control streams ------------------------------
 
 
@@ -704,7 +81,7 @@ async def test_hundreds_of_control_streams_keep_server_memory_fds_and_threads_bo
     device and no thread per device; a deployment reaches every stream; when the devices go away their
     sockets are released, and a second fleet-wide reconnect costs (almost) nothing more than the first."""
     n = 400
-    async with asyncio.timeout(90), running(tmp_path, keys) as server:
+    async with asyncio.timeout(90), server_process(tmp_path, keys) as server:
         devices = await enroll(server, n)
         try:
             idle = server.usage()
@@ -778,7 +155,7 @@ async def test_overload_is_refused_with_resource_exhausted_and_the_server_recove
     refused devices get in by backing off and retrying, as the agent does."""
     limit = 50
     config = {"max_connected_devices": limit - 5, "rpc_headroom": 5}
-    async with asyncio.timeout(90), running(tmp_path, keys, **config) as server:
+    async with asyncio.timeout(90), server_process(tmp_path, keys, **config) as server:
         devices = await enroll(server, 60)
         holders, late = devices[:45], devices[45:]
         try:
@@ -853,7 +230,7 @@ async def test_server_restart_under_the_fleet_reconnects_with_jittered_backoff_w
     the statuses arrive spread out rather than in one burst, and every device is back (the server pushes
     the assignment again on its new stream) within a bound."""
     n = 300
-    async with asyncio.timeout(100), running(tmp_path, keys, grace_seconds=1.0) as server:
+    async with asyncio.timeout(100), server_process(tmp_path, keys, grace_seconds=1.0) as server:
         devices = await enroll(server, n)
         try:
             await connect_all(devices, server)
@@ -902,7 +279,7 @@ async def test_stuck_and_slow_download_consumers_do_not_exhaust_the_server(
     a bounded window per stuck call instead of reading the model into memory, its threads are not tied up,
     other devices' calls are answered promptly and their full downloads complete; the slow readers keep
     getting data; and when the stuck consumers go away every file they held is closed."""
-    async with asyncio.timeout(90), running(tmp_path, keys) as server:
+    async with asyncio.timeout(90), server_process(tmp_path, keys) as server:
         path = await asyncio.to_thread(server.push_model, model, "big", "1")
         devices = await enroll(server, 40 + 1 + 10 + 10)
         stuck, hog, slow, others = devices[:40], devices[40], devices[41:51], devices[51:]

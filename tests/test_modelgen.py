@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from edgefleet import modelgen
+from edgefleet.devtools import modelgen
+from edgefleet.server import tflite_writer
 
 RUNTIMES = ["tflite_runtime.interpreter", "ai_edge_litert.interpreter"]
 Factory = Callable[[bytes], Any]
@@ -90,7 +90,7 @@ def test_batched_model_matches_numpy(make_interpreter: Factory) -> None:
         (rng.standard_normal((n_in, n_out)).astype(np.float32), rng.standard_normal(n_out).astype(np.float32))
         for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
     ]
-    model = modelgen.mlp_to_tflite(layers, input_name="x", output_name="y", batch=4)
+    model = tflite_writer.mlp_to_tflite(layers, input_name="x", output_name="y", batch=4)
     for w, b in layers:  # constant data honours the schema's 16-byte alignment
         assert model.find(w.T.astype("<f4").tobytes()) % 16 == 0
         assert model.find(b.astype("<f4").tobytes()) % 16 == 0

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edgefleet.cli.client import CliError, Operator
+from edgefleet.cli.publish import publish_targets, push_model
+from edgefleet.devtools.localfleet import AgentProcess, LocalClient, LocalFleet, wait_for
 
-from edgefleet import cli, signing
-from edgefleet.localfleet import AgentProcess, LocalClient, LocalFleet, wait_for
+from edgefleet import signing
 from edgefleet.modelinfo import Golden
 
 V1 = "digits/1/float32.tflite"
@@ -46,8 +48,8 @@ def _still_serves_v1(agent: AgentProcess) -> None:
     assert model_files == {agent.state()["current"]["sha256"] + ".tflite"}
 
 
-def _operator(fleet: LocalFleet) -> cli.Operator:
-    return cli.Operator(
+def _operator(fleet: LocalFleet) -> Operator:
+    return Operator(
         argparse.Namespace(
             server=fleet.address,
             tls_dir=str(fleet.data_dir / "operator"),
@@ -79,7 +81,7 @@ def test_targets_signed_by_an_untrusted_key_are_refused_by_the_server(
     fleet: LocalFleet, digits_files: dict, tmp_path: Path
 ) -> None:
     other = signing.init_keys(tmp_path / "intruder")
-    with pytest.raises(cli.CliError, match="not signed by the trusted targets key"):
+    with pytest.raises(CliError, match="not signed by the trusted targets key"):
         fleet.cli(
             "model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "1",
             "--targets-key", str(other.targets),
@@ -110,7 +112,7 @@ def test_candidate_with_wrong_golden_output_is_refused_and_old_model_keeps_servi
         wrong = Golden(g.inputs, tuple(o[:, ::-1].copy() for o in g.outputs), g.atol, g.rtol)
         custom["golden"] = signing.canonical_safe(wrong.to_json())
 
-    cli.push_model(
+    push_model(
         _operator(fleet), digits_files["v2"].read_bytes(), "digits", "2",
         signing.load_signer(fleet.keys / "targets.key"), edit_custom=corrupt_golden,
     )  # fmt: skip
@@ -127,7 +129,7 @@ def test_candidate_whose_tensors_differ_from_the_signed_signature_is_refused(
     def other_signature(_path: str, custom: dict) -> None:
         custom["signature"]["inputs"][0]["shape"] = [1, 65]
 
-    cli.push_model(
+    push_model(
         _operator(fleet), digits_files["v2"].read_bytes(), "digits", "2",
         signing.load_signer(fleet.keys / "targets.key"), edit_custom=other_signature,
     )  # fmt: skip
@@ -139,11 +141,10 @@ def test_candidate_whose_tensors_differ_from_the_signed_signature_is_refused(
 def _plant_signed_model(fleet: LocalFleet, name: str, data: bytes) -> str:
     """What a compromised upload path could do: put a model the server's sandbox would refuse into its
     storage, and have the operator's key sign it. Devices must still protect themselves."""
+    from edgefleet.devtools.hostile import INPUT_NAME, OUTPUT_NAME, SHAPE
     from edgefleet.server.storage import open_store
     from edgefleet.server.storage.blobs import FilesystemBlobStore
     from edgefleet.server.storage.records import ModelRecord, now_ms
-
-    from edgefleet.hostile import INPUT_NAME, OUTPUT_NAME, SHAPE
 
     path = f"{name}/1/float32.tflite"
     sha = FilesystemBlobStore(fleet.data_dir / "blobs").put_bytes(data)
@@ -161,7 +162,7 @@ def _plant_signed_model(fleet: LocalFleet, name: str, data: bytes) -> str:
         target.unrecognized_fields["custom"] = signing.model_custom(name, "1", "float32", details, sequence=1)
         return signing.sign_targets(current, [target], signing.load_signer(fleet.keys / "targets.key"))
 
-    cli._publish(_operator(fleet), sign)
+    publish_targets(_operator(fleet), sign)
     return path
 
 
@@ -169,7 +170,7 @@ def _plant_signed_model(fleet: LocalFleet, name: str, data: bytes) -> str:
 def test_signed_model_that_hangs_crashes_or_exhausts_the_interpreter_is_contained(
     fleet: LocalFleet, digits_files: dict, attack: str
 ) -> None:
-    from edgefleet import hostile
+    from edgefleet.devtools import hostile
 
     agent = fleet.start_agent("cam", fleet.enrollment_token(), "--candidate-timeout", "5")
     fleet.cli("model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "1")
@@ -193,11 +194,11 @@ def test_signed_model_that_hangs_crashes_or_exhausts_the_interpreter_is_containe
 def test_upload_that_crashes_the_interpreter_is_refused_and_the_server_survives(
     fleet: LocalFleet, tmp_path: Path
 ) -> None:
-    from edgefleet import hostile
+    from edgefleet.devtools import hostile
 
     crasher = tmp_path / "crash.tflite"
     crasher.write_bytes(hostile.build_crashing_model())
-    with pytest.raises(cli.CliError, match="crashed"):
+    with pytest.raises(CliError, match="crashed"):
         fleet.cli("model", "push", str(crasher), "--name", "evil", "--version", "1")
     assert fleet.server is not None and fleet.server.poll() is None
     assert fleet.cli_json("model", "list") == []
@@ -211,7 +212,7 @@ def test_model_built_for_another_hardware_class_is_refused_as_incompatible(
     def other_hardware(_path: str, custom: dict) -> None:
         custom["hardware_classes"] = ["jetson-orin"]
 
-    cli.push_model(
+    push_model(
         _operator(fleet), digits_files["v2"].read_bytes(), "digits", "2",
         signing.load_signer(fleet.keys / "targets.key"), edit_custom=other_hardware,
     )  # fmt: skip

@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from edgefleet.cli.client import CliError
+from edgefleet.devtools.localfleet import AgentProcess, InferenceLoad, LocalClient, LocalFleet, wait_for
+from edgefleet.devtools.modelgen import build_large_mlp
 from faultproxy import FaultProxy
-
-from edgefleet import cli
-from edgefleet.localfleet import AgentProcess, InferenceLoad, LocalClient, LocalFleet, wait_for
-from edgefleet.modelgen import build_large_mlp
 
 V1 = "digits/1/float32.tflite"
 V2 = "digits/2/float32.tflite"
@@ -275,7 +274,7 @@ def test_database_busy_gives_unavailable_nothing_half_written_and_a_retry_works(
         before = fleet.cli_json("model", "list")
         lock = sqlite3.connect(db, isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")  # another writer holds the database
-        with pytest.raises(cli.CliError, match="unavailable"):
+        with pytest.raises(CliError, match="unavailable"):
             fleet.cli("model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "1")
         lock.execute("ROLLBACK")
         lock.close()

@@ -4,10 +4,10 @@ decoded within the signed size and verified on real agents of both runtimes."""
 from __future__ import annotations
 
 import numpy as np
+from edgefleet.devtools.localfleet import LocalClient, LocalFleet, wait_for
+from edgefleet.devtools.modelgen import DigitsData
 
 from edgefleet import pki
-from edgefleet.localfleet import LocalClient, LocalFleet, wait_for
-from edgefleet.modelgen import DigitsData
 from edgefleet.runtime import LITERT, TFLITE_RUNTIME
 
 
@@ -88,10 +88,11 @@ def test_a_server_alone_cannot_send_devices_back_to_an_older_model(
         fleet.wait_running(agent, f"digits/{version}/float32.tflite")
 
     # Someone holding the server (not the targets key) orders a rollback: the RPC, without the CLI's signature.
-    from edgefleet import cli
+    from edgefleet.cli.client import CliError, Operator
+
     from edgefleet.v1 import operator_pb2
 
-    op = cli.Operator(_args(fleet))
+    op = Operator(_args(fleet))
     op.call("RollbackDevices", operator_pb2.RollbackDevicesRequest(selector="all", reason="attacker"))
     events = lambda: fleet.cli_json("events", "--device", agent.device_id())  # noqa: E731
     wait_for(lambda: any("no operator signature" in e["reason"] for e in events()), 30, "the refusal")
@@ -103,7 +104,7 @@ def test_a_server_alone_cannot_send_devices_back_to_an_older_model(
             "CreateDeployment",
             operator_pb2.CreateDeploymentRequest(model_name="digits", version="1", selector="all"),
         )
-    except cli.CliError:
+    except CliError:
         pass
     wait_for(
         lambda: sum("no operator signature" in e["reason"] for e in events()) >= 2, 30, "the second refusal"

@@ -110,7 +110,7 @@ BASELINE = "__runtime_baseline__"
 
 def _baseline_model() -> bytes:
     """One 1x1 fully connected layer: loading it costs what any model costs, and nothing more."""
-    from edgefleet.modelgen import mlp_to_tflite
+    from edgefleet.server.tflite_writer import mlp_to_tflite
 
     return mlp_to_tflite([(np.ones((1, 1), np.float32), np.zeros(1, np.float32))])
 

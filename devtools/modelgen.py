@@ -1,9 +1,9 @@
-"""Build real ``.tflite`` models without TensorFlow.
+"""Real ``.tflite`` models for the demo, the tests and the benchmarks, without TensorFlow.
 
 The fleet needs genuine models to ship, swap and benchmark, but TensorFlow is far too heavy a
-dependency for that.  A multi-layer perceptron is only a chain of FULLY_CONNECTED ops ending in a
-SOFTMAX, so we train one in plain numpy and write the TFLite flatbuffer ourselves with the object
-API that ``ai_edge_litert`` ships (``schema_py_generated``).
+dependency for that. So the demo model is a multi-layer perceptron trained here in plain numpy on
+scikit-learn's bundled digits data, and written by the server's own flatbuffer writer
+(edgefleet.server.tflite_writer); `build_large_mlp` makes big untrained ones of any size.
 """
 
 from __future__ import annotations
@@ -13,25 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import flatbuffers
 import numpy as np
-from ai_edge_litert import schema_py_generated as schema
+from edgefleet.server.tflite_writer import FRAMING_BYTES, Layer, mlp_to_tflite
 
-Layer = tuple[np.ndarray, np.ndarray]
-"""A dense layer as ``(W, b)`` with ``W`` of shape ``(in, out)`` and ``b`` of shape ``(out,)``."""
-
-_TFLITE_SCHEMA_VERSION = 3
-_FILE_IDENTIFIER = b"TFL3"
-_BUFFER_ALIGNMENT = 16  # the schema's force_align on Buffer.data
 # Label smoothing is what lifts this small MLP reliably above 97.5 % on the digits test set.
 _LABEL_SMOOTHING = 0.1
 _BATCH_SIZE = 64
 _LEARNING_RATE = 3e-3
 _LARGE_MLP_HIDDEN_LAYERS = 4
-# A generous bound on what an MLP's file holds besides its weights (tables, names, padding).
-_FRAMING_BYTES = 4096
-# The model's operator codes; an operator refers to its code by index into this tuple.
-_OPCODES = (schema.BuiltinOperator.FULLY_CONNECTED, schema.BuiltinOperator.SOFTMAX)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing numpy arrays with == is ambiguous.
@@ -46,7 +35,7 @@ class DigitsData:
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.25) -> DigitsData:
     """Load scikit-learn's bundled digits (no download) and split it, stratified and deterministic."""
-    # scikit-learn is a server-only extra and slow to import, so only pay for it here.
+    # scikit-learn is only a development dependency and slow to import, so only pay for it here.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -125,142 +114,6 @@ def train_digits_mlp(
     return layers
 
 
-class _AlignedBufferT(schema.BufferT):
-    """A BufferT honouring the schema's ``force_align: 16`` on buffer data.
-
-    The C++ builder (and so the converter) aligns constant data so kernels can read it in place;
-    the Python flatbuffers library ignores ``force_align``, so we pad before the data vector.
-    """
-
-    def Pack(self, builder: flatbuffers.Builder) -> int:
-        if self.data is not None:
-            # The generated Pack writes the data vector first, so it lands right after this padding.
-            builder.Prep(_BUFFER_ALIGNMENT, len(self.data))
-        return super().Pack(builder)
-
-
-def _tensor(name: str, shape: Sequence[int], buffer: int) -> schema.TensorT:
-    tensor = schema.TensorT()
-    tensor.name = name
-    tensor.shape = list(shape)
-    tensor.type = schema.TensorType.FLOAT32
-    tensor.buffer = buffer
-    return tensor
-
-
-def _operator_code(code: int) -> schema.OperatorCodeT:
-    op_code = schema.OperatorCodeT()
-    op_code.builtinCode = code
-    # Runtimes older than 2.4 only read the int8 field, which saturates at 127 (PLACEHOLDER_FOR_
-    # GREATER_OP_CODES); newer ones take the larger of the two.
-    op_code.deprecatedBuiltinCode = min(code, 127)
-    op_code.version = 1
-    return op_code
-
-
-def _operator(
-    builtin_code: int, inputs: list[int], output: int, options_type: int, options: Any
-) -> schema.OperatorT:
-    operator = schema.OperatorT()
-    operator.opcodeIndex = _OPCODES.index(builtin_code)
-    operator.inputs = inputs
-    operator.outputs = [output]
-    operator.builtinOptionsType = options_type
-    operator.builtinOptions = options
-    return operator
-
-
-def _tensor_map(name: str, tensor_index: int) -> schema.TensorMapT:
-    tensor_map = schema.TensorMapT()
-    tensor_map.name = name
-    tensor_map.tensorIndex = tensor_index
-    return tensor_map
-
-
-def mlp_to_tflite(
-    layers: Sequence[Layer],
-    input_name: str = "pixels",
-    output_name: str = "probabilities",
-    batch: int = 1,
-) -> bytes:
-    """Serialize an MLP as FULLY_CONNECTED ops (fused ReLU on hidden layers) and a final SOFTMAX.
-
-    ``layers`` holds ``(W, b)`` with ``W`` of shape ``(in, out)``; TFLite stores FC weights as
-    ``[out, in]``.  The model maps float32 ``[batch, in]`` to float32 ``[batch, n_classes]`` and
-    has a ``serving_default`` signature.
-    """
-    buffers = [schema.BufferT()]  # buffer 0 is the empty sentinel the schema requires
-    tensors = [_tensor(input_name, [batch, layers[0][0].shape[0]], buffer=0)]
-    operators = []
-
-    def add_constant(name: str, value: np.ndarray) -> int:
-        buffer = _AlignedBufferT()
-        buffer.data = np.ascontiguousarray(value, dtype="<f4").reshape(-1).view(np.uint8)
-        buffers.append(buffer)
-        tensors.append(_tensor(name, value.shape, buffer=len(buffers) - 1))
-        return len(tensors) - 1
-
-    for i, (w, b) in enumerate(layers):
-        is_last = i == len(layers) - 1
-        layer_input = len(tensors) - 1
-        weights = add_constant(f"dense_{i}/weights", w.T)
-        bias = add_constant(f"dense_{i}/bias", b)
-        tensors.append(_tensor(f"dense_{i}/{'logits' if is_last else 'relu'}", [batch, w.shape[1]], buffer=0))
-
-        options = schema.FullyConnectedOptionsT()
-        options.fusedActivationFunction = (
-            schema.ActivationFunctionType.NONE if is_last else schema.ActivationFunctionType.RELU
-        )
-        operators.append(
-            _operator(
-                schema.BuiltinOperator.FULLY_CONNECTED,
-                [layer_input, weights, bias],
-                len(tensors) - 1,
-                schema.BuiltinOptions.FullyConnectedOptions,
-                options,
-            )
-        )
-
-    tensors.append(_tensor(output_name, [batch, layers[-1][0].shape[1]], buffer=0))
-    softmax_options = schema.SoftmaxOptionsT()
-    softmax_options.beta = 1.0
-    operators.append(
-        _operator(
-            schema.BuiltinOperator.SOFTMAX,
-            [len(tensors) - 2],
-            len(tensors) - 1,
-            schema.BuiltinOptions.SoftmaxOptions,
-            softmax_options,
-        )
-    )
-
-    subgraph = schema.SubGraphT()
-    subgraph.name = "main"
-    subgraph.tensors = tensors
-    subgraph.inputs = [0]
-    subgraph.outputs = [len(tensors) - 1]
-    subgraph.operators = operators
-
-    signature = schema.SignatureDefT()
-    signature.signatureKey = "serving_default"
-    signature.subgraphIndex = 0
-    signature.inputs = [_tensor_map(input_name, 0)]
-    signature.outputs = [_tensor_map(output_name, len(tensors) - 1)]
-
-    model = schema.ModelT()
-    model.version = _TFLITE_SCHEMA_VERSION
-    model.description = "edgefleet.modelgen MLP"
-    model.operatorCodes = [_operator_code(code) for code in _OPCODES]
-    model.subgraphs = [subgraph]
-    model.buffers = buffers
-    model.signatureDefs = [signature]
-
-    # Sizing the builder up front avoids repeatedly doubling and copying it for big models.
-    builder = flatbuffers.Builder(sum(len(buffer.data) for buffer in buffers[1:]) + _FRAMING_BYTES)
-    builder.Finish(model.Pack(builder), file_identifier=_FILE_IDENTIFIER)
-    return bytes(builder.Output())
-
-
 def build_digits_model(seed: int = 0, hidden: tuple[int, ...] = (64, 128, 64)) -> tuple[bytes, DigitsData]:
     """Train the digits MLP and serialize it for batch 1.
 
@@ -279,12 +132,12 @@ def build_large_mlp(
     Meant for benchmarks of swapping and compressing big models: the weights are deterministic
     per seed and, being random float32, compress about as poorly as real trained weights do.
     """
-    if target_bytes <= _FRAMING_BYTES:
+    if target_bytes <= FRAMING_BYTES:
         raise ValueError(f"target_bytes={target_bytes} is too small for an MLP")
     # With L square hidden layers of width h the float32 parameter count is
     # (L-1)h^2 + (in + n + L)h + n; solve for h.
     n_hidden = _LARGE_MLP_HIDDEN_LAYERS
-    params = (target_bytes - _FRAMING_BYTES) / 4
+    params = (target_bytes - FRAMING_BYTES) / 4
     a, b, c = n_hidden - 1, in_features + n_classes + n_hidden, n_classes - params
     width = max(1, round((-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)))
     layers = _he_init(np.random.default_rng(seed), [in_features, *[width] * n_hidden, n_classes])

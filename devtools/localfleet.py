@@ -23,8 +23,8 @@ from typing import Any
 
 import grpc
 import numpy as np
+from edgefleet.cli.main import parse_args
 
-from edgefleet import cli
 from edgefleet.tensors import from_proto, to_proto
 from edgefleet.v1 import local_pb2, local_pb2_grpc
 
@@ -156,7 +156,8 @@ class LocalFleet:
     # ---- operator --------------------------------------------------------------------------------------
 
     def cli(self, *args: str) -> str:
-        """Runs an `edgefleet` command in this process; returns its stdout. Raises cli.CliError on failure."""
+        """Runs an `edgefleet` command in this process; returns its stdout. Raises edgefleet.cli.client.CliError
+        on failure."""
         argv = [
             "--server", self.address,
             "--tls-dir", str(self.data_dir / "operator"),
@@ -170,7 +171,7 @@ class LocalFleet:
             argv += ["--targets-key", str(self.keys / "targets.key")]
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            parsed = cli.build_parser().parse_args(argv)
+            parsed = parse_args(argv)
             parsed.fn(parsed)
         return out.getvalue()
 

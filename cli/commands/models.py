@@ -1,0 +1,72 @@
+"""`edgefleet model push | list | show`: upload and sign a version, list versions, a version's variants."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edgefleet.cli.client import CliError, Operator
+from edgefleet.cli.output import emit, print_variants, variant_row, when
+from edgefleet.cli.publish import push_model, targets_signer
+
+from edgefleet.v1 import operator_pb2
+
+
+def cmd_model_push(args: argparse.Namespace) -> None:
+    path = Path(args.file)
+    if not path.is_file():
+        raise CliError(f"{path} is not a file")
+    data = path.read_bytes()
+    for option in ("eval", "calibration"):
+        if getattr(args, option) and not Path(getattr(args, option)).is_file():
+            raise CliError(f"--{option} {getattr(args, option)} is not a file")
+    pushed = push_model(
+        Operator(args),
+        data,
+        args.name,
+        args.version,
+        targets_signer(args),
+        eval_npz=Path(args.eval).read_bytes() if args.eval else b"",
+        calibration_npz=Path(args.calibration).read_bytes() if args.calibration else b"",
+        tolerance=args.tolerance,
+        quiet=args.json or not sys.stderr.isatty(),
+    )
+    if args.json:
+        print(json.dumps(pushed, indent=2, sort_keys=True))
+        return
+    print(
+        f"pushed and signed {args.name} {args.version} "
+        f"({len(pushed['variants'])} file(s), targets v{pushed['targets_version']})"
+    )
+    print_variants(pushed["variants"])
+
+
+def cmd_model_list(args: argparse.Namespace) -> None:
+    reply = Operator(args).call("ListModels", operator_pb2.ListModelsRequest(name=args.name))
+    rows = [
+        {
+            "name": m.name,
+            "version": m.version,
+            "variant": m.variant,
+            "size_bytes": m.length,
+            "signed": m.signed,
+            "created": when(m.created_at_unix_ms),
+            "sha256": m.sha256,
+        }
+        for m in reply.models
+    ]
+    emit(args, rows, ["name", "version", "variant", "size_bytes", "signed", "created"])
+
+
+def cmd_model_show(args: argparse.Namespace) -> None:
+    reply = Operator(args).call("ListModels", operator_pb2.ListModelsRequest(name=args.name))
+    models = [m for m in reply.models if m.version == args.version]
+    if not models:
+        raise CliError(f"no model {args.name} {args.version}; see `edgefleet model list`")
+    rows = [variant_row(m.variant, m.length, json.loads(m.details_json or "{}")) for m in models]
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+    else:
+        print_variants(rows)

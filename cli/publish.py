@@ -1,0 +1,180 @@
+"""Publishing as the operator: upload a model, check it, sign every file of it into targets.json, publish.
+
+    push_model          upload -> compare the server's golden data with this machine's own run -> sign -> publish
+    authorize_rollback  sign the devices' permission to go back to older versions
+    publish_targets     sign on top of the current targets.json and publish, again if another operator won
+
+The targets key never leaves the operator: the server only stores what is signed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from edgefleet.cli.client import CliError, Operator, explain
+from edgefleet.cli.output import variant_row
+
+from edgefleet import errors, signing
+from edgefleet.v1 import operator_pb2
+
+CHUNK_BYTES = 256 * 1024
+
+
+def targets_signer(args: argparse.Namespace) -> signing.Signer:
+    """The targets key named by `--targets-key`; raises CliError when it cannot be loaded."""
+    try:
+        return signing.load_signer(Path(args.targets_key))
+    except errors.SignatureError as e:
+        raise CliError(f"{e}: pass --targets-key (created by `edgefleet keys init`)") from e
+
+
+def _upload_requests(header: operator_pb2.UploadModelHeader, data: bytes, quiet: bool) -> Iterator[Any]:
+    from tqdm import tqdm
+
+    yield operator_pb2.UploadModelRequest(header=header)
+    with tqdm(
+        total=len(data),
+        unit="B",
+        unit_scale=True,
+        desc=f"upload {header.name} {header.version}",
+        disable=quiet,
+        leave=False,
+    ) as bar:
+        for start in range(0, len(data), CHUNK_BYTES):
+            chunk = data[start : start + CHUNK_BYTES]
+            yield operator_pb2.UploadModelRequest(chunk=chunk)
+            bar.update(len(chunk))
+
+
+def push_model(
+    op: Operator,
+    data: bytes,
+    name: str,
+    version: str,
+    signer: signing.Signer,
+    *,
+    eval_npz: bytes = b"",
+    calibration_npz: bytes = b"",
+    tolerance: float = 1.0,
+    quiet: bool = True,
+    edit_custom: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Uploads, checks what the server says about the original against this machine's own run of the model,
+    then signs every file (original and variants) into targets.json and publishes it.
+    `edit_custom(target_path, custom)` may change what is signed (tests use it to sign bad metadata)."""
+    from edgefleet.errors import ModelError
+    from edgefleet.modelinfo import Golden, run
+    from edgefleet.runtime import default_runtime, make_interpreter
+
+    header = operator_pb2.UploadModelHeader(
+        name=name,
+        version=version,
+        length=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        eval_npz=eval_npz,
+        calibration_npz=calibration_npz,
+        tolerance_points=tolerance,
+    )
+    try:
+        reply = op.stub.UploadModel(_upload_requests(header, data, quiet), metadata=op.metadata, timeout=600)
+    except grpc.RpcError as e:
+        raise CliError(explain(e, op.server)) from e
+    if reply.sha256 != header.sha256:
+        raise CliError("the server stored different bytes than were sent; not signing")
+    variants = list(reply.variants)
+    details = {v.target_path: json.loads(v.details_json) for v in variants}
+    try:
+        golden = Golden.from_json(details[reply.target_path]["golden"])
+        golden.check(run(make_interpreter(default_runtime(), model_content=data), list(golden.inputs)))
+    except (ModelError, ValueError, RuntimeError, KeyError) as e:
+        raise CliError(
+            f"the server's golden data for {reply.target_path} does not match this model: {e}"
+        ) from e
+
+    def sign(current: bytes | None) -> bytes:
+        # The version's order among the model's versions: what devices compare to refuse downgrades.
+        sequences = signing.model_sequences(current)
+        sequence = sequences.get((name, version)) or 1 + max(
+            (seq for (model, _), seq in sequences.items() if model == name), default=0
+        )
+        additions = []
+        for v in variants:
+            target = signing.TargetFile(length=v.length, hashes={"sha256": v.sha256}, path=v.target_path)
+            custom = signing.model_custom(name, version, v.variant, details[v.target_path], sequence)
+            if edit_custom is not None:
+                edit_custom(v.target_path, custom)
+            target.unrecognized_fields["custom"] = custom
+            additions.append(target)
+        # A new version ends any permission to go back that an earlier rollback signed.
+        return signing.sign_targets(current, additions, signer, rollback={name: None})
+
+    versions = publish_targets(op, sign)
+    return {
+        "targets_version": versions.targets_version,
+        "variants": [variant_row(v.variant, v.length, details[v.target_path]) for v in variants],
+    }
+
+
+def _current_targets(op: Operator) -> bytes | None:
+    try:
+        return bytes(
+            op.stub.GetSignedMetadata(
+                operator_pb2.GetSignedMetadataRequest(name="targets"), metadata=op.metadata, timeout=30
+            ).content
+        )
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+            raise CliError(explain(e, op.server)) from e
+        return None
+
+
+def publish_targets(op: Operator, sign: Callable[[bytes | None], bytes]) -> Any:
+    """Signs `sign(current targets.json)` and publishes it; signs again on top of another operator's
+    publication when that one won the race."""
+    for _attempt in range(5):
+        signed = sign(_current_targets(op))
+        try:
+            return op.stub.PublishTargets(
+                operator_pb2.PublishTargetsRequest(targets_json=signed), metadata=op.metadata, timeout=30
+            )
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not follow" in (e.details() or ""):  # type: ignore[attr-defined]
+                continue
+            raise CliError(explain(e, op.server)) from e
+    raise CliError("targets metadata kept changing while publishing; try again")
+
+
+def authorize_rollback(
+    op: Operator, signer: signing.Signer, versions: set[tuple[str, str]]
+) -> dict[str, int]:
+    """Signs the operator's permission for devices to go back to these (model, version)s when they are
+    older than what a device has run. Returns what it signed (model -> lowest sequence allowed)."""
+
+    def lowest(current: bytes | None) -> dict[str, int]:
+        sequences = signing.model_sequences(current)
+        newest: dict[str, int] = {}
+        for (model, _), seq in sequences.items():
+            newest[model] = max(newest.get(model, 0), seq)
+        allowed: dict[str, int] = {}
+        for model, version in versions:
+            seq = sequences.get((model, version))
+            if seq is not None and seq < newest.get(model, 0):
+                allowed[model] = min(allowed.get(model, seq), seq)
+        return allowed
+
+    signed: dict[str, int] = {}
+
+    def sign(current: bytes | None) -> bytes:
+        signed.clear()
+        signed.update(lowest(current))
+        return signing.sign_targets(current, [], signer, rollback=dict(signed))
+
+    if lowest(_current_targets(op)):
+        publish_targets(op, sign)
+    return signed

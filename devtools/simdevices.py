@@ -1,0 +1,269 @@
+"""Simulated devices: many real enrolled devices in one process, without the agent.
+
+Each `SimDevice` is enrolled for real (`enroll`: Enroll over the enrollment port with a CSR of its own key),
+has an mTLS channel (TCP + TLS connection) of its own and a Connect control stream that reports its status
+and stays open, reconnecting with the agent's own jittered exponential `Backoff` as edgefleet.agent does.
+What each one received and when is recorded, for the caller to measure or assert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from edgefleet.agent.connection import Backoff
+from edgefleet.devtools.serverprocess import ServerProcess
+from edgefleet.server.storage.records import now_ms
+
+from edgefleet import pki
+from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2
+
+OK = grpc.StatusCode.OK
+
+CAPABILITIES = common_pb2.Capabilities(
+    runtime="ai-edge-litert",
+    runtime_version="2.0.0",
+    cpu_arch="x86_64",
+    cpu_count=4,
+    memory_total_bytes=2**31,
+    memory_available_bytes=2**30,
+    disk_free_bytes=2**34,
+    hardware_class="load-sim",
+)
+
+# What the agent's channel uses (edgefleet.agent.connection.open_channel), plus a subchannel pool of its
+# own so that every simulated device really has a TCP connection (and a TLS session) of its own.
+DEVICE_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 8 * 2**20),
+    ("grpc.use_local_subchannel_pool", 1),
+]
+AGENT_BACKOFF_INITIAL_S = 0.5  # edgefleet.agent.config.AgentConfig defaults
+AGENT_BACKOFF_MAX_S = 30.0
+
+
+@dataclass
+class SimDevice:
+    """A real enrolled device without the agent: its own mTLS channel and a Connect control stream that
+    reports its status first (with a sequence that increases across reconnects) and then stays open,
+    reconnecting with the agent's `Backoff` (reset when a message arrives, as the agent does)."""
+
+    id: str
+    name: str
+    key_pem: bytes
+    cert_pem: bytes
+    ca_pem: bytes
+    address: str
+    sequence: int = 0
+    attempts: list[float] = field(default_factory=list)  # time.monotonic() of each Connect call
+    ends: list[tuple[float, grpc.StatusCode, str]] = field(default_factory=list)  # how streams ended
+    assignments: list[tuple[float, str]] = field(default_factory=list)  # (received at, deployment id)
+    channel_options: list[tuple[str, Any]] = field(default_factory=list)  # added to the agent's
+
+    def __post_init__(self) -> None:
+        self.backoff = Backoff(AGENT_BACKOFF_INITIAL_S, AGENT_BACKOFF_MAX_S)
+        self.channel: grpc.aio.Channel | None = None
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._call: Any = None
+
+    @property
+    def stub(self) -> device_pb2_grpc.DeviceServiceStub:
+        if self.channel is None:
+            credentials = grpc.ssl_channel_credentials(self.ca_pem, self.key_pem, self.cert_pem)
+            options = DEVICE_CHANNEL_OPTIONS + list(self.channel_options)
+            self.channel = grpc.aio.secure_channel(self.address, credentials, options=options)
+        return device_pb2_grpc.DeviceServiceStub(self.channel)
+
+    # -- the control stream --
+
+    def start(self) -> None:
+        assert self._task is None or self._task.done()
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._connection_loop())
+
+    async def stop(self) -> None:
+        """Ends the control stream (a clean close, as an agent that stops) and the reconnect loop."""
+        self._stop.set()
+        if self._call is not None:
+            self._call.cancel()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    async def close(self) -> None:
+        await self.stop()
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+
+    async def _connection_loop(self) -> None:
+        while not self._stop.is_set():
+            self.attempts.append(time.monotonic())
+            code, details = OK, ""
+            try:
+                await self._stream()
+            except grpc.aio.AioRpcError as e:
+                code, details = e.code(), e.details() or ""
+            except asyncio.CancelledError:
+                if not self._stop.is_set():
+                    raise
+                code = grpc.StatusCode.CANCELLED
+            self.ends.append((time.monotonic(), code, details))
+            if self._stop.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.backoff.next())
+
+    async def _stream(self) -> None:
+        stop = self._stop
+
+        async def outgoing() -> AsyncIterator[device_pb2.DeviceMessage]:
+            self.sequence += 1
+            yield device_pb2.DeviceMessage(
+                status=device_pb2.DeviceStatus(
+                    capabilities=CAPABILITIES,
+                    agent_version="load-sim",
+                    sent_at_unix_ms=now_ms(),
+                    sequence=self.sequence,
+                )
+            )
+            await stop.wait()
+
+        self._call = self.stub.Connect(outgoing())
+        try:
+            async for message in self._call:
+                self.backoff.reset()
+                if message.WhichOneof("kind") == "assignment":
+                    self.assignments.append((time.monotonic(), message.assignment.deployment_id))
+        finally:
+            self._call = None  # a finished call still holds its channel's connection open
+
+    def first_assignment(self, deployment_id: str, after: float = 0.0) -> float | None:
+        return next((t for t, d in self.assignments if d == deployment_id and t >= after), None)
+
+    # -- other calls --
+
+    async def report_telemetry(self, timeout: float = 10) -> grpc.StatusCode:
+        request = device_pb2.ReportTelemetryRequest(
+            report=device_pb2.TelemetryReport(
+                at_unix_ms=now_ms(), health=common_pb2.HealthSample(cpu_percent=5, memory_used_bytes=2**20)
+            )
+        )
+        try:
+            await self.stub.ReportTelemetry(request, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+        return OK
+
+    async def get_assignment(self, timeout: float = 10) -> grpc.StatusCode:
+        try:
+            await self.stub.GetAssignment(device_pb2.GetAssignmentRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+        return OK
+
+    async def download(self, target_path: str, timeout: float = 60) -> bytes:
+        data = bytearray()
+        call = self.stub.DownloadModel(
+            device_pb2.DownloadModelRequest(target_path=target_path), timeout=timeout
+        )
+        async for chunk in call:
+            assert chunk.offset == len(data)
+            data += chunk.data
+        return bytes(data)
+
+
+async def enroll(
+    server: ServerProcess, count: int, *, prefix: str = "sim", concurrency: int = 16
+) -> list[SimDevice]:
+    """Enrolls `count` devices for real: one token with `count` uses, then Enroll with a fresh key's CSR
+    per device over the enrollment port (server-authenticated TLS), `concurrency` at a time."""
+    token = (
+        await server.operator.CreateEnrollmentToken(
+            operator_pb2.CreateEnrollmentTokenRequest(group="load", uses=count),
+            timeout=30,
+            wait_for_ready=True,
+        )
+    ).token
+    ca_pem = server.ca_pem
+    channel = grpc.aio.secure_channel(server.enroll_address, grpc.ssl_channel_credentials(ca_pem))
+    stub = device_pb2_grpc.DeviceServiceStub(channel)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> SimDevice:
+        name = f"{prefix}-{i}"
+        key = pki.new_key()
+        request = device_pb2.EnrollRequest(
+            enrollment_token=token,
+            device_name=name,
+            capabilities=CAPABILITIES,
+            csr_pem=pki.make_csr(key, name),
+        )
+        async with gate:
+            for attempt in range(5):
+                try:
+                    reply = await stub.Enroll(request, timeout=30)
+                    break
+                except grpc.aio.AioRpcError as e:  # a busy database answers UNAVAILABLE: retry
+                    if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == 4:
+                        raise
+                    await asyncio.sleep(0.2 * 2**attempt)
+        return SimDevice(
+            reply.device_id, name, pki.key_pem(key), reply.certificate_pem, ca_pem, server.address
+        )
+
+    try:
+        return list(await asyncio.gather(*(one(i) for i in range(count))))
+    finally:
+        await channel.close()
+
+
+async def connect_all(devices: Sequence[SimDevice], server: ServerProcess, timeout: float = 60) -> float:
+    """Starts every device's control stream; returns the seconds until the server had them all."""
+    since = now_ms()
+    started = time.monotonic()
+    for device in devices:
+        device.start()
+    await server.wait_connected((d.id for d in devices), since, timeout)
+    return time.monotonic() - started
+
+
+async def close_all(devices: Sequence[SimDevice]) -> None:
+    await asyncio.gather(*(d.close() for d in devices), return_exceptions=True)
+
+
+async def wait_assigned(
+    devices: Sequence[SimDevice], deployment_id: str, after: float, timeout: float
+) -> None:
+    """Waits until every device received an Assignment of `deployment_id` on its stream at or after `after`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [d.id for d in devices if d.first_assignment(deployment_id, after) is None]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(missing)} of {len(devices)} devices got no assignment: {missing[:5]}")
+        await asyncio.sleep(0.02)
+
+
+async def wait_back(devices: Sequence[SimDevice], deployment_id: str, stopped: float, timeout: float) -> None:
+    """Waits until every device's stream ended after `stopped` and it then received `deployment_id` again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = []
+        for d in devices:
+            cut = next((t for t, _, _ in d.ends if t >= stopped), None)
+            if cut is None or d.first_assignment(deployment_id, cut) is None:
+                missing.append(d.id)
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(missing)} of {len(devices)} devices are not back: {missing[:5]}")
+        await asyncio.sleep(0.05)

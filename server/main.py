@@ -1,0 +1,61 @@
+"""`edgefleet server`: the fleet server's entry point. Its flags become a `ServerConfig`; then it serves.
+
+The operator CLI forwards everything after `edgefleet server` to `main` through one lazy import of this
+module, so the CLI never imports the server's internals and still runs where the server's extra is not
+installed. Flags are parsed only here, at the edge; everything below takes the frozen `ServerConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgefleet.server.app import ServerConfig, serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgefleet server", description="run the fleet server")
+    p.add_argument("--data-dir", default="edgefleet-data")
+    p.add_argument("--listen", default="127.0.0.1:7443", help="devices and operators (mutual TLS)")
+    p.add_argument("--enroll-listen", default="127.0.0.1:7444", help="device enrollment (server-side TLS)")
+    p.add_argument("--tls-name", action="append", default=[], help="extra DNS name or IP for the server cert")
+    p.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="NO TLS, bearer tokens: only for a local demo on one machine",
+    )
+    p.add_argument("--database-url", default="", help="default: sqlite:///<data dir>/fleet.db")
+    p.add_argument("--trust-root", default="edgefleet-keys/root.json")
+    p.add_argument("--online-key", default="edgefleet-keys/online.key")
+    p.add_argument("--ready-file", default="", help="write the bound port here once serving")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def config_from(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        data_dir=Path(args.data_dir),
+        listen=args.listen,
+        enroll_listen=args.enroll_listen,
+        insecure_plaintext=args.insecure_plaintext,
+        tls_names=tuple(args.tls_name),
+        database_url=args.database_url,
+        trust_root=Path(args.trust_root),
+        online_key=Path(args.online_key),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parses `argv` (what follows `edgefleet server`), sets up logging and serves until SIGTERM or SIGINT.
+    Raises errors.EdgefleetError when the server cannot start (missing keys, a database from a newer
+    edgefleet, ...)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    asyncio.run(serve(config_from(args), Path(args.ready_file) if args.ready_file else None))
