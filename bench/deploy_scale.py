@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import sqlalchemy as sa
+
 from edgefleet.devtools.inprocess import running_server
 from edgefleet.server.repository import target_path
 from edgefleet.server.storage.records import ModelRecord, now_ms

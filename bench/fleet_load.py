@@ -1,6 +1,6 @@
 """How does one fleet server process hold up under a simulated fleet of `--devices` devices (default 2,000)?
 
-The fleet simulation of tests/test_load.py at a larger scale, printing figures instead of asserting. The
+The fleet simulation of tests/load/test_load.py at a larger scale, printing figures instead of asserting. The
 server runs in a subprocess (edgefleet.devtools.serverprocess: `server.app.serve` with the default
 ServerConfig, as `edgefleet server` runs it), measured with psutil; the devices are simulated in this
 process (edgefleet.devtools.simdevices): each one is really enrolled (Enroll
@@ -51,13 +51,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
+from edgefleet import signing
 from edgefleet.agent.config import AgentConfig
 from edgefleet.devtools import fleetstats, simdevices
 from edgefleet.devtools.modelgen import build_large_mlp
 from edgefleet.devtools.serverprocess import MIB, ServerProcess, UsageSampler
 from edgefleet.server.app import ServerConfig
-
-from edgefleet import signing
 from edgefleet.v1 import device_pb2
 
 OK = grpc.StatusCode.OK

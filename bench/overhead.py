@@ -63,10 +63,10 @@ from typing import Any
 import grpc
 import numpy as np
 import psutil
+
 from edgefleet.agent.local_api import LocalStatus, start_local_service
 from edgefleet.agent.serving import ModelWorker, Result, Serving
 from edgefleet.devtools.modelgen import build_digits_model
-
 from edgefleet.runtime import available_runtimes, make_interpreter, runtime_version
 from edgefleet.tensors import from_proto, to_proto
 from edgefleet.v1 import local_pb2, local_pb2_grpc

@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgefleet.agent.serving import ModelWorker, Serving
 from edgefleet.devtools.modelgen import build_large_mlp
-
 from edgefleet.runtime import LITERT
 from edgefleet.values import ModelRef
 

@@ -12,11 +12,11 @@ import time
 
 import numpy as np
 from ai_edge_quantizer import qtyping
-from edgefleet.devtools import modelgen
-from edgefleet.server import compression
 
 from edgefleet import wire
+from edgefleet.devtools import modelgen
 from edgefleet.runtime import LITERT, TFLITE_RUNTIME
+from edgefleet.server import compression
 
 TOLERANCE_POINTS = 1.0
 TARGET_RATIO = 10

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
+from edgefleet import errors, model_targets, signing
 from edgefleet.cli.client import CliError, Operator, explain
 from edgefleet.cli.output import variant_row
-
-from edgefleet import errors, signing
 from edgefleet.v1 import operator_pb2
 
 CHUNK_BYTES = 256 * 1024
@@ -106,7 +106,7 @@ def push_model(
         additions = []
         for v in variants:
             target = signing.TargetFile(length=v.length, hashes={"sha256": v.sha256}, path=v.target_path)
-            custom = signing.model_custom(name, version, v.variant, details[v.target_path], sequence)
+            custom = model_targets.model_custom(name, version, v.variant, details[v.target_path], sequence)
             if edit_custom is not None:
                 edit_custom(v.target_path, custom)
             target.unrecognized_fields["custom"] = custom

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.config import AgentConfig
-
 from edgefleet.errors import EdgefleetError
 
 

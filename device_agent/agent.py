@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import numpy as np
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.connection import connect
 from edgefleet.agent.control import Control
@@ -36,10 +37,9 @@ from edgefleet.agent.state import AgentState, StateStore
 from edgefleet.agent.supervision import Supervisor, UpdateTurn
 from edgefleet.agent.telemetry import Outbox, Telemetry, read_capabilities
 from edgefleet.agent.updates import Updater
-
 from edgefleet.convert import capabilities_to_proto
+from edgefleet.device_trust import DeviceTrust
 from edgefleet.runtime import default_runtime, runtime_version
-from edgefleet.signing import DeviceTrust
 from edgefleet.v1 import common_pb2
 from edgefleet.values import Capabilities, ModelRef
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.state import StateStore
 
 from edgefleet import errors, pki
-from edgefleet.signing import DeviceTrust
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.state import StateStore
+from edgefleet.device_trust import DeviceTrust
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 log = logging.getLogger("edgefleet.agent")

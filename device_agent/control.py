@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import grpc
+
+from edgefleet import __version__, errors
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.connection import RETRYABLE, Backoff, Connection
 from edgefleet.agent.state import StateStore, now_ms
 from edgefleet.agent.telemetry import Outbox
-
-from edgefleet import __version__, errors
 from edgefleet.convert import event_to_proto, ref_from_proto, status_to_proto
 from edgefleet.v1 import device_pb2
 from edgefleet.values import Capabilities, DeviceStatus, ModelRef, UpdateEvent

@@ -13,9 +13,9 @@ from typing import Any, Protocol
 
 import grpc
 import numpy as np
-from edgefleet.agent.serving import NoModelError, Result
 
 from edgefleet import errors
+from edgefleet.agent.serving import NoModelError, Result
 from edgefleet.convert import ref_to_proto
 from edgefleet.tensors import from_proto, to_proto
 from edgefleet.v1 import local_pb2, local_pb2_grpc

@@ -13,15 +13,15 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from edgefleet import errors, wire
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.faults import Faults
 from edgefleet.agent.serving import ModelWorker
 from edgefleet.agent.state import StateStore
-
-from edgefleet import errors, wire
+from edgefleet.device_trust import verify_file
 from edgefleet.durable import commit_file, fsync_dir, write_atomic
+from edgefleet.model_targets import ModelTarget
 from edgefleet.modelinfo import check_signature
-from edgefleet.signing import ModelTarget, verify_file
 from edgefleet.values import ModelRef
 
 # What a local copy can fail with: bad or missing bytes, a malformed description, the disk.

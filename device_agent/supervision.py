@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from edgefleet import errors
 from edgefleet.agent import decisions
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.control import Control, Spawn
@@ -27,9 +28,8 @@ from edgefleet.agent.faults import Faults
 from edgefleet.agent.local_models import UNUSABLE, LocalModels
 from edgefleet.agent.serving import ModelWorker, Serving
 from edgefleet.agent.state import StateStore
-
-from edgefleet import errors
-from edgefleet.signing import DeviceTrust, ModelTarget
+from edgefleet.device_trust import DeviceTrust
+from edgefleet.model_targets import ModelTarget
 from edgefleet.values import ModelRef
 
 log = logging.getLogger("edgefleet.agent")

@@ -19,11 +19,11 @@ from typing import Any
 
 import grpc
 import psutil
+
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.connection import RETRYABLE, Backoff, Connection
 from edgefleet.agent.serving import LATENCY_BOUNDS_MS, Serving
 from edgefleet.agent.state import now_ms
-
 from edgefleet.convert import telemetry_to_proto
 from edgefleet.runtime import runtime_version
 from edgefleet.v1 import device_pb2

@@ -19,6 +19,8 @@ import logging
 import os
 
 import grpc
+
+from edgefleet import errors
 from edgefleet.agent import decisions
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.connection import Backoff
@@ -28,10 +30,9 @@ from edgefleet.agent.local_models import LocalModels
 from edgefleet.agent.serving import ModelWorker, Serving
 from edgefleet.agent.state import Pending, StateStore, now_ms
 from edgefleet.agent.supervision import Supervisor, UpdateTurn
-
-from edgefleet import errors
+from edgefleet.device_trust import DeviceTrust
 from edgefleet.durable import write_atomic
-from edgefleet.signing import DeviceTrust, ModelTarget
+from edgefleet.model_targets import ModelTarget
 from edgefleet.v1 import device_pb2
 from edgefleet.values import ModelRef
 

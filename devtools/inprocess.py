@@ -15,10 +15,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edgefleet import signing
 from edgefleet.server.app import RunningServer, ServerConfig, start_server
 from edgefleet.server.fleet import Fleet
-
-from edgefleet import signing
 
 S = TypeVar("S", bound="InProcessServer")
 

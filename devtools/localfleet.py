@@ -23,8 +23,8 @@ from typing import Any
 
 import grpc
 import numpy as np
-from edgefleet.cli.main import parse_args
 
+from edgefleet.cli.main import parse_args
 from edgefleet.tensors import from_proto, to_proto
 from edgefleet.v1 import local_pb2, local_pb2_grpc
 

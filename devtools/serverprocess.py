@@ -25,11 +25,11 @@ from typing import Any
 
 import grpc
 import psutil
-from edgefleet.cli.client import Operator
-from edgefleet.cli.publish import push_model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgefleet import pki, signing
+from edgefleet.cli.client import Operator
+from edgefleet.cli.publish import push_model
 from edgefleet.v1 import operator_pb2, operator_pb2_grpc
 
 MIB = 2**20

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+
+from edgefleet import pki
 from edgefleet.agent.connection import Backoff
 from edgefleet.devtools.serverprocess import ServerProcess
 from edgefleet.server.storage.records import now_ms
-
-from edgefleet import pki
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2
 
 OK = grpc.StatusCode.OK

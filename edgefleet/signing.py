@@ -15,9 +15,6 @@ versions it has seen, so validly signed but older metadata is refused after a re
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -36,33 +33,17 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
-from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from edgefleet.durable import write_atomic
 from edgefleet.errors import (
-    HashMismatchError,
     InvalidRequestError,
-    MetadataExpiredError,
-    MetadataRefusedError,
     SignatureError,
-    TransportError,
 )
-from edgefleet.values import ModelRef
 
 ROOT_LIFETIME = timedelta(days=365)
 TARGETS_LIFETIME = timedelta(days=365)
 SNAPSHOT_LIFETIME = timedelta(days=7)
 TIMESTAMP_LIFETIME = timedelta(days=1)
-
-# Bounds for metadata a device accepts (bytes); far above what a fleet needs, far below what hurts a device.
-DEVICE_UPDATER_CONFIG = UpdaterConfig(
-    max_root_rotations=32,
-    root_max_length=64 * 1024,
-    timestamp_max_length=16 * 1024,
-    snapshot_max_length=256 * 1024,
-    targets_max_length=4 * 2**20,
-    prefix_targets_with_hash=False,
-)
 
 _SERIALIZER = JSONSerializer(compact=False)
 
@@ -302,220 +283,3 @@ class OnlineRoles:
 
 def expires_at(data: bytes) -> datetime:
     return Metadata.from_bytes(data).signed.expires
-
-
-# ---- device side: verification with ngclient --------------------------------------------------------------
-
-
-class CallbackFetcher(FetcherInterface):
-    """Feeds ngclient from a function `name -> bytes` (the agent's gRPC GetMetadata call).
-
-    The function raises FileNotFoundError for a file the server does not have (ngclient's "no newer root")
-    and TransportError when the server cannot be reached.
-    """
-
-    PREFIX = "edgefleet:/metadata/"
-
-    def __init__(self, get: Callable[[str], bytes]):
-        self._get = get
-
-    def _fetch(self, url: str) -> Iterator[bytes]:
-        if not url.startswith(self.PREFIX) or not url.endswith(".json"):
-            raise tuf_exceptions.DownloadError(f"unexpected metadata url {url}")
-        name = url[len(self.PREFIX) : -len(".json")]
-        try:
-            data = self._get(name)
-        except FileNotFoundError as e:
-            raise tuf_exceptions.DownloadHTTPError(f"{name} not found", 404) from e
-        except TransportError as e:
-            raise tuf_exceptions.DownloadError(str(e)) from e
-        return iter([data])
-
-
-class DeviceTrust:
-    """The device's view of the signed repository: pins root.json, refreshes metadata, answers what a target
-    must be. Blocking (ngclient is synchronous): call it from a worker thread."""
-
-    def __init__(self, metadata_dir: Path, get_metadata: Callable[[str], bytes]):
-        self.metadata_dir = Path(metadata_dir)
-        self._fetcher = CallbackFetcher(get_metadata)
-        self.rollback_floors: dict[str, int] = {}  # from the targets metadata verified by the last refresh
-
-    @staticmethod
-    def pin_root(metadata_dir: Path, trust_root: bytes) -> None:
-        """First start: trust this root.json (checked to be self-signed) from now on."""
-        md = parse_metadata(trust_root, Root.type)
-        verify_role(md.signed, Root.type, md)
-        Path(metadata_dir).mkdir(parents=True, exist_ok=True)
-        os.chmod(metadata_dir, 0o700)
-        write_atomic(Path(metadata_dir) / "pinned-root.json", trust_root)
-
-    def is_pinned(self) -> bool:
-        return (self.metadata_dir / "pinned-root.json").exists()
-
-    def target(self, target_path: str) -> TargetFile:
-        """Refreshes metadata and returns the signed TargetFile. Raises SignatureError (the metadata is bad:
-        unsigned, expired, a rollback, or no such target) or TransportError (could not fetch)."""
-        bootstrap = None
-        if not (self.metadata_dir / "root.json").exists():
-            bootstrap = (self.metadata_dir / "pinned-root.json").read_bytes()
-        try:
-            updater = Updater(
-                str(self.metadata_dir),
-                CallbackFetcher.PREFIX,
-                fetcher=self._fetcher,
-                config=DEVICE_UPDATER_CONFIG,
-                bootstrap=bootstrap,
-            )
-            updater.refresh()
-            info = updater.get_targetinfo(target_path)
-            # ngclient persisted exactly what it just verified: read the operator's rollback authorizations.
-            verified = Metadata[Targets].from_file(str(self.metadata_dir / "targets.json"))
-            self.rollback_floors = rollback_floors(verified.signed)
-        except tuf_exceptions.DownloadError as e:
-            raise TransportError(f"metadata download failed: {e}") from e
-        except tuf_exceptions.ExpiredMetadataError as e:
-            raise MetadataExpiredError(
-                f"signed metadata has expired ({e}); this device's clock reads {utcnow().isoformat()}: "
-                "if that is wrong, fix the clock; otherwise the server is serving stale metadata"
-            ) from e
-        except tuf_exceptions.RepositoryError as e:
-            raise MetadataRefusedError(f"signed metadata refused: {type(e).__name__}: {e}") from e
-        except (DeserializationError, ValueError, KeyError, TypeError) as e:
-            raise MetadataRefusedError(f"signed metadata refused: malformed: {e}") from e
-        if info is None:
-            raise SignatureError(f"{target_path} is not in the signed targets metadata")
-        return info
-
-
-def verify_file(target: TargetFile, path: Path) -> None:
-    """Length and sha256 against the signed target. Raises HashMismatchError."""
-    try:
-        with open(path, "rb") as f:
-            target.verify_length_and_hashes(f)
-    except tuf_exceptions.LengthOrHashMismatchError as e:
-        raise HashMismatchError(f"{target.path}: {e}") from e
-
-
-def custom_of(target: TargetFile) -> dict[str, Any]:
-    custom = target.custom
-    if not isinstance(custom, dict):
-        raise SignatureError(f"{target.path}: custom metadata is not an object")
-    return custom
-
-
-# ---- what a model target's custom fields say ---------------------------------------------------------------
-
-# Measured figures copied from the server's details into the signed metadata (the rest is recomputable).
-METRIC_KEYS = (
-    "recipe",
-    "judged_by",
-    "size_bytes",
-    "accuracy",
-    "accuracy_delta_points",
-    "max_abs_error",
-    "mean_abs_error",
-    "latency_ms",
-    "peak_memory_bytes",
-    "peak_memory_bytes_by_runtime",
-    "model_memory_bytes",
-    "model_memory_bytes_by_runtime",
-    "runtimes_failed",
-    "excluded",
-)
-
-
-def canonical_safe(value: Any) -> Any:
-    """TUF signs canonical JSON, which has no floats: write them as decimal strings (readers use float())."""
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, dict):
-        return {str(k): canonical_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [canonical_safe(v) for v in value]
-    return value
-
-
-def model_custom(
-    name: str, version: str, variant: str, details: dict[str, Any], sequence: int = 0
-) -> dict[str, Any]:
-    """The custom fields the operator signs for one model file, from the server's measured details."""
-    return canonical_safe(
-        {
-            "model": {"name": name, "version": version, "variant": variant, "sequence": sequence},
-            "signature": details["signature"],
-            "golden": details["golden"],
-            "wire": {
-                "encoding": details.get("wire_encoding", "identity"),
-                "length": int(details["wire_bytes"]),
-                "sha256": details["wire_sha256"],
-            },
-            "runtimes": list(details.get("runtimes_ok", [])),
-            "hardware_classes": list(details.get("hardware_classes", [])),
-            "metrics": {k: details[k] for k in METRIC_KEYS if k in details},
-        }
-    )
-
-
-@dataclass(frozen=True)
-class ModelTarget:
-    """A verified TargetFile read as a model: everything the device checks before a model may serve."""
-
-    path: str
-    length: int
-    sha256: str
-    name: str
-    version: str
-    variant: str
-    signature: Any  # edgefleet.modelinfo.ModelSignature
-    golden: Any  # edgefleet.modelinfo.Golden
-    wire_encoding: str
-    wire_length: int
-    wire_sha256: str
-    runtimes: tuple[str, ...]
-    hardware_classes: tuple[str, ...]
-    target: TargetFile
-    sequence: int = 0  # the version's order among the model's versions, signed by the operator
-
-    @classmethod
-    def from_target(cls, target: TargetFile) -> ModelTarget:
-        """Raises SignatureError when the signed custom fields are missing or malformed."""
-        from edgefleet.errors import ModelError
-        from edgefleet.modelinfo import Golden, ModelSignature
-
-        custom = custom_of(target)
-        try:
-            model, wire = custom["model"], custom["wire"]
-            wire_length = int(wire["length"])
-            if not 0 < wire_length <= 2 * 2**30 or not 0 < target.length <= 2 * 2**30:
-                raise ValueError("length out of range")
-            return cls(
-                path=target.path,
-                length=target.length,
-                sha256=target.hashes["sha256"],
-                name=str(model["name"]),
-                version=str(model["version"]),
-                variant=str(model["variant"]),
-                signature=ModelSignature.from_json(custom["signature"]),
-                golden=Golden.from_json(custom["golden"]),
-                wire_encoding=str(wire["encoding"]),
-                wire_length=wire_length,
-                wire_sha256=str(wire["sha256"]),
-                runtimes=tuple(str(r) for r in custom.get("runtimes", [])),
-                hardware_classes=tuple(str(h) for h in custom.get("hardware_classes", [])),
-                target=target,
-                sequence=int(model.get("sequence", 0)),
-            )
-        except (KeyError, TypeError, ValueError, ModelError) as e:
-            raise SignatureError(f"{target.path}: signed model fields are malformed: {e}") from e
-
-    def ref(self) -> ModelRef:
-        return ModelRef(self.path, self.name, self.version, self.variant, self.sha256, self.length)
-
-    def target_json(self) -> bytes:
-        return json.dumps({self.path: self.target.to_dict()}).encode()
-
-    @classmethod
-    def from_target_json(cls, data: bytes) -> ModelTarget:
-        ((path, info),) = json.loads(data).items()
-        return cls.from_target(TargetFile.from_dict(info, path))

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from edgefleet.devtools.localfleet import InferenceLoad, LocalFleet, wait_for
 from edgefleet.devtools.modelgen import accuracy, build_digits_model
-
 from edgefleet.runtime import LITERT, TFLITE_RUNTIME
 
 ROOT = Path(__file__).resolve().parent.parent / "demo-run"

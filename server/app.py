@@ -18,6 +18,12 @@ from pathlib import Path
 
 import grpc
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from edgefleet import pki, signing
+from edgefleet.durable import write_atomic
+from edgefleet.errors import InvalidRequestError
+from edgefleet.runtime import default_runtime
 from edgefleet.server.auth import (
     Authenticator,
     AuthInterceptor,
@@ -31,12 +37,6 @@ from edgefleet.server.limits import RateLimiter
 from edgefleet.server.operator_service import OperatorServicer
 from edgefleet.server.storage import open_store
 from edgefleet.server.storage.blobs import FilesystemBlobStore
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-from edgefleet import pki, signing
-from edgefleet.durable import write_atomic
-from edgefleet.errors import InvalidRequestError
-from edgefleet.runtime import default_runtime
 from edgefleet.v1 import device_pb2_grpc, operator_pb2_grpc
 
 log = logging.getLogger("edgefleet.server")

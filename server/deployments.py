@@ -15,15 +15,14 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgefleet.errors import NotFoundError
+from edgefleet.selectors import parse_selector
 from edgefleet.server.repository import Repository
 from edgefleet.server.rules import pending_action, rollback_command_for
 from edgefleet.server.storage.interfaces import FleetStore
 from edgefleet.server.storage.records import Deployment, DeviceRecord, ModelRecord, now_ms
 from edgefleet.server.streams import AssignmentPush, ControlStreams, RollbackPush
 from edgefleet.server.variants import choose, choose_target
-
-from edgefleet.errors import NotFoundError
-from edgefleet.selectors import parse_selector
 from edgefleet.values import Capabilities
 
 log = logging.getLogger("edgefleet.server")

@@ -18,13 +18,13 @@ from typing import Any
 import grpc
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
+
+from edgefleet import convert, errors, pki
 from edgefleet.server.auth import Authenticator
 from edgefleet.server.fleet import Fleet
 from edgefleet.server.limits import RateLimiter
 from edgefleet.server.rpc_status import check_name, check_target_path, status_for_errors
 from edgefleet.server.streams import AssignmentPush, Disconnect, Push, RollbackPush
-
-from edgefleet import convert, errors, pki
 from edgefleet.v1 import device_pb2, device_pb2_grpc
 
 log = logging.getLogger("edgefleet.server")

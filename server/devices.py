@@ -11,16 +11,15 @@ import dataclasses
 import logging
 import secrets
 
+from edgefleet import pki
+from edgefleet.errors import InvalidRequestError, NotFoundError
+from edgefleet.selectors import check_name, parse_selector
 from edgefleet.server.deployments import Deployments
 from edgefleet.server.repository import Repository
 from edgefleet.server.rules import CLOCK_SKEW_WARNING_MS, TOKEN_USED_UP, pending_rollback, token_refusal
 from edgefleet.server.storage.interfaces import FleetStore
 from edgefleet.server.storage.records import DeviceRecord, EventRecord, ModelRecord, now_ms
 from edgefleet.server.streams import ControlStreams
-
-from edgefleet import pki
-from edgefleet.errors import InvalidRequestError, NotFoundError
-from edgefleet.selectors import check_name, parse_selector
 from edgefleet.values import Capabilities, DeviceStatus, TelemetryReport, UpdateEvent
 
 log = logging.getLogger("edgefleet.server")

@@ -11,13 +11,12 @@ here (edgefleet.errors) to status codes. Storage calls are blocking and run in t
 
 from __future__ import annotations
 
+from edgefleet import pki, signing
 from edgefleet.server.deployments import Deployments
 from edgefleet.server.devices import Devices
 from edgefleet.server.repository import Repository
 from edgefleet.server.storage.interfaces import BlobStore, FleetStore
 from edgefleet.server.streams import ControlStreams
-
-from edgefleet import pki, signing
 
 
 class Fleet:

@@ -9,12 +9,11 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from edgefleet import convert, errors
 from edgefleet.server.deployments import OPERATOR_ORDER, DeploymentStatus
 from edgefleet.server.fleet import Fleet
 from edgefleet.server.rpc_status import check_name, status_for_errors
 from edgefleet.server.storage.records import DeviceRecord, EventRecord, ModelRecord
-
-from edgefleet import convert, errors
 from edgefleet.v1 import operator_pb2, operator_pb2_grpc
 from edgefleet.values import HealthSample, TelemetryReport
 

@@ -17,13 +17,12 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
-from edgefleet.server.storage.interfaces import BlobStore, FleetStore
-from edgefleet.server.storage.records import ModelRecord, RepoVersions, now_ms
-
 from edgefleet import sandbox, signing
 from edgefleet.errors import ConflictError, InvalidRequestError, NotFoundError, SignatureError
 from edgefleet.modelinfo import describe_file, inspect_model
 from edgefleet.selectors import check_name
+from edgefleet.server.storage.interfaces import BlobStore, FleetStore
+from edgefleet.server.storage.records import ModelRecord, RepoVersions, now_ms
 
 log = logging.getLogger("edgefleet.server")
 

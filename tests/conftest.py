@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
+
 from edgefleet.devtools.localfleet import LocalFleet
 from edgefleet.devtools.modelgen import DigitsData, build_digits_model
-from edgefleet.server.storage.sql import sqlalchemy_url
-
 from edgefleet.runtime import RUNTIMES, available_runtimes
+from edgefleet.server.storage.sql import sqlalchemy_url
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from typing import Any
 from edgefleet.cli.client import Operator
 from edgefleet.cli.output import emit, when
 from edgefleet.cli.publish import authorize_rollback, targets_signer
-
 from edgefleet.v1 import operator_pb2
 
 

@@ -6,7 +6,6 @@ import argparse
 
 from edgefleet.cli.client import Operator
 from edgefleet.cli.output import emit, human_bytes, ref_text, when
-
 from edgefleet.v1 import operator_pb2
 
 

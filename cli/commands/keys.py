@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgefleet.cli.client import CliError
-
 from edgefleet import errors, signing
+from edgefleet.cli.client import CliError
 
 
 def cmd_keys_init(args: argparse.Namespace) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 from edgefleet.cli.client import CliError, Operator
 from edgefleet.cli.output import emit, print_variants, variant_row, when
 from edgefleet.cli.publish import push_model, targets_signer
-
 from edgefleet.v1 import operator_pb2
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from edgefleet.cli.client import CliError
-
 from edgefleet import errors
+from edgefleet.cli.client import CliError
 
 NOT_INSTALLED = 'the server is not installed here: pip install "edgefleet[server]"'
 

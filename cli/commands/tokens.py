@@ -6,7 +6,6 @@ import argparse
 import json
 
 from edgefleet.cli.client import Operator
-
 from edgefleet.v1 import operator_pb2
 
 

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from edgefleet.server.compression import recipes
-from edgefleet.server.compression.evalsets import EvalSet
-from edgefleet.server.compression.judging import Judge, judge_runtimes
-from edgefleet.server.compression.measuring import Measured, batches, measure
 
 from edgefleet import wire
 from edgefleet.errors import InvalidRequestError, ModelError
 from edgefleet.runtime import LITERT, available_runtimes, make_interpreter
+from edgefleet.server.compression import recipes
+from edgefleet.server.compression.evalsets import EvalSet
+from edgefleet.server.compression.judging import Judge, judge_runtimes
+from edgefleet.server.compression.measuring import Measured, batches, measure
 
 log = logging.getLogger(__name__)
 

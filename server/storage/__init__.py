@@ -11,9 +11,8 @@
 
 from __future__ import annotations
 
-from edgefleet.server.storage.interfaces import FleetStore
-
 from edgefleet.errors import InvalidRequestError
+from edgefleet.server.storage.interfaces import FleetStore
 
 
 def open_store(url: str) -> FleetStore:

@@ -12,10 +12,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from edgefleet.server.storage.interfaces import BlobStore, BlobWriter
-
 from edgefleet.durable import commit_file
 from edgefleet.errors import HashMismatchError, InvalidRequestError
+from edgefleet.server.storage.interfaces import BlobStore, BlobWriter
 
 
 class FilesystemBlobWriter(BlobWriter):

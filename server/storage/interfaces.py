@@ -15,6 +15,7 @@ import abc
 from collections.abc import Iterator
 from pathlib import Path
 
+from edgefleet.selectors import Selector
 from edgefleet.server.storage.records import (
     Deployment,
     DeploymentCounts,
@@ -24,8 +25,6 @@ from edgefleet.server.storage.records import (
     ModelRecord,
     RepoVersions,
 )
-
-from edgefleet.selectors import Selector
 from edgefleet.values import Capabilities, ModelRef, TelemetryReport
 
 

@@ -1,6 +1,6 @@
 """`MemoryFleetStore`: every record in this process's memory, gone when it ends (`memory://`).
 
-For tests and throwaway demos. It keeps the same contract as `SqlFleetStore` (tests/test_storage.py runs
+For tests and throwaway demos. It keeps the same contract as `SqlFleetStore` (tests/contract/test_storage.py runs
 one suite against both): records go in and come out as copies, so a caller changing a record it holds
 changes nothing stored, and one lock makes each method one atomic step, as a transaction would.
 """
@@ -13,6 +13,8 @@ import hashlib
 import threading
 from typing import Any
 
+from edgefleet.errors import ConflictError, NotFoundError
+from edgefleet.selectors import Selector
 from edgefleet.server.storage.interfaces import FleetStore
 from edgefleet.server.storage.records import (
     Deployment,
@@ -23,9 +25,6 @@ from edgefleet.server.storage.records import (
     ModelRecord,
     RepoVersions,
 )
-
-from edgefleet.errors import ConflictError, NotFoundError
-from edgefleet.selectors import Selector
 from edgefleet.values import Capabilities, ModelRef, TelemetryReport
 
 

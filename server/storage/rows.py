@@ -8,7 +8,6 @@ import dataclasses
 from typing import Any
 
 from edgefleet.server.storage.records import DeviceRecord
-
 from edgefleet.values import Capabilities, HealthSample, InferenceStats, ModelRef, TelemetryReport
 
 

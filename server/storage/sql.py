@@ -12,6 +12,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from edgefleet.errors import ConflictError, NotFoundError, TransportError
+from edgefleet.selectors import Selector
 from edgefleet.server.storage import rows
 from edgefleet.server.storage import schema as t
 from edgefleet.server.storage.interfaces import FleetStore
@@ -24,10 +28,6 @@ from edgefleet.server.storage.records import (
     ModelRecord,
     RepoVersions,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError
-
-from edgefleet.errors import ConflictError, NotFoundError, TransportError
-from edgefleet.selectors import Selector
 from edgefleet.values import Capabilities, ModelRef, TelemetryReport
 
 _BATCH = 500  # ids per `IN (...)`: well under any database's parameter limit

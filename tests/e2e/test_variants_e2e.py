@@ -4,10 +4,10 @@ decoded within the signed size and verified on real agents of both runtimes."""
 from __future__ import annotations
 
 import numpy as np
-from edgefleet.devtools.localfleet import LocalClient, LocalFleet, wait_for
-from edgefleet.devtools.modelgen import DigitsData
 
 from edgefleet import pki
+from edgefleet.devtools.localfleet import LocalClient, LocalFleet, wait_for
+from edgefleet.devtools.modelgen import DigitsData
 from edgefleet.runtime import LITERT, TFLITE_RUNTIME
 
 
@@ -89,7 +89,6 @@ def test_a_server_alone_cannot_send_devices_back_to_an_older_model(
 
     # Someone holding the server (not the targets key) orders a rollback: the RPC, without the CLI's signature.
     from edgefleet.cli.client import CliError, Operator
-
     from edgefleet.v1 import operator_pb2
 
     op = Operator(_args(fleet))

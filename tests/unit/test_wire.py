@@ -8,9 +8,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import zstandard
-from edgefleet.devtools import modelgen
 
 from edgefleet import wire
+from edgefleet.devtools import modelgen
 from edgefleet.errors import HashMismatchError, IncompatibleError
 
 BLOCK = wire.SHUFFLE_BLOCK

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgefleet.devtools.faultproxy import FaultProxy
 from edgefleet.devtools.localfleet import LocalFleet, wait_for
 from edgefleet.devtools.modelgen import build_large_mlp
-from faultproxy import FaultProxy
 
 
 def test_server_killed_mid_download_then_agent_resumes_at_its_offset(

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from edgefleet.agent.state import AgentState, Pending, StateStore
 
 from edgefleet import errors
+from edgefleet.agent.state import AgentState, Pending, StateStore
 from edgefleet.values import ModelRef
 
 REF_V2 = {

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from conftest import database_url
-from rpc_harness import Harness, running_harness
 
+from edgefleet.devtools.rpc_harness import Harness, running_harness
 from edgefleet.v1 import operator_pb2
 
 

@@ -10,15 +10,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from edgefleet import wire
 from edgefleet.devtools import modelgen
+from edgefleet.errors import InvalidRequestError, ModelError
+from edgefleet.runtime import LITERT, TFLITE_RUNTIME, available_runtimes, make_interpreter
 from edgefleet.server import compression
 from edgefleet.server.compression import recipes
 from edgefleet.server.storage.records import ModelRecord
 from edgefleet.server.variants import choose_target
-
-from edgefleet import wire
-from edgefleet.errors import InvalidRequestError, ModelError
-from edgefleet.runtime import LITERT, TFLITE_RUNTIME, available_runtimes, make_interpreter
 
 pytestmark = pytest.mark.skipif(
     available_runtimes() != [LITERT, TFLITE_RUNTIME], reason="compares ai-edge-litert with tflite-runtime"

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from edgefleet.devtools import modelgen
 from edgefleet.server import tflite_writer
 

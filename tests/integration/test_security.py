@@ -20,29 +20,26 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from edgefleet.server.app import ServerConfig
-from edgefleet.server.auth import PUBLIC, Authenticator, AuthInterceptor, build_policy, enrollment_policy
-from edgefleet.server.storage.records import now_ms
 from google.protobuf.descriptor import Descriptor
 from grpc_health.v1 import health_pb2
-from rpc_harness import (
+
+from edgefleet import pki
+from edgefleet.devtools.raw_rpc import (
     CAPABILITIES,
     DEVICE_SERVICE,
     ENROLL_PATH,
     HEALTH_CHECK,
     HEALTH_CHECK_PATH,
-    NO_CERTIFICATE,
     OPERATOR_SERVICE,
-    Device,
-    Harness,
     Outcome,
     call,
     rpc,
     rpcs,
-    running_harness,
 )
-
-from edgefleet import pki
+from edgefleet.devtools.rpc_harness import NO_CERTIFICATE, Device, Harness, running_harness
+from edgefleet.server.app import ServerConfig
+from edgefleet.server.auth import PUBLIC, Authenticator, AuthInterceptor, build_policy, enrollment_policy
+from edgefleet.server.storage.records import now_ms
 from edgefleet.v1 import common_pb2, device_pb2, operator_pb2
 
 OK = grpc.StatusCode.OK

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from edgefleet.agent.serving import ModelWorker, Serving
 from edgefleet.agent.worker import LOAD_NICENESS
 from edgefleet.devtools.modelgen import DigitsData
-
 from edgefleet.modelinfo import run
 from edgefleet.runtime import default_runtime, make_interpreter
 from edgefleet.values import ModelRef

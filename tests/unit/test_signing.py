@@ -10,7 +10,7 @@ import pytest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Role
 
-from edgefleet import signing
+from edgefleet import device_trust, model_targets, signing
 from edgefleet.errors import (
     HashMismatchError,
     InvalidRequestError,
@@ -56,11 +56,11 @@ class Repo:
         return self.files[name]
 
 
-def device(tmp_path: Path, repo: Repo, name: str = "dev") -> signing.DeviceTrust:
+def device(tmp_path: Path, repo: Repo, name: str = "dev") -> device_trust.DeviceTrust:
     folder = tmp_path / name
     if not (folder / "pinned-root.json").exists():
-        signing.DeviceTrust.pin_root(folder, repo.root)
-    return signing.DeviceTrust(folder, repo.get)
+        device_trust.DeviceTrust.pin_root(folder, repo.root)
+    return device_trust.DeviceTrust(folder, repo.get)
 
 
 def test_published_target_is_verified_by_a_device(tmp_path: Path) -> None:
@@ -68,7 +68,7 @@ def test_published_target_is_verified_by_a_device(tmp_path: Path) -> None:
     repo.publish("m/1/float32.tflite", b"model-bytes")
     target = device(tmp_path, repo).target("m/1/float32.tflite")
     (tmp_path / "f").write_bytes(b"model-bytes")
-    signing.verify_file(target, tmp_path / "f")
+    device_trust.verify_file(target, tmp_path / "f")
     assert target.custom == {"k": "v"}
 
 
@@ -79,7 +79,7 @@ def test_bytes_that_differ_from_the_signed_hash_are_refused(tmp_path: Path, tamp
     target = device(tmp_path, repo).target("m/1/float32.tflite")
     (tmp_path / "f").write_bytes(tampered)
     with pytest.raises(HashMismatchError):
-        signing.verify_file(target, tmp_path / "f")
+        device_trust.verify_file(target, tmp_path / "f")
 
 
 def test_targets_signed_by_an_untrusted_key_are_refused(tmp_path: Path) -> None:
@@ -225,11 +225,11 @@ def test_unreachable_server_is_a_transport_error(tmp_path: Path) -> None:
     def down(name: str) -> bytes:
         raise TransportError("no route")
 
-    signing.DeviceTrust.pin_root(tmp_path / "d", repo.root)
+    device_trust.DeviceTrust.pin_root(tmp_path / "d", repo.root)
     with pytest.raises(TransportError):
-        signing.DeviceTrust(tmp_path / "d", down).target("a")
+        device_trust.DeviceTrust(tmp_path / "d", down).target("a")
 
 
 def test_floats_are_signed_as_strings_and_read_back(tmp_path: Path) -> None:
-    custom = signing.canonical_safe({"atol": 1e-4, "nested": [0.5, {"x": 2.0}], "n": 3})
+    custom = model_targets.canonical_safe({"atol": 1e-4, "nested": [0.5, {"x": 2.0}], "n": 3})
     assert custom == {"atol": "0.0001", "nested": ["0.5", {"x": "2.0"}], "n": 3}

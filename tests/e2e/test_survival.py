@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+
 from edgefleet.cli.client import CliError
+from edgefleet.devtools.faultproxy import FaultProxy
 from edgefleet.devtools.localfleet import AgentProcess, InferenceLoad, LocalClient, LocalFleet, wait_for
 from edgefleet.devtools.modelgen import build_large_mlp
-from faultproxy import FaultProxy
 
 V1 = "digits/1/float32.tflite"
 V2 = "digits/2/float32.tflite"

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+
 from edgefleet.agent.serving import ModelWorker
 from edgefleet.devtools import hostile
 from edgefleet.devtools.modelgen import build_digits_model
-
 from edgefleet.errors import ModelError
 
 # Measured on Linux x86_64 (Python 3.11): a worker loading the digits model needs RLIMIT_AS >= 149 MiB with

@@ -4,9 +4,9 @@ serve, roll back. Attack and fault tests live in test_attacks.py and test_faults
 from __future__ import annotations
 
 import numpy as np
+
 from edgefleet.devtools.localfleet import InferenceLoad, LocalClient, LocalFleet, wait_for
 from edgefleet.devtools.modelgen import DigitsData
-
 from edgefleet.runtime import LITERT, TFLITE_RUNTIME
 
 V1 = "digits/1/float32.tflite"

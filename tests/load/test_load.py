@@ -11,7 +11,7 @@ exponential `Backoff` as `edgefleet.agent.control` does.
 The same simulation, at a larger scale and printing figures instead of asserting, is `bench/fleet_load.py`.
 
 The telemetry flood ("one device flooding telemetry is rate-limited") is covered by
-tests/test_security.py::test_device_flooding_telemetry_is_rate_limited_and_others_are_not and not repeated
+tests/integration/test_security.py::test_device_flooding_telemetry_is_rate_limited_and_others_are_not and not repeated
 here; the rest of that line (the agent's bounded queue drops oldest first and counts the drops) is the last
 test below. bench/fleet_load.py measures what a flood costs the other devices at scale.
 """
@@ -27,6 +27,8 @@ from typing import Any
 
 import grpc
 import pytest
+
+from edgefleet import signing
 from edgefleet.agent.telemetry import Outbox
 from edgefleet.devtools.fleetstats import (
     LoopLag,
@@ -47,8 +49,6 @@ from edgefleet.devtools.simdevices import (
     wait_assigned,
     wait_back,
 )
-
-from edgefleet import signing
 from edgefleet.v1 import device_pb2
 
 OK = grpc.StatusCode.OK
@@ -139,7 +139,7 @@ async def test_hundreds_of_control_streams_keep_server_memory_fds_and_threads_bo
 
 # grpc/grpc#36066: when the server ends a client-streaming call while a request write is in flight, the aio
 # client replaces the server's status with its own INTERNAL "Internal error from Core" (see
-# tests/rpc_harness.py `call`). That status never left the server.
+# edgefleet.devtools.rpc_harness `call`). That status never left the server.
 CLIENT_SIDE_INTERNAL = (grpc.StatusCode.INTERNAL, "Internal error from Core")
 
 

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from conftest import database_url
+
+from edgefleet.errors import ConflictError, HashMismatchError, InvalidRequestError, NotFoundError
+from edgefleet.selectors import parse_selector
 from edgefleet.server.rules import token_refusal
 from edgefleet.server.storage import open_store
 from edgefleet.server.storage.blobs import FilesystemBlobStore
@@ -25,9 +28,6 @@ from edgefleet.server.storage.records import (
 )
 from edgefleet.server.storage.schema import SCHEMA_VERSION, SchemaMismatchError
 from edgefleet.server.storage.sql import sqlalchemy_url
-
-from edgefleet.errors import ConflictError, HashMismatchError, InvalidRequestError, NotFoundError
-from edgefleet.selectors import parse_selector
 from edgefleet.values import Capabilities, HealthSample, InferenceStats, ModelRef, TelemetryReport
 
 SQL_BACKENDS = ["sqlite", "postgresql"]

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from edgefleet import model_targets, signing
 from edgefleet.cli.client import CliError, Operator
 from edgefleet.cli.publish import publish_targets, push_model
 from edgefleet.devtools.localfleet import AgentProcess, LocalClient, LocalFleet, wait_for
-
-from edgefleet import signing
 from edgefleet.modelinfo import Golden
 
 V1 = "digits/1/float32.tflite"
@@ -110,7 +110,7 @@ def test_candidate_with_wrong_golden_output_is_refused_and_old_model_keeps_servi
         # A validly signed claim the model does not live up to (e.g. the operator pushed the wrong file).
         g = Golden.from_json(custom["golden"])
         wrong = Golden(g.inputs, tuple(o[:, ::-1].copy() for o in g.outputs), g.atol, g.rtol)
-        custom["golden"] = signing.canonical_safe(wrong.to_json())
+        custom["golden"] = model_targets.canonical_safe(wrong.to_json())
 
     push_model(
         _operator(fleet), digits_files["v2"].read_bytes(), "digits", "2",
@@ -159,7 +159,9 @@ def _plant_signed_model(fleet: LocalFleet, name: str, data: bytes) -> str:
 
     def sign(current: bytes | None) -> bytes:
         target = signing.TargetFile(length=len(data), hashes={"sha256": sha}, path=path)
-        target.unrecognized_fields["custom"] = signing.model_custom(name, "1", "float32", details, sequence=1)
+        target.unrecognized_fields["custom"] = model_targets.model_custom(
+            name, "1", "float32", details, sequence=1
+        )
         return signing.sign_targets(current, [target], signing.load_signer(fleet.keys / "targets.key"))
 
     publish_targets(_operator(fleet), sign)

@@ -20,28 +20,27 @@ from typing import Any
 
 import grpc
 import pytest
-from edgefleet.server.storage.records import now_ms
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
-from rpc_harness import (
+
+from edgefleet import pki
+from edgefleet.convert import MAX_AHEAD_MS
+from edgefleet.devtools.raw_rpc import (
     CAPABILITIES,
     DEVICE_SERVICE,
     ENROLL_PATH,
-    Harness,
     Outcome,
     Rpc,
-    ServerThread,
     call_sync,
     rpc,
     rpcs,
 )
-
-from edgefleet import pki
-from edgefleet.convert import MAX_AHEAD_MS
+from edgefleet.devtools.rpc_harness import Harness, ServerThread
 from edgefleet.selectors import check_name
+from edgefleet.server.storage.records import now_ms
 from edgefleet.v1 import common_pb2, device_pb2
 
 FUZZ = settings(

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from edgefleet.agent import decisions
-from edgefleet.agent.decisions import AfterError, Totals
 
 from edgefleet import errors
+from edgefleet.agent import decisions
+from edgefleet.agent.decisions import AfterError, Totals
 from edgefleet.values import ModelRef
 
 # ---- compatibility ----------------------------------------------------------------------------------------

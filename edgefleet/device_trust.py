@@ -1,0 +1,128 @@
+"""The device's side of the signed repository: python-tuf's ngclient verifies metadata fetched over the
+agent's gRPC channel, and a model file is checked against the signed target it belongs to.
+
+`DeviceTrust` pins root.json at enrollment, refreshes metadata (ngclient persists the highest versions it has
+seen, so older metadata is refused after a restart too) and answers what a target must be. Blocking: the
+agent calls it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tuf.api import exceptions as tuf_exceptions
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+from tuf.api.serialization import DeserializationError
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+
+from edgefleet.durable import write_atomic
+from edgefleet.errors import (
+    HashMismatchError,
+    MetadataExpiredError,
+    MetadataRefusedError,
+    SignatureError,
+    TransportError,
+)
+from edgefleet.signing import parse_metadata, rollback_floors, utcnow, verify_role
+
+# Bounds for metadata a device accepts (bytes); far above what a fleet needs, far below what hurts a device.
+DEVICE_UPDATER_CONFIG = UpdaterConfig(
+    max_root_rotations=32,
+    root_max_length=64 * 1024,
+    timestamp_max_length=16 * 1024,
+    snapshot_max_length=256 * 1024,
+    targets_max_length=4 * 2**20,
+    prefix_targets_with_hash=False,
+)
+
+
+class CallbackFetcher(FetcherInterface):
+    """Feeds ngclient from a function `name -> bytes` (the agent's gRPC GetMetadata call).
+
+    The function raises FileNotFoundError for a file the server does not have (ngclient's "no newer root")
+    and TransportError when the server cannot be reached.
+    """
+
+    PREFIX = "edgefleet:/metadata/"
+
+    def __init__(self, get: Callable[[str], bytes]):
+        self._get = get
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        if not url.startswith(self.PREFIX) or not url.endswith(".json"):
+            raise tuf_exceptions.DownloadError(f"unexpected metadata url {url}")
+        name = url[len(self.PREFIX) : -len(".json")]
+        try:
+            data = self._get(name)
+        except FileNotFoundError as e:
+            raise tuf_exceptions.DownloadHTTPError(f"{name} not found", 404) from e
+        except TransportError as e:
+            raise tuf_exceptions.DownloadError(str(e)) from e
+        return iter([data])
+
+
+class DeviceTrust:
+    """The device's view of the signed repository: pins root.json, refreshes metadata, answers what a target
+    must be. Blocking (ngclient is synchronous): call it from a worker thread."""
+
+    def __init__(self, metadata_dir: Path, get_metadata: Callable[[str], bytes]):
+        self.metadata_dir = Path(metadata_dir)
+        self._fetcher = CallbackFetcher(get_metadata)
+        self.rollback_floors: dict[str, int] = {}  # from the targets metadata verified by the last refresh
+
+    @staticmethod
+    def pin_root(metadata_dir: Path, trust_root: bytes) -> None:
+        """First start: trust this root.json (checked to be self-signed) from now on."""
+        md = parse_metadata(trust_root, Root.type)
+        verify_role(md.signed, Root.type, md)
+        Path(metadata_dir).mkdir(parents=True, exist_ok=True)
+        os.chmod(metadata_dir, 0o700)
+        write_atomic(Path(metadata_dir) / "pinned-root.json", trust_root)
+
+    def is_pinned(self) -> bool:
+        return (self.metadata_dir / "pinned-root.json").exists()
+
+    def target(self, target_path: str) -> TargetFile:
+        """Refreshes metadata and returns the signed TargetFile. Raises SignatureError (the metadata is bad:
+        unsigned, expired, a rollback, or no such target) or TransportError (could not fetch)."""
+        bootstrap = None
+        if not (self.metadata_dir / "root.json").exists():
+            bootstrap = (self.metadata_dir / "pinned-root.json").read_bytes()
+        try:
+            updater = Updater(
+                str(self.metadata_dir),
+                CallbackFetcher.PREFIX,
+                fetcher=self._fetcher,
+                config=DEVICE_UPDATER_CONFIG,
+                bootstrap=bootstrap,
+            )
+            updater.refresh()
+            info = updater.get_targetinfo(target_path)
+            # ngclient persisted exactly what it just verified: read the operator's rollback authorizations.
+            verified = Metadata[Targets].from_file(str(self.metadata_dir / "targets.json"))
+            self.rollback_floors = rollback_floors(verified.signed)
+        except tuf_exceptions.DownloadError as e:
+            raise TransportError(f"metadata download failed: {e}") from e
+        except tuf_exceptions.ExpiredMetadataError as e:
+            raise MetadataExpiredError(
+                f"signed metadata has expired ({e}); this device's clock reads {utcnow().isoformat()}: "
+                "if that is wrong, fix the clock; otherwise the server is serving stale metadata"
+            ) from e
+        except tuf_exceptions.RepositoryError as e:
+            raise MetadataRefusedError(f"signed metadata refused: {type(e).__name__}: {e}") from e
+        except (DeserializationError, ValueError, KeyError, TypeError) as e:
+            raise MetadataRefusedError(f"signed metadata refused: malformed: {e}") from e
+        if info is None:
+            raise SignatureError(f"{target_path} is not in the signed targets metadata")
+        return info
+
+
+def verify_file(target: TargetFile, path: Path) -> None:
+    """Length and sha256 against the signed target. Raises HashMismatchError."""
+    try:
+        with open(path, "rb") as f:
+            target.verify_length_and_hashes(f)
+    except tuf_exceptions.LengthOrHashMismatchError as e:
+        raise HashMismatchError(f"{target.path}: {e}") from e
