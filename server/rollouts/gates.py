@@ -365,6 +365,7 @@ class ShadowAgreementGate:
     min_agreement: float = 0.95
     confidence: float = 0.99
     min_compared_calls: int = 500
+    min_devices: int = 5
 
     def __post_init__(self) -> None:
         _check_confidence(self.confidence)
@@ -374,8 +375,11 @@ class ShadowAgreementGate:
         n = float(s.compared_calls) if s else 0.0
         rate = s.top1_agreed / n if s and n else math.nan
         statistic = "top1_agreement"
-        if s is None or n < self.min_compared_calls:
-            why = f"{fmt(n)} compared calls, the floor is {self.min_compared_calls}"
+        if s is None or n < self.min_compared_calls or canary.devices < self.min_devices:
+            why = (
+                f"{fmt(n)} compared calls on {canary.devices} devices, "
+                f"the floors are {self.min_compared_calls} and {self.min_devices}"
+            )
             evidence = Evidence(n, 0, "compared calls", statistic, rate, self.min_agreement, why)
             return Verdict(self.name, Outcome.INCONCLUSIVE, evidence)
         bounds = st.wilson_bounds(s.top1_agreed, n, self.confidence)
