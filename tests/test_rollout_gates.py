@@ -434,6 +434,8 @@ def test_shadow_gate_needs_its_lower_bound_over_the_threshold() -> None:
         gate.evaluate(cohort(shadow=ShadowAgreement(40, 40)), CohortTelemetry()).outcome
         is Outcome.INCONCLUSIVE
     )
+    one_device = cohort(shadow=ShadowAgreement(5000, 4990), devices=1)
+    assert gate.evaluate(one_device, CohortTelemetry()).outcome is Outcome.INCONCLUSIVE
 
 
 def test_shadow_gate_passes_a_candidate_under_the_threshold_at_most_alpha_of_the_time() -> None:
