@@ -185,13 +185,15 @@ def main() -> None:
         ("naive", best_ms(naive, repeat)),
     ]
     print(
-        f"rollout gates over {devices} devices ({canary.devices} canary, {control.devices} control), best of {repeat}"
+        f"rollout gates over {devices} devices ({canary.devices} canary, {control.devices} control), "
+        f"best of {repeat}"
     )
     print(f"{'step':<14}{'ms':>10}")
     for name, ms in rows:
         print(f"{name:<14}{ms:>10.2f}")
     print(
-        f"naive / from columns: {rows[5][1] / rows[3][1]:.1f}x; naive / from records: {rows[5][1] / rows[4][1]:.1f}x"
+        f"naive / from columns: {rows[5][1] / rows[3][1]:.1f}x; "
+        f"naive / from records: {rows[5][1] / rows[4][1]:.1f}x"
     )
     print(f"judgement: {judgement.outcome.value} ({len(judgement.verdicts)} gates)")
     for verdict in judgement.verdicts:

@@ -255,7 +255,8 @@ def test_error_gate_flags_2_percent_against_half_a_percent() -> None:
     assert (e.canary_n, e.control_n, e.sample_unit) == (n, n, "calls")
     assert e.statistic == "error_rate_increase_points" and e.threshold == 0.1 and e.confidence == 0.99
     assert e.bound is not None and 0.1 < e.bound < e.value  # type: ignore[operator]
-    assert e.figure("canary_error_percent") == pytest.approx(e.value + e.figure("control_error_percent"))  # type: ignore[operator]
+    assert e.value is not None
+    assert e.figure("canary_error_percent") == pytest.approx(e.value + e.figure("control_error_percent"))
 
 
 def test_error_rate_bound_false_alarms_at_most_alpha_on_one_rate() -> None:
@@ -543,12 +544,16 @@ def test_judge_fails_on_any_failure_waits_on_any_inconclusive_and_never_passes_b
         top_score_counts=tuple(rng.multinomial(50_000, np.full(10, 0.1))),
         installs=InstallOutcomes(succeeded=50),
     )
-    control = CohortTelemetry(latency_counts=tuple(latency_hist(lognormal_ms(rng, 50_000))), **base)  # type: ignore[arg-type]
-    good = CohortTelemetry(latency_counts=tuple(latency_hist(lognormal_ms(rng, 50_000))), **base)  # type: ignore[arg-type]
+
+    def latency(median_ms: float = 4.0) -> tuple[float, ...]:
+        return tuple(float(v) for v in latency_hist(lognormal_ms(rng, 50_000, median_ms)))
+
+    control = CohortTelemetry(latency_counts=latency(), **base)  # type: ignore[arg-type]
+    good = CohortTelemetry(latency_counts=latency(), **base)  # type: ignore[arg-type]
     passed = judge(default_gates(), good, control)
     assert passed.outcome is Outcome.PASS, passed.summary()
     assert len(passed.verdicts) == len(default_gates()) and not passed.failed
-    slow = CohortTelemetry(latency_counts=tuple(latency_hist(lognormal_ms(rng, 50_000, 8.0))), **base)  # type: ignore[arg-type]
+    slow = CohortTelemetry(latency_counts=latency(8.0), **base)  # type: ignore[arg-type]
     failed = judge(default_gates(), slow, control)
     assert failed.outcome is Outcome.FAIL and [v.gate for v in failed.failed] == ["latency"]
     waiting = judge(default_gates(shadow=True), good, control)  # no shadow data yet

@@ -1,4 +1,4 @@
-"""What the gates read: one cohort's telemetry summed over a soak window, and how per-device records are summed.
+"""What the gates read: a cohort's telemetry summed over a soak window, and how device records are summed.
 
 A device reports per model version every ~10 s; whoever reads the database sums those reports per device over
 the wave's window into a `DeviceWindow` (one device, one model version). `FleetColumns.from_windows` stacks

@@ -8,10 +8,11 @@ must prove its agreement (pass only when the lower bound clears the threshold, f
 below it, inconclusive in between); the install and drift gates compare a measured figure with a threshold.
 
 Defaults: confidence 0.99 for every test, so a clean wave judged by the four statistical regression gates
-fails by chance at most ~4 % of the time (Bonferroni). Latency "no more than 20 % slower"; errors "no more than
-0.1 percentage points more"; crashes and unplanned worker restarts "no more often than the control"; drift PSI
-0.25 (the "significant shift" band) or JS distance 0.1; shadow agreement 0.95; installs 5 % failed and at
-least 3 failed devices (Azure Device Update's percentage-and-count rule: 1 failure of 2 is not 50 % of a fleet).
+fails by chance at most ~4 % of the time (Bonferroni). Latency "no more than 20 % slower"; errors "no more
+than 0.1 percentage points more"; crashes and unplanned worker restarts "no more often than the control";
+drift PSI 0.25 (the "significant shift" band) or JS distance 0.1; shadow agreement 0.95; installs 5 % failed
+and at least 3 failed devices (Azure Device Update's percentage-and-count rule: 1 failure of 2 is not 50 %
+of a fleet).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _too_few(canary: float, control: float, floor: float, devices: tuple[int, in
 
 @dataclass(frozen=True)
 class InstallFailureGate:
-    """Fail when at least `min_failed_devices` failed AND they are at least `max_failed_percent` of finished."""
+    """Fail when at least `min_failed_devices` failed AND they are >= `max_failed_percent` of the finished."""
 
     name: str = "install-failures"
     max_failed_percent: float = 5.0
@@ -137,7 +138,7 @@ class ErrorRateGate:
 class LatencyGate:
     """Fail when the canary is significantly more than `max_slowdown_percent` slower than the control.
 
-    Two one-sided tests, each at (1 - confidence) / 2 so that together they false-alarm at most 1 - confidence:
+    Two one-sided tests, each at (1 - confidence) / 2 so together they false-alarm at most 1 - confidence:
     the rank test of the canary against the control scaled by (1 + T) (the body: p50 and around), and the
     tail: the canary's share of calls above (1 + T) x the control's p95 against the control's 5 % above its
     p95 (Newcombe bound > 0). With `source="shadow"` the canary is the shadow candidate's latency on the
@@ -359,7 +360,7 @@ class OutputDriftGate:
 
 @dataclass(frozen=True)
 class ShadowAgreementGate:
-    """Pass when the Wilson lower bound of top-1 agreement is >= `min_agreement`; fail when the upper is below."""
+    """Pass when top-1 agreement's Wilson lower bound is >= `min_agreement`; fail when the upper is below."""
 
     name: str = "shadow-agreement"
     min_agreement: float = 0.95
@@ -414,7 +415,7 @@ class ShadowAgreementGate:
 
 
 def default_gates(*, shadow: bool = False) -> tuple[Gate, ...]:
-    """Every gate with its camera-fleet defaults; a shadow wave adds the agreement and shadow-latency gates."""
+    """Every gate with camera-fleet defaults; a shadow wave adds the agreement and shadow-latency gates."""
     gates: list[Gate] = [
         InstallFailureGate(),
         ErrorRateGate(),

@@ -1,4 +1,4 @@
-"""The statistics behind the rollout gates, on the aggregates devices send: histograms and counts, never raw data.
+"""The statistics behind the rollout gates, on what devices send: histograms and counts, never raw data.
 
 Every function is pure (numpy only, no scipy at run time). What each one computes and assumes:
 
@@ -12,7 +12,8 @@ others in bin k. With canary counts a_k, control counts b_k, n1 = sum a, n2 = su
     z = (U - mean - 0.5) / sqrt(variance),    p = P(Z >= z)   (one-sided: "canary slower")
 
 the grouped-data form with the tie correction, the normal approximation and a continuity correction of 1/2;
-it equals `scipy.stats.mannwhitneyu(x, y, alternative="greater", method="asymptotic")` on the expanded samples.
+it equals `scipy.stats.mannwhitneyu(x, y, alternative="greater", method="asymptotic")` on the expanded
+samples.
 Assumes independent observations: calls on one device are correlated (same scene, same hardware), so the gates
 also keep a floor on the number of devices per side. With millions of calls any difference is "significant",
 which is why latency is tested against a tolerance band, not against equality.
@@ -27,14 +28,15 @@ bucket stays there, which is exact because (1 + T) x > x). Properties the gates 
 - for T >= 0 the rescaled control is never faster than the control, bound by bound, so when canary and control
   come from one distribution (or the canary is faster) the false-alarm rate is at most the plain test's;
 - T = 0 is the plain test;
-- the band's edge is only as sharp as the buckets: a slowdown that stays inside one bucket is seen only through
-  the uniform-density assumption, so "1.2x" means "about 1.2x" at the resolution of the bounds.
+- the band's edge is only as sharp as the buckets: a slowdown that stays inside one bucket is seen only
+  through the uniform-density assumption, so "1.2x" means "about 1.2x" at the resolution of the bounds.
 
 In simulations of log-normal latencies (sigma 0.2-1 in log space, medians 1.5-30 ms, 200,000 calls a side)
 a canary exactly 1.2x slower scored an effect of 0.39-0.49 against the 1.2x band (0.5 = on the edge): the
-uniform assumption errs on the side of passing near the edge, and the effective edge of a 20 % band lay
-between 1.2x and 1.5x (the narrowest, all in one 2.5x-wide bucket). A log-uniform assumption was closer on average but crossed 0.5 (a false alarm at
-the edge with enough calls), so it was not taken.
+uniform assumption errs on the side of passing near the edge. The effective edge of a 20 % band lay between
+1.2x and 1.5x, the widest for the narrowest distribution (nearly all calls in one 2.5x-wide bucket), where a
+1.5x slowdown is only just detectable. A log-uniform assumption was closer on average but crossed 0.5 (a false
+alarm at the edge, given enough calls), so it was not taken.
 
 **Percentiles** (`histogram_quantile`): the q-th observation by rank, interpolated linearly inside its bucket
 (as Prometheus' `histogram_quantile`, and the same assumption as the band); a rank in the open last bucket
@@ -65,9 +67,9 @@ the z-test's variance estimate collapses. Assumes independent calls (see above).
 
 **Rates per device-hour** (`poisson_rate_greater`): crashes and worker restarts as Poisson counts over
 exposure (device-hours). Given c = c1 + c2 events, under "canary rate = R x control rate" the canary's share
-is Binomial(c, R t1 / (R t1 + t2)); the one-sided p-value is P(X >= c1), computed exactly (normal approximation
-with continuity correction above 100,000 events). R = 1 tests for any increase. Exact tests on discrete counts
-are conservative: the false-alarm rate is at most the nominal one.
+is Binomial(c, R t1 / (R t1 + t2)); the one-sided p-value is P(X >= c1), computed exactly (normal
+approximation with continuity correction above 100,000 events). R = 1 tests for any increase. Exact tests
+on discrete counts are conservative: the false-alarm rate is at most the nominal one.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a gate answers: a verdict (pass / fail / inconclusive) with the evidence behind it, and a wave's judgement.
+"""What a gate answers: a verdict (pass / fail / inconclusive) with its evidence, and a wave's judgement.
 
 The evidence is what goes into the audit trail and what an operator reads when a wave stops: the sample sizes
 on both sides (and their unit), the statistic's name and value, the threshold it was held against, the
