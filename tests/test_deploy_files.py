@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fnmatch
+import importlib.metadata
 import json
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import edgefleet.agent
 import numpy as np
 import pytest
 
+from edgefleet.localfleet import LocalFleet
 from edgefleet.modelgen import DigitsData
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -400,3 +404,186 @@ def test_the_server_quantizes_and_measures_variants_under_its_units_memory_and_s
     built = done.stdout.split()
     # ai-edge-quantizer wrote them and both runtimes measured them in their own processes, all under the filters.
     assert {"float32", "float16", "int8-dynamic-pt", "int8-static", "int4-dynamic"} <= set(built), built
+
+
+# --- the Containerfiles -----------------------------------------------------------------------------------
+
+CONTAINERFILES = ("Containerfile.server", "Containerfile.agent")
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """A Containerfile as (INSTRUCTION, arguments) pairs, continuation lines joined."""
+    result: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        if raw.lstrip().startswith("#") or not raw.strip():
+            continue
+        line = pending + raw.strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        word, _, rest = line.partition(" ")
+        result.append((word.upper(), rest.strip()))
+    return result
+
+
+def copied_sources(path: Path) -> list[str]:
+    sources = []
+    for word, rest in instructions(path):
+        if word in ("COPY", "ADD"):
+            parts = [p for p in rest.split() if not p.startswith("--")]
+            assert "--from" not in rest, "a multi-stage COPY: teach this test about stages"
+            sources += parts[:-1]
+    return sources
+
+
+def ignored(relative: str, patterns: list[str]) -> bool:
+    """Whether the build context leaves out `relative`, by .dockerignore's rules: the last pattern that
+    matches the path or one of its parent folders decides, and `!` lets a path back in."""
+    result = False
+    parts = relative.strip("/").split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        keep = pattern.startswith("!")
+        bare = pattern.removeprefix("!").strip("/")
+        if any(
+            fnmatch.fnmatchcase(c, bare) or fnmatch.fnmatchcase(c, bare.replace("**/", ""))
+            for c in candidates
+        ):
+            result = not keep
+    return result
+
+
+def ignore_patterns(containerfile: str) -> list[str]:
+    text = (CONTAINER / f"{containerfile}.dockerignore").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("containerfile", CONTAINERFILES)
+def test_every_file_a_containerfile_copies_exists_and_is_in_its_build_context(containerfile: str) -> None:
+    sources = copied_sources(CONTAINER / containerfile)
+    assert sources
+    patterns = ignore_patterns(containerfile)
+    for source in sources:
+        assert (ROOT / source).exists(), f"{containerfile} copies {source}, which the repository lacks"
+        assert not ignored(source, patterns), f"{containerfile}.dockerignore leaves out {source}"
+    # The context stays small: the virtualenv, git and caches are not sent to the builder.
+    for heavy in (".venv", ".git", "demo-run", "tests"):
+        assert ignored(heavy, patterns), heavy
+
+
+@pytest.mark.parametrize("containerfile", CONTAINERFILES)
+def test_the_image_runs_as_a_user_other_than_root(containerfile: str) -> None:
+    users = [rest for word, rest in instructions(CONTAINER / containerfile) if word == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    words = [word for word, _ in instructions(CONTAINER / containerfile)]
+    assert words.index("USER") < words.index("ENTRYPOINT")
+
+
+@pytest.mark.parametrize("containerfile", CONTAINERFILES)
+def test_a_containerfile_installs_only_extras_the_package_declares(containerfile: str) -> None:
+    declared = set(importlib.metadata.metadata("edgefleet").get_all("Provides-Extra") or [])
+    installs = [
+        rest
+        for word, rest in instructions(CONTAINER / containerfile)
+        if word == "RUN" and "pip install" in rest
+    ]
+    (install,) = installs
+    match = re.search(r'"/src\[([a-z,]+)\]"', install)
+    assert match, install
+    assert set(match[1].split(",")) <= declared, (match[1], declared)
+
+
+def test_the_server_image_publishes_both_ports_and_keeps_data_and_keys_in_volumes() -> None:
+    steps = instructions(CONTAINER / "Containerfile.server")
+    exposed = {port for word, rest in steps if word == "EXPOSE" for port in rest.split()}
+    assert exposed == {"7443", "7444"}
+    volumes = {v for word, rest in steps if word == "VOLUME" for v in json.loads(rest)}
+    assert volumes == {"/var/lib/edgefleet-server", "/etc/edgefleet/keys"}
+    entrypoint = json.loads(next(rest for word, rest in steps if word == "ENTRYPOINT"))
+    assert entrypoint[entrypoint.index("--data-dir") + 1] == "/var/lib/edgefleet-server"
+    assert entrypoint[entrypoint.index("--trust-root") + 1] == "/etc/edgefleet/keys/root.json"
+    assert entrypoint[entrypoint.index("--listen") + 1] == "0.0.0.0:7443"
+
+
+def test_the_files_a_containerfile_copies_are_enough_to_build_the_package(tmp_path: Path) -> None:
+    context = tmp_path / "context"
+    context.mkdir()
+    for source in copied_sources(CONTAINER / "Containerfile.server"):
+        if source.startswith("deploy/"):
+            continue  # copied beside the package, not into /src
+        if (ROOT / source).is_dir():
+            shutil.copytree(ROOT / source, context / source, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / source, context / source)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(context),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wheel,) = tmp_path.glob("edgefleet-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for package in ("edgefleet", "edgefleet/v1", "edgefleet/server", "edgefleet/agent"):
+        assert f"{package}/__init__.py" in names, package
+
+
+def test_the_server_images_health_check_answers_serving_and_fails_without_a_server(
+    fleet: LocalFleet, tmp_path: Path
+) -> None:
+    steps = instructions(CONTAINER / "Containerfile.server")
+    check = json.loads(next(rest for word, rest in steps if word == "HEALTHCHECK").split(" CMD ", 1)[1])
+    copied = next(rest.split() for word, rest in steps if word == "COPY" and "healthcheck.py" in rest)
+    assert check[1] == copied[-1], "HEALTHCHECK runs the file the image copies"
+    script = CONTAINER / "healthcheck.py"
+    up = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--data-dir",
+            str(fleet.data_dir),
+            "--address",
+            f"localhost:{fleet.port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (up.returncode, up.stdout.strip()) == (0, "SERVING"), up.stdout + up.stderr
+    fleet.stop_server()
+    down = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--data-dir",
+            str(fleet.data_dir),
+            "--address",
+            f"localhost:{fleet.port}",
+            "--timeout",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert down.returncode == 1, down.stdout + down.stderr
+    first_start = subprocess.run(
+        [sys.executable, str(script), "--data-dir", str(tmp_path / "empty")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert first_start.returncode == 1 and "no operator certificate yet" in first_start.stdout
