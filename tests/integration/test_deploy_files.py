@@ -13,8 +13,6 @@ What is checked here, and how:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import fnmatch
 import importlib.metadata
 import json
@@ -26,14 +24,15 @@ import textwrap
 import zipfile
 from pathlib import Path
 
-import edgefleet.agent
 import numpy as np
 import pytest
 
-from edgefleet.localfleet import LocalFleet
-from edgefleet.modelgen import DigitsData
+import edgefleet.agent
+from edgefleet.devtools.localfleet import LocalFleet
+from edgefleet.devtools.modelgen import DigitsData
+from edgefleet.devtools.seccomp import libseccomp
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SYSTEMD = DEPLOY / "systemd"
 CONTAINER = DEPLOY / "container"
@@ -231,8 +230,7 @@ _FILTERED_INFERENCE = textwrap.dedent(
     """
     import ctypes, json, mmap, sys
     import numpy as np
-    sys.path.insert(0, {tests!r})
-    from test_deploy_files import load_unit_seccomp_filters
+    from edgefleet.devtools.seccomp import load_unit_seccomp_filters
     load_unit_seccomp_filters({allowed!r})
 
     # The filters are live: writable and executable memory is refused.
@@ -252,59 +250,6 @@ _FILTERED_INFERENCE = textwrap.dedent(
         worker.kill()
     """
 )
-
-
-def _libseccomp() -> ctypes.CDLL | None:
-    found = ctypes.util.find_library("seccomp")
-    return ctypes.CDLL(found) if found else None
-
-
-class _ArgCompare(ctypes.Structure):
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
-
-
-def load_unit_seccomp_filters(allowed: list[str]) -> None:
-    """Load into this process what systemd 252 loads for `MemoryDenyWriteExecute=yes` (seccomp-util.c:
-    refuse mmap with PROT_WRITE|PROT_EXEC, mprotect/pkey_mprotect adding PROT_EXEC, shmat with SHM_EXEC) and
-    for `SystemCallFilter=` (every system call not in `allowed` fails with EPERM)."""
-    lib = _libseccomp()
-    assert lib is not None
-    lib.seccomp_init.restype = ctypes.c_void_p
-    lib.seccomp_init.argtypes = [ctypes.c_uint32]
-    lib.seccomp_rule_add_array.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_uint32,
-        ctypes.c_int,
-        ctypes.c_uint,
-        ctypes.POINTER(_ArgCompare),
-    ]
-    lib.seccomp_load.argtypes = [ctypes.c_void_p]
-    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-    allow, refuse = 0x7FFF0000, 0x00050000 | 1  # SCMP_ACT_ALLOW, SCMP_ACT_ERRNO(EPERM)
-    masked_eq = 7  # SCMP_CMP_MASKED_EQ
-    prot_write, prot_exec, shm_exec = 0x2, 0x4, 0o100000
-
-    def rule(ctx: int, action: int, name: str, *compares: tuple[int, int, int]) -> None:
-        number = lib.seccomp_syscall_resolve_name(name.encode())
-        if number < 0:
-            return  # not a system call on this architecture
-        array = (_ArgCompare * max(1, len(compares)))(
-            *(_ArgCompare(a, masked_eq, m, v) for a, m, v in compares)
-        )
-        assert lib.seccomp_rule_add_array(ctx, action, number, len(compares), array) == 0, name
-
-    memory = lib.seccomp_init(allow)
-    rule(memory, refuse, "mmap", (2, prot_write | prot_exec, prot_write | prot_exec))
-    rule(memory, refuse, "mmap2", (2, prot_write | prot_exec, prot_write | prot_exec))
-    rule(memory, refuse, "mprotect", (2, prot_exec, prot_exec))
-    rule(memory, refuse, "pkey_mprotect", (2, prot_exec, prot_exec))
-    rule(memory, refuse, "shmat", (2, shm_exec, shm_exec))
-    assert lib.seccomp_load(memory) == 0
-
-    calls = lib.seccomp_init(refuse)
-    for name in allowed:
-        rule(calls, allow, name)
-    assert lib.seccomp_load(calls) == 0
 
 
 def _syscall_groups() -> dict[str, list[str]]:
@@ -344,7 +289,7 @@ def allowed_system_calls(unit: str) -> list[str]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="seccomp is Linux's")
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-@pytest.mark.skipif(_libseccomp() is None, reason="libseccomp is not installed")
+@pytest.mark.skipif(libseccomp() is None, reason="libseccomp is not installed")
 def test_the_model_worker_runs_inference_under_the_agent_units_memory_and_system_call_filters(
     runtime: str, digits_files: dict[str, Path], digits: tuple[bytes, bytes, DigitsData], tmp_path: Path
 ) -> None:
@@ -358,7 +303,6 @@ def test_the_model_worker_runs_inference_under_the_agent_units_memory_and_system
     expected = bare.get_tensor(bare.get_output_details()[0]["index"])
 
     code = _FILTERED_INFERENCE.format(
-        tests=str(Path(__file__).parent),
         allowed=allowed_system_calls("edgefleet-agent.service"),
         model=str(digits_files["v1"]),
         runtime=runtime,
@@ -375,8 +319,7 @@ _FILTERED_VARIANTS = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    sys.path.insert(0, {tests!r})
-    from test_deploy_files import load_unit_seccomp_filters
+    from edgefleet.devtools.seccomp import load_unit_seccomp_filters
     load_unit_seccomp_filters({allowed!r})
 
     from edgefleet.server.compression import build_variants, load_eval_npz
@@ -389,12 +332,11 @@ _FILTERED_VARIANTS = textwrap.dedent(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="seccomp is Linux's")
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-@pytest.mark.skipif(_libseccomp() is None, reason="libseccomp is not installed")
+@pytest.mark.skipif(libseccomp() is None, reason="libseccomp is not installed")
 def test_the_server_quantizes_and_measures_variants_under_its_units_memory_and_system_call_filters(
     digits_files: dict[str, Path],
 ) -> None:
     code = _FILTERED_VARIANTS.format(
-        tests=str(Path(__file__).parent),
         allowed=allowed_system_calls("edgefleet-server.service"),
         model=str(digits_files["v1"]),
         eval=str(digits_files["eval"]),
