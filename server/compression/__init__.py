@@ -47,7 +47,14 @@ from edgefleet.server.compression.build import (
     Variant,
     build_variants,
 )
-from edgefleet.server.compression.evalsets import MAX_EVAL_BYTES, EvalSet, load_eval_npz
+from edgefleet.server.compression.evalsets import (
+    MAX_EVAL_BYTES,
+    BoundEvalSet,
+    EvalSet,
+    ModelIo,
+    TensorInfo,
+    load_eval_npz,
+)
 from edgefleet.server.compression.measuring import Measured, measure
 from edgefleet.server.compression.recipes import RECIPES, prune, quantize
 
@@ -57,7 +64,10 @@ __all__ = [
     "MAX_EVAL_BYTES",
     "PRUNED_RECIPES",
     "RECIPES",
+    "BoundEvalSet",
     "EvalSet",
+    "ModelIo",
+    "TensorInfo",
     "Measured",
     "Variant",
     "build_variants",

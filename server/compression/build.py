@@ -189,7 +189,8 @@ def build_variants(
     float_outputs = _named(float_run.outputs, names)
     if bound is not None:
         _check_reference_outputs(bound.references, float_outputs)
-    judge = Judge(float_outputs, bound.labels if bound is not None else {})
+    steps = {t.name: t.scale for t in io_.outputs if t.scale}
+    judge = Judge(float_outputs, bound.labels if bound is not None else {}, steps)
     variants = []
     for name, description, variant_model in made:
         runs = {runtime: _renamed(run, names) for runtime, run in measured[name].items()}

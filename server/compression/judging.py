@@ -42,9 +42,17 @@ class Judge:
     worst output, which `limited_by` names.
     """
 
-    def __init__(self, float_outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> None:
+    def __init__(
+        self,
+        float_outputs: dict[str, np.ndarray],
+        labels: dict[str, np.ndarray],
+        steps: dict[str, float] | None = None,
+    ) -> None:
         self.float_outputs = float_outputs
         self.labels = labels
+        # Quantization step of each quantized output of the pushed model: two correct runtimes may round
+        # a result to neighbouring steps, so up to one step of mean disagreement is rounding, not a bug.
+        self.steps = steps or {}
         self.metrics = {name: ACCURACY if name in labels else RELATIVE_ERROR for name in float_outputs}
         self.judged_by = " / ".join(sorted(set(self.metrics.values())))
         self.float_accuracy = {name: self._accuracy(name, float_outputs[name]) for name in labels}
@@ -109,7 +117,7 @@ def judge_runtimes(
         for name, float_out in judge.float_outputs.items():
             lost = judge.output_points_lost(name, outs[name])
             own_error = float(np.mean(np.abs(ref[name] - float_out)))
-            atol = ATOL_RELATIVE * float(np.mean(np.abs(float_out)))
+            atol = ATOL_RELATIVE * float(np.mean(np.abs(float_out))) + judge.steps.get(name, 0.0)
             disagreement = float(np.mean(np.abs(outs[name] - ref[name])))
             where = f" on {name}" if len(judge.float_outputs) > 1 else ""
             if lost > tolerance_points:
