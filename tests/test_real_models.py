@@ -136,6 +136,9 @@ def test_real_cnn_gets_a_smaller_variant_judged_per_output(
     assert figures["points_lost"] == pytest.approx(int8["accuracy_delta_points"])
     assert all(f["points_lost"] <= int8["accuracy_delta_points"] for f in int8["outputs"].values())
     assert 0 < figures["relative_l2"] < 0.05 and figures["accuracy"] is None
+    by_runtime = int8["output_points_lost_by_runtime"]
+    assert set(by_runtime) == {LITERT, TFLITE_RUNTIME} and set(by_runtime[TFLITE_RUNTIME]) == outputs
+    assert by_runtime[LITERT][int8["limited_by"]] == pytest.approx(int8["accuracy_delta_points"])
     # Per-tensor dynamic int8 overflows on these convolutions: measured, and never assigned.
     assert "not finite" in iris_variants["int8-dynamic-pt"].details["excluded"]
     assert iris_variants["int8-dynamic-pt"].details["accuracy_delta_points"] is None

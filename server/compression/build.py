@@ -242,6 +242,7 @@ def _variant(
         "mean_abs_error": None,
         "limited_by": None,  # the output whose points lost are the variant's
         "outputs": {},  # per output: metric, points_lost, max/mean abs error, relative_l2, accuracy
+        "output_points_lost_by_runtime": {},  # {runtime: {output: points lost}}, finite runs only
         "latency_ms": {runtime: run.latency_ms for runtime, run in ran.items()},
         "peak_memory_bytes": 0,
         "peak_memory_bytes_by_runtime": {runtime: run.peak_memory_bytes for runtime, run in ran.items()},
@@ -279,6 +280,11 @@ def _variant(
             accuracy_delta_points=lost if finite else None,
             limited_by=limited_by or None,
             outputs={n: f.to_json() for n, f in figures.items()},
+            output_points_lost_by_runtime={
+                runtime: {n: judge.output_points_lost(n, outs[n]) for n in judge.float_outputs}
+                for runtime, outs in outputs.items()
+                if all_finite(outs)
+            },
             max_abs_error=float(error.max()) if finite else None,
             mean_abs_error=float(error.mean()) if finite else None,
             peak_memory_bytes=max(counted),

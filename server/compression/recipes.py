@@ -85,7 +85,8 @@ def quantize(
         )
         # A pruned channel or block that is all zeros gets scale 0 and the quantizer computes 0/0 for it;
         # harmless, since every value of it dequantizes to q * 0 = 0.
-        with np.errstate(divide="ignore", invalid="ignore"):
+        # Its progress bars ignore enable_progress_report and draw on stderr: noise on a server.
+        with np.errstate(divide="ignore", invalid="ignore"), contextlib.redirect_stderr(io.StringIO()):
             return bytes(qt.quantize(result, enable_progress_report=False).quantized_model)
 
 
