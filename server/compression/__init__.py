@@ -5,10 +5,25 @@ per tensor, weight-only int8 and int4, dynamic int4, static int8 when calibratio
 magnitude-prunes it before quantizing (``pruned<percent>-<recipe>``). Every variant is run on every
 runtime over the eval inputs and the figures go into ``Variant.details`` (read by `server.variants`).
 
-How a variant is judged ("points lost", always against the float32 model on the reference runtime):
-with labels, float32's accuracy minus the variant's, in percentage points; without labels, the mean absolute
-difference of its outputs from float32's as a percentage of mean ``|float32 output|``. Without an eval set
-the inputs are generated (seeded N(0, 1) floats, or uniform integers for integer inputs).
+Before quantizing, the model is normalized (`normalize`): files older than schema 3a name their ops in
+the deprecated field only, and float16 weights sit behind DEQUANTIZE ops; either way the quantizer would
+quantize nothing. A model that is already quantized (int8 weights or quantized tensors, `edgefleet.modelfile`)
+gets no quantized variants, only itself, and ``compression`` in its details says so. A model with ops no
+runtime here has (Flex, Edge TPU, unknown custom ops) is refused with IncompatibleError naming them.
+
+Eval sets name their tensors (`evalsets` has the format): any number of inputs and outputs. Without one,
+inputs are generated (`build.generated_inputs`: seeded N(0, 1) floats, uniform integers over an integer
+input's range, 8-64 rows, at most 8 MiB). Variants measured on generated inputs are judged and may be
+assigned like any other: without labels the rule is the error against float32's outputs, not accuracy.
+
+How a variant is judged ("points lost", always against the pushed model on the reference runtime), output
+by output: an output with labels by accuracy, float32's minus the variant's in percentage points; one
+without by the mean absolute difference from float32's as a percentage of mean ``|float32 output|``.
+Quantized outputs are compared as the values they stand for (scale and zero point). The variant's
+``accuracy_delta_points`` is its worst output's, ``limited_by`` names that output, and ``outputs`` holds per
+output ``metric``, ``points_lost``, ``max_abs_error``, ``mean_abs_error``, ``relative_l2`` and ``accuracy``;
+``output_points_lost_by_runtime`` has the points lost per output on every runtime that ran it. The tolerance
+applies to every output.
 
 **Correct on a runtime.** Runtimes differ: tflite-runtime 2.14 runs per-channel dynamic int8 without any
 error but computes garbage (~10 % on digits), so correctness is measured, never inferred from op versions.
@@ -17,9 +32,10 @@ variant V correctly when all of these hold:
 
 1. R loads V, allocates its tensors and runs it on every eval input, with finite outputs;
 2. V loses at most ``tolerance_points`` on R: a device never gets what is over tolerance on its runtime;
-3. ``mean |out_R - out_ref| <= 2 * mean |out_ref - out_float32| + atol`` on the eval inputs: R may
-   disagree with the reference by rounding, but by no more than twice the variant's own error against
-   float32 (atol, 1e-4 of the mean |float32 output|, absorbs float rounding for float variants).
+3. ``mean |out_R - out_ref| <= 2 * mean |out_ref - out_float32| + atol`` on the eval inputs, per output: R
+   may disagree with the reference by rounding, but by no more than twice the variant's own error against
+   float32 (atol, 1e-4 of the mean |float32 output| plus one quantization step of a quantized output,
+   absorbs rounding).
    Measured on digits: correct runtimes disagree by 0.01-0.5x the own error, the wrong kernel by ~300x.
 
 A variant is ``excluded`` when the reference cannot run it, when it loses more than ``tolerance_points`` on
@@ -47,7 +63,14 @@ from edgefleet.server.compression.build import (
     Variant,
     build_variants,
 )
-from edgefleet.server.compression.evalsets import MAX_EVAL_BYTES, EvalSet, load_eval_npz
+from edgefleet.server.compression.evalsets import (
+    MAX_EVAL_BYTES,
+    BoundEvalSet,
+    EvalSet,
+    ModelIo,
+    TensorInfo,
+    load_eval_npz,
+)
 from edgefleet.server.compression.measuring import Measured, measure
 from edgefleet.server.compression.recipes import RECIPES, prune, quantize
 
@@ -57,7 +80,10 @@ __all__ = [
     "MAX_EVAL_BYTES",
     "PRUNED_RECIPES",
     "RECIPES",
+    "BoundEvalSet",
     "EvalSet",
+    "ModelIo",
+    "TensorInfo",
     "Measured",
     "Variant",
     "build_variants",

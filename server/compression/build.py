@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -12,17 +13,23 @@ import numpy as np
 
 from edgefleet import wire
 from edgefleet.errors import InvalidRequestError, ModelError
+from edgefleet.modelfile import check_runnable, read_facts
 from edgefleet.runtime import LITERT, available_runtimes, make_interpreter
 from edgefleet.server.compression import recipes
-from edgefleet.server.compression.evalsets import EvalSet
-from edgefleet.server.compression.judging import Judge, judge_runtimes
+from edgefleet.server.compression.evalsets import EvalSet, ModelIo, TensorInfo
+from edgefleet.server.compression.judging import Judge, all_finite, judge_runtimes
 from edgefleet.server.compression.measuring import Measured, batches, measure
+from edgefleet.server.compression.normalize import normalize
 
 log = logging.getLogger(__name__)
 
 GENERATED_SAMPLES = 64
+MIN_GENERATED_SAMPLES = 8
+GENERATED_BYTES = 8 * 2**20  # generated eval inputs for an image model: fewer rows, not hours of measuring
 DEFAULT_SPARSITY = (0.25, 0.5)
-PRUNED_RECIPES = ("int8-dynamic-pt", "int4-dynamic")  # the smallest on the wire that both runtimes run
+# The smallest on the wire that both runtimes run (per-tensor int8 on MLPs), and the int8 that survives
+# pruning on CNNs (per-tensor dynamic int8 overflows on depthwise convolutions).
+PRUNED_RECIPES = ("int8-dynamic-pt", "int4-dynamic", "int8-weight-only")
 REFERENCE_MATCH_ATOL = 1e-3  # the float model against the eval set's expected outputs
 
 
@@ -35,73 +42,60 @@ class Variant:
     details: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class TensorIo:
-    """The model's single input and output, as the reference runtime reports them."""
-
-    input_shape: tuple[int, ...]
-    input_dtype: np.dtype
-    output_shape: tuple[int, ...]
-
-
-def describe_io(model: bytes, runtime: str) -> TensorIo:
+def describe_io(model: bytes, runtime: str) -> ModelIo:
+    """The model's inputs and outputs as `runtime` reports them. Raises IncompatibleError / ModelError."""
     try:
         interpreter = make_interpreter(runtime, model_content=model)
     except (ValueError, RuntimeError) as e:
         raise ModelError(f"the model does not load on {runtime}: {e}") from e
-    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise InvalidRequestError(
-            f"compression handles one input and one output; the model has {len(inputs)} and {len(outputs)}"
+
+    def info(d: dict[str, Any]) -> TensorInfo:
+        scale, zero_point = d["quantization"]
+        return TensorInfo(
+            d["name"], tuple(int(n) for n in d["shape"]), np.dtype(d["dtype"]), scale, zero_point
         )
-    return TensorIo(tuple(inputs[0]["shape"]), np.dtype(inputs[0]["dtype"]), tuple(outputs[0]["shape"]))
+
+    return ModelIo(
+        tuple(info(d) for d in interpreter.get_input_details()),
+        tuple(info(d) for d in interpreter.get_output_details()),
+    )
 
 
-def _inputs(spec: TensorIo, eval_set: EvalSet | None) -> np.ndarray:
-    """The eval inputs, checked against the model; generated when there is no eval set."""
-    if eval_set is None:
-        rng = np.random.default_rng(0)
-        shape = (GENERATED_SAMPLES, *spec.input_shape[1:])
-        if spec.input_dtype.kind == "f":
-            return rng.standard_normal(shape).astype(spec.input_dtype)
-        info = np.iinfo(spec.input_dtype)
-        return rng.integers(info.min, info.max, shape, endpoint=True).astype(spec.input_dtype)
-    classes = math.prod(spec.output_shape[1:])
-    if eval_set.y is not None and eval_set.y.max() >= classes:
-        raise InvalidRequestError(f"eval y has label {eval_set.y.max()}; the model outputs {classes} classes")
-    return _check_rows(eval_set.x, spec, "eval x")
+def generated_inputs(io_: ModelIo, samples: int = GENERATED_SAMPLES) -> dict[str, np.ndarray]:
+    """Deterministic eval inputs of each input's shape and dtype: seeded N(0, 1) floats, uniform integers
+    over the dtype's range. Fewer rows for large inputs, at most GENERATED_BYTES in all."""
+    row_bytes = sum(math.prod(t.shape[1:]) * t.dtype.itemsize for t in io_.inputs)
+    rows = max(MIN_GENERATED_SAMPLES, min(samples, GENERATED_BYTES // max(row_bytes, 1)))
+    rng = np.random.default_rng(0)
+    generated = {}
+    for t in io_.inputs:
+        shape = (rows, *t.shape[1:])
+        if t.dtype.kind == "f":
+            generated[t.name] = rng.standard_normal(shape).astype(t.dtype)
+        elif t.dtype.kind == "b":
+            generated[t.name] = rng.integers(0, 2, shape).astype(t.dtype)
+        else:
+            limits = np.iinfo(t.dtype)
+            generated[t.name] = rng.integers(limits.min, limits.max, shape, endpoint=True).astype(t.dtype)
+    return generated
 
 
-def _check_rows(x: np.ndarray, spec: TensorIo, what: str) -> np.ndarray:
-    if tuple(x.shape[1:]) != spec.input_shape[1:]:
-        raise InvalidRequestError(
-            f"{what} has rows of shape {tuple(x.shape[1:])}; the model's input takes {spec.input_shape[1:]}"
-        )
-    if not np.can_cast(x.dtype, spec.input_dtype, casting="same_kind"):
-        raise InvalidRequestError(f"{what} has dtype {x.dtype}; the model's input is {spec.input_dtype}")
-    return x.astype(spec.input_dtype)
-
-
-def _check_reference_outputs(eval_set: EvalSet | None, float_outputs: np.ndarray) -> None:
+def _check_reference_outputs(references: dict[str, np.ndarray], float_outputs: dict[str, np.ndarray]) -> None:
     """The eval set's expected outputs must be what the pushed model computes (its golden data)."""
-    if eval_set is None or eval_set.reference is None:
-        return
-    if eval_set.reference.shape != float_outputs.shape:
-        raise InvalidRequestError(
-            f"eval reference has shape {eval_set.reference.shape}; the model outputs {float_outputs.shape}"
-        )
-    diff = float(np.max(np.abs(float_outputs - eval_set.reference)))
-    if diff > REFERENCE_MATCH_ATOL * (1 + float(np.max(np.abs(eval_set.reference)))):
-        raise ModelError(
-            f"the model's outputs differ from the eval set's reference outputs by up to {diff:.3g}"
-        )
+    for name, reference in references.items():
+        diff = float(np.max(np.abs(float_outputs[name] - reference)))
+        if diff > REFERENCE_MATCH_ATOL * (1 + float(np.max(np.abs(reference)))):
+            what = "the eval set's reference outputs" + (f" for {name!r}" if len(float_outputs) > 1 else "")
+            raise ModelError(f"the model's outputs differ from {what} by up to {diff:.3g}")
 
 
 def _make_models(
     model: bytes, calibration: dict[str, list[dict[str, np.ndarray]]] | None, sparsity: tuple[float, ...]
 ) -> list[tuple[str, str, bytes]]:
-    """(name, recipe, .tflite) of every variant ai-edge-quantizer makes of this model."""
+    """(name, recipe, .tflite) of every variant ai-edge-quantizer makes of this model: quantized and pruned
+    from its normalized copy (`normalize`: real op codes, float16 weights folded to float32)."""
     made = [("float32", "the pushed float32 model, unchanged", model)]
+    model = normalize(model)
 
     def add(name: str, recipe_name: str, description: str, source: bytes) -> None:
         try:
@@ -121,20 +115,27 @@ def _make_models(
         percent = round(level * 100)
         for name in PRUNED_RECIPES:
             description = (
-                f"{percent} % of FC/conv weights zeroed by magnitude, then {recipes.RECIPES[name][0]}"
+                f"{percent} % of FC/conv2d weights zeroed by magnitude, then {recipes.RECIPES[name][0]}"
             )
             add(f"pruned{percent}-{name}", name, description, pruned)
     return made
 
 
-def _calibration_data(model: bytes, rows: np.ndarray, batch: int) -> dict[str, list[dict[str, np.ndarray]]]:
+def _calibration_data(
+    model: bytes, rows: dict[str, np.ndarray], batch: int
+) -> dict[str, list[dict[str, np.ndarray]]]:
     """Calibration rows in ai-edge-quantizer's form: {signature: [{input name: batch}, ...]}."""
     signatures = make_interpreter(LITERT, model_content=model).get_signature_list()
     if not signatures:
         raise InvalidRequestError("static quantization needs a model with a signature")
     key, signature = next(iter(signatures.items()))
-    (input_name,) = signature["inputs"]
-    return {key: [{input_name: chunk} for chunk in batches(rows, batch)]}
+    if len(signature["inputs"]) != len(rows):
+        raise InvalidRequestError(
+            f"calibration gives {len(rows)} inputs; the model's signature has {len(signature['inputs'])}"
+        )
+    # The signature's input names are not the tensor names; both list the inputs in the same order.
+    chunked = [batches(array, batch) for array in rows.values()]
+    return {key: [dict(zip(signature["inputs"], step, strict=True)) for step in zip(*chunked, strict=True)]}
 
 
 def build_variants(
@@ -142,37 +143,77 @@ def build_variants(
     eval_set: EvalSet | None,
     *,
     tolerance_points: float = 1.0,
-    calibration: np.ndarray | None = None,
+    calibration: np.ndarray | EvalSet | None = None,
     sparsity: tuple[float, ...] = DEFAULT_SPARSITY,
     runtimes: tuple[str, ...] | None = None,
 ) -> list[Variant]:
-    """The float32 model and its compressed variants, each measured on every runtime (see module docstring).
+    """The pushed model and its compressed variants, each measured on every runtime (see the package
+    docstring).
 
-    `calibration` holds model inputs (rows like eval x) for static int8, which is only built with them.
-    `sparsity` lists the magnitude-pruning levels, each combined with the `PRUNED_RECIPES`. `runtimes`
-    defaults to the installed ones. Raises InvalidRequestError for eval data that does not fit the model
-    and ModelError when the model does not run on the reference runtime.
+    `calibration` holds model inputs for static int8, which is only built with them: rows like eval x for
+    a single-input model, or an EvalSet (named form for several inputs). `sparsity` lists the
+    magnitude-pruning levels, each combined with the `PRUNED_RECIPES`. `runtimes` defaults to the installed
+    ones. A model that is already quantized gets no variants but itself (``compression`` in its details
+    says why). Raises InvalidRequestError for eval data that does not fit the model, IncompatibleError for
+    ops no runtime here has, and ModelError when the model does not run on the reference runtime.
     """
     runtimes = tuple(runtimes or available_runtimes())
     reference = LITERT if LITERT in runtimes else runtimes[0]
     if any(not 0 < level < 1 for level in sparsity):
         raise InvalidRequestError(f"sparsity levels must be between 0 and 1, got {sparsity}")
-    spec = describe_io(model, reference)
-    x = _inputs(spec, eval_set)
-    rows = None if calibration is None else _check_rows(calibration, spec, "calibration x")
-    calibration_data = None if rows is None else _calibration_data(model, rows, spec.input_shape[0])
-    made = _make_models(model, calibration_data, sparsity)
-    measured = measure({name: variant_model for name, _, variant_model in made}, x, runtimes)
+    facts = read_facts(model)
+    check_runnable(facts)
+    io_ = describe_io(model, reference)
+    bound = eval_set.bind(io_) if eval_set is not None else None
+    inputs = bound.inputs if bound is not None else generated_inputs(io_)
+    if facts.already_quantized:
+        made = [("float32", "the pushed model, unchanged (already quantized)", model)]
+        note = (
+            f"already quantized ({facts.quantized_tensors} quantized tensors): no quantized variants built, "
+            "quantizing again would only lose accuracy"
+        )
+    else:
+        calibration_data = None
+        if calibration is not None:
+            calibration_set = calibration if isinstance(calibration, EvalSet) else EvalSet(calibration)
+            rows = calibration_set.bind(io_, "calibration").inputs
+            calibration_data = _calibration_data(model, rows, io_.inputs[0].shape[0])
+        made = _make_models(model, calibration_data, sparsity)
+        note = "float16 weights folded to float32 before quantizing" if facts.float16_weights else ""
+    measured = measure({name: variant_model for name, _, variant_model in made}, inputs, runtimes)
 
     float_run = measured["float32"][reference]
     if float_run.error:
         raise ModelError(f"the model does not run on {reference}: {float_run.error}")
-    _check_reference_outputs(eval_set, float_run.outputs)
-    judge = Judge(float_run.outputs, eval_set.y if eval_set is not None else None)
-    return [
-        _variant(name, description, variant_model, measured[name], reference, judge, tolerance_points)
-        for name, description, variant_model in made
-    ]
+    names = [t.name for t in io_.outputs]
+    float_outputs = _named(float_run.outputs, names)
+    if bound is not None:
+        _check_reference_outputs(bound.references, float_outputs)
+    steps = {t.name: t.scale for t in io_.outputs if t.scale}
+    judge = Judge(float_outputs, bound.labels if bound is not None else {}, steps)
+    variants = []
+    for name, description, variant_model in made:
+        runs = {runtime: _renamed(run, names) for runtime, run in measured[name].items()}
+        variant = _variant(name, description, variant_model, runs, reference, judge, tolerance_points)
+        variant.details["compression"] = note
+        variants.append(variant)
+    return variants
+
+
+def _named(outputs: dict[str, np.ndarray] | None, names: list[str]) -> dict[str, np.ndarray]:
+    """Outputs keyed by the pushed model's output names; by position when a variant renamed them."""
+    assert outputs is not None
+    if set(outputs) == set(names):
+        return {name: outputs[name] for name in names}
+    return dict(zip(names, outputs.values(), strict=True))
+
+
+def _renamed(run: Measured, names: list[str]) -> Measured:
+    if run.error or run.outputs is None:
+        return run
+    if len(run.outputs) != len(names):
+        return dataclasses.replace(run, error=f"gives {len(run.outputs)} outputs, the model {len(names)}")
+    return dataclasses.replace(run, outputs=_named(run.outputs, names))
 
 
 def _variant(
@@ -199,6 +240,9 @@ def _variant(
         "accuracy_delta_points": None,
         "max_abs_error": None,
         "mean_abs_error": None,
+        "limited_by": None,  # the output whose points lost are the variant's
+        "outputs": {},  # per output: metric, points_lost, max/mean abs error, relative_l2, accuracy
+        "output_points_lost_by_runtime": {},  # {runtime: {output: points lost}}, finite runs only
         "latency_ms": {runtime: run.latency_ms for runtime, run in ran.items()},
         "peak_memory_bytes": 0,
         "peak_memory_bytes_by_runtime": {runtime: run.peak_memory_bytes for runtime, run in ran.items()},
@@ -209,23 +253,40 @@ def _variant(
         "excluded": f"the reference runtime {reference} cannot run it",
     }
     if reference in ran:
-        outputs = {runtime: run.outputs for runtime, run in ran.items()}
+        outputs = {runtime: run.outputs for runtime, run in ran.items() if run.outputs is not None}
         ok, wrong = judge_runtimes(outputs, reference, judge, tolerance_points)
-        error = np.abs(outputs[reference] - judge.float_outputs)
-        lost = judge.points_lost(outputs[reference])
+        ref_outputs = outputs[reference]
+        finite = all_finite(ref_outputs)
+        figures = judge.figures(ref_outputs) if finite else {}
+        error = np.concatenate(
+            [np.abs(ref_outputs[n] - judge.float_outputs[n]).ravel() for n in judge.float_outputs]
+        )
+        lost, limited_by = judge.points_lost(ref_outputs) if finite else (float("inf"), "")
         counted = [ran[runtime].peak_memory_bytes for runtime in ok or ran]
         counted_model = [ran[runtime].model_memory_bytes for runtime in ok or ran]
-        if lost > tolerance_points:
+        if not finite:
+            bad = sorted(n for n, out in ref_outputs.items() if not np.isfinite(out).all())
+            excluded = f"its outputs on {reference} are not finite ({', '.join(bad)})"
+        elif lost > tolerance_points:
+            where = f" on {limited_by}" if len(judge.float_outputs) > 1 else ""
             excluded = (
-                f"{lost:.2f} points lost ({judge.judged_by}), over the {tolerance_points} point tolerance"
+                f"{lost:.2f} points lost ({judge.metrics[limited_by]}){where}, over the {tolerance_points} "
+                "point tolerance"
             )
         else:
             excluded = "" if ok else "no runtime computes it correctly"
         details.update(
-            accuracy=judge.accuracy(outputs[reference]) if judge.labels is not None else None,
-            accuracy_delta_points=lost,
-            max_abs_error=float(error.max()),
-            mean_abs_error=float(error.mean()),
+            accuracy=judge.accuracy(ref_outputs) if finite else None,
+            accuracy_delta_points=lost if finite else None,
+            limited_by=limited_by or None,
+            outputs={n: f.to_json() for n, f in figures.items()},
+            output_points_lost_by_runtime={
+                runtime: {n: judge.output_points_lost(n, outs[n]) for n in judge.float_outputs}
+                for runtime, outs in outputs.items()
+                if all_finite(outs)
+            },
+            max_abs_error=float(error.max()) if finite else None,
+            mean_abs_error=float(error.mean()) if finite else None,
             peak_memory_bytes=max(counted),
             model_memory_bytes=max(counted_model),
             runtimes_ok=ok,

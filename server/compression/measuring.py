@@ -35,26 +35,29 @@ def batches(x: np.ndarray, batch: int) -> list[np.ndarray]:
 
 @dataclass(frozen=True, eq=False)
 class Measured:
-    """One variant on one runtime: its outputs on the eval inputs, or why there are none."""
+    """One variant on one runtime: its outputs on the eval inputs (by output name, dequantized to the values
+    they stand for, float64), or why there are none."""
 
     error: str = ""
-    outputs: np.ndarray | None = None
+    outputs: dict[str, np.ndarray] | None = None
     latency_ms: float = 0.0
     peak_memory_bytes: int = 0
     model_memory_bytes: int = 0  # peak_memory_bytes less the runtime's fixed cost (see `measure`)
 
 
 def measure(
-    models: dict[str, bytes], x: np.ndarray, runtimes: tuple[str, ...]
+    models: dict[str, bytes], inputs: dict[str, np.ndarray], runtimes: tuple[str, ...]
 ) -> dict[str, dict[str, Measured]]:
-    """Run every model on every runtime over x, one child process per runtime (see `measure_in_child`).
+    """Run every model on every runtime over the eval inputs (rows by input name), one child process per
+    runtime (see `measure_in_child`). A variant's tensors are matched to the names by name, or by position
+    when its names differ.
 
     Models never run in this process: some variants crash a runtime (blockwise int4 segfaults
     tflite-runtime 2.14), and that must cost one variant, not the server.
     """
     with tempfile.TemporaryDirectory(prefix="edgefleet-variants-") as tmp:
         work = Path(tmp)
-        np.save(work / "x.npy", x)
+        np.savez(work / "inputs.npz", *inputs.values(), names=np.array(list(inputs), dtype=str))
         for name, model in models.items():
             (work / f"{name}.tflite").write_bytes(model)
         (work / f"{BASELINE}.tflite").write_bytes(_baseline_model())
@@ -97,8 +100,10 @@ def measure(
 def _load_result(directory: Path, name: str, problem: str) -> Measured:
     result, error = directory / f"{name}.npz", directory / f"{name}.error"
     if result.exists():
-        with np.load(result) as saved:
-            return Measured("", saved["outputs"], float(saved["latency_ms"]), int(saved["peak_memory_bytes"]))
+        with np.load(result, allow_pickle=False) as saved:
+            names = [str(n) for n in saved["names"]]
+            outputs = {name: saved[f"arr_{i}"] for i, name in enumerate(names)}
+            return Measured("", outputs, float(saved["latency_ms"]), int(saved["peak_memory_bytes"]))
     if error.exists():
         return Measured(error.read_text())
     return Measured(f"not measured: {problem.strip()[-300:] or 'the measuring process stopped'}")
@@ -122,8 +127,8 @@ def measure_in_child() -> None:
     interpreter ever existed (its memory is its own), and one that crashes the runtime only loses itself.
     """
     runtime, work, names = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-    x = np.load(work / "x.npy")
-    inputs = {BASELINE: np.zeros((1, 1), np.float32)}
+    with np.load(work / "inputs.npz", allow_pickle=False) as saved:
+        x = {str(n): saved[f"arr_{i}"] for i, n in enumerate(saved["names"])}
     available_runtimes()  # import the runtimes before any memory baseline
     for name in names:
         result, error = work / runtime / f"{name}.npz", work / runtime / f"{name}.error"
@@ -131,8 +136,16 @@ def measure_in_child() -> None:
         pid = os.fork()
         if pid == 0:
             try:
-                outputs, latency_ms, peak = _run(runtime, work / f"{name}.tflite", inputs.get(name, x))
-                np.savez(result, outputs=outputs, latency_ms=latency_ms, peak_memory_bytes=peak)
+                outputs, latency_ms, peak = _run(
+                    runtime, work / f"{name}.tflite", None if name == BASELINE else x
+                )
+                np.savez(
+                    result,
+                    *outputs.values(),
+                    names=np.array(list(outputs), dtype=str),
+                    latency_ms=latency_ms,
+                    peak_memory_bytes=peak,
+                )
             except Exception as e:  # the runtime's own errors come as ValueError, RuntimeError, ...
                 error.write_text(f"does not load or run: {first_line(e)}")
             finally:
@@ -152,21 +165,52 @@ def _status(key: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 
-def _run(runtime: str, model_path: Path, x: np.ndarray) -> tuple[np.ndarray, float, int]:
-    """Outputs for every row of x, the median ms per invoke after the first, and the peak memory growth of
-    loading, allocating and the first invoke (see the module docstring)."""
+def _run(
+    runtime: str, model_path: Path, x: dict[str, np.ndarray] | None
+) -> tuple[dict[str, np.ndarray], float, int]:
+    """Outputs (by name, dequantized) for every row of x, the median ms per invoke after the first, and the
+    peak memory growth of loading, allocating and the first invoke (see the module docstring). x None: one
+    invoke on zeros (the baseline)."""
     before = _status("VmRSS")
     with contextlib.suppress(OSError):  # without the reset VmHWM keeps the imports' peak: an upper bound
         Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from the current RSS
     interpreter = make_interpreter(runtime, model_path=str(model_path))
-    (input_detail,) = interpreter.get_input_details()
-    (output_detail,) = interpreter.get_output_details()
-    outputs, seconds, peak = [], [], 0
-    for chunk in batches(x, int(input_detail["shape"][0])):
-        interpreter.set_tensor(input_detail["index"], chunk.astype(input_detail["dtype"]))
+    input_details, output_details = interpreter.get_input_details(), interpreter.get_output_details()
+    if x is None:
+        x = {d["name"]: np.zeros((1, *d["shape"][1:]), d["dtype"]) for d in input_details}
+    rows = _by_detail(input_details, x)
+    n = len(next(iter(rows.values())))
+    batch = int(input_details[0]["shape"][0]) if len(input_details[0]["shape"]) else 1
+    chunks = {index: batches(array, batch) for index, array in rows.items()}
+    outputs: list[list[np.ndarray]] = [[] for _ in output_details]
+    seconds, peak = [], 0
+    for step in range(len(next(iter(chunks.values())))):
+        for detail in input_details:
+            chunk = chunks[detail["index"]][step]
+            interpreter.set_tensor(detail["index"], chunk.reshape(detail["shape"]).astype(detail["dtype"]))
         start = time.perf_counter()
         interpreter.invoke()
         seconds.append(time.perf_counter() - start)
         peak = peak or _status("VmHWM") - before  # before the outputs kept here add to it
-        outputs.append(interpreter.get_tensor(output_detail["index"]).astype(np.float64))
-    return np.concatenate(outputs)[: len(x)], 1000 * float(np.median(seconds[1:] or seconds)), peak
+        for kept, detail in zip(outputs, output_details, strict=True):
+            kept.append(_dequantized(interpreter.get_tensor(detail["index"]), detail))
+    result = {
+        detail["name"]: np.concatenate(kept)[:n] for kept, detail in zip(outputs, output_details, strict=True)
+    }
+    return result, 1000 * float(np.median(seconds[1:] or seconds)), peak
+
+
+def _by_detail(details: list[dict], x: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
+    """Eval rows per input tensor index: by name, or by position when the names differ (a variant)."""
+    if {d["name"] for d in details} == set(x):
+        return {d["index"]: x[d["name"]] for d in details}
+    if len(details) != len(x):
+        raise ValueError(f"the model has {len(details)} inputs, the eval set {len(x)}")
+    return {d["index"]: array for d, array in zip(details, x.values(), strict=True)}
+
+
+def _dequantized(values: np.ndarray, detail: dict) -> np.ndarray:
+    scale, zero_point = detail["quantization"]
+    if scale:
+        return scale * (values.astype(np.float64) - zero_point)
+    return values.astype(np.float64)
