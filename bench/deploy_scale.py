@@ -93,8 +93,11 @@ async def run(size: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small run: does it still run")
     parser.add_argument("--sizes", default="1000,5000,20000")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes = "200"
     for size in (int(s) for s in args.sizes.split(",")):
         asyncio.run(run(size))
 

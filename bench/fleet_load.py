@@ -388,11 +388,14 @@ def cpu(before: Any, after: Any, seconds: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small run: does it still run")
     parser.add_argument("--devices", type=int, default=2000)
     parser.add_argument("--telemetry-s", type=float, default=5.0)
     parser.add_argument("--grace-s", type=float, default=ServerConfig().grace_seconds)
     parser.add_argument("--budget-s", type=float, default=170.0, help="the whole run is stopped after this")
     args = parser.parse_args()
+    if args.quick:
+        args.devices, args.telemetry_s, args.budget_s = 40, 1.0, 90.0
     limit = os.sysconf("SC_OPEN_MAX")
     if limit < args.devices + 200:
         sys.exit(f"the open-files limit ({limit}) is too low for {args.devices} devices: raise ulimit -n")

@@ -294,15 +294,6 @@ def interleaved(
     return {name: Sample.concat(parts) for name, parts in out.items()}
 
 
-def _worker_pid(model_path: Path) -> int:
-    """The pid of the ModelWorker child serving `model_path` (found by its command line)."""
-    for child in psutil.Process().children():
-        cmdline = child.cmdline()
-        if "edgefleet.agent.worker" in cmdline and str(model_path) in cmdline:
-            return int(child.pid)
-    raise RuntimeError("worker process not found")
-
-
 def bench_runtime(
     runtime: str, model_path: Path, model: bytes, args: argparse.Namespace
 ) -> list[tuple[str, Sample]]:
@@ -333,7 +324,8 @@ def bench_runtime(
         assert result.target_path == TARGET and np.allclose(result.outputs[0], expected, rtol=1e-5, atol=1e-7)
         fake = Serving()
         fake.swap(FakeWorker(signature, expected), ModelRef(TARGET, version="1"))  # type: ignore[arg-type]
-        worker_pid = _worker_pid(model_path)
+        assert worker.pid is not None
+        worker_pid = worker.pid
         cpu_of: dict[str, int | None] = {"agent": None, "worker": worker_pid}
         echo = child = EchoChild()
         request = bytes(ForkingPickler.dumps([x]))
@@ -377,7 +369,7 @@ def bench_runtime(
                     )
                 )
 
-            canned = Result([expected], TARGET, "1")
+            canned = Result([expected], TARGET, "1", tuple(t.name for t in signature.outputs))
             shim = AgentShim(SimpleNamespace(worker=worker), runtime, infer=lambda inputs: canned)
             with LocalService(shim, socket_path):
                 client("(c1)   gRPC, canned result (no worker)", with_worker=False)
@@ -400,6 +392,7 @@ def bench_runtime(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few hundred calls: does it still run")
     parser.add_argument("--iters", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the in-process rows")
@@ -408,6 +401,8 @@ def main() -> int:
     parser.add_argument("--agent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-pid", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.iters, args.warmup, args.rounds = 200, 20, 1
     if args.client:  # the gRPC client process
         cpu_of = {"client": None, "agent": args.agent_pid}
         if args.worker_pid:

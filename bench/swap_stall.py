@@ -424,12 +424,15 @@ def run_case(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small run: does it still run")
     parser.add_argument("--callers", type=int, default=2)
     parser.add_argument("--swaps", type=int, default=8)
     parser.add_argument("--baseline", type=float, default=2.0, help="seconds of baseline")
     parser.add_argument("--sizes", default="1,30", help="model sizes in MiB, comma separated")
     parser.add_argument("--modes", default="worker,prespawn,naive")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.swaps, args.baseline, args.modes = "1", 2, 0.5, "prespawn"
 
     runtimes = available_runtimes()
     print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
