@@ -7,6 +7,8 @@ import json
 from datetime import datetime
 from typing import Any
 
+from edgefleet.variant_metrics import VariantMetrics
+
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     if not rows:
@@ -45,20 +47,21 @@ def human_bytes(n: float) -> str:
 
 def variant_row(variant: str, length: int, d: dict[str, Any]) -> dict[str, Any]:
     """One variant's row from the measured details the server keeps for it (`details_json`)."""
-    accuracy = d.get("accuracy")
+    m = VariantMetrics.from_details(d, length)
     return {
         "variant": variant,
         "size_bytes": length,
-        "wire_bytes": d.get("wire_bytes", length),
-        "wire_encoding": d.get("wire_encoding", "identity"),
-        "accuracy": accuracy,
-        "accuracy_delta_points": d.get("accuracy_delta_points"),
-        "max_abs_error": d.get("max_abs_error"),
-        "latency_ms": d.get("latency_ms", {}),
-        "peak_memory_bytes": d.get("peak_memory_bytes"),
-        "runtimes_ok": d.get("runtimes_ok", []),
-        "runtimes_failed": d.get("runtimes_failed", {}),
-        "excluded": d.get("excluded", ""),
+        "wire_bytes": m.wire_bytes,
+        "wire_encoding": m.wire_encoding,
+        "accuracy": m.accuracy,
+        "accuracy_delta_points": m.accuracy_delta_points,
+        "max_abs_error": m.max_abs_error,
+        "latency_ms": m.latency_ms,
+        "peak_memory_bytes": m.peak_memory_bytes or None,
+        "runtimes_ok": list(m.runtimes_ok or ()),
+        "runtimes_failed": m.runtimes_failed,
+        "excluded": m.excluded,
+        "limited_by": m.limited_by,
     }
 
 

@@ -27,34 +27,22 @@ ACCURACY_TIE_POINTS = 0.1
 MIB = 2**20
 
 
-def _by_runtime(details: dict[str, Any], key: str, runtime: str) -> float:
-    """A figure measured on the device's runtime: `<key>_by_runtime[runtime]`, else the overall one."""
-    per_runtime = details.get(f"{key}_by_runtime")
-    if isinstance(per_runtime, dict) and runtime in per_runtime:
-        return float(per_runtime[runtime] or 0)
-    overall = details.get(key, 0)
-    return float(overall or 0) if not isinstance(overall, dict) else float(overall.get(runtime, 0) or 0)
-
-
 def fits(record: ModelRecord, capabilities: dict[str, Any]) -> str:
     """Why `record` does not fit this device, or "" when it does."""
-    details = record.details
-    if details.get("excluded"):
-        return f"excluded: {details['excluded']}"
+    metrics = record.metrics
+    if metrics.excluded:
+        return f"excluded: {metrics.excluded}"
     runtime = capabilities.get("runtime", "")
-    correct_on = details.get("runtimes_ok")
-    if correct_on is not None and runtime not in correct_on:
+    if metrics.runtimes_ok is not None and runtime not in metrics.runtimes_ok:
         return f"not computed correctly by {runtime or 'an unknown runtime'}"
     # The memory the model needs beyond the runtime's own fixed cost (the same for every variant).
-    needed = _by_runtime(
-        details, "model_memory_bytes" if "model_memory_bytes" in details else "peak_memory_bytes", runtime
-    )
+    needed = metrics.memory_on(runtime)
     available = int(capabilities.get("memory_available_bytes", 0))
     budget = available * MEMORY_BUDGET_FRACTION
     if needed and available and needed > budget:
         return f"needs {needed / MIB:.1f} MiB, over the device's {budget / MIB:.1f} MiB budget"
     latency_budget = float(capabilities.get("latency_budget_ms", 0) or 0)
-    latency = _by_runtime(details, "latency_ms", runtime)
+    latency = metrics.latency_on(runtime)
     if latency_budget and latency > latency_budget:
         return f"takes {latency:.3f} ms on {runtime}, over the device's {latency_budget} ms budget"
     return ""
@@ -62,12 +50,11 @@ def fits(record: ModelRecord, capabilities: dict[str, Any]) -> str:
 
 def _loss(record: ModelRecord) -> float:
     """Accuracy points lost against the float model (or the relative error without labels)."""
-    loss = record.details.get("accuracy_delta_points")
-    return float(loss) if loss is not None else 0.0
+    return record.metrics.points_lost
 
 
 def _wire(record: ModelRecord) -> int:
-    return int(record.details.get("wire_bytes", record.length))
+    return record.metrics.wire_bytes
 
 
 def choose(

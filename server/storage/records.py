@@ -4,11 +4,13 @@ from its own columns at its boundary; nothing above storage sees a row or a JSON
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet.values import Capabilities, ModelRef
+from edgefleet.variant_metrics import VariantMetrics
 
 
 def now_ms() -> int:
@@ -30,6 +32,11 @@ class ModelRecord:
 
     def ref(self) -> ModelRef:
         return ModelRef(self.target_path, self.name, self.version, self.variant, self.sha256, self.length)
+
+    @functools.cached_property
+    def metrics(self) -> VariantMetrics:
+        """The measured figures in `details`, typed (read once per record: a deploy asks every device)."""
+        return VariantMetrics.from_details(self.details, self.length)
 
 
 @dataclass
