@@ -19,7 +19,7 @@ from typing import Any
 
 from edgefleet import sandbox, signing
 from edgefleet.errors import ConflictError, InvalidRequestError, NotFoundError, SignatureError
-from edgefleet.modelinfo import describe_file, inspect_model
+from edgefleet.modelinfo import MAX_GOLDEN_BYTES, describe_file, inspect_model
 from edgefleet.selectors import check_name
 from edgefleet.server.storage.interfaces import BlobStore, FleetStore
 from edgefleet.server.storage.records import ModelRecord, RepoVersions, now_ms
@@ -42,7 +42,13 @@ def describe_upload(
     signature = inspect_model(content, validate_runtime)
     if not eval_npz:
         return [
-            (ORIGINAL_VARIANT, content, signature.to_json(), describe_file(content, original=None), content)
+            (
+                ORIGINAL_VARIANT,
+                content,
+                signature.to_json(),
+                _with_inline_golden(describe_file(content, original=None)),
+                content,
+            )
         ]
     from edgefleet.server import compression  # heavy (ai-edge-quantizer): only when compressing
 
@@ -53,7 +59,7 @@ def describe_upload(
         content, eval_set, tolerance_points=tolerance, calibration=calibration
     ):
         details = dict(variant.details)
-        details.update(describe_file(variant.model, original=content))
+        details.update(_with_inline_golden(describe_file(variant.model, original=content)))
         described.append(
             (
                 variant.name,
@@ -64,6 +70,18 @@ def describe_upload(
             )
         )
     return described
+
+
+def _with_inline_golden(details: dict[str, Any]) -> dict[str, Any]:
+    """Golden data rides inside the signed metadata, which stays small; larger golden data (a camera-sized
+    input) must travel as a signed target file of its own, which this version does not do yet: say so."""
+    if "golden" not in details:
+        size = details.get("golden_npz_bytes", 0)
+        raise InvalidRequestError(
+            f"this model's golden input and output are {size} bytes, over the {MAX_GOLDEN_BYTES}-byte limit of "
+            "golden data inside signed metadata; models with camera-sized inputs are not supported yet"
+        )
+    return details
 
 
 class Repository:

@@ -373,3 +373,16 @@ def test_eval_rows_of_the_wrong_dtype_refused(int8_io_model: bytes) -> None:
     io_ = build.describe_io(int8_io_model, LITERT)
     with pytest.raises(InvalidRequestError, match="has dtype float32; the model's input is int8"):
         compression.EvalSet(np.zeros((3, 64), np.float32)).bind(io_)
+
+
+def test_push_of_a_model_whose_golden_data_is_too_large_for_metadata_is_refused_clearly(
+    face_models: dict[str, bytes],
+) -> None:
+    """face_landmark's 192x192x3 float input is 432 KiB: until golden data travels as a signed file of its
+    own, the push says what is wrong instead of failing later on a missing field."""
+    from edgefleet.errors import InvalidRequestError
+    from edgefleet.runtime import LITERT
+    from edgefleet.server.repository import describe_upload
+
+    with pytest.raises(InvalidRequestError, match="over the 262144-byte limit of golden data"):
+        describe_upload(face_models[FACE_LANDMARK], b"", b"", 1.0, LITERT)
