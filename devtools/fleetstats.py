@@ -11,8 +11,8 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from edgefleet.devtools.background import BackgroundLoop
 from edgefleet.devtools.serverprocess import ServerProcess
 from edgefleet.devtools.simdevices import AGENT_BACKOFF_INITIAL_S, SimDevice
 
@@ -49,28 +49,17 @@ def quiet_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
-class LoopLag:
+class LoopLag(BackgroundLoop):
     """The longest this process's event loop was late for a 10 ms tick: the simulation's own stalls."""
 
     def __init__(self) -> None:
         self.max = 0.0
-        self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         while True:
             asked = time.monotonic()
             await asyncio.sleep(0.01)
             self.max = max(self.max, time.monotonic() - asked - 0.01)
-
-    async def __aenter__(self) -> LoopLag:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
 
 async def status_times(server: ServerProcess) -> dict[str, float]:

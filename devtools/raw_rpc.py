@@ -26,16 +26,22 @@ SERVICES = (DEVICE_SERVICE, OPERATOR_SERVICE)
 ENROLL_PATH = "/edgefleet.v1.DeviceService/Enroll"
 HEALTH_CHECK_PATH = "/grpc.health.v1.Health/Check"
 
-CAPABILITIES = common_pb2.Capabilities(
-    runtime="ai-edge-litert",
-    runtime_version="2.0.0",
-    cpu_arch="x86_64",
-    cpu_count=4,
-    memory_total_bytes=2**31,
-    memory_available_bytes=2**30,
-    disk_free_bytes=2**34,
-    hardware_class="test-bench",
-)
+
+def simulated_capabilities(hardware_class: str) -> common_pb2.Capabilities:
+    """What a simulated device declares: a LiteRT device with room for any test model."""
+    return common_pb2.Capabilities(
+        runtime="ai-edge-litert",
+        runtime_version="2.0.0",
+        cpu_arch="x86_64",
+        cpu_count=4,
+        memory_total_bytes=2**31,
+        memory_available_bytes=2**30,
+        disk_free_bytes=2**34,
+        hardware_class=hardware_class,
+    )
+
+
+CAPABILITIES = simulated_capabilities("test-bench")
 
 
 # ---- RPCs by descriptor, called with raw bytes ------------------------------------------------------------

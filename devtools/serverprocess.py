@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from edgefleet import pki, signing
 from edgefleet.cli.client import Operator
 from edgefleet.cli.publish import push_model
+from edgefleet.devtools.background import BackgroundLoop
 from edgefleet.v1 import operator_pb2, operator_pb2_grpc
 
 MIB = 2**20
@@ -245,30 +246,19 @@ class ServerProcess:
             await asyncio.sleep(0.25)
 
 
-class UsageSampler:
+class UsageSampler(BackgroundLoop):
     """Samples the server's usage every `interval` s in the background; `peak` is the highest RSS seen."""
 
     def __init__(self, server: ServerProcess, interval: float = 0.05):
         self.server = server
         self.interval = interval
         self.samples: list[Usage] = []
-        self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         while True:
             with contextlib.suppress(psutil.Error, AssertionError):
                 self.samples.append(self.server.usage())
             await asyncio.sleep(self.interval)
-
-    async def __aenter__(self) -> UsageSampler:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
     @property
     def peak(self) -> Usage:

@@ -19,22 +19,14 @@ import grpc
 
 from edgefleet import pki
 from edgefleet.agent.connection import Backoff
+from edgefleet.devtools.raw_rpc import simulated_capabilities
 from edgefleet.devtools.serverprocess import ServerProcess
 from edgefleet.server.storage.records import now_ms
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2
 
 OK = grpc.StatusCode.OK
 
-CAPABILITIES = common_pb2.Capabilities(
-    runtime="ai-edge-litert",
-    runtime_version="2.0.0",
-    cpu_arch="x86_64",
-    cpu_count=4,
-    memory_total_bytes=2**31,
-    memory_available_bytes=2**30,
-    disk_free_bytes=2**34,
-    hardware_class="load-sim",
-)
+CAPABILITIES = simulated_capabilities("load-sim")
 
 # What the agent's channel uses (edgefleet.agent.connection.open_channel), plus a subchannel pool of its
 # own so that every simulated device really has a TCP connection (and a TLS session) of its own.
