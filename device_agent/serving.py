@@ -28,9 +28,7 @@ import numpy as np
 
 from edgefleet.errors import EdgefleetError, InvalidRequestError, ModelError
 from edgefleet.modelinfo import ModelSignature
-from edgefleet.values import ModelRef
-
-LATENCY_BOUNDS_MS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
+from edgefleet.values import LATENCY_BOUNDS_MS, ModelRef
 
 
 class WorkerGone(EdgefleetError):

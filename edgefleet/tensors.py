@@ -1,10 +1,8 @@
-"""numpy arrays <-> `edgefleet.v1.Tensor` and model references <-> dicts, with the checks a service needs
-before trusting a peer's bytes."""
+"""numpy arrays <-> `edgefleet.v1.Tensor`, with the checks a service needs before trusting a peer's bytes."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
@@ -39,27 +37,3 @@ def from_proto(tensor: common_pb2.Tensor) -> np.ndarray:
             f"tensor {tensor.name!r}: {len(tensor.data)} bytes of data for shape {shape} {tensor.dtype}"
         )
     return np.frombuffer(tensor.data, dtype=dtype).astype(dtype.newbyteorder("=")).reshape(shape)
-
-
-def ref_to_dict(ref: common_pb2.ModelRef) -> dict[str, Any] | None:
-    """A ModelRef as the plain dict the server stores and the agent keeps in its state; None when unset.
-    Raises InvalidRequestError for a target path no real target has."""
-    if not ref.target_path:
-        return None
-    if len(ref.target_path) > 512:
-        raise InvalidRequestError("target path is too long")
-    return {
-        "target_path": ref.target_path,
-        "model_name": ref.model_name,
-        "version": ref.version,
-        "variant": ref.variant,
-        "sha256": ref.sha256,
-        "length": ref.length,
-    }
-
-
-def ref_from_dict(data: dict[str, Any] | None) -> common_pb2.ModelRef:
-    if not data:
-        return common_pb2.ModelRef()
-    fields = common_pb2.ModelRef.DESCRIPTOR.fields_by_name
-    return common_pb2.ModelRef(**{k: v for k, v in data.items() if k in fields})

@@ -20,9 +20,10 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from edgefleet.values import LATENCY_BOUNDS_MS
+
 # The agent's fixed latency bucket upper bounds (device_agent/serving.py); an open bucket follows the last.
 # Repeated here because the server never imports the agent.
-LATENCY_BOUNDS_MS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
 LATENCY_BUCKETS = len(LATENCY_BOUNDS_MS) + 1
 
 InstallState = Literal["succeeded", "failed", "pending", "none"]
