@@ -22,8 +22,7 @@ from numpy.typing import NDArray
 
 from edgefleet.values import LATENCY_BOUNDS_MS
 
-# The agent's fixed latency bucket upper bounds (device_agent/serving.py); an open bucket follows the last.
-# Repeated here because the server never imports the agent.
+# The agents' latency histogram: LATENCY_BOUNDS_MS, then an open last bucket.
 LATENCY_BUCKETS = len(LATENCY_BOUNDS_MS) + 1
 
 InstallState = Literal["succeeded", "failed", "pending", "none"]
