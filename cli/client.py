@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,11 @@ def _channel(args: argparse.Namespace) -> tuple[grpc.Channel, tuple[tuple[str, s
     """Mutual TLS with the operator certificate the server wrote to <data dir>/operator/, or (only for a
     server run as a plaintext demo) a bearer token."""
     options = [("grpc.max_send_message_length", 64 * 2**20)]
+    if not re.search(r":\d+$", args.server) and not args.server.startswith("unix:"):
+        # gRPC would quietly try port 443.
+        raise UsageError(
+            f"server {args.server!r} has no port: give HOST:PORT (the main port is 7443 by default)"
+        )
     if args.insecure_plaintext:
         token = os.environ.get("EDGEFLEET_OPERATOR_TOKEN", "")
         path = Path(args.token_file)
@@ -108,7 +114,7 @@ def failure(e: grpc.RpcError, server: str, tls_dir: str = "") -> CliError:
     """The failure as the operator should read it, as the CliError kind that carries its exit code:
     ServerUnreachable when nothing answered. The server's refusal of a request (invalid, not found, denied)
     is final, never "try again"."""
-    code, details = e.code(), e.details() or ""  # type: ignore[attr-defined]
+    code, details = e.code(), e.details() or ""
     if code == grpc.StatusCode.UNIMPLEMENTED and details.startswith("Method not found"):
         return CliError(ENROLL_PORT_HINT.format(server=server))
     if code == grpc.StatusCode.UNAVAILABLE:

@@ -62,9 +62,9 @@ def columns(*specs: str | Column) -> list[Column]:
     return [c if isinstance(c, Column) else Column(c) for c in specs]
 
 
-def print_table(rows: list[dict[str, Any]], cols: list[Column]) -> None:
+def print_table(rows: list[dict[str, Any]], cols: list[Column], empty: str = "(none)") -> None:
     if not rows:
-        print("(none)")
+        print(empty)
         return
     cells = [[c.cell(r) for c in cols] for r in rows]
     widths = [max(len(c.header), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
@@ -87,12 +87,15 @@ def print_json_line(value: Any) -> None:
     print(json.dumps(value, sort_keys=True, separators=(",", ":")), flush=True)
 
 
-def emit(args: argparse.Namespace, rows: list[dict[str, Any]], cols: list[Column]) -> None:
-    """The rows as typed JSON under `--json` (every field), else as a table of `cols`."""
+def emit(
+    args: argparse.Namespace, rows: list[dict[str, Any]], cols: list[Column], empty: str = "(none)"
+) -> None:
+    """The rows as typed JSON under `--json` (every field), else as a table of `cols` (`empty` says what
+    an empty table means)."""
     if wants_json(args):
         print_json(rows)
     else:
-        print_table(rows, cols)
+        print_table(rows, cols, escape(empty))
 
 
 def rfc3339(ms: int) -> str | None:

@@ -97,6 +97,7 @@ def cmd_telemetry(args: argparse.Namespace) -> None:
             Column("max_latency_ms", show=_rounded(3)),
             Column("models", show=", ".join),
         ],
+        empty=f"(no telemetry reported by device {args.device} yet)",
     )
 
 
@@ -116,4 +117,10 @@ def cmd_events(args: argparse.Namespace) -> None:
         }
         for e in reply.events
     ]
-    emit(args, rows, columns(Column("at", show=when), "device", "stage", "target", "reason"))
+    asked = f" from device {args.device}" if args.device else ""
+    emit(
+        args,
+        rows,
+        columns(Column("at", show=when), "device", "stage", "target", "reason"),
+        empty=f"(no update events{asked} yet)",
+    )

@@ -29,3 +29,8 @@ def test_times_are_rfc3339_utc_and_unset_is_null() -> None:
     assert rfc3339(1_796_119_200_123) == "2026-12-01T10:00:00.123Z"
     assert rfc3339(0) is None and when(None) == "-"
     assert when("2026-12-01T10:00:00Z").startswith("2026-12-01")
+
+
+def test_an_empty_table_says_what_was_asked_and_escapes_it(capsys: pytest.CaptureFixture[str]) -> None:
+    print_table([], [Column("at")], escape("(no update events from device cam\x1b yet)"))
+    assert capsys.readouterr().out == "(no update events from device cam\\x1b yet)\n"
