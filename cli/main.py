@@ -27,6 +27,7 @@ from typing import Any
 
 from edgefleet.cli import config, exits
 from edgefleet.cli.exits import CliError, UsageError
+from edgefleet.cli.output import escape
 from edgefleet.errors import InvalidRequestError
 from edgefleet.names import check_utf8
 
@@ -354,11 +355,12 @@ def main(argv: list[str] | None = None) -> None:
         args = parse_args(argv)
         args.fn(args)
     except CliError as e:
-        print(f"edgefleet: {e}", file=sys.stderr)
+        # Server details may quote what a device sent: escaped like every human output.
+        print(f"edgefleet: {escape(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
     except InvalidRequestError as e:
         # The shared naming rules refused an argument before any request: the server's own words and code.
-        print(f"edgefleet: {e}", file=sys.stderr)
+        print(f"edgefleet: {escape(str(e))}", file=sys.stderr)
         sys.exit(exits.FAILED)
     except KeyboardInterrupt:
         sys.exit(exits.INTERRUPTED)

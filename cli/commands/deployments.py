@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from edgefleet.cli.client import DevicesFailed, Operator
-from edgefleet.cli.output import Column, emit, print_json, print_json_line, rfc3339, wants_json
+from edgefleet.cli.output import Column, emit, escape, print_json, print_json_line, rfc3339, wants_json
 from edgefleet.cli.publish import authorize_rollback, targets_signer
 from edgefleet.v1 import operator_pb2
 
@@ -34,9 +34,9 @@ def cmd_deploy(args: argparse.Namespace) -> None:
         f"{d.devices_notified} told at once"
     )
     for line in d.choices:
-        print(f"  {line}")
+        print(f"  {escape(line)}")
     for line in d.unassigned:
-        print(f"  not assigned: {line}")
+        print(f"  not assigned: {escape(line)}")
 
 
 def _deployment_row(d: Any) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def _variant_cell(row: dict[str, Any]) -> str:
     return row["variant"] or ("-" if row["kind"] == "rollback" else "per device")
 
 
-# The table shows derived cells: each column reads the whole row.
+# Two cells are derived from several fields (whole_row); the counts are shown as they are.
 DEPLOYMENT_COLUMNS = [
     Column("id"),
     Column("kind"),
@@ -128,4 +128,4 @@ def cmd_rollback(args: argparse.Namespace) -> None:
         f"rollback {reply.command_id}: {reply.devices_targeted} device(s), {reply.devices_notified} told at once"
     )
     for line in reply.skipped:
-        print(f"  skipped: {line}")
+        print(f"  skipped: {escape(line)}")
