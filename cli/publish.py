@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from edgefleet import errors, model_targets, signing
-from edgefleet.cli.client import CliError, Operator, explain
+from edgefleet.cli.client import CliError, Operator, failure
 from edgefleet.cli.output import variant_row
 from edgefleet.v1 import operator_pb2
 
@@ -84,7 +84,7 @@ def push_model(
     try:
         reply = op.stub.UploadModel(_upload_requests(header, data, quiet), metadata=op.metadata, timeout=600)
     except grpc.RpcError as e:
-        raise CliError(explain(e, op.server)) from e
+        raise failure(e, op.server, op.tls_dir) from e
     if reply.sha256 != header.sha256:
         raise CliError("the server stored different bytes than were sent; not signing")
     variants = list(reply.variants)
@@ -130,7 +130,7 @@ def _current_targets(op: Operator) -> bytes | None:
         )
     except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-            raise CliError(explain(e, op.server)) from e
+            raise failure(e, op.server, op.tls_dir) from e
         return None
 
 
@@ -146,7 +146,7 @@ def publish_targets(op: Operator, sign: Callable[[bytes | None], bytes]) -> Any:
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not follow" in (e.details() or ""):  # type: ignore[attr-defined]
                 continue
-            raise CliError(explain(e, op.server)) from e
+            raise failure(e, op.server, op.tls_dir) from e
     raise CliError("targets metadata kept changing while publishing; try again")
 
 

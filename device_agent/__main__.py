@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from edgefleet import names
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.config import AgentConfig
 from edgefleet.errors import EdgefleetError
@@ -35,7 +36,11 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         help="talk to a server run as a plaintext local demo (no TLS)",
     )
     p.add_argument("--state-dir", type=Path, default=Path(env("EDGEFLEET_AGENT_DIR", "edgefleet-agent")))
-    p.add_argument("--name", default=env("EDGEFLEET_DEVICE_NAME", os.uname().nodename))
+    p.add_argument(
+        "--name",
+        type=names.argument("device name"),
+        default=env("EDGEFLEET_DEVICE_NAME", os.uname().nodename),
+    )
     p.add_argument("--enroll-token", default=env("EDGEFLEET_ENROLL_TOKEN", ""), help="first start only")
     p.add_argument("--trust-root", type=Path, default=None, help="the fleet's root.json; first start only")
     p.add_argument("--runtime", default=env("EDGEFLEET_RUNTIME", ""), help="ai-edge-litert or tflite-runtime")

@@ -278,12 +278,9 @@ def _dead(agent: AgentProcess) -> bool:
 
 
 def _ref_path(device: dict[str, Any], key: str) -> str:
-    # The CLI shows "name version (variant)"; rebuild the target path from it.
-    text = device.get(key, "-")
-    if text == "-":
-        return ""
-    name, version, variant = text.replace("(", "").replace(")", "").split()
-    return f"{name}/{version}/{variant}.tflite"
+    # `devices --json` gives a model reference as {target_path, model, version, variant}, or null.
+    ref = device.get(key)
+    return str(ref["target_path"]) if ref else ""
 
 
 class LocalClient:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from edgefleet.errors import InvalidRequestError
+from edgefleet.names import NAME, check_name, check_utf8
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: "$" would let a final "\n" in
+__all__ = ["Selector", "check_name", "parse_selector"]
 
 
 @dataclass(frozen=True)
@@ -28,19 +28,10 @@ class Selector:
 
 def parse_selector(text: str) -> Selector:
     """Raises InvalidRequestError for anything but `all`, `group:NAME` or `device:ID`."""
-    text = (text or "").strip()
+    text = check_utf8("selector", (text or "").strip())
     if text == "all":
         return Selector("all")
     kind, _, value = text.partition(":")
-    if kind in ("group", "device") and _NAME.fullmatch(value):
+    if kind in ("group", "device") and NAME.fullmatch(value):
         return Selector(kind, value)
     raise InvalidRequestError(f"bad selector {text!r}: use 'all', 'group:NAME' or 'device:ID'")
-
-
-def check_name(what: str, value: str) -> str:
-    """Names of models, versions, groups and devices: safe in paths, URLs and logs."""
-    if not _NAME.fullmatch(value or ""):
-        raise InvalidRequestError(
-            f"bad {what} {value!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return value

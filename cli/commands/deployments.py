@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
-from edgefleet.cli.client import Operator
-from edgefleet.cli.output import emit, when
+from edgefleet.cli.client import DevicesFailed, Operator
+from edgefleet.cli.output import Column, emit, escape, print_json, print_json_line, rfc3339, wants_json
 from edgefleet.cli.publish import authorize_rollback, targets_signer
 from edgefleet.v1 import operator_pb2
 
@@ -28,26 +27,27 @@ def cmd_deploy(args: argparse.Namespace) -> None:
     )
     d = reply.deployment
     if args.json:
-        print(json.dumps(_deployment_row(d), indent=2, sort_keys=True))
+        print_json(_deployment_row(d))
         return
     print(
         f"deployment {d.id}: {d.model_name} {d.version} to {d.selector}: {d.devices_targeted} device(s), "
         f"{d.devices_notified} told at once"
     )
     for line in d.choices:
-        print(f"  {line}")
+        print(f"  {escape(line)}")
     for line in d.unassigned:
-        print(f"  not assigned: {line}")
+        print(f"  not assigned: {escape(line)}")
 
 
 def _deployment_row(d: Any) -> dict[str, Any]:
     return {
         "id": d.id,
         "kind": d.kind,
-        "model": f"{d.model_name} {d.version}".strip() or "-",
+        "model": d.model_name or None,
+        "version": d.version or None,
         "selector": d.selector,
-        "variant": d.variant or ("-" if d.kind == "rollback" else "per device"),
-        "created": when(d.created_at_unix_ms),
+        "variant": d.variant or None,  # None: chosen per device (or a rollback)
+        "created": rfc3339(d.created_at_unix_ms),
         "targeted": d.devices_targeted,
         "healthy": d.devices_healthy,
         "failed": d.devices_failed,
@@ -58,33 +58,52 @@ def _deployment_row(d: Any) -> dict[str, Any]:
     }
 
 
+def _model_cell(row: dict[str, Any]) -> str:
+    return f"{row['model'] or ''} {row['version'] or ''}".strip() or "-"
+
+
+def _variant_cell(row: dict[str, Any]) -> str:
+    return row["variant"] or ("-" if row["kind"] == "rollback" else "per device")
+
+
+# Two cells are derived from several fields (whole_row); the counts are shown as they are.
+DEPLOYMENT_COLUMNS = [
+    Column("id"),
+    Column("kind"),
+    Column("model", show=_model_cell, whole_row=True),
+    Column("selector"),
+    Column("variant", show=_variant_cell, whole_row=True),
+    *(Column(c) for c in ("targeted", "healthy", "failed", "pending", "superseded")),
+]
+
+
 def cmd_deployments(args: argparse.Namespace) -> None:
+    """Lists deployments; `--watch` refreshes until the newest has no pending device (one NDJSON object per
+    deployment and refresh under `--json`) and exits with DEVICES_FAILED when its devices failed."""
     op = Operator(args)
     while True:
         rows = [
             _deployment_row(d)
             for d in op.call("ListDeployments", operator_pb2.ListDeploymentsRequest()).deployments
         ]
-        emit(
-            args,
-            rows,
-            [
-                "id",
-                "kind",
-                "model",
-                "selector",
-                "variant",
-                "targeted",
-                "healthy",
-                "failed",
-                "pending",
-                "superseded",
-            ],
-        )
-        if not args.watch or not rows or rows[-1]["pending"] == 0:
+        if args.watch and wants_json(args):
+            for row in rows[-1:]:
+                print_json_line(row)
+        else:
+            emit(args, rows, DEPLOYMENT_COLUMNS)
+        if not args.watch:
             return
+        if not rows or rows[-1]["pending"] == 0:
+            break
         time.sleep(args.interval)
-        print()
+        if not wants_json(args):
+            print()
+    if rows and rows[-1]["failed"]:
+        newest = rows[-1]
+        raise DevicesFailed(
+            f"deployment {newest['id']}: {newest['failed']} of {newest['targeted']} device(s) failed; "
+            "see `edgefleet events`"
+        )
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
@@ -103,10 +122,10 @@ def cmd_rollback(args: argparse.Namespace) -> None:
         "skipped": list(reply.skipped),
     }
     if args.json:
-        print(json.dumps(result, indent=2))
+        print_json(result)
         return
     print(
         f"rollback {reply.command_id}: {reply.devices_targeted} device(s), {reply.devices_notified} told at once"
     )
     for line in reply.skipped:
-        print(f"  skipped: {line}")
+        print(f"  skipped: {escape(line)}")

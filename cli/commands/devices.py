@@ -3,67 +3,84 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from edgefleet.cli.client import Operator
-from edgefleet.cli.output import emit, human_bytes, ref_text, when
+from edgefleet.cli.output import Column, columns, emit, human_bytes, ref_text, ref_value, rfc3339, when
+from edgefleet.names import check_name
 from edgefleet.v1 import operator_pb2
+
+
+def _device_row(d: Any) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "name": d.name,
+        "group": d.group,
+        "connected": d.connected,
+        "runtime": d.capabilities.runtime,
+        "running": ref_value(d.current),
+        "previous": ref_value(d.previous),
+        "desired": ref_value(d.desired),
+        "last_stage": d.last_stage or None,
+        "last_reason": d.last_reason,
+        "clock_skew_ms": d.clock_skew_ms,
+        "revoked": d.revoked,
+        "last_seen": rfc3339(d.last_seen_unix_ms),
+    }
 
 
 def cmd_devices(args: argparse.Namespace) -> None:
     reply = Operator(args).call("ListDevices", operator_pb2.ListDevicesRequest(selector=args.to))
-    rows = [
-        {
-            "id": d.id,
-            "name": d.name,
-            "group": d.group,
-            "connected": d.connected,
-            "runtime": d.capabilities.runtime,
-            "running": ref_text(d.current),
-            "previous": ref_text(d.previous),
-            "desired": ref_text(d.desired),
-            "last_stage": d.last_stage or "-",
-            "last_reason": d.last_reason,
-            "clock_skew_s": round(d.clock_skew_ms / 1000),
-            "revoked": d.revoked,
-            "last_seen": when(d.last_seen_unix_ms),
-        }
-        for d in reply.devices
-    ]
     emit(
         args,
-        rows,
-        ["id", "name", "group", "connected", "runtime", "running", "desired", "last_stage", "last_seen"],
+        [_device_row(d) for d in reply.devices],
+        columns(
+            "id",
+            "name",
+            "group",
+            "connected",
+            "runtime",
+            Column("running", show=ref_text),
+            Column("desired", show=ref_text),
+            "last_stage",
+            Column("last_seen", show=when),
+        ),
     )
 
 
 def cmd_revoke(args: argparse.Namespace) -> None:
+    check_name("device id", args.device)
     Operator(args).call("RevokeDevice", operator_pb2.RevokeDeviceRequest(device_id=args.device))
     print(f"revoked {args.device}: its credentials are refused from now on")
 
 
+def _rounded(digits: int) -> Any:
+    return lambda v: "-" if v is None else str(round(v, digits))
+
+
 def cmd_telemetry(args: argparse.Namespace) -> None:
+    check_name("device", args.device)
     reply = Operator(args).call(
         "GetTelemetry", operator_pb2.GetTelemetryRequest(device_id=args.device, limit=args.limit)
     )
     rows = []
     for r in reply.records:
         count = sum(s.count for s in r.inference)
-        errors_ = sum(s.errors for s in r.inference)
         latency = sum(s.latency_sum_ms for s in r.inference)
         rows.append(
             {
-                "at": when(r.at_unix_ms),
-                "cpu_percent": round(r.health.cpu_percent, 1),
-                "memory_used": human_bytes(r.health.memory_used_bytes),
-                "disk_free": human_bytes(r.health.disk_free_bytes),
-                "temperature_c": round(r.health.temperature_celsius, 1)
+                "at": rfc3339(r.at_unix_ms),
+                "cpu_percent": r.health.cpu_percent,
+                "memory_used_bytes": r.health.memory_used_bytes,
+                "disk_free_bytes": r.health.disk_free_bytes,
+                "temperature_c": r.health.temperature_celsius
                 if r.health.HasField("temperature_celsius")
-                else "-",
+                else None,
                 "inferences": count,
-                "errors": errors_,
-                "mean_latency_ms": round(latency / count, 3) if count else "-",
-                "max_latency_ms": round(max((s.latency_max_ms for s in r.inference), default=0), 3),
-                "models": ", ".join(s.target_path for s in r.inference),
+                "errors": sum(s.errors for s in r.inference),
+                "mean_latency_ms": latency / count if count else None,
+                "max_latency_ms": max((s.latency_max_ms for s in r.inference), default=0.0),
+                "models": [s.target_path for s in r.inference],
                 "dropped_reports": r.dropped_reports,
             }
         )
@@ -71,25 +88,28 @@ def cmd_telemetry(args: argparse.Namespace) -> None:
         args,
         rows,
         [
-            "at",
-            "cpu_percent",
-            "memory_used",
-            "inferences",
-            "errors",
-            "mean_latency_ms",
-            "max_latency_ms",
-            "models",
+            Column("at", show=when),
+            Column("cpu_percent", show=_rounded(1)),
+            Column("memory_used", "memory_used_bytes", human_bytes),
+            Column("inferences"),
+            Column("errors"),
+            Column("mean_latency_ms", show=_rounded(3)),
+            Column("max_latency_ms", show=_rounded(3)),
+            Column("models", show=", ".join),
         ],
+        empty=f"(no telemetry reported by device {args.device} yet)",
     )
 
 
 def cmd_events(args: argparse.Namespace) -> None:
+    if args.device:
+        check_name("device", args.device)
     reply = Operator(args).call(
         "ListEvents", operator_pb2.ListEventsRequest(device_id=args.device, limit=args.limit)
     )
     rows = [
         {
-            "at": when(e.at_unix_ms),
+            "at": rfc3339(e.at_unix_ms),
             "device": e.device_id,
             "stage": e.stage,
             "target": e.target_path,
@@ -97,4 +117,10 @@ def cmd_events(args: argparse.Namespace) -> None:
         }
         for e in reply.events
     ]
-    emit(args, rows, ["at", "device", "stage", "target", "reason"])
+    asked = f" from device {args.device}" if args.device else ""
+    emit(
+        args,
+        rows,
+        columns(Column("at", show=when), "device", "stage", "target", "reason"),
+        empty=f"(no update events{asked} yet)",
+    )

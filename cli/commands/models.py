@@ -8,12 +8,15 @@ import sys
 from pathlib import Path
 
 from edgefleet.cli.client import CliError, Operator
-from edgefleet.cli.output import emit, print_variants, variant_row, when
+from edgefleet.cli.output import Column, columns, emit, print_json, print_variants, rfc3339, variant_row, when
 from edgefleet.cli.publish import push_model, targets_signer
+from edgefleet.names import check_name
 from edgefleet.v1 import operator_pb2
 
 
 def cmd_model_push(args: argparse.Namespace) -> None:
+    check_name("model name", args.name)
+    check_name("version", args.version)
     path = Path(args.file)
     if not path.is_file():
         raise CliError(f"{path} is not a file")
@@ -33,7 +36,7 @@ def cmd_model_push(args: argparse.Namespace) -> None:
         quiet=args.json or not sys.stderr.isatty(),
     )
     if args.json:
-        print(json.dumps(pushed, indent=2, sort_keys=True))
+        print_json(pushed)
         return
     print(
         f"pushed and signed {args.name} {args.version} "
@@ -43,6 +46,8 @@ def cmd_model_push(args: argparse.Namespace) -> None:
 
 
 def cmd_model_list(args: argparse.Namespace) -> None:
+    if args.name:
+        check_name("model name", args.name)
     reply = Operator(args).call("ListModels", operator_pb2.ListModelsRequest(name=args.name))
     rows = [
         {
@@ -51,21 +56,27 @@ def cmd_model_list(args: argparse.Namespace) -> None:
             "variant": m.variant,
             "size_bytes": m.length,
             "signed": m.signed,
-            "created": when(m.created_at_unix_ms),
+            "created": rfc3339(m.created_at_unix_ms),
             "sha256": m.sha256,
         }
         for m in reply.models
     ]
-    emit(args, rows, ["name", "version", "variant", "size_bytes", "signed", "created"])
+    emit(
+        args,
+        rows,
+        columns("name", "version", "variant", "size_bytes", "signed", Column("created", show=when)),
+    )
 
 
 def cmd_model_show(args: argparse.Namespace) -> None:
+    check_name("model name", args.name)
+    check_name("version", args.version)
     reply = Operator(args).call("ListModels", operator_pb2.ListModelsRequest(name=args.name))
     models = [m for m in reply.models if m.version == args.version]
     if not models:
         raise CliError(f"no model {args.name} {args.version}; see `edgefleet model list`")
     rows = [variant_row(m.variant, m.length, json.loads(m.details_json or "{}")) for m in models]
     if args.json:
-        print(json.dumps(rows, indent=2, sort_keys=True))
+        print_json(rows)
     else:
         print_variants(rows)
