@@ -341,7 +341,7 @@ class InferenceLoad:
                     _, target = client.infer(self.inputs)
                     ok, error = True, ""
                 except grpc.RpcError as e:
-                    ok, error, target = False, f"{e.code().name}: {e.details()}", ""  # type: ignore[attr-defined]
+                    ok, error, target = False, f"{e.code().name}: {e.details()}", ""
                 ms = (time.perf_counter() - started) * 1000
                 with self._lock:
                     r = self.report

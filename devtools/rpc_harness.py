@@ -238,7 +238,7 @@ class Harness(InProcessServer):
         fleet = self.fleet
 
         def put() -> ModelRecord:
-            sha = fleet.blobs.put_bytes(content)  # type: ignore[attr-defined]
+            sha = fleet.blobs.put_bytes(content)
             record = ModelRecord(
                 target_path(name, version),
                 name,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from edgefleet.errors import IncompatibleError, ModelError
 
@@ -24,7 +25,7 @@ KNOWN_CUSTOM_OPS = frozenset({"TFLite_Detection_PostProcess"})
 QUANTIZED_WEIGHT_TYPES = frozenset({"INT8", "UINT8", "INT4", "INT16"})
 
 
-def _schema():  # type: ignore[no-untyped-def]
+def _schema() -> Any:
     from ai_edge_litert import schema_py_generated  # heavy; only where a file is inspected
 
     return schema_py_generated

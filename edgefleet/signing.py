@@ -78,7 +78,7 @@ def load_signer(path: Path) -> Signer:
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
         private = load_pem_private_key(Path(path).read_bytes(), password=None)
-        return CryptoSigner(private, SSlibKey.from_crypto(private.public_key()))  # type: ignore[arg-type]
+        return CryptoSigner(private, SSlibKey.from_crypto(private.public_key()))
     except (OSError, ValueError, TypeError) as e:
         raise SignatureError(f"cannot load signing key {path}: {e}") from e
 

@@ -138,6 +138,7 @@ class BoundedDecoder:
             piece = bytes(self._input[: self._part_end - self._fed])
             del self._input[: len(piece)]
             self._fed += len(piece)
+            assert self._zstd is not None  # set once the frame header was read, above
             try:
                 data = self._zstd.decompress(piece)
             except zstandard.ZstdError as e:
