@@ -88,15 +88,15 @@ class LocalModels:
         tmp = final.with_suffix(".tmp")
         try:
             if sha256_file(part) != target.wire_sha256:
+                # Not the signed bytes: a tampered blob, a spliced resume. Deleted, so the retry starts at 0.
                 raise errors.HashMismatchError(
                     f"{target.path}: downloaded bytes do not match the signed sha256"
                 )
-            decoder = wire.BoundedDecoder(target.wire_encoding, target.length)
-            with open(part, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(decoder.feed(chunk))
-                dst.write(decoder.finish())
-            verify_file(target.target, tmp)
+            try:
+                self._decode(target, part, tmp)
+            except errors.HashMismatchError as e:
+                # The signed wire bytes themselves decode wrong: a property of the signed artifact.
+                raise errors.ModelError(f"{target.path}: the signed wire bytes do not decode: {e}") from e
             self.faults.at("verified")
         except BaseException:
             part.unlink(missing_ok=True)
@@ -107,6 +107,24 @@ class LocalModels:
         part.unlink(missing_ok=True)
         fsync_dir(part.parent)
         self.faults.at("written")
+
+    @staticmethod
+    def _decode(target: ModelTarget, part: Path, tmp: Path) -> None:
+        """Decodes `part` into `tmp`, hashing what it writes (not a re-read of `tmp`)."""
+        decoder = wire.BoundedDecoder(target.wire_encoding, target.length)
+        digest = hashlib.sha256()
+        length = 0
+        with open(part, "rb") as src, open(tmp, "wb") as dst:
+            while True:
+                chunk = src.read(1 << 20)
+                data = decoder.feed(chunk) if chunk else decoder.finish()
+                digest.update(data)
+                length += len(data)
+                dst.write(data)
+                if not chunk:
+                    break
+        if length != target.length or digest.hexdigest() != target.sha256:
+            raise errors.HashMismatchError(f"decoded to {length} bytes that differ from the signed ones")
 
     def new_worker(self, model_length: int, low_priority: bool = False) -> ModelWorker:
         """Start, restart and rollback load at normal priority: nothing serves then, or the operator wants

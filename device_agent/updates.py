@@ -5,10 +5,12 @@
                -> candidate in its own process: tensor signature + golden output
                -> activate (the state file is the commit point, then one swap) -> probation (`supervision`)
 
-Transport failures, expired metadata and a full disk are retried with backoff until it works or a newer
-assignment replaces it; a bad artifact marks the version bad (never retried); a downgrade without an
-operator's signature is refused until the metadata changes. What each error means is
-`decisions.after_install_error`.
+Transport failures, bytes that do not hash (a tampered blob, a spliced resume: the partial file is deleted,
+so the retry starts at byte 0), a target nobody signed, expired metadata and a full disk are retried with
+capped backoff until it works or a newer assignment replaces it, and reported once per kind of trouble. Only
+what verified bytes do (golden check, tensor contract, a crash or hang of the interpreter) or what their
+signed fields say marks the version bad; a downgrade without an operator's signature is refused until the
+metadata changes. What each error means is `decisions.after_install_error`.
 """
 
 from __future__ import annotations

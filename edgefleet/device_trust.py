@@ -22,8 +22,8 @@ from edgefleet.errors import (
     HashMismatchError,
     MetadataExpiredError,
     MetadataRefusedError,
-    SignatureError,
     TransportError,
+    UnsignedTargetError,
 )
 from edgefleet.signing import parse_metadata, rollback_floors, utcnow, verify_role
 
@@ -85,8 +85,8 @@ class DeviceTrust:
         return (self.metadata_dir / "pinned-root.json").exists()
 
     def target(self, target_path: str) -> TargetFile:
-        """Refreshes metadata and returns the signed TargetFile. Raises SignatureError (the metadata is bad:
-        unsigned, expired, a rollback, or no such target) or TransportError (could not fetch)."""
+        """Refreshes metadata and returns the signed TargetFile. Raises MetadataError (the metadata is refused:
+        unsigned, expired, a rollback), UnsignedTargetError (no such signed target) or TransportError."""
         bootstrap = None
         if not (self.metadata_dir / "root.json").exists():
             bootstrap = (self.metadata_dir / "pinned-root.json").read_bytes()
@@ -115,7 +115,7 @@ class DeviceTrust:
         except (DeserializationError, ValueError, KeyError, TypeError) as e:
             raise MetadataRefusedError(f"signed metadata refused: malformed: {e}") from e
         if info is None:
-            raise SignatureError(f"{target_path} is not in the signed targets metadata")
+            raise UnsignedTargetError(f"{target_path} is not in the signed targets metadata")
         return info
 
 
