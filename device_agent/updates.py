@@ -33,7 +33,6 @@ from edgefleet.agent.serving import ModelWorker, Serving
 from edgefleet.agent.state import Pending, StateStore, now_ms
 from edgefleet.agent.supervision import Supervisor, UpdateTurn
 from edgefleet.device_trust import DeviceTrust
-from edgefleet.durable import write_atomic
 from edgefleet.model_targets import ModelTarget
 from edgefleet.v1 import device_pb2
 from edgefleet.values import ModelRef
@@ -137,16 +136,14 @@ class Updater:
         worker = self.models.new_worker(target.length, low_priority=self.serving.worker is not None).spawn()
         try:
             have = model_file.exists() and await asyncio.to_thread(self.models.verifies, target, model_file)
-            if have:  # the signed description may be newer than the one kept (or lost to a kill)
-                write_atomic(model_file.with_suffix(".target.json"), target.target_json())
-            else:
+            if not have:
                 self.control.queue_event(path, "downloading")
                 await self._download(target)
                 await self.faults.at_async("downloaded")
                 self.control.queue_event(path, "downloaded")
                 await asyncio.to_thread(self.models.finish_file, target)
             self.control.queue_event(path, "verified", "signed metadata, length and sha256 check out")
-            await asyncio.to_thread(self.models.test_candidate, target, model_file, worker)
+            await asyncio.to_thread(self.models.test_candidate, target, worker)
         except BaseException:
             worker.kill()
             raise
