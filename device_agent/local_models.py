@@ -79,6 +79,27 @@ class LocalModels:
             self.forget(ref)
             return False
 
+    def verified_on_disk(self) -> list[ModelTarget]:
+        """The model files here whose bytes are a target of the signed metadata this device holds (each read
+        and checked now); what a damaged state file can be rebuilt from. Files that are not are left alone:
+        nothing runs them, and the next prune deletes them."""
+        try:
+            signed = {t.hashes.get("sha256"): t for t in self.trust.local_targets().values()}
+        except errors.EdgefleetError:
+            return []
+        found = []
+        for path in sorted((self.store.folder / "models").glob("*.tflite")):
+            info = signed.get(path.stem)
+            if info is None:
+                continue
+            try:
+                target = ModelTarget.from_target(info)
+                SealedModel.verified(path, target.path, target.length, target.sha256).close()
+            except UNUSABLE:
+                continue
+            found.append(target)
+        return found
+
     def forget(self, ref: ModelRef) -> None:
         self.store.model_path(ref.sha256 or "x").unlink(missing_ok=True)
 

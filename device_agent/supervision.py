@@ -91,6 +91,8 @@ class Supervisor:
         the old model or the new one, whole, and the first status report says which."""
         for leftover in (self.store.folder / "models").glob("*.tmp"):  # a decode cut short by a kill
             leftover.unlink(missing_ok=True)
+        if self.store.damaged:
+            await asyncio.to_thread(self._rebuild_floors)
         state = self.store.state
         if state.pending and state.previous:
             state.pending = pending = dataclasses.replace(state.pending, starts=state.pending.starts + 1)
@@ -125,6 +127,17 @@ class Supervisor:
             self.control.queue_event(target.path, "healthy", "checked again at start")
         else:
             self.spawn(self._resume_probation(current.target_path))
+
+    def _rebuild_floors(self) -> None:
+        """After a damaged state file: the floors against downgrades come back from the verified local models
+        (a lost floor would let a server send the device back to a version it has moved past). Nothing is
+        made current: the server's assignment installs it again, checked like any update."""
+        state = self.store.state
+        for target in self.models.verified_on_disk():
+            state.floors = decisions.raised_floors(state.floors, target.name, target.sequence)
+        self.store.save()
+        self.store.damaged = False
+        log.warning("state rebuilt from the verified models on disk: floors %s", state.floors)
 
     async def _lost_local_copy(self, ref: ModelRef, error: Exception) -> None:
         """A local copy that does not verify (planted, damaged, no longer signed) never runs: say so, serve the

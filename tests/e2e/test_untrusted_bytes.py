@@ -46,6 +46,13 @@ def _answer(agent: AgentProcess) -> tuple[np.ndarray, str]:
         client.close()
 
 
+def _serves_or_nothing(agent: AgentProcess) -> str:
+    try:
+        return _serves(agent)
+    except Exception:  # nothing serves yet
+        return ""
+
+
 def _reference_output(model: Path) -> np.ndarray:
     """What the model's own bytes answer on zeros, outside the agent."""
     interpreter = make_interpreter(default_runtime(), model_path=str(model))
@@ -241,3 +248,48 @@ def test_planted_model_with_a_planted_description_beside_it_never_runs_at_start(
     assert target == V2
     np.testing.assert_allclose(output, _reference_output(digits_files["v2"]), rtol=1e-5)
     assert f"local copy of {V2} refused, it will not run" in agent.log()
+
+
+# ---- class 5: a damaged state file is not a crash loop ---------------------------------------------------
+
+
+def _log_since(agent: AgentProcess, mark: int) -> str:
+    return agent.log_path.read_bytes()[mark:].decode(errors="replace")
+
+
+def test_damaged_state_file_written_before_start_never_crashes_the_agent_and_it_recovers(
+    fleet: LocalFleet, digits_files: dict
+) -> None:
+    """Empty, garbage, truncated and wrongly shaped state files: moved aside with one log line, no
+    traceback; the floors come back from the verified model files, and the model runs again."""
+    agent = _v1_running(fleet, digits_files)
+    fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
+    fleet.cli("deploy", "digits", "2", "--to", "all")
+    fleet.wait_running(agent, V2)
+    floors = agent.state()["floors"]
+    intact = (agent.state_dir / "state.json").read_bytes()
+    for damage in (b"", os.urandom(300), intact[: len(intact) // 2], b'{"current": 7, "floors": []}'):
+        agent.stop()
+        (agent.state_dir / "state.json").write_bytes(damage)
+        mark = agent.log_path.stat().st_size
+        agent = fleet.start_agent("cam")
+        wait_for(lambda a=agent: _serves_or_nothing(a) == V2, 90, "v2 to serve again")
+        log = _log_since(agent, mark)
+        assert "Traceback" not in log
+        assert log.count("state file damaged") == 1, log
+        assert agent.state()["floors"] == floors
+    assert len(list(agent.state_dir.glob("state.json.damaged-*"))) >= 1
+
+
+def test_damaged_credentials_file_stops_the_agent_with_a_line_that_says_enroll_again(
+    fleet: LocalFleet, digits_files: dict
+) -> None:
+    agent = _v1_running(fleet, digits_files)
+    agent.stop()
+    (agent.state_dir / "credentials.json").write_bytes(b"\x00garbage{")
+    mark = agent.log_path.stat().st_size
+    agent = fleet.start_agent("cam", wait=False)
+    assert agent.process.wait(timeout=60) != 0
+    log = _log_since(agent, mark)
+    assert "Traceback" not in log
+    assert "credentials file damaged" in log and "enroll again" in log
