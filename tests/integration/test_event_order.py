@@ -14,7 +14,7 @@ import pytest
 
 from edgefleet.devtools.raw_rpc import call, rpc
 from edgefleet.devtools.rpc_harness import Device, Harness, running_harness
-from edgefleet.server.storage.records import now_ms
+from edgefleet.server.storage.records import DeviceRecord, now_ms
 from edgefleet.v1 import common_pb2, device_pb2, operator_pb2
 
 CONNECT = rpc("/edgefleet.v1.DeviceService/Connect")
@@ -69,7 +69,7 @@ async def _hello(device: Device) -> int:
         stream.cancel()
 
 
-async def _record(harness: Harness, device: Device):  # type: ignore[no-untyped-def]
+async def _record(harness: Harness, device: Device) -> DeviceRecord:
     return await asyncio.to_thread(harness.fleet.store.get_device, device.id)
 
 
