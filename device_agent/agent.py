@@ -66,7 +66,7 @@ class Agent:
         )
         self.trust = DeviceTrust(self.store.folder / "metadata", self.control.get_metadata_blocking)
         self.telemetry = Telemetry(config, self.serving, self.outbox, self.store.folder)
-        models = LocalModels(config, self.runtime, self.store, self.faults)
+        models = LocalModels(config, self.runtime, self.store, self.trust, self.faults)
         turn = UpdateTurn()
         self.supervisor = Supervisor(
             config, self.store, models, self.serving, self.trust, self.control, self.faults, turn, self._spawn

@@ -1,6 +1,8 @@
 """The control stream to the server, what the agent says on it, and the metadata bridge for python-tuf.
 
-    connect -> send the device's status first (every time) -> then queued events and status, in order
+    connect -> the server's hello (the last sequence it accepted) -> the device's status first (every time)
+            -> then queued events and status, in order, each stamped when sent with the next number of one
+               persisted counter (continued from the hello, so a device that lost its state is not stale)
     server  -> assignment: `on_assignment(ref)`; rollback order: `on_rollback(command_id, reason)`
     down    -> reconnect with jittered exponential backoff; `periodic_check` asks for the assignment in case
                the stream missed it
@@ -29,6 +31,8 @@ from edgefleet.values import Capabilities, DeviceStatus, ModelRef, UpdateEvent
 
 log = logging.getLogger("edgefleet.agent")
 
+HELLO_TIMEOUT_S = 5.0  # an older server sends no hello: then the device's own counter goes on alone
+
 Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
 
@@ -56,6 +60,11 @@ class Control:
         # Set by the agent: what an assignment or a rollback order sets going.
         self.on_assignment: Callable[[ModelRef | None], None] = lambda ref: None
         self.on_rollback: Callable[[str, str], None] = lambda command_id, reason: None
+        self.assigned: tuple[str, str, str] = (
+            "",
+            "",
+            "",
+        )  # (target path, sha256, deployment id) last assigned
 
     # ---- the stream ------------------------------------------------------------------------------------
 
@@ -86,17 +95,27 @@ class Control:
     async def _run_stream(self, backoff: Backoff) -> None:
         assert self.connection is not None
 
+        hello = asyncio.Event()
+
         async def outgoing() -> AsyncIterator[device_pb2.DeviceMessage]:
-            yield self._status_message()  # the truth first, on every connect
+            try:
+                await asyncio.wait_for(hello.wait(), HELLO_TIMEOUT_S)
+            except TimeoutError:
+                pass
+            yield self._stamped(self._status_message())  # the truth first, on every connect
             while True:
-                yield await self.outbox.get_event()
+                yield self._stamped(await self.outbox.get_event())
 
         call = self.connection.stub.Connect(outgoing(), metadata=self.connection.metadata)
         async for message in call:
             self.connected = True
             backoff.reset()
             kind = message.WhichOneof("kind")
-            if kind == "assignment":
+            if kind == "hello":
+                self._continue_from(message.hello.last_sequence)
+                hello.set()
+            elif kind == "assignment":
+                self._remember(message.assignment)
                 self.on_assignment(ref_from_proto(message.assignment.model))
             elif kind == "rollback":
                 self.on_rollback(message.rollback.command_id, message.rollback.reason)
@@ -118,15 +137,47 @@ class Control:
         if reply.rollback_pending:
             self.on_rollback(reply.rollback_command_id, "ordered by an operator (periodic check)")
         elif reply.HasField("assignment"):
+            self._remember(reply.assignment)
             self.on_assignment(ref_from_proto(reply.assignment.model))
 
     # ---- what the agent says ---------------------------------------------------------------------------
 
-    def _status_message(self) -> device_pb2.DeviceMessage:
+    def _remember(self, assignment: device_pb2.Assignment) -> None:
+        model = assignment.model
+        self.assigned = (model.target_path, model.sha256, assignment.deployment_id)
+
+    def _continue_from(self, last_accepted: int) -> None:
+        """The server's last accepted sequence: a device that lost its state file (or was restored from an
+        old backup) continues after it instead of being ignored as stale."""
         state = self.store.state
-        # The sequence is persisted before use, so no restart or clock change ever sends an old number.
+        if last_accepted > state.status_sequence:
+            log.info("continuing the message sequence at %d, after the server's last", last_accepted + 1)
+            state.status_sequence = last_accepted
+            self.store.save()
+
+    def _stamped(self, message: device_pb2.DeviceMessage) -> device_pb2.DeviceMessage:
+        """The next number of the one counter, stamped as the message is sent (so a status sent at a connect
+        never overtakes events queued before it), and an event tied to the target and deployment it is about."""
+        state = self.store.state
+        # Persisted before use, so no restart or clock change ever sends an old number.
         state.status_sequence += 1
         self.store.save()
+        if message.HasField("status"):
+            message.status.sequence = state.status_sequence
+        elif message.HasField("event"):
+            event = message.event
+            event.sequence = state.status_sequence
+            path, sha, deployment = self.assigned
+            if event.target_path == path and not event.deployment_id:
+                event.deployment_id = deployment
+            if not event.target_sha256:
+                known = {r.target_path: r.sha256 for r in (state.previous, state.current) if r}
+                known.setdefault(path, sha)
+                event.target_sha256 = known.get(event.target_path, "")
+        return message
+
+    def _status_message(self) -> device_pb2.DeviceMessage:
+        state = self.store.state
         status = DeviceStatus(
             current=state.current,
             previous=state.previous,
@@ -134,7 +185,7 @@ class Control:
             agent_version=__version__,
             bad_targets=tuple(state.bad_targets),
             sent_at_ms=now_ms(),
-            sequence=state.status_sequence,
+            sequence=0,  # stamped when sent (`_stamped`)
         )
         return device_pb2.DeviceMessage(status=status_to_proto(status))
 

@@ -99,9 +99,10 @@ def after_install_error(error: errors.EdgefleetError) -> AfterError:
 
 
 def reports_retry(error: errors.EdgefleetError) -> bool:
-    """Retried trouble worth an event (once per kind): refused or expired metadata. A transport failure is
-    only logged; the server already knows its own outages."""
-    return isinstance(error, errors.MetadataError)
+    """Retried trouble worth an event (once per kind): refused or expired metadata, bytes that do not hash
+    (a tampered blob, a spliced resume), a target nobody signed. A plain transport failure is only logged;
+    the server already knows its own outages."""
+    return isinstance(error, (errors.MetadataError, errors.HashMismatchError, errors.UnsignedTargetError))
 
 
 def with_bad_target(bad_targets: Sequence[str], path: str) -> list[str]:

@@ -4,8 +4,10 @@ Inert unless BOTH are set in the agent's environment (a test-only setting, never
     EDGEFLEET_ALLOW_TEST_FAULTS=1
     EDGEFLEET_TEST_FAULTS=step:action[,step:action...]
 
-Steps:   downloaded  verified  written  activated  committed  rolling_back
+Steps:   downloaded  verified  written  sealed (a local copy read and checked, not yet loaded)  activated
+         committed  rolling_back
 Actions: kill (SIGKILL itself)  error (a transport error)  hang (forever)  enospc (disk full)
+         stop (SIGSTOP itself: the test does something to the files, then sends SIGCONT)
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from edgefleet.errors import InvalidRequestError, TransportError
 
 log = logging.getLogger("edgefleet.agent")
 
-STEPS = ("downloaded", "verified", "written", "activated", "committed", "rolling_back")
-ACTIONS = ("kill", "error", "hang", "enospc")
+STEPS = ("downloaded", "verified", "written", "sealed", "activated", "committed", "rolling_back")
+ACTIONS = ("kill", "error", "hang", "enospc", "stop")
 
 
 class Faults:
@@ -50,6 +52,8 @@ class Faults:
         log.warning("test fault: %s at %s", action, step)
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if action == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
         if action == "error":
             raise TransportError(f"injected error at {step}")
         if action == "enospc":

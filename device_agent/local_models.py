@@ -4,27 +4,36 @@ All blocking (hashing, decoding, starting a process): the async code calls these
 `asyncio.to_thread`.
 
     downloads/<sha>.part -> `finish_file`: wire sha256, bounded decode, length + sha256 -> models/<sha>.tflite
-    models/<sha>.tflite + .target.json -> `load_target`: the signed description, the file re-verified
-    `test_candidate`: its own process (time and memory limited), signed tensors, signed golden output
+    a ModelRef -> `local_target`: its signed description from the metadata this device trusts, re-verified
+                  (never a description kept beside the file: anyone who can write the folder could plant one)
+    `test_candidate`: the file read once into sealed memory and checked (`sealed_model`), loaded from exactly
+                  those bytes in its own process (time and memory limited), signed tensors, signed golden output
+
+Every load (an update's candidate, the model at start, a rollback, a worker restart) goes through
+`test_candidate`, so nothing runs that was not checked against the signed metadata in the same breath.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 from edgefleet import errors, wire
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.faults import Faults
+from edgefleet.agent.sealed_model import SealedModel
 from edgefleet.agent.serving import ModelWorker
 from edgefleet.agent.state import StateStore
-from edgefleet.device_trust import verify_file
-from edgefleet.durable import commit_file, fsync_dir, write_atomic
+from edgefleet.device_trust import DeviceTrust, verify_file
+from edgefleet.durable import commit_file, fsync_dir
 from edgefleet.model_targets import ModelTarget
 from edgefleet.modelinfo import check_signature
 from edgefleet.values import ModelRef
 
-# What a local copy can fail with: bad or missing bytes, a malformed description, the disk.
+log = logging.getLogger("edgefleet.agent")
+
+# What a local copy can fail with: bad or missing bytes, unverifiable metadata, the disk.
 UNUSABLE = (errors.EdgefleetError, ValueError, OSError)
 
 
@@ -37,42 +46,71 @@ def sha256_file(path: Path) -> str:
 
 
 class LocalModels:
-    def __init__(self, config: AgentConfig, runtime: str, store: StateStore, faults: Faults):
+    def __init__(
+        self, config: AgentConfig, runtime: str, store: StateStore, trust: DeviceTrust, faults: Faults
+    ):
         self.config = config
         self.runtime = runtime
         self.store = store
+        self.trust = trust
         self.faults = faults
 
-    def load_target(self, ref: ModelRef) -> ModelTarget:
-        """The signed description kept beside the file, with the file checked against it. Raises
-        HashMismatchError when the file is missing or differs, SignatureError when the description is bad."""
-        path = self.store.model_path(ref.sha256)
-        meta = path.with_suffix(".target.json")
-        if not path.exists() or not meta.exists():
-            raise errors.HashMismatchError("model file is missing")
-        target = ModelTarget.from_target_json(meta.read_bytes())
-        verify_file(target.target, path)
+    def local_target(self, ref: ModelRef) -> ModelTarget:
+        """What `ref` must be, from the signed metadata this device holds (checked again now). Raises
+        MetadataError or SignatureError when it cannot be verified, HashMismatchError when the signed target
+        is not the version `ref` names."""
+        target = ModelTarget.from_target(self.trust.local_target(ref.target_path))
+        if target.sha256 != ref.sha256:
+            raise errors.HashMismatchError(
+                f"{ref.target_path}: the signed target is not the version kept here"
+            )
         return target
 
     def usable(self, ref: ModelRef) -> bool:
         """Whether the local copy verifies; one that does not is deleted (it is fetched again if needed)."""
         try:
-            self.load_target(ref)
+            target = self.local_target(ref)
+            SealedModel.verified(
+                self.store.model_path(target.sha256), target.path, target.length, target.sha256
+            ).close()
             return True
-        except UNUSABLE:
+        except UNUSABLE as e:
+            log.error("local copy of %s refused, it will not run: %s", ref.target_path, e)
             self.forget(ref)
             return False
+
+    def verified_on_disk(self) -> list[ModelTarget]:
+        """The model files here whose bytes are a target of the signed metadata this device holds (each read
+        and checked now); what a damaged state file can be rebuilt from. Files that are not are left alone:
+        nothing runs them, and the next prune deletes them."""
+        try:
+            signed = {t.hashes.get("sha256"): t for t in self.trust.local_targets().values()}
+        except errors.EdgefleetError:
+            return []
+        found = []
+        for path in sorted((self.store.folder / "models").glob("*.tflite")):
+            info = signed.get(path.stem)
+            if info is None:
+                continue
+            try:
+                target = ModelTarget.from_target(info)
+                SealedModel.verified(path, target.path, target.length, target.sha256).close()
+            except UNUSABLE:
+                continue
+            found.append(target)
+        return found
 
     def forget(self, ref: ModelRef) -> None:
         self.store.model_path(ref.sha256 or "x").unlink(missing_ok=True)
 
     def start(self, ref: ModelRef) -> tuple[ModelTarget, ModelWorker]:
         """The local copy of `ref`, verified and tested as a candidate: (its target, a warm worker)."""
-        target = self.load_target(ref)
-        return target, self.test_candidate(target, self.store.model_path(target.sha256))
+        target = self.local_target(ref)
+        return target, self.test_candidate(target)
 
     def verifies(self, target: ModelTarget, path: Path) -> bool:
-        """Whether the file already here is the signed one; a file that is not is deleted."""
+        """Whether the file already here is the signed one (so nothing needs downloading); a file that is not
+        is deleted. The bytes are checked again, sealed, when they load."""
         try:
             verify_file(target.target, path)
             return True
@@ -88,25 +126,42 @@ class LocalModels:
         tmp = final.with_suffix(".tmp")
         try:
             if sha256_file(part) != target.wire_sha256:
+                # Not the signed bytes: a tampered blob, a spliced resume. Deleted, so the retry starts at 0.
                 raise errors.HashMismatchError(
                     f"{target.path}: downloaded bytes do not match the signed sha256"
                 )
-            decoder = wire.BoundedDecoder(target.wire_encoding, target.length)
-            with open(part, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(decoder.feed(chunk))
-                dst.write(decoder.finish())
-            verify_file(target.target, tmp)
+            try:
+                self._decode(target, part, tmp)
+            except errors.HashMismatchError as e:
+                # The signed wire bytes themselves decode wrong: a property of the signed artifact.
+                raise errors.ModelError(f"{target.path}: the signed wire bytes do not decode: {e}") from e
             self.faults.at("verified")
         except BaseException:
             part.unlink(missing_ok=True)
             tmp.unlink(missing_ok=True)
             raise
-        write_atomic(final.with_suffix(".target.json"), target.target_json())
         commit_file(tmp, final)
         part.unlink(missing_ok=True)
         fsync_dir(part.parent)
         self.faults.at("written")
+
+    @staticmethod
+    def _decode(target: ModelTarget, part: Path, tmp: Path) -> None:
+        """Decodes `part` into `tmp`, hashing what it writes (not a re-read of `tmp`)."""
+        decoder = wire.BoundedDecoder(target.wire_encoding, target.length)
+        digest = hashlib.sha256()
+        length = 0
+        with open(part, "rb") as src, open(tmp, "wb") as dst:
+            while True:
+                chunk = src.read(1 << 20)
+                data = decoder.feed(chunk) if chunk else decoder.finish()
+                digest.update(data)
+                length += len(data)
+                dst.write(data)
+                if not chunk:
+                    break
+        if length != target.length or digest.hexdigest() != target.sha256:
+            raise errors.HashMismatchError(f"decoded to {length} bytes that differ from the signed ones")
 
     def new_worker(self, model_length: int, low_priority: bool = False) -> ModelWorker:
         """Start, restart and rollback load at normal priority: nothing serves then, or the operator wants
@@ -122,17 +177,21 @@ class LocalModels:
             low_priority=low_priority,
         )
 
-    def test_candidate(
-        self, target: ModelTarget, model_file: Path, worker: ModelWorker | None = None
-    ) -> ModelWorker:
-        """Loads the model in its own process (time and memory limited), checks its tensors against the
-        signed signature and its output on the signed golden input. The warm worker is returned.
-        Raises ModelError when it does not load or its output is wrong."""
+    def test_candidate(self, target: ModelTarget, worker: ModelWorker | None = None) -> ModelWorker:
+        """Reads the local copy once into sealed memory, checks its length and sha256 against the signed
+        target, loads exactly those bytes in its own process (time and memory limited), checks its tensors
+        against the signed signature and its output on the signed golden input. The warm worker is returned.
+        Raises HashMismatchError when the bytes are not the signed ones (nothing ran), ModelError when the
+        verified bytes do not load or their output is wrong."""
         worker = worker or self.new_worker(target.length)
         try:
-            signature = worker.load(
-                model_file, timeout=self.config.candidate_timeout_s, warm_inputs=target.golden.inputs
-            )
+            with SealedModel.verified(
+                self.store.model_path(target.sha256), target.path, target.length, target.sha256
+            ) as sealed:
+                self.faults.at("sealed")
+                signature = worker.load(
+                    sealed, timeout=self.config.candidate_timeout_s, warm_inputs=target.golden.inputs
+                )
             check_signature(signature, target.signature)
             if worker.warm_error is not None:
                 raise errors.ModelError(f"the candidate fails on its golden input: {worker.warm_error}")

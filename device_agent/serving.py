@@ -21,11 +21,13 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from multiprocessing.reduction import send_handle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgefleet.agent.sealed_model import SealedModel
 from edgefleet.errors import EdgefleetError, InvalidRequestError, ModelError
 from edgefleet.modelinfo import ModelSignature
 from edgefleet.values import LATENCY_BOUNDS_MS, ModelRef
@@ -95,16 +97,26 @@ class ModelWorker:
         return self
 
     def load(
-        self, model_path: Path, timeout: float = 30.0, warm_inputs: Sequence[np.ndarray] | None = None
+        self,
+        model: SealedModel | Path,
+        timeout: float = 30.0,
+        warm_inputs: Sequence[np.ndarray] | None = None,
     ) -> ModelSignature:
-        """Loads the model; with `warm_inputs` also runs them once, as part of the load (their outputs land in
-        `warm_outputs`, or the reason they failed in `warm_error`)."""
+        """Loads the model from the sealed bytes (the agent passes bytes it checked against the signed target;
+        a path, for tools and tests, is read into sealed bytes first, unchecked). With `warm_inputs` also
+        runs them once, as part of the load (their outputs land in `warm_outputs`, or the reason they failed
+        in `warm_error`)."""
+        if not isinstance(model, SealedModel):
+            self.model_path = Path(model)
+            with SealedModel.read(self.model_path) as sealed:
+                return self.load(sealed, timeout, warm_inputs)
         if self._process is None:
             self.spawn()
         assert self._conn is not None
-        self.model_path = Path(model_path)
         try:
-            self._conn.send((str(model_path), None if warm_inputs is None else list(warm_inputs)))
+            self._conn.send(None if warm_inputs is None else list(warm_inputs))
+            # The worker gets its own copy of the sealed descriptor (SCM_RIGHTS), never a path to a file.
+            send_handle(self._conn, model.fd, self._process.pid)
         except OSError as e:
             self.kill()
             raise ModelError(f"model worker died before loading (exit code {self._exit_code()})") from e
@@ -117,6 +129,7 @@ class ModelWorker:
         return self.signature
 
     def start(self, timeout: float = 30.0) -> ModelSignature:
+        """For tools and tests: loads `model_path`, unchecked (the agent loads checked bytes with `load`)."""
         assert self.model_path is not None
         return self.load(self.model_path, timeout)
 

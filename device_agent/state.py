@@ -12,6 +12,8 @@ Layout of the state folder:
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,8 @@ from typing import Any
 from edgefleet.durable import write_atomic
 from edgefleet.errors import InvalidRequestError
 from edgefleet.values import ModelRef
+
+log = logging.getLogger("edgefleet.agent")
 
 
 def now_ms() -> int:
@@ -76,17 +80,45 @@ class AgentState:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AgentState:
-        """Raises InvalidRequestError for a malformed model reference or pending update."""
+    def from_json(cls, data: Any) -> AgentState:
+        """Raises InvalidRequestError for anything but the state file's shape with the right types."""
+        if not isinstance(data, dict):
+            raise InvalidRequestError(f"state file: not a JSON object but {type(data).__name__}")
         return cls(
             current=ModelRef.optional(data.get("current")),
             previous=ModelRef.optional(data.get("previous")),
-            bad_targets=[str(t) for t in data.get("bad_targets", [])],
+            bad_targets=_strings(data, "bad_targets"),
             pending=Pending.from_json(data.get("pending")),
-            status_sequence=int(data.get("status_sequence", 0)),
-            floors={str(k): int(v) for k, v in data.get("floors", {}).items()},
-            rollbacks_done=[str(c) for c in data.get("rollbacks_done", [])],
+            status_sequence=_count(data.get("status_sequence", 0), "status_sequence"),
+            floors=_floors(data.get("floors", {})),
+            rollbacks_done=_strings(data, "rollbacks_done"),
         )
+
+
+def _strings(data: dict[str, Any], key: str) -> list[str]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidRequestError(f"state file: {key} is not a list of strings")
+    return list(value)
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(f"state file: {what} is not a count")
+    return value
+
+
+def _floors(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict):
+        raise InvalidRequestError("state file: floors is not an object")
+    return {str(k): _count(v, f"the floor of {k}") for k, v in value.items()}
+
+
+def _move_aside(path: Path) -> Path:
+    """Keeps a damaged file for a post-mortem, out of the agent's way: <name>.damaged-<UTC time>."""
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    os.replace(path, aside)
+    return aside
 
 
 class StateStore:
@@ -98,6 +130,7 @@ class StateStore:
         for sub in ("models", "downloads", "metadata"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
         self.folder.chmod(0o700)
+        self.damaged = False  # the state file was damaged at load (moved aside, started clean)
         self.state = self.load()
 
     @property
@@ -105,9 +138,23 @@ class StateStore:
         return self.folder / "state.json"
 
     def load(self) -> AgentState:
+        """The state file; a damaged one (truncated, empty, garbage, wrong types or shape) is moved aside with
+        one log line and the agent starts clean (`damaged` tells the supervisor to rebuild what it can from
+        the verified local models). Never raises for what is in the file."""
         if not self.state_path.exists():
             return AgentState()
-        return AgentState.from_json(json.loads(self.state_path.read_text()))
+        try:
+            return AgentState.from_json(json.loads(self.state_path.read_bytes()))
+        # JSON and UTF-8 errors are ValueErrors; the others are a value of the wrong type somewhere.
+        except (ValueError, TypeError, KeyError, AttributeError, InvalidRequestError, RecursionError) as e:
+            aside = _move_aside(self.state_path)
+            log.error(
+                "state file damaged (%s): moved to %s; starting from the verified models on disk",
+                str(e)[:200],
+                aside.name,
+            )
+            self.damaged = True
+            return AgentState()
 
     def save(self) -> None:
         write_atomic(self.state_path, json.dumps(self.state.to_json(), indent=1, sort_keys=True).encode())
@@ -117,8 +164,26 @@ class StateStore:
         self.state = new_state
 
     def load_credentials(self) -> dict[str, str] | None:
+        """The device's id and token; None when there are none, or when the file is damaged (then moved
+        aside, with one log line that says to enroll again)."""
         path = self.folder / "credentials.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            creds = json.loads(path.read_bytes())
+            if not isinstance(creds, dict) or not all(isinstance(v, str) for v in creds.values()):
+                raise ValueError("not an object of strings")
+            if not creds.get("device_id"):
+                raise ValueError("no device id")
+        except (ValueError, RecursionError) as e:
+            aside = _move_aside(path)
+            log.error(
+                "credentials file damaged (%s): moved to %s; this device must enroll again (--enroll-token)",
+                str(e)[:200],
+                aside.name,
+            )
+            return None
+        return {str(k): v for k, v in creds.items()}
 
     def save_credentials(self, creds: dict[str, str]) -> None:
         write_atomic(self.folder / "credentials.json", json.dumps(creds).encode(), mode=0o600)

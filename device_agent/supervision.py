@@ -91,6 +91,8 @@ class Supervisor:
         the old model or the new one, whole, and the first status report says which."""
         for leftover in (self.store.folder / "models").glob("*.tmp"):  # a decode cut short by a kill
             leftover.unlink(missing_ok=True)
+        if self.store.damaged:
+            await asyncio.to_thread(self._rebuild_floors)
         state = self.store.state
         if state.pending and state.previous:
             state.pending = pending = dataclasses.replace(state.pending, starts=state.pending.starts + 1)
@@ -117,17 +119,7 @@ class Supervisor:
         try:
             target, worker = await asyncio.to_thread(self.models.start, current)
         except UNUSABLE as e:
-            log.error("current model %s is unusable: %s", current.target_path, e)
-            self.models.forget(current)
-            self.control.queue_event(current.target_path, "failed", f"local copy unusable: {e}")
-            # Serve the previous model meanwhile (the truth goes in the status), and fetch the lost one again:
-            # the bytes come back verified.
-            state.current, state.previous, state.pending = previous, None, None
-            self.store.save()
-            if previous is not None:
-                await self._serve_local(previous)
-            if self.refetch is not None:
-                self.spawn(self.refetch(current))
+            await self._lost_local_copy(current, e)
             return
         self.serving.swap(worker, target.ref())
         if not state.pending:
@@ -135,6 +127,33 @@ class Supervisor:
             self.control.queue_event(target.path, "healthy", "checked again at start")
         else:
             self.spawn(self._resume_probation(current.target_path))
+
+    def _rebuild_floors(self) -> None:
+        """After a damaged state file: the floors against downgrades come back from the verified local models
+        (a lost floor would let a server send the device back to a version it has moved past). Nothing is
+        made current: the server's assignment installs it again, checked like any update."""
+        state = self.store.state
+        for target in self.models.verified_on_disk():
+            state.floors = decisions.raised_floors(state.floors, target.name, target.sequence)
+        self.store.save()
+        self.store.damaged = False
+        log.warning("state rebuilt from the verified models on disk: floors %s", state.floors)
+
+    async def _lost_local_copy(self, ref: ModelRef, error: Exception) -> None:
+        """A local copy that does not verify (planted, damaged, no longer signed) never runs: say so, serve the
+        previous model meanwhile (the truth goes in the status), and fetch the lost one again: the bytes come
+        back verified."""
+        log.error("local copy of %s refused, it will not run: %s", ref.target_path, error)
+        self.models.forget(ref)
+        self.control.queue_event(ref.target_path, "failed", f"local copy unusable: {error}")
+        state = self.store.state
+        previous = state.previous if state.previous != ref else None
+        state.current, state.previous, state.pending = previous, None, None
+        self.store.save()
+        if previous is not None:
+            await self._serve_local(previous)
+        if self.refetch is not None:
+            self.spawn(self.refetch(ref))
 
     async def _serve_local(self, ref: ModelRef) -> None:
         try:
@@ -178,7 +197,7 @@ class Supervisor:
         if not problem:
             golden_error = None
             try:
-                target = await asyncio.to_thread(self.models.load_target, ref)
+                target = await asyncio.to_thread(self.models.local_target, ref)
                 result = await asyncio.to_thread(self.serving.infer, list(target.golden.inputs))
                 target.golden.check(result.outputs)
             except errors.EdgefleetError as e:
@@ -232,14 +251,12 @@ class Supervisor:
             )
             return
         try:
-            target = await asyncio.to_thread(self.models.load_target, previous)
+            target = await asyncio.to_thread(self.models.local_target, previous)
             if ordered:
                 # The order came through the server; the permission must come from the operator's key.
                 await asyncio.to_thread(self.trust.target, target.path)
                 self.check_not_downgrade(target)
-            worker = await asyncio.to_thread(
-                self.models.test_candidate, target, self.store.model_path(target.sha256)
-            )
+            worker = await asyncio.to_thread(self.models.test_candidate, target)
         except errors.EdgefleetError as e:
             self.control.queue_event(previous.target_path, "failed", f"rollback refused: {e}", command_id)
             return
@@ -263,6 +280,9 @@ class Supervisor:
         # was killed: by a call that timed out, or by the system.
         if worker is None or ref is None or worker.alive() or self.turn.lock.locked():
             return
+        current = self.store.state.current
+        if current is None or current.target_path != ref.target_path:
+            return  # its local copy was refused: an update brings the model back
         path = ref.target_path
         crashes = decisions.recent_crashes(self._worker_crashes.get(path, []), time.monotonic())
         self._worker_crashes[path] = crashes
@@ -282,6 +302,9 @@ class Supervisor:
             try:
                 _, fresh = await asyncio.to_thread(self.models.start, ref)
             except errors.EdgefleetError as e:
-                log.error("cannot restart %s: %s", path, e)
+                if e.marks_bad:  # the verified bytes do not load: counted as a crash, tried again
+                    log.error("cannot restart %s: %s", path, e)
+                else:  # the local copy changed under the running model: it never runs again
+                    await self._lost_local_copy(ref, e)
                 return
             self.serving.swap(fresh, ref)

@@ -5,10 +5,12 @@
                -> candidate in its own process: tensor signature + golden output
                -> activate (the state file is the commit point, then one swap) -> probation (`supervision`)
 
-Transport failures, expired metadata and a full disk are retried with backoff until it works or a newer
-assignment replaces it; a bad artifact marks the version bad (never retried); a downgrade without an
-operator's signature is refused until the metadata changes. What each error means is
-`decisions.after_install_error`.
+Transport failures, bytes that do not hash (a tampered blob, a spliced resume: the partial file is deleted,
+so the retry starts at byte 0), a target nobody signed, expired metadata and a full disk are retried with
+capped backoff until it works or a newer assignment replaces it, and reported once per kind of trouble. Only
+what verified bytes do (golden check, tensor contract, a crash or hang of the interpreter) or what their
+signed fields say marks the version bad; a downgrade without an operator's signature is refused until the
+metadata changes. What each error means is `decisions.after_install_error`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from edgefleet.agent.serving import ModelWorker, Serving
 from edgefleet.agent.state import Pending, StateStore, now_ms
 from edgefleet.agent.supervision import Supervisor, UpdateTurn
 from edgefleet.device_trust import DeviceTrust
-from edgefleet.durable import write_atomic
 from edgefleet.model_targets import ModelTarget
 from edgefleet.v1 import device_pb2
 from edgefleet.values import ModelRef
@@ -135,16 +136,14 @@ class Updater:
         worker = self.models.new_worker(target.length, low_priority=self.serving.worker is not None).spawn()
         try:
             have = model_file.exists() and await asyncio.to_thread(self.models.verifies, target, model_file)
-            if have:  # the signed description may be newer than the one kept (or lost to a kill)
-                write_atomic(model_file.with_suffix(".target.json"), target.target_json())
-            else:
+            if not have:
                 self.control.queue_event(path, "downloading")
                 await self._download(target)
                 await self.faults.at_async("downloaded")
                 self.control.queue_event(path, "downloaded")
                 await asyncio.to_thread(self.models.finish_file, target)
             self.control.queue_event(path, "verified", "signed metadata, length and sha256 check out")
-            await asyncio.to_thread(self.models.test_candidate, target, model_file, worker)
+            await asyncio.to_thread(self.models.test_candidate, target, worker)
         except BaseException:
             worker.kill()
             raise

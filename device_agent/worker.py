@@ -1,9 +1,10 @@
 """The child process that runs one model:
 `python -m edgefleet.agent.worker FD RUNTIME THREADS MEMORY_LIMIT LOW_PRIORITY`.
 
-It imports the runtime, waits for the model's path (and optional warm-up inputs) on the socket, loads the
-model, runs the warm-up inputs once, sends its tensor signature and those outputs, then answers inference
-requests until it receives None or the socket closes. Errors are sent back, never raised: the parent decides
+It imports the runtime, waits for the optional warm-up inputs and then the descriptor of the model's sealed
+bytes (SCM_RIGHTS) on the socket, loads the model from that descriptor, runs the warm-up inputs once, sends
+its tensor signature and those outputs, then answers inference requests until it receives None or the
+socket closes. Errors are sent back, never raised: the parent decides
 what they mean.
 
 Loading happens on a thread of its own. With LOW_PRIORITY (a candidate loading beside the active model on
@@ -20,6 +21,7 @@ import multiprocessing.connection
 import os
 import sys
 import threading
+from multiprocessing.reduction import recv_handle
 from typing import Any
 
 LOAD_NICENESS = 10  # added to the process's own
@@ -76,8 +78,12 @@ def _load(
         from edgefleet.runtime import make_interpreter
 
         import_runtime(runtime)
-        model_path, warm_inputs = conn.recv()
-        interpreter = make_interpreter(runtime, model_path=model_path, num_threads=num_threads)
+        warm_inputs = conn.recv()
+        # The sealed memfd the agent checked (edgefleet.agent.sealed_model): nobody can change these bytes.
+        model_fd = recv_handle(conn)
+        interpreter = make_interpreter(
+            runtime, model_path=f"/proc/self/fd/{model_fd}", num_threads=num_threads
+        )
         signature = signature_of(interpreter).to_json()
         inputs = [d["index"] for d in interpreter.get_input_details()]
         outputs = [d["index"] for d in interpreter.get_output_details()]

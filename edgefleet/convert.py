@@ -125,14 +125,21 @@ def stage_value(stage: str) -> common_pb2.UpdateStage.ValueType:
 def event_from_proto(event: device_pb2.UpdateEvent) -> UpdateEvent:
     if len(event.target_path) > MAX_TARGET_PATH:
         raise InvalidRequestError("event target path is too long")
-    if len(event.command_id) > 64:
-        raise InvalidRequestError("event command id is too long")
+    if len(event.command_id) > 64 or len(event.deployment_id) > 64:
+        raise InvalidRequestError("event command or deployment id is too long")
+    if len(event.target_sha256) > 64:
+        raise InvalidRequestError("event target sha256 is too long")
+    if event.sequence >= 2**63:
+        raise InvalidRequestError("event sequence is beyond what the server stores")
     return UpdateEvent(
         target_path=event.target_path,
         stage=stage_name(event.stage),
         reason=event.reason[:MAX_REASON],
         at_ms=check_time("event at_unix_ms", event.at_unix_ms),
         command_id=event.command_id,
+        sequence=event.sequence,
+        target_sha256=event.target_sha256,
+        deployment_id=event.deployment_id,
     )
 
 
@@ -143,6 +150,9 @@ def event_to_proto(event: UpdateEvent) -> device_pb2.UpdateEvent:
         reason=event.reason,
         at_unix_ms=event.at_ms,
         command_id=event.command_id,
+        sequence=event.sequence,
+        target_sha256=event.target_sha256,
+        deployment_id=event.deployment_id,
     )
 
 

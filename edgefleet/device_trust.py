@@ -2,7 +2,9 @@
 agent's gRPC channel, and a model file is checked against the signed target it belongs to.
 
 `DeviceTrust` pins root.json at enrollment, refreshes metadata (ngclient persists the highest versions it has
-seen, so older metadata is refused after a restart too) and answers what a target must be. Blocking: the
+seen, so older metadata is refused after a restart too) and answers what a target must be: from fresh
+metadata before an install (`target`), from the metadata already held, re-verified, at every load of a local
+copy (`local_target`). Blocking: the
 agent calls it from a worker thread.
 """
 
@@ -22,8 +24,8 @@ from edgefleet.errors import (
     HashMismatchError,
     MetadataExpiredError,
     MetadataRefusedError,
-    SignatureError,
     TransportError,
+    UnsignedTargetError,
 )
 from edgefleet.signing import parse_metadata, rollback_floors, utcnow, verify_role
 
@@ -85,8 +87,8 @@ class DeviceTrust:
         return (self.metadata_dir / "pinned-root.json").exists()
 
     def target(self, target_path: str) -> TargetFile:
-        """Refreshes metadata and returns the signed TargetFile. Raises SignatureError (the metadata is bad:
-        unsigned, expired, a rollback, or no such target) or TransportError (could not fetch)."""
+        """Refreshes metadata and returns the signed TargetFile. Raises MetadataError (the metadata is refused:
+        unsigned, expired, a rollback), UnsignedTargetError (no such signed target) or TransportError."""
         bootstrap = None
         if not (self.metadata_dir / "root.json").exists():
             bootstrap = (self.metadata_dir / "pinned-root.json").read_bytes()
@@ -115,8 +117,34 @@ class DeviceTrust:
         except (DeserializationError, ValueError, KeyError, TypeError) as e:
             raise MetadataRefusedError(f"signed metadata refused: malformed: {e}") from e
         if info is None:
-            raise SignatureError(f"{target_path} is not in the signed targets metadata")
+            raise UnsignedTargetError(f"{target_path} is not in the signed targets metadata")
         return info
+
+    def local_target(self, target_path: str) -> TargetFile:
+        """The signed TargetFile from the metadata this device already trusts, with no network (see
+        `local_targets`). Raises MetadataRefusedError or UnsignedTargetError."""
+        info = self.local_targets().get(target_path)
+        if info is None:
+            raise UnsignedTargetError(f"{target_path} is not in this device's signed targets metadata")
+        return info
+
+    def local_targets(self) -> dict[str, TargetFile]:
+        """Every signed target in the metadata this device already trusts: targets.json checked against
+        root.json's keys and threshold (both as ngclient stored them after verifying them), now. Expiry is
+        not the question here: this says what bytes were signed, not whether to update. Raises
+        MetadataRefusedError (missing, malformed or unsigned metadata)."""
+        try:
+            root = Metadata[Root].from_file(str(self.metadata_dir / "root.json"))
+            root.signed.verify_delegate(Root.type, root.signed_bytes, root.signatures)
+            targets = Metadata[Targets].from_file(str(self.metadata_dir / "targets.json"))
+            root.signed.verify_delegate(Targets.type, targets.signed_bytes, targets.signatures)
+        except OSError as e:
+            raise MetadataRefusedError(f"no trusted signed metadata on this device: {e}") from e
+        except tuf_exceptions.UnsignedMetadataError as e:
+            raise MetadataRefusedError(f"the signed metadata on this device is not signed: {e}") from e
+        except (DeserializationError, ValueError, KeyError, TypeError) as e:
+            raise MetadataRefusedError(f"the signed metadata on this device is malformed: {e}") from e
+        return dict(targets.signed.targets)
 
 
 def verify_file(target: TargetFile, path: Path) -> None:

@@ -4,13 +4,14 @@ EdgefleetError                      retryable  marks_bad
 ├── ArtifactError                   no         yes   the signed artifact itself is bad
 │   ├── ModelError                  no         yes   does not load, tensors differ, wrong golden output
 │   ├── IncompatibleError           no         yes   built for another runtime or hardware class
-│   ├── HashMismatchError           no         yes   bytes differ from the signed length or sha256
-│   └── SignatureError              no         yes   no such signed target, or its signed fields are malformed
+│   └── SignatureError              no         yes   its signed fields are malformed
+│       ├── UnsignedTargetError     yes        no    not in the signed metadata: the assignment is wrong, not it
 │       └── DowngradeRefusedError   no         no    older than what ran; needs an operator's signed permission
 ├── MetadataError                   yes        no    the signed metadata as a whole is refused for now
 │   ├── MetadataRefusedError        yes        no    unsigned, a rollback, malformed: fresh metadata may fix it
 │   └── MetadataExpiredError        yes        no    expired: fresh metadata, or a corrected clock, fixes it
 ├── TransportError                  yes        no    the network, the server or its database failed
+│   └── HashMismatchError           yes        no    bytes received differ from the signed length or sha256
 ├── InvalidRequestError             no         no    a caller sent something malformed (INVALID_ARGUMENT)
 ├── NotFoundError                   no         no    (NOT_FOUND)
 ├── ConflictError                   no         no    state changed underneath the caller (FAILED_PRECONDITION)
@@ -19,6 +20,11 @@ EdgefleetError                      retryable  marks_bad
 `retryable`: the same request may succeed later (back off and try again). `marks_bad`: the failure is a
 property of the signed artifact, so the version is never tried again. Callers decide by these two
 properties, never by the order of `except` clauses.
+
+Only what verified bytes do marks a version bad (they fail their golden check or tensor contract, crash or
+hang the interpreter, or the signed fields say they cannot run here). Bytes that do not hash, and a target
+the server assigns but nobody signed, say that the server or the network is wrong: if they marked the
+version bad, a compromised server or network could make devices refuse legitimate versions for good.
 """
 
 from __future__ import annotations
@@ -45,12 +51,16 @@ class IncompatibleError(ArtifactError):
     pass
 
 
-class HashMismatchError(ArtifactError):
-    pass
-
-
 class SignatureError(ArtifactError):
     pass
+
+
+class UnsignedTargetError(SignatureError):
+    """The server assigned a target that the signed metadata does not name. Nothing is marked (anyone on the
+    path can name targets); fresh metadata may name it, so it is retried with backoff."""
+
+    retryable = True
+    marks_bad = False
 
 
 class DowngradeRefusedError(SignatureError):
@@ -78,6 +88,12 @@ class TransportError(EdgefleetError):
     """The server or the network failed; worth retrying with backoff."""
 
     retryable = True
+
+
+class HashMismatchError(TransportError):
+    """The bytes that arrived (or lie on disk) are not the signed ones: fetched again from byte 0, reported,
+    never a reason to mark the version bad. A server answers an upload that does not hash with
+    INVALID_ARGUMENT (`rpc_status`): there the caller sent the wrong bytes."""
 
 
 class InvalidRequestError(EdgefleetError):

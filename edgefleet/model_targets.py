@@ -5,7 +5,6 @@ model's versions. The operator signs them (`model_custom`); a device reads them 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,11 +128,3 @@ class ModelTarget:
 
     def ref(self) -> ModelRef:
         return ModelRef(self.path, self.name, self.version, self.variant, self.sha256, self.length)
-
-    def target_json(self) -> bytes:
-        return json.dumps({self.path: self.target.to_dict()}).encode()
-
-    @classmethod
-    def from_target_json(cls, data: bytes) -> ModelTarget:
-        ((path, info),) = json.loads(data).items()
-        return cls.from_target(TargetFile.from_dict(info, path))

@@ -127,6 +127,9 @@ class UpdateEvent:
     reason: str = ""
     at_ms: int = 0  # the device's clock; 0 = not set
     command_id: str = ""  # set when the event answers a rollback command
+    sequence: int = 0  # from the device's persisted counter (shared with status reports); 0 = not set
+    target_sha256: str = ""  # the signed target it reports on
+    deployment_id: str = ""  # the assignment it acts on
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:

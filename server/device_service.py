@@ -107,6 +107,10 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "the server has all the devices it can hold"
             )
+        # First, where the device's sequence must continue: a device that lost its state is not ignored as
+        # stale, and one absurd number costs one round trip (edgefleet.v1.Hello).
+        device = await self.fleet.devices.get(device_id)
+        yield device_pb2.ServerMessage(hello=device_pb2.Hello(last_sequence=device.status_sequence))
         queue = streams.attach(device_id)
         reader = asyncio.create_task(self._read(device_id, request_iterator))
         getter: asyncio.Task[Push] = asyncio.create_task(queue.get())

@@ -43,6 +43,7 @@ class Devices:
         self.deployments = deployments
         self.ca = ca  # None: a plaintext local demo, devices get bearer tokens
         self.device_cert_days = device_cert_days
+        self.ignored_messages = 0  # events not newer than the last accepted message (replays)
 
     async def get(self, device_id: str) -> DeviceRecord:
         """Raises NotFoundError, saying where to look, for an unknown device."""
@@ -155,7 +156,23 @@ class Devices:
         return record, device.desired_deployment, pending_rollback(device)
 
     async def handle_event(self, device_id: str, event: UpdateEvent) -> None:
+        """One step of an update, as the device reports it. An event not newer than the last message accepted
+        from the device (status or event: one counter) is ignored, so a replayed old "healthy" changes
+        nothing. It counts for a deployment (the device's last stage) only when it names the deployment the
+        device is assigned now and that deployment's target, or reports a rollback."""
         device = await self.get(device_id)
+        if event.sequence <= device.status_sequence or not await asyncio.to_thread(
+            self.store.advance_sequence, device_id, event.sequence
+        ):
+            self.ignored_messages += 1
+            log.warning(
+                "ignored a stale %s event from %s (sequence %d <= %d)",
+                event.stage,
+                device_id,
+                event.sequence,
+                device.status_sequence,
+            )
+            return
         record = EventRecord(
             device_id,
             event.target_path,
@@ -165,7 +182,13 @@ class Devices:
             device.desired_deployment,
         )
         await asyncio.to_thread(self.store.add_event, record)
-        await asyncio.to_thread(self.store.record_stage, device_id, event.stage, event.reason, now_ms())
+        # A rollback (ordered or automatic) is news about what the device runs, whichever assignment it had.
+        about_now = event.target_path == device.desired_target and event.deployment_id in (
+            "",  # sent before the device heard of its assignment (a restart)
+            device.desired_deployment,
+        )
+        if not device.desired_deployment or about_now or event.stage == "rolled_back":
+            await asyncio.to_thread(self.store.record_stage, device_id, event.stage, event.reason, now_ms())
         if event.stage == "rolled_back" and event.command_id:
             await asyncio.to_thread(self.store.clear_rollback, device_id, event.command_id)  # obeyed
         log.info("device %s: %s %s %s", device_id, event.stage, record.target_path, record.reason)

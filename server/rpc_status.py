@@ -28,6 +28,7 @@ _STATUS = (
     (errors.IncompatibleError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ArtifactError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.MetadataError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.HashMismatchError, grpc.StatusCode.INVALID_ARGUMENT),  # an upload: the caller's bytes are wrong
     (errors.TransportError, grpc.StatusCode.UNAVAILABLE),
 )
 

@@ -163,12 +163,23 @@ class UpdateEvent(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     COMMAND_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TARGET_SHA256_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
     target_path: _builtins.str
     stage: _common_pb2.UpdateStage.ValueType
     reason: _builtins.str
     at_unix_ms: _builtins.int
     command_id: _builtins.str
     """set when the event answers a rollback command"""
+    sequence: _builtins.int
+    """From the same persisted counter as DeviceStatus.sequence: events not newer than the last accepted
+    message are ignored (a replay), so an old "healthy" cannot change the server's view.
+    """
+    target_sha256: _builtins.str
+    """the signed target the event reports on"""
+    deployment_id: _builtins.str
+    """the assignment it acts on ("" when none): only then does it count for it"""
     def __init__(
         self,
         *,
@@ -177,10 +188,13 @@ class UpdateEvent(_message.Message):
         reason: _builtins.str = ...,
         at_unix_ms: _builtins.int = ...,
         command_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        target_sha256: _builtins.str = ...,
+        deployment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "command_id", b"command_id", "reason", b"reason", "stage", b"stage", "target_path", b"target_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "command_id", b"command_id", "deployment_id", b"deployment_id", "reason", b"reason", "sequence", b"sequence", "stage", b"stage", "target_path", b"target_path", "target_sha256", b"target_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -258,25 +272,52 @@ class ServerMessage(_message.Message):
 
     ASSIGNMENT_FIELD_NUMBER: _builtins.int
     ROLLBACK_FIELD_NUMBER: _builtins.int
+    HELLO_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def assignment(self) -> Global___Assignment: ...
     @_builtins.property
     def rollback(self) -> Global___RollbackCommand: ...
+    @_builtins.property
+    def hello(self) -> Global___Hello: ...
     def __init__(
         self,
         *,
         assignment: Global___Assignment | None = ...,
         rollback: Global___RollbackCommand | None = ...,
+        hello: Global___Hello | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "kind", b"kind", "rollback", b"rollback"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "hello", b"hello", "kind", b"kind", "rollback", b"rollback"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "kind", b"kind", "rollback", b"rollback"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "hello", b"hello", "kind", b"kind", "rollback", b"rollback"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["assignment", "rollback"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["assignment", "rollback", "hello"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ServerMessage: _TypeAlias = ServerMessage  # noqa: Y015
+
+@_typing.final
+class Hello(_message.Message):
+    """The first message on every control stream: the last sequence the server accepted from this device. The
+    device continues from max(its own, this) + 1, so a device that lost its state is not ignored as stale.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    last_sequence: _builtins.int
+    def __init__(
+        self,
+        *,
+        last_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_sequence", b"last_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Hello: _TypeAlias = Hello  # noqa: Y015
 
 @_typing.final
 class Assignment(_message.Message):

@@ -80,6 +80,11 @@ class FleetStore(abc.ABC):
         (a replay or a reordering changes nothing)."""
 
     @abc.abstractmethod
+    def advance_sequence(self, device_id: str, sequence: int) -> bool:
+        """Takes `sequence` as the device's last accepted message (an event) if it is newer than the last one;
+        False otherwise (a replay: the caller ignores the message)."""
+
+    @abc.abstractmethod
     def record_stage(self, device_id: str, stage: str, reason: str, seen_ms: int) -> None:
         """The update stage the device reported last, and why."""
 

@@ -122,6 +122,14 @@ class MemoryFleetStore(FleetStore):
             device.clock_skew_ms, device.last_seen_ms = clock_skew_ms, seen_ms
             return True
 
+    def advance_sequence(self, device_id: str, sequence: int) -> bool:
+        with self._lock:
+            device = self._devices.get(device_id)
+            if device is None or sequence <= device.status_sequence:
+                return False
+            device.status_sequence = sequence
+            return True
+
     def record_stage(self, device_id: str, stage: str, reason: str, seen_ms: int) -> None:
         with self._lock:
             device = self._devices.get(device_id)

@@ -182,6 +182,15 @@ class SqlFleetStore(FleetStore):
             )
         return stored.rowcount == 1
 
+    def advance_sequence(self, device_id: str, sequence: int) -> bool:
+        with self._tx() as conn:
+            advanced = conn.execute(
+                t.devices.update()
+                .where(t.devices.c.id == device_id, t.devices.c.status_sequence < sequence)
+                .values(status_sequence=sequence)
+            )
+        return advanced.rowcount == 1
+
     def record_stage(self, device_id: str, stage: str, reason: str, seen_ms: int) -> None:
         self._update(device_id, last_stage=stage, last_reason=reason, last_seen_ms=seen_ms)
 

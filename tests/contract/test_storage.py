@@ -171,6 +171,18 @@ def test_a_status_report_not_newer_than_the_last_changes_nothing(store: FleetSto
     assert again.current_target == "m/2/float32.tflite" and again.status_sequence == 5
 
 
+def test_events_and_statuses_share_one_sequence_that_only_goes_up(store: FleetStore) -> None:
+    device, _ = _enroll(store, "cam")
+    assert _status(store, device.id, 5, "m/2/float32.tflite")
+    assert store.advance_sequence(device.id, 6)  # an event
+    assert not store.advance_sequence(device.id, 6)  # its replay
+    assert not store.advance_sequence(device.id, 3)
+    assert not _status(store, device.id, 6, "m/1/float32.tflite")  # not newer than the event
+    assert not store.advance_sequence("dev-nope", 9)
+    again = store.get_device(device.id)
+    assert again.current_target == "m/2/float32.tflite" and again.status_sequence == 6
+
+
 def test_stage_touch_and_revocation_are_recorded(store: FleetStore) -> None:
     device, _ = _enroll(store, "cam")
     store.record_stage(device.id, "failed", "golden output differs", 1234)

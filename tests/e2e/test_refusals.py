@@ -59,22 +59,34 @@ def _operator(fleet: LocalFleet) -> Operator:
     )
 
 
-def test_tampered_blob_on_the_server_is_refused_and_the_partial_file_deleted(
+def test_tampered_blob_on_the_server_is_refused_reported_never_blacklisted_and_installed_once_restored(
     fleet: LocalFleet, digits_files: dict
 ) -> None:
+    """A server that serves wrong bytes (once, or for a while) must not make the device refuse the signed
+    version for good: the bytes are refused, the trouble reported, the version fetched again later."""
     agent = _running_v1(fleet, digits_files)
     pushed = fleet.cli_json("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
     sha = next(m["sha256"] for m in fleet.cli_json("model", "list") if m["version"] == "2")
     blob = fleet.data_dir / "blobs" / sha[:2] / sha
-    data = bytearray(blob.read_bytes())
+    original = blob.read_bytes()
+    data = bytearray(original)
     data[len(data) // 2] ^= 0xFF  # same length, one bit pattern changed
     blob.write_bytes(bytes(data))
     assert pushed["targets_version"] == 2
 
     fleet.cli("deploy", "digits", "2", "--to", "all")
     _failed_with(fleet, agent, V2, "sha256")
-    _still_serves_v1(agent)
-    assert V2 in agent.state()["bad_targets"]
+    client = LocalClient(agent.socket)
+    assert client.infer([np.zeros((1, 64), np.float32)])[1] == V1
+    client.close()
+    assert V2 not in agent.state()["bad_targets"]
+    # Nothing of the wrong bytes is kept as a model.
+    model_files = {p.name for p in (agent.state_dir / "models").glob("*.tflite")}
+    assert f"{sha}.tflite" not in model_files
+
+    blob.write_bytes(original)  # the server's fault is over: the signed version installs
+    fleet.wait_running(agent, V2, timeout=90)
+    assert V2 not in agent.state()["bad_targets"]
 
 
 def test_targets_signed_by_an_untrusted_key_are_refused_by_the_server(

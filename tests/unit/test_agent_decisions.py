@@ -101,9 +101,10 @@ def test_raised_floors_leaves_the_given_floors_alone() -> None:
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
-        (errors.HashMismatchError("bytes differ"), AfterError.MARK_BAD),
+        (errors.HashMismatchError("bytes differ"), AfterError.RETRY),
         (errors.ModelError("wrong golden output"), AfterError.MARK_BAD),
-        (errors.SignatureError("no such target"), AfterError.MARK_BAD),
+        (errors.SignatureError("signed fields malformed"), AfterError.MARK_BAD),
+        (errors.UnsignedTargetError("no such target"), AfterError.RETRY),
         (errors.IncompatibleError("other runtime"), AfterError.MARK_BAD),
         (errors.DowngradeRefusedError("older"), AfterError.REFUSE),
         (errors.AccessDeniedError("no"), AfterError.REFUSE),
@@ -130,6 +131,14 @@ def test_only_metadata_trouble_is_reported_while_retrying() -> None:
     assert decisions.reports_retry(errors.MetadataExpiredError("expired"))
     assert decisions.reports_retry(errors.MetadataRefusedError("refused"))
     assert not decisions.reports_retry(errors.TransportError("down"))
+    assert decisions.reports_retry(errors.HashMismatchError("tampered blob"))
+    assert decisions.reports_retry(errors.UnsignedTargetError("nobody signed it"))
+
+
+def test_bytes_that_do_not_hash_or_an_unsigned_target_never_mark_a_version_bad() -> None:
+    """A compromised server or network can send wrong bytes or name fake targets; neither may blacklist."""
+    for error in (errors.HashMismatchError("x"), errors.UnsignedTargetError("y")):
+        assert error.retryable and not error.marks_bad
 
 
 def test_bad_target_is_added_once_and_the_list_stays_bounded() -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet import errors
 from edgefleet.agent.state import AgentState, Pending, StateStore
 from edgefleet.values import ModelRef
 
@@ -74,6 +73,51 @@ def test_unknown_keys_from_a_newer_agent_are_ignored(tmp_path: Path) -> None:
     assert state.current == ModelRef(**REF_V2)
 
 
-def test_state_file_with_a_malformed_model_reference_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(errors.InvalidRequestError):
-        _ = _store_with(tmp_path, {**OLD_STATE, "current": {"target_path": ""}}).state
+DAMAGED = {
+    "empty": b"",
+    "truncated": json.dumps(OLD_STATE).encode()[:57],
+    "garbage": bytes(range(256)),
+    "not utf-8": b'{"current": "\xff\xfe"}',
+    "a list": b"[1, 2, 3]",
+    "a number": b"17",
+    "a malformed model reference": json.dumps({**OLD_STATE, "current": {"target_path": ""}}).encode(),
+    "a reference of the wrong type": json.dumps({**OLD_STATE, "current": "digits"}).encode(),
+    "a string for a list": json.dumps({**OLD_STATE, "bad_targets": "digits/3/int8.tflite"}).encode(),
+    "a list for the floors": json.dumps({**OLD_STATE, "floors": [1]}).encode(),
+    "a string for a floor": json.dumps({**OLD_STATE, "floors": {"digits": "2"}}).encode(),
+    "a bool for the sequence": json.dumps({**OLD_STATE, "status_sequence": True}).encode(),
+    "a negative sequence": json.dumps({**OLD_STATE, "status_sequence": -1}).encode(),
+    "a malformed pending update": json.dumps({**OLD_STATE, "pending": {"activated_ms": 1}}).encode(),
+    "deep nesting": b"[" * 100000 + b"]" * 100000,
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED))
+def test_damaged_state_file_is_moved_aside_and_the_agent_starts_clean(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "state.json").write_bytes(DAMAGED[damage])
+    store = StateStore(tmp_path)
+    assert store.state == AgentState() and store.damaged
+    assert not (tmp_path / "state.json").exists()
+    (aside,) = tmp_path.glob("state.json.damaged-*")
+    assert aside.read_bytes() == DAMAGED[damage]
+    assert [r.message for r in caplog.records if "state file damaged" in r.message]
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "a list", "no device id"])
+def test_damaged_credentials_are_moved_aside_with_a_line_that_says_enroll_again(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = {"empty": b"", "garbage": b"\x00\xff{", "a list": b"[]", "no device id": b'{"device_token": "t"}'}
+    store = StateStore(tmp_path)
+    (tmp_path / "credentials.json").write_bytes(data[damage])
+    assert store.load_credentials() is None
+    assert list(tmp_path.glob("credentials.json.damaged-*"))
+    assert any("enroll again" in r.message for r in caplog.records)
+
+
+def test_intact_credentials_load(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.save_credentials({"device_id": "d1", "device_token": "t"})
+    assert store.load_credentials() == {"device_id": "d1", "device_token": "t"}

@@ -1,0 +1,139 @@
+"""Every message a device sends is ordered (class 4 of the trust issue): events share the status reports'
+persisted sequence, the server ignores anything not newer than what it accepted, and it tells the device
+where to continue when a control stream opens. Attacks come over real mTLS streams with the device's own
+certificate (a relay or a thief replaying what the device once sent)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from edgefleet.devtools.raw_rpc import call, rpc
+from edgefleet.devtools.rpc_harness import Device, Harness, running_harness
+from edgefleet.server.storage.records import DeviceRecord, now_ms
+from edgefleet.v1 import common_pb2, device_pb2, operator_pb2
+
+CONNECT = rpc("/edgefleet.v1.DeviceService/Connect")
+V1 = "digits/1/float32.tflite"
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with running_harness(tmp_path) as h:
+        yield h
+
+
+def _status(sequence: int, current: str = V1) -> bytes:
+    name, version, variant = current.removesuffix(".tflite").split("/")
+    return device_pb2.DeviceMessage(
+        status=device_pb2.DeviceStatus(
+            current=common_pb2.ModelRef(
+                target_path=current, model_name=name, version=version, variant=variant
+            ),
+            capabilities=common_pb2.Capabilities(runtime="ai-edge-litert", cpu_arch="x86_64", cpu_count=2),
+            sequence=sequence,
+            sent_at_unix_ms=now_ms(),
+        )
+    ).SerializeToString()
+
+
+def _event(sequence: int, stage: int, target: str = V1, deployment_id: str = "") -> bytes:
+    return device_pb2.DeviceMessage(
+        event=device_pb2.UpdateEvent(
+            target_path=target, stage=stage, reason="r", at_unix_ms=now_ms(), sequence=sequence,
+            deployment_id=deployment_id,
+        )
+    ).SerializeToString()  # fmt: skip
+
+
+HEALTHY = common_pb2.UpdateStage.Value("UPDATE_STAGE_HEALTHY")
+FAILED = common_pb2.UpdateStage.Value("UPDATE_STAGE_FAILED")
+
+
+async def _send(device: Device, *messages: bytes) -> None:
+    assert (await call(device.channel, CONNECT, list(messages))).code == grpc.StatusCode.OK
+
+
+async def _hello(device: Device) -> int:
+    """Opens a control stream and returns the first thing the server says: the last accepted sequence."""
+    stream = device.stub.Connect()
+    try:
+        first = await asyncio.wait_for(stream.read(), 10)
+        assert first.WhichOneof("kind") == "hello"
+        return int(first.hello.last_sequence)
+    finally:
+        stream.cancel()
+
+
+async def _record(harness: Harness, device: Device) -> DeviceRecord:
+    return await asyncio.to_thread(harness.fleet.store.get_device, device.id)
+
+
+async def test_replayed_old_healthy_event_on_a_second_stream_does_not_change_the_servers_view(
+    harness: Harness,
+) -> None:
+    device = await harness.enroll("cam")
+    await _send(device, _status(1), _event(2, HEALTHY), _event(3, FAILED))
+    assert (await _record(harness, device)).last_stage == "failed"
+    events_before = await harness.fleet.devices.events(device.id, 100)
+
+    await _send(device, _event(2, HEALTHY), _event(3, HEALTHY), _event(0, HEALTHY))  # replays, a forgery of 0
+    record = await _record(harness, device)
+    assert record.last_stage == "failed"
+    assert await harness.fleet.devices.events(device.id, 100) == events_before
+    assert harness.fleet.devices.ignored_messages == 3
+
+
+async def test_status_and_events_share_one_sequence_so_an_old_status_after_an_event_is_stale(
+    harness: Harness,
+) -> None:
+    device = await harness.enroll("cam")
+    await _send(device, _status(1, V1), _event(2, HEALTHY))
+    await _send(device, _status(2, "digits/9/float32.tflite"))  # older than the event: a replay
+    record = await _record(harness, device)
+    assert record.current is not None and record.current.target_path == V1
+
+
+async def test_control_stream_opens_with_the_last_accepted_sequence_so_a_reset_device_continues(
+    harness: Harness,
+) -> None:
+    device = await harness.enroll("cam")
+    assert await _hello(device) == 0
+    await _send(device, _status(1), _event(7, HEALTHY))
+    assert await _hello(device) == 7  # a device that lost its state file learns where to go on
+
+
+async def test_a_single_absurd_sequence_costs_one_round_trip_not_the_device(harness: Harness) -> None:
+    device = await harness.enroll("cam")
+    absurd = 2**62
+    await _send(device, _status(absurd))
+    assert await _hello(device) == absurd
+    await _send(device, _status(absurd + 1, "digits/2/float32.tflite"))
+    record = await _record(harness, device)
+    assert record.current is not None and record.current.target_path == "digits/2/float32.tflite"
+
+
+async def test_event_about_another_deployment_or_target_does_not_change_the_deployments_view(
+    harness: Harness,
+) -> None:
+    device = await harness.enroll("cam")
+    await harness.publish_model("digits", "1")
+    v2 = await harness.publish_model("digits", "2")
+    await harness.operator_stub.CreateDeployment(
+        operator_pb2.CreateDeploymentRequest(model_name="digits", version="2", selector="all"), timeout=10
+    )
+    record = await _record(harness, device)
+    assert record.desired_target == v2.target_path and record.desired_deployment
+    await _send(device, _status(1), _event(2, FAILED, v2.target_path, record.desired_deployment))
+    assert (await _record(harness, device)).last_stage == "failed"
+    # Newer, but about another target, or another (old) deployment: history, not the deployment's count.
+    await _send(
+        device, _event(3, HEALTHY, V1, record.desired_deployment), _event(4, HEALTHY, v2.target_path, "old")
+    )
+    assert (await _record(harness, device)).last_stage == "failed"
+    await _send(device, _event(5, HEALTHY, v2.target_path, record.desired_deployment))
+    assert (await _record(harness, device)).last_stage == "healthy"
