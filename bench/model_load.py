@@ -67,10 +67,13 @@ def _row(size: str, mode: str, times: list[tuple[float, float]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small run: does it still run")
     parser.add_argument("--sizes", default="1,30", help="model sizes in MiB")
     parser.add_argument("--runtime", default=default_runtime())
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.reps = "1", 2
     print(f"runtime {args.runtime}, {args.reps} loads each, interleaved; ms: median max")
     print(f"{'MiB':>6} {'mode':>7}  {'check':>17}  {'load':>17}  {'both':>17}")
     with tempfile.TemporaryDirectory() as folder:
