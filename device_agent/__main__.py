@@ -16,17 +16,20 @@ from pathlib import Path
 
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.exits import EXIT_CONFIG_CANNOT_WORK, EXIT_STOPPED, HELP, AgentExit
 from edgefleet.errors import EdgefleetError
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="edgefleet-agent", description="The edgefleet device agent.")
+    p = argparse.ArgumentParser(
+        prog="edgefleet-agent", description="The edgefleet device agent.", epilog=HELP
+    )
     p.add_argument(
         "--server", default=env("EDGEFLEET_SERVER", "127.0.0.1:7443"), help="fleet server HOST:PORT"
     )
     p.add_argument(
-        "--enroll-server", default="", help="enrollment HOST:PORT (default: the server's host, port 7444)"
+        "--enroll-server", default="", help="enrollment HOST:PORT (default: the --server host, its port + 1)"
     )
     p.add_argument("--ca-cert", type=Path, default=None, help="the fleet CA certificate; first start only")
     p.add_argument(
@@ -89,20 +92,33 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
 
 
 async def _run(config: AgentConfig) -> None:
-    agent = Agent(config)
+    # The handlers go in before anything else, so SIGTERM / SIGINT stop the agent in every state.
     loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.stop)
-    await agent.run()
+        loop.add_signal_handler(sig, stop_requested.set)
+    agent = Agent(config)
+    stop_requested_task = asyncio.ensure_future(stop_requested.wait())
+    stop_requested_task.add_done_callback(lambda _: agent.stop())
+    try:
+        await agent.run()
+    finally:
+        stop_requested_task.cancel()
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Runs the agent; exits with one of `edgefleet.agent.exits`' codes and, on failure, one line saying why."""
     config = parse_args(argv)
     try:
         asyncio.run(_run(config))
+    except AgentExit as e:
+        logging.getLogger("edgefleet.agent").error("%s", e)
+        sys.exit(e.code)
     except EdgefleetError as e:
-        print(f"edgefleet-agent: {e}", file=sys.stderr)
-        sys.exit(2)
+        # Whatever stops the agent before it runs (a refused enrollment, missing credentials) needs a person.
+        logging.getLogger("edgefleet.agent").error("%s", e)
+        sys.exit(EXIT_CONFIG_CANNOT_WORK)
+    sys.exit(EXIT_STOPPED)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class AgentConfig:
     server: str = "127.0.0.1:7443"  # mutual TLS
-    enroll_server: str = ""  # "" = the server's host, port 7444 (server-authenticated TLS, Enroll only)
+    enroll_server: str = ""  # "" = the server's host, its port + 1 (server-authenticated TLS, Enroll only)
     ca_cert: Path | None = None  # the fleet CA certificate to pin at first start (from the server's data/ca/)
     insecure_plaintext: bool = False  # only for a server run as a plaintext local demo; never falls back
     state_dir: Path = Path("edgefleet-agent")
@@ -43,7 +43,14 @@ class AgentConfig:
 
     @property
     def enroll_address(self) -> str:
-        return self.enroll_server or f"{self.server.rsplit(':', 1)[0]}:7444"
+        """Where to enroll: `enroll_server`, else the server's host on the port after its own (the server's
+        `--enroll-listen` default is its `--listen` port + 1 too, so the defaults meet at 7443 / 7444)."""
+        if self.enroll_server:
+            return self.enroll_server
+        host, _, port = self.server.rpartition(":")
+        if not host or not port.isdigit():
+            return f"{self.server}:7444"
+        return f"{host}:{int(port) + 1}"
 
     @property
     def socket_path(self) -> str:

@@ -20,6 +20,7 @@ import grpc
 
 from edgefleet import errors, pki
 from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.exits import ConfigCannotWorkError
 from edgefleet.agent.state import StateStore
 from edgefleet.device_trust import DeviceTrust
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
@@ -36,6 +37,25 @@ RETRYABLE = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.ABORTED,
 }
+
+
+def refused_as_revoked(exc: BaseException | None) -> bool:
+    """Whether the server refused a call because this device is revoked (its distinct trailing metadata)."""
+    if not isinstance(exc, grpc.aio.AioRpcError):
+        return False
+    return (pki.REFUSAL_METADATA, pki.REFUSAL_REVOKED) in tuple(exc.trailing_metadata() or ())
+
+
+def describe_failure(exc: BaseException | None) -> str:
+    """One line for why a call to the server failed: a status code and its detail, never a traceback."""
+    if exc is None:
+        return "the server ended the stream"
+    if isinstance(exc, grpc.aio.AioRpcError):
+        detail = (exc.details() or "").splitlines()[0][:200] if exc.details() else ""
+        if exc.code() not in RETRYABLE:
+            return f"refused: {exc.code().name} {detail}".rstrip()
+        return f"{exc.code().name} {detail}".rstrip()
+    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 class Backoff:
@@ -91,9 +111,7 @@ async def connect(
     Then open the one channel every later call uses: mutual TLS, or plaintext only when configured so.
     Raises InvalidRequestError for what the first start lacks, AccessDeniedError when enrollment is refused."""
     if not trust.is_pinned():
-        if config.trust_root is None:
-            raise errors.InvalidRequestError("first start needs --trust-root (the fleet's root.json)")
-        DeviceTrust.pin_root(store.folder / "metadata", Path(config.trust_root).read_bytes())
+        DeviceTrust.pin_root(store.folder / "metadata", read_trust_root(config))
     tls = pki.TlsFiles(store.folder / "tls")
     creds = store.load_credentials()
     if creds is None:
@@ -116,6 +134,19 @@ async def connect(
     )
 
 
+def read_trust_root(config: AgentConfig) -> bytes:
+    """The root.json given with --trust-root. Raises ConfigCannotWorkError (one line) when it is not given or
+    cannot be read: no restart can fix that."""
+    if config.trust_root is None:
+        raise ConfigCannotWorkError("first start needs --trust-root (the fleet's root.json)")
+    try:
+        return Path(config.trust_root).read_bytes()
+    except OSError as e:
+        raise ConfigCannotWorkError(
+            f"cannot read the trust root {config.trust_root}: {e.strerror or e}"
+        ) from e
+
+
 async def _enroll(
     config: AgentConfig, store: StateStore, tls: pki.TlsFiles, capabilities: common_pb2.Capabilities
 ) -> dict[str, str]:
@@ -134,9 +165,16 @@ async def _enroll(
             raise errors.InvalidRequestError(
                 "first start needs --ca-cert (the fleet CA, from the server's ca/)"
             )
-        ca_pem = Path(config.ca_cert).read_bytes()
+        try:
+            ca_pem = Path(config.ca_cert).read_bytes()
+        except OSError as e:
+            raise ConfigCannotWorkError(
+                f"cannot read the CA certificate {config.ca_cert}: {e.strerror}"
+            ) from e
         request.csr_pem = pki.make_csr(key, config.name)
         channel = open_channel(config.enroll_address, grpc.ssl_channel_credentials(ca_pem))
+    address = config.server if config.insecure_plaintext else config.enroll_address
+    log.info("enrolling as %r at %s (then connecting to %s)", config.name, address, config.server)
     backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
     try:
         stub = device_pb2_grpc.DeviceServiceStub(channel)
@@ -147,8 +185,11 @@ async def _enroll(
             except grpc.aio.AioRpcError as e:
                 if e.code() not in RETRYABLE:
                     raise errors.AccessDeniedError(f"enrollment refused: {e.details()}") from e
-                log.warning("enrollment: server unavailable (%s); retrying", e.code().name)
-                await asyncio.sleep(backoff.next())
+                delay = backoff.next()
+                log.warning(
+                    "enrollment at %s failed (%s); retrying in %.1f s", address, describe_failure(e), delay
+                )
+                await asyncio.sleep(delay)
     finally:
         await channel.close()
     if not config.insecure_plaintext:

@@ -32,6 +32,11 @@ OPERATOR = "operator"
 SERVER = "server"
 ROLES = (DEVICE, OPERATOR, SERVER)
 
+# Trailing metadata with which the server says why it refused a device, so the agent can tell "revoked, stop"
+# from "try again later" without parsing a message.
+REFUSAL_METADATA = "edgefleet-refusal"
+REFUSAL_REVOKED = "revoked"
+
 
 # Certificates start this long before they are issued, so a device whose clock is up to a year behind (no
 # RTC, a dead battery) can still complete a TLS handshake and report its skew instead of going dark.

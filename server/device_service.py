@@ -111,6 +111,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         reader = asyncio.create_task(self._read(device_id, request_iterator))
         getter: asyncio.Task[Push] = asyncio.create_task(queue.get())
         log.info("device %s connected", device_id)
+        await context.send_initial_metadata(())  # tells the device now that its stream is accepted
         try:
             while True:
                 if getter.done():
