@@ -20,7 +20,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgefleet server", description="run the fleet server")
     p.add_argument("--data-dir", default="edgefleet-data")
     p.add_argument("--listen", default="127.0.0.1:7443", help="devices and operators (mutual TLS)")
-    p.add_argument("--enroll-listen", default="127.0.0.1:7444", help="device enrollment (server-side TLS)")
+    p.add_argument(
+        "--enroll-listen",
+        default="",
+        help="device enrollment (server-side TLS); default: the --listen host, its port + 1",
+    )
+    p.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="let other processes bind the same ports (SO_REUSEPORT); off so a second server fails to start",
+    )
     p.add_argument("--tls-name", action="append", default=[], help="extra DNS name or IP for the server cert")
     p.add_argument(
         "--insecure-plaintext",
@@ -35,11 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def next_port(address: str) -> str:
+    """HOST:PORT -> HOST:PORT+1 (port 0, "any free port", stays 0)."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return address
+    return f"{host}:{int(port) + 1 if int(port) else 0}"
+
+
 def config_from(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         data_dir=Path(args.data_dir),
         listen=args.listen,
-        enroll_listen=args.enroll_listen,
+        enroll_listen=args.enroll_listen or next_port(args.listen),
+        reuse_port=args.reuse_port,
         insecure_plaintext=args.insecure_plaintext,
         tls_names=tuple(args.tls_name),
         database_url=args.database_url,
