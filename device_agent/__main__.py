@@ -40,7 +40,18 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     p.add_argument("--state-dir", type=Path, default=Path(env("EDGEFLEET_AGENT_DIR", "edgefleet-agent")))
     p.add_argument("--name", default=env("EDGEFLEET_DEVICE_NAME", os.uname().nodename))
     p.add_argument("--enroll-token", default=env("EDGEFLEET_ENROLL_TOKEN", ""), help="first start only")
-    p.add_argument("--trust-root", type=Path, default=None, help="the fleet's root.json; first start only")
+    p.add_argument(
+        "--trust-root",
+        type=Path,
+        default=None,
+        help="the fleet's root.json; pinned at first start (until enrollment succeeds), then ignored",
+    )
+    p.add_argument(
+        "--reset-trust-root",
+        action="store_true",
+        help="replace the pinned root.json with --trust-root and clear the cached metadata; for a device "
+        "pinned to the wrong root, or after the fleet's root was replaced without a signed rotation",
+    )
     p.add_argument("--runtime", default=env("EDGEFLEET_RUNTIME", ""), help="ai-edge-litert or tflite-runtime")
     p.add_argument("--local-socket", default="", help="Unix socket for local inference ('-' for none)")
     p.add_argument("--local-port", type=int, default=0, help="also serve local inference on 127.0.0.1:PORT")
@@ -62,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     )
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
+    if a.reset_trust_root and a.trust_root is None:
+        p.error("--reset-trust-root needs --trust-root (the root.json to pin instead)")
     logging.basicConfig(
         level=logging.DEBUG if a.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -76,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         name=a.name,
         enroll_token=a.enroll_token,
         trust_root=a.trust_root,
+        reset_trust_root=a.reset_trust_root,
         runtime=a.runtime,
         local_socket=a.local_socket,
         local_port=a.local_port,

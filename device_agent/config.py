@@ -19,6 +19,7 @@ class AgentConfig:
     name: str = "device"
     enroll_token: str = ""
     trust_root: Path | None = None  # root.json to pin at first start; later starts use the pinned copy
+    reset_trust_root: bool = False  # replace the pinned root with trust_root and clear the metadata cache
     runtime: str = ""  # "" = the default runtime installed here
     local_socket: str = ""  # "" = <state_dir>/agent.sock; "-" = no local gRPC service
     local_port: int = 0  # also serve local inference on 127.0.0.1:PORT when set

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from edgefleet.device_trust import DeviceTrust
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 log = logging.getLogger("edgefleet.agent")
+PINNED_ROOT = "pinned-root.json"  # edgefleet.device_trust keeps the pinned root under this name
 
 # Status codes worth retrying; anything else from the server is a refusal.
 RETRYABLE = {
@@ -110,10 +112,15 @@ async def connect(
     """First start: pin the fleet's root.json (and CA), trade the enrollment token for credentials.
     Then open the one channel every later call uses: mutual TLS, or plaintext only when configured so.
     Raises InvalidRequestError for what the first start lacks, AccessDeniedError when enrollment is refused."""
-    if not trust.is_pinned():
-        DeviceTrust.pin_root(store.folder / "metadata", read_trust_root(config))
-    tls = pki.TlsFiles(store.folder / "tls")
+    metadata_dir = store.folder / "metadata"
     creds = store.load_credentials()
+    if config.reset_trust_root:
+        reset_trust_root(metadata_dir, read_trust_root(config))
+    elif not trust.is_pinned() or (creds is None and config.trust_root is not None):
+        # Until enrollment succeeds the root given now is the one to pin: a start refused for the wrong root
+        # is fixed by starting again with the right one.
+        DeviceTrust.pin_root(metadata_dir, read_trust_root(config))
+    tls = pki.TlsFiles(store.folder / "tls")
     if creds is None:
         creds = await _enroll(config, store, tls, capabilities())
     if config.insecure_plaintext:
@@ -147,6 +154,20 @@ def read_trust_root(config: AgentConfig) -> bytes:
         ) from e
 
 
+def reset_trust_root(metadata_dir: Path, trust_root: bytes) -> None:
+    """Re-pins: `trust_root` replaces the pinned root.json and every cached metadata file goes, so the next
+    update starts python-tuf's chain of trust from the new root (--reset-trust-root)."""
+    DeviceTrust.pin_root(metadata_dir, trust_root)  # checks it first: a bad file leaves the old trust alone
+    for cached in metadata_dir.glob("*.json"):
+        if cached.name != PINNED_ROOT:
+            cached.unlink()
+    log.warning("re-pinned the trust root (sha256 %s) and cleared the metadata cache", _sha256(trust_root))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 async def _enroll(
     config: AgentConfig, store: StateStore, tls: pki.TlsFiles, capabilities: common_pb2.Capabilities
 ) -> dict[str, str]:
@@ -157,6 +178,8 @@ async def _enroll(
         enrollment_token=config.enroll_token,
         device_name=config.name,
         capabilities=capabilities,
+        # The server refuses a root that is not its own before spending the token.
+        trust_root_sha256=_sha256((store.folder / "metadata" / PINNED_ROOT).read_bytes()),
     )
     if config.insecure_plaintext:
         channel = open_channel(config.server, None)

@@ -80,6 +80,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     request.device_name,
                     convert.capabilities_from_proto(request.capabilities),
                     request.csr_pem,
+                    request.trust_root_sha256,
                 )
             except (UnsupportedAlgorithm, x509.InvalidVersion) as e:
                 # pki.load_csr_checked lets these through (a CSR naming an unknown curve or key type, or

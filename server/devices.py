@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import hmac
 import logging
 import secrets
 
 from edgefleet import pki
-from edgefleet.errors import InvalidRequestError, NotFoundError
+from edgefleet.errors import ConflictError, InvalidRequestError, NotFoundError
 from edgefleet.selectors import check_name, parse_selector
 from edgefleet.server.deployments import Deployments
 from edgefleet.server.repository import Repository
@@ -63,15 +65,23 @@ class Devices:
         return token, expires
 
     async def enroll(
-        self, token: str, name: str, capabilities: Capabilities, csr_pem: bytes = b""
+        self,
+        token: str,
+        name: str,
+        capabilities: Capabilities,
+        csr_pem: bytes = b"",
+        trust_root_sha256: str = "",
     ) -> tuple[DeviceRecord, str, bytes]:
         """Consumes one use of the token; returns the device, its bearer secret (plaintext demo) and its
-        certificate (TLS: issued for the CSR's key, with the device id the server chose as its name)."""
+        certificate (TLS: issued for the CSR's key, with the device id the server chose as its name).
+        Raises ConflictError, before the token is spent, when the device holds another fleet's root.json."""
         check_name("device name", name)
         if self.ca is not None and not csr_pem:
             raise InvalidRequestError("enrollment needs a certificate signing request (csr_pem)")
         if self.ca is not None:
             pki.load_csr_checked(csr_pem)  # refuse a bad CSR before the token is spent
+        if trust_root_sha256:
+            await self._check_trust_root(trust_root_sha256)
         now = now_ms()
         found = await asyncio.to_thread(self.store.enrollment_token, token)
         refusal = token_refusal(found, now)
@@ -92,6 +102,19 @@ class Devices:
         await self.deployments.point_new_device(device)
         log.info("enrolled %s (%s) in group %s", device.id, name, device.group)
         return device, secret, certificate
+
+    async def _check_trust_root(self, digest: str) -> None:
+        """A device pinned to a root that is not one of this fleet's root.json versions could never verify an
+        update: refuse it while its token can still be used with the right file."""
+        versions = await asyncio.to_thread(self.store.repo_versions)
+        for version in range(versions.root, 0, -1):
+            root = await asyncio.to_thread(self.store.get_metadata, f"{version}.root")
+            if hmac.compare_digest(hashlib.sha256(root).hexdigest(), digest.lower()):
+                return
+        raise ConflictError(
+            f"the device's trust root (sha256 {digest[:16]}...) is not this fleet's root.json: start the agent "
+            "with the root.json this server was set up with (--trust-root); the enrollment token was not used"
+        )
 
     async def revoke(self, device_id: str) -> None:
         await self.get(device_id)

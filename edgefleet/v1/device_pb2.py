@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from edgefleet.v1 import common_pb2 as edgefleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64gefleet/v1/device.proto\x12\x0c\x65\x64gefleet.v1\x1a\x19\x65\x64gefleet/v1/common.proto\"\x81\x01\n\rEnrollRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x30\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32\x1a.edgefleet.v1.Capabilities\x12\x0f\n\x07\x63sr_pem\x18\x04 \x01(\x0c\"}\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_token\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x04 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x05 \x01(\x0c\"q\n\rDeviceMessage\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1a.edgefleet.v1.DeviceStatusH\x00\x12*\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x19.edgefleet.v1.UpdateEventH\x00\x42\x06\n\x04kind\"\xea\x01\n\x0c\x44\x65viceStatus\x12\'\n\x07\x63urrent\x18\x01 \x01(\x0b\x32\x16.edgefleet.v1.ModelRef\x12(\n\x08previous\x18\x02 \x01(\x0b\x32\x16.edgefleet.v1.ModelRef\x12\x30\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32\x1a.edgefleet.v1.Capabilities\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x13\n\x0b\x62\x61\x64_targets\x18\x05 \x03(\t\x12\x17\n\x0fsent_at_unix_ms\x18\x06 \x01(\x03\x12\x10\n\x08sequence\x18\x07 \x01(\x04\"\x84\x01\n\x0bUpdateEvent\x12\x13\n\x0btarget_path\x18\x01 \x01(\t\x12(\n\x05stage\x18\x02 \x01(\x0e\x32\x19.edgefleet.v1.UpdateStage\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nat_unix_ms\x18\x04 \x01(\x03\x12\x12\n\ncommand_id\x18\x05 \x01(\t\"G\n\x16ReportTelemetryRequest\x12-\n\x06report\x18\x01 \x01(\x0b\x32\x1d.edgefleet.v1.TelemetryReport\"\x19\n\x17ReportTelemetryResponse\"\x9b\x01\n\x0fTelemetryReport\x12\x12\n\nat_unix_ms\x18\x01 \x01(\x03\x12*\n\x06health\x18\x02 \x01(\x0b\x32\x1a.edgefleet.v1.HealthSample\x12/\n\tinference\x18\x03 \x03(\x0b\x32\x1c.edgefleet.v1.InferenceStats\x12\x17\n\x0f\x64ropped_reports\x18\x04 \x01(\x03\"z\n\rServerMessage\x12.\n\nassignment\x18\x01 \x01(\x0b\x32\x18.edgefleet.v1.AssignmentH\x00\x12\x31\n\x08rollback\x18\x02 \x01(\x0b\x32\x1d.edgefleet.v1.RollbackCommandH\x00\x42\x06\n\x04kind\"J\n\nAssignment\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.edgefleet.v1.ModelRef\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\"5\n\x0fRollbackCommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x16\n\x14GetAssignmentRequest\"|\n\x15GetAssignmentResponse\x12,\n\nassignment\x18\x01 \x01(\x0b\x32\x18.edgefleet.v1.Assignment\x12\x18\n\x10rollback_pending\x18\x02 \x01(\x08\x12\x1b\n\x13rollback_command_id\x18\x03 \x01(\t\"\"\n\x12GetMetadataRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x13GetMetadataResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\";\n\x14\x44ownloadModelRequest\x12\x13\n\x0btarget_path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"K\n\x15\x44ownloadModelResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_length\x18\x03 \x01(\x03\x32\x87\x04\n\rDeviceService\x12\x43\n\x06\x45nroll\x12\x1b.edgefleet.v1.EnrollRequest\x1a\x1c.edgefleet.v1.EnrollResponse\x12G\n\x07\x43onnect\x12\x1b.edgefleet.v1.DeviceMessage\x1a\x1b.edgefleet.v1.ServerMessage(\x01\x30\x01\x12X\n\rGetAssignment\x12\".edgefleet.v1.GetAssignmentRequest\x1a#.edgefleet.v1.GetAssignmentResponse\x12R\n\x0bGetMetadata\x12 .edgefleet.v1.GetMetadataRequest\x1a!.edgefleet.v1.GetMetadataResponse\x12Z\n\rDownloadModel\x12\".edgefleet.v1.DownloadModelRequest\x1a#.edgefleet.v1.DownloadModelResponse0\x01\x12^\n\x0fReportTelemetry\x12$.edgefleet.v1.ReportTelemetryRequest\x1a%.edgefleet.v1.ReportTelemetryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64gefleet/v1/device.proto\x12\x0c\x65\x64gefleet.v1\x1a\x19\x65\x64gefleet/v1/common.proto\"\x9c\x01\n\rEnrollRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x30\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32\x1a.edgefleet.v1.Capabilities\x12\x0f\n\x07\x63sr_pem\x18\x04 \x01(\x0c\x12\x19\n\x11trust_root_sha256\x18\x05 \x01(\t\"}\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_token\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x04 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x05 \x01(\x0c\"q\n\rDeviceMessage\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1a.edgefleet.v1.DeviceStatusH\x00\x12*\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x19.edgefleet.v1.UpdateEventH\x00\x42\x06\n\x04kind\"\xea\x01\n\x0c\x44\x65viceStatus\x12\'\n\x07\x63urrent\x18\x01 \x01(\x0b\x32\x16.edgefleet.v1.ModelRef\x12(\n\x08previous\x18\x02 \x01(\x0b\x32\x16.edgefleet.v1.ModelRef\x12\x30\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32\x1a.edgefleet.v1.Capabilities\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x13\n\x0b\x62\x61\x64_targets\x18\x05 \x03(\t\x12\x17\n\x0fsent_at_unix_ms\x18\x06 \x01(\x03\x12\x10\n\x08sequence\x18\x07 \x01(\x04\"\x84\x01\n\x0bUpdateEvent\x12\x13\n\x0btarget_path\x18\x01 \x01(\t\x12(\n\x05stage\x18\x02 \x01(\x0e\x32\x19.edgefleet.v1.UpdateStage\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nat_unix_ms\x18\x04 \x01(\x03\x12\x12\n\ncommand_id\x18\x05 \x01(\t\"G\n\x16ReportTelemetryRequest\x12-\n\x06report\x18\x01 \x01(\x0b\x32\x1d.edgefleet.v1.TelemetryReport\"\x19\n\x17ReportTelemetryResponse\"\x9b\x01\n\x0fTelemetryReport\x12\x12\n\nat_unix_ms\x18\x01 \x01(\x03\x12*\n\x06health\x18\x02 \x01(\x0b\x32\x1a.edgefleet.v1.HealthSample\x12/\n\tinference\x18\x03 \x03(\x0b\x32\x1c.edgefleet.v1.InferenceStats\x12\x17\n\x0f\x64ropped_reports\x18\x04 \x01(\x03\"z\n\rServerMessage\x12.\n\nassignment\x18\x01 \x01(\x0b\x32\x18.edgefleet.v1.AssignmentH\x00\x12\x31\n\x08rollback\x18\x02 \x01(\x0b\x32\x1d.edgefleet.v1.RollbackCommandH\x00\x42\x06\n\x04kind\"J\n\nAssignment\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.edgefleet.v1.ModelRef\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\"5\n\x0fRollbackCommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x16\n\x14GetAssignmentRequest\"|\n\x15GetAssignmentResponse\x12,\n\nassignment\x18\x01 \x01(\x0b\x32\x18.edgefleet.v1.Assignment\x12\x18\n\x10rollback_pending\x18\x02 \x01(\x08\x12\x1b\n\x13rollback_command_id\x18\x03 \x01(\t\"\"\n\x12GetMetadataRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x13GetMetadataResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\";\n\x14\x44ownloadModelRequest\x12\x13\n\x0btarget_path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"K\n\x15\x44ownloadModelResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_length\x18\x03 \x01(\x03\x32\x87\x04\n\rDeviceService\x12\x43\n\x06\x45nroll\x12\x1b.edgefleet.v1.EnrollRequest\x1a\x1c.edgefleet.v1.EnrollResponse\x12G\n\x07\x43onnect\x12\x1b.edgefleet.v1.DeviceMessage\x1a\x1b.edgefleet.v1.ServerMessage(\x01\x30\x01\x12X\n\rGetAssignment\x12\".edgefleet.v1.GetAssignmentRequest\x1a#.edgefleet.v1.GetAssignmentResponse\x12R\n\x0bGetMetadata\x12 .edgefleet.v1.GetMetadataRequest\x1a!.edgefleet.v1.GetMetadataResponse\x12Z\n\rDownloadModel\x12\".edgefleet.v1.DownloadModelRequest\x1a#.edgefleet.v1.DownloadModelResponse0\x01\x12^\n\x0fReportTelemetry\x12$.edgefleet.v1.ReportTelemetryRequest\x1a%.edgefleet.v1.ReportTelemetryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,39 +33,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgefleet.v1.device_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENROLLREQUEST']._serialized_start=71
-  _globals['_ENROLLREQUEST']._serialized_end=200
-  _globals['_ENROLLRESPONSE']._serialized_start=202
-  _globals['_ENROLLRESPONSE']._serialized_end=327
-  _globals['_DEVICEMESSAGE']._serialized_start=329
-  _globals['_DEVICEMESSAGE']._serialized_end=442
-  _globals['_DEVICESTATUS']._serialized_start=445
-  _globals['_DEVICESTATUS']._serialized_end=679
-  _globals['_UPDATEEVENT']._serialized_start=682
-  _globals['_UPDATEEVENT']._serialized_end=814
-  _globals['_REPORTTELEMETRYREQUEST']._serialized_start=816
-  _globals['_REPORTTELEMETRYREQUEST']._serialized_end=887
-  _globals['_REPORTTELEMETRYRESPONSE']._serialized_start=889
-  _globals['_REPORTTELEMETRYRESPONSE']._serialized_end=914
-  _globals['_TELEMETRYREPORT']._serialized_start=917
-  _globals['_TELEMETRYREPORT']._serialized_end=1072
-  _globals['_SERVERMESSAGE']._serialized_start=1074
-  _globals['_SERVERMESSAGE']._serialized_end=1196
-  _globals['_ASSIGNMENT']._serialized_start=1198
-  _globals['_ASSIGNMENT']._serialized_end=1272
-  _globals['_ROLLBACKCOMMAND']._serialized_start=1274
-  _globals['_ROLLBACKCOMMAND']._serialized_end=1327
-  _globals['_GETASSIGNMENTREQUEST']._serialized_start=1329
-  _globals['_GETASSIGNMENTREQUEST']._serialized_end=1351
-  _globals['_GETASSIGNMENTRESPONSE']._serialized_start=1353
-  _globals['_GETASSIGNMENTRESPONSE']._serialized_end=1477
-  _globals['_GETMETADATAREQUEST']._serialized_start=1479
-  _globals['_GETMETADATAREQUEST']._serialized_end=1513
-  _globals['_GETMETADATARESPONSE']._serialized_start=1515
-  _globals['_GETMETADATARESPONSE']._serialized_end=1553
-  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1555
-  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1614
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=1616
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=1691
-  _globals['_DEVICESERVICE']._serialized_start=1694
-  _globals['_DEVICESERVICE']._serialized_end=2213
+  _globals['_ENROLLREQUEST']._serialized_end=227
+  _globals['_ENROLLRESPONSE']._serialized_start=229
+  _globals['_ENROLLRESPONSE']._serialized_end=354
+  _globals['_DEVICEMESSAGE']._serialized_start=356
+  _globals['_DEVICEMESSAGE']._serialized_end=469
+  _globals['_DEVICESTATUS']._serialized_start=472
+  _globals['_DEVICESTATUS']._serialized_end=706
+  _globals['_UPDATEEVENT']._serialized_start=709
+  _globals['_UPDATEEVENT']._serialized_end=841
+  _globals['_REPORTTELEMETRYREQUEST']._serialized_start=843
+  _globals['_REPORTTELEMETRYREQUEST']._serialized_end=914
+  _globals['_REPORTTELEMETRYRESPONSE']._serialized_start=916
+  _globals['_REPORTTELEMETRYRESPONSE']._serialized_end=941
+  _globals['_TELEMETRYREPORT']._serialized_start=944
+  _globals['_TELEMETRYREPORT']._serialized_end=1099
+  _globals['_SERVERMESSAGE']._serialized_start=1101
+  _globals['_SERVERMESSAGE']._serialized_end=1223
+  _globals['_ASSIGNMENT']._serialized_start=1225
+  _globals['_ASSIGNMENT']._serialized_end=1299
+  _globals['_ROLLBACKCOMMAND']._serialized_start=1301
+  _globals['_ROLLBACKCOMMAND']._serialized_end=1354
+  _globals['_GETASSIGNMENTREQUEST']._serialized_start=1356
+  _globals['_GETASSIGNMENTREQUEST']._serialized_end=1378
+  _globals['_GETASSIGNMENTRESPONSE']._serialized_start=1380
+  _globals['_GETASSIGNMENTRESPONSE']._serialized_end=1504
+  _globals['_GETMETADATAREQUEST']._serialized_start=1506
+  _globals['_GETMETADATAREQUEST']._serialized_end=1540
+  _globals['_GETMETADATARESPONSE']._serialized_start=1542
+  _globals['_GETMETADATARESPONSE']._serialized_end=1580
+  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1582
+  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1641
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=1643
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=1718
+  _globals['_DEVICESERVICE']._serialized_start=1721
+  _globals['_DEVICESERVICE']._serialized_end=2240
 # @@protoc_insertion_point(module_scope)
