@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("EDGEFLEET_TARGETS_KEY", "edgefleet-keys/targets.key"),
         help="signs the permission to go back when the version is older than the newest",
     )
+    sp.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="deploy even when the selector reaches no device yet (devices enrolling later get it)",
+    )
 
     sp = add("deployments", cmd_deployments, "deployments and rollbacks with their progress", listing=True)
     sp.add_argument("--watch", action="store_true", help="refresh until the newest one has no pending device")
