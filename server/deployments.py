@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet.errors import ConflictError, NotFoundError
-from edgefleet.selectors import parse_selector
+from edgefleet.selectors import Selector, parse_selector
 from edgefleet.server.repository import Repository
 from edgefleet.server.rules import (
+    ambiguous_name,
     empty_deployment_refusal,
     late_joiner_order,
     pending_action,
@@ -57,6 +58,22 @@ class RollbackResult:
     skipped: list[str] = field(default_factory=list)
 
 
+async def resolve_selector(store: FleetStore, selector: Selector) -> Selector:
+    """`device:X` names a device by id or, failing that, by name: the selector by id. Raises ConflictError
+    when the name is shared (listing the ids to use); an unknown X is left as it is (it reaches no device)."""
+    if selector.kind != "device":
+        return selector
+    try:
+        await asyncio.to_thread(store.get_device, selector.value)
+        return selector
+    except NotFoundError:
+        pass
+    named = await asyncio.to_thread(store.devices_named, selector.value)
+    if len(named) > 1:
+        raise ConflictError(ambiguous_name(selector.value, [d.id for d in named]))
+    return Selector("device", named[0].id) if named else selector
+
+
 class Deployments:
     def __init__(self, store: FleetStore, streams: ControlStreams, repository: Repository):
         self.store = store
@@ -77,7 +94,7 @@ class Deployments:
         ones. `validate_only` answers with the plan and writes nothing (the CLI asks before it signs).
         Raises InvalidRequestError (selector), NotFoundError (model, version, variant) and ConflictError when
         it reaches no device, unless `allow_empty` (a group whose devices enroll later)."""
-        selector = parse_selector(selector_text)
+        selector = await resolve_selector(self.store, parse_selector(selector_text))
         variants = await self.repository.signed_variants(name, version)  # fails early, saying why
         if variant and variant not in {v.variant for v in variants}:
             known = ", ".join(sorted(v.variant for v in variants))
@@ -136,7 +153,7 @@ class Deployments:
     ) -> RollbackResult:
         """Each targeted device goes back to the model it ran before, from its own copy. `validate_only`
         answers with the plan and writes nothing. Raises InvalidRequestError for a bad selector."""
-        selector = parse_selector(selector_text)
+        selector = await resolve_selector(self.store, parse_selector(selector_text))
         result = RollbackResult("rb-" + secrets.token_hex(4))
         targets: dict[str, str] = {}
         devices = await asyncio.to_thread(self.store.devices_matching, selector)

@@ -15,8 +15,8 @@ import secrets
 
 from edgefleet import pki
 from edgefleet.errors import ConflictError, InvalidRequestError, NotFoundError
-from edgefleet.selectors import check_name, parse_selector
-from edgefleet.server.deployments import Deployments
+from edgefleet.selectors import Selector, check_name, parse_selector
+from edgefleet.server.deployments import Deployments, resolve_selector
 from edgefleet.server.repository import Repository
 from edgefleet.server.rules import CLOCK_SKEW_WARNING_MS, TOKEN_USED_UP, pending_rollback, token_refusal
 from edgefleet.server.storage.interfaces import FleetStore
@@ -116,11 +116,14 @@ class Devices:
             "with the root.json this server was set up with (--trust-root); the enrollment token was not used"
         )
 
-    async def revoke(self, device_id: str) -> None:
-        await self.get(device_id)
+    async def revoke(self, device: str) -> str:
+        """Revokes the device `device` names (id or name); returns its id. NotFoundError / ConflictError as
+        `resolve`."""
+        device_id = await self.resolve(device)
         await asyncio.to_thread(self.store.set_revoked, device_id)
         self.streams.disconnect(device_id, "credentials revoked")  # ends its control stream now
         log.warning("revoked device %s", device_id)
+        return device_id
 
     async def device_status(self, key: str, by_token: bool) -> tuple[str, bool] | None:
         """(device id, revoked) for a device id or bearer token; None when unknown."""
@@ -203,11 +206,21 @@ class Devices:
     async def list_devices(self, selector_text: str = "") -> list[DeviceRecord]:
         if not selector_text:
             return await asyncio.to_thread(self.store.list_devices)
-        return await asyncio.to_thread(self.store.devices_matching, parse_selector(selector_text))
+        selector = await resolve_selector(self.store, parse_selector(selector_text))
+        return await asyncio.to_thread(self.store.devices_matching, selector)
 
-    async def telemetry(self, device_id: str, limit: int) -> list[TelemetryReport]:
-        await self.get(device_id)  # NOT_FOUND for unknown devices
+    async def resolve(self, id_or_name: str) -> str:
+        """The id of the device `id_or_name` names (its id, or its name when no id matches). Raises
+        NotFoundError for no such device, ConflictError for a name several devices share."""
+        selector = await resolve_selector(self.store, Selector("device", id_or_name))
+        return (await self.get(selector.value)).id
+
+    async def telemetry(self, device: str, limit: int) -> list[TelemetryReport]:
+        """`device` is an id or a name; NotFoundError when it names no device."""
+        device_id = await self.resolve(device)
         return await asyncio.to_thread(self.store.list_telemetry, device_id, max(1, min(limit, MAX_LISTED)))
 
-    async def events(self, device_id: str, limit: int) -> list[EventRecord]:
+    async def events(self, device: str, limit: int) -> list[EventRecord]:
+        """Every device's events for "", else one device's by id or name (NotFoundError, as `telemetry`)."""
+        device_id = await self.resolve(device) if device else ""
         return await asyncio.to_thread(self.store.list_events, device_id, max(1, min(limit, MAX_LISTED)))

@@ -23,6 +23,11 @@ def token_refusal(token: EnrollmentToken | None, now_ms: int) -> str:
     return ""
 
 
+def ambiguous_name(name: str, device_ids: list[str]) -> str:
+    """Why a device name that several devices share cannot stand for one of them."""
+    return f"{len(device_ids)} devices are named {name!r}: use one of their ids ({', '.join(device_ids)})"
+
+
 def empty_deployment_refusal(selector: str, unassigned: list[str]) -> str:
     """Why a deployment that would reach no device is refused (the operator may pass allow_empty)."""
     why = f": {'; '.join(unassigned[:5])}" if unassigned else " (no device matches it)"
