@@ -18,6 +18,7 @@ from edgefleet.agent.agent import Agent
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.exits import EXIT_CONFIG_CANNOT_WORK, EXIT_STOPPED, HELP, AgentExit
 from edgefleet.errors import EdgefleetError
+from edgefleet.logs import FORMATS, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
@@ -71,15 +72,14 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         default=0,
         help="memory models may use (reported instead of the OS's figure)",
     )
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="debug lines, and the libraries' own INFO lines"
+    )
+    p.add_argument("--log-format", choices=FORMATS, default=env("EDGEFLEET_LOG_FORMAT", "text"))
     a = p.parse_args(argv)
     if a.reset_trust_root and a.trust_root is None:
         p.error("--reset-trust-root needs --trust-root (the root.json to pin instead)")
-    logging.basicConfig(
-        level=logging.DEBUG if a.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    setup_logging(a.verbose, a.log_format)
     return AgentConfig(
         server=a.server,
         enroll_server=a.enroll_server,

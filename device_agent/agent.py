@@ -41,13 +41,29 @@ from edgefleet.agent.telemetry import Outbox, Telemetry, read_capabilities
 from edgefleet.agent.updates import Updater
 from edgefleet.convert import capabilities_to_proto
 from edgefleet.device_trust import DeviceTrust
+from edgefleet.errors import IncompatibleError
 from edgefleet.process_lock import LockHeldError, ProcessLock
-from edgefleet.runtime import default_runtime, runtime_version
+from edgefleet.runtime import available_runtimes, default_runtime, runtime_version
 from edgefleet.v1 import common_pb2
 from edgefleet.values import Capabilities, ModelRef
 
 log = logging.getLogger("edgefleet.agent")
 T = TypeVar("T")
+
+
+def _runtime_for(config: AgentConfig) -> str:
+    """The TFLite runtime to use, checked now: a missing one is a configuration that cannot work."""
+    if not config.runtime:
+        try:
+            return default_runtime()
+        except IncompatibleError as e:
+            raise ConfigCannotWorkError(f"{e} (or tflite-runtime)") from e
+    installed = available_runtimes()
+    if config.runtime not in installed:
+        raise ConfigCannotWorkError(
+            f"runtime {config.runtime!r} is not installed here (installed: {', '.join(installed) or 'none'})"
+        )
+    return config.runtime
 
 
 def _lock_state_dir(config: AgentConfig) -> ProcessLock:
@@ -68,7 +84,7 @@ class Agent:
 
     def __init__(self, config: AgentConfig):
         self.config = config
-        self.runtime = config.runtime or default_runtime()
+        self.runtime = _runtime_for(config)
         self.store = StateStore(config.state_dir)
         self.serving = Serving(call_timeout=config.inference_timeout_s)
         self.outbox = Outbox(config.telemetry_queue_size)

@@ -7,6 +7,7 @@ operator token. Configuration is parsed at the edge (the CLI) into a frozen `Ser
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -188,7 +189,23 @@ def _lock_data_dir(data_dir: Path) -> ProcessLock:
         ) from e
 
 
+# What the server's extra installs that is imported only when first needed (a push that compresses):
+# checked at start so a partial install fails now, saying how to fix it, not at the first push.
+_LAZY_EXTRAS = {"ai_edge_quantizer": "ai-edge-quantizer", "flatbuffers": "flatbuffers", "psutil": "psutil"}
+
+
+def check_server_extras() -> None:
+    """Raises InvalidRequestError naming what is missing and the command that installs it."""
+    missing = [dist for module, dist in _LAZY_EXTRAS.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise InvalidRequestError(
+            f"the server's dependencies are not all installed (missing: {', '.join(missing)}): "
+            'pip install "edgefleet[server]"'
+        )
+
+
 async def _start(config: ServerConfig) -> RunningServer:
+    check_server_extras()
     _raise_fd_limit()
     for path, what in ((config.trust_root, "root.json"), (config.online_key, "online key")):
         if not path.exists():

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from edgefleet.logs import FORMATS, setup_logging
 from edgefleet.server.app import ServerConfig, serve
 
 
@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-root", default="edgefleet-keys/root.json")
     p.add_argument("--online-key", default="edgefleet-keys/online.key")
     p.add_argument("--ready-file", default="", help="write the bound port here once serving")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="debug lines, and the libraries' own INFO lines"
+    )
+    p.add_argument("--log-format", choices=FORMATS, default="text", help="text, or one JSON object per line")
     return p
 
 
@@ -71,9 +74,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     Raises errors.EdgefleetError when the server cannot start (missing keys, a database from a newer
     edgefleet, ...)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    setup_logging(args.verbose, args.log_format)
     asyncio.run(serve(config_from(args), Path(args.ready_file) if args.ready_file else None))
