@@ -27,10 +27,12 @@ import grpc
 import numpy as np
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from edgefleet import pki
+from edgefleet.agent.certificates import CertificateRenewer
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.connection import connect
 from edgefleet.agent.control import Control
-from edgefleet.agent.exits import ConfigCannotWorkError
+from edgefleet.agent.exits import ConfigCannotWorkError, DeviceRevokedError
 from edgefleet.agent.faults import Faults
 from edgefleet.agent.local_api import LocalStatus, start_local_service
 from edgefleet.agent.local_models import LocalModels
@@ -94,6 +96,7 @@ class Agent:
         self._scheduler: AsyncIOScheduler | None = None
         self._local: grpc.aio.Server | None = None
         self._lock: ProcessLock | None = None
+        self._renewer: CertificateRenewer | None = None
         self.control = Control(
             config, self.store, self.outbox, self._capabilities, self._spawn, self._stopping
         )
@@ -146,6 +149,10 @@ class Agent:
             if connection is None:
                 return  # stopped while enrolling or connecting
             self.control.connection = self.telemetry.connection = connection
+            self._renewer = CertificateRenewer(
+                self.config, pki.TlsFiles(self.store.folder / "tls"), connection
+            )
+            self._spawn(self._check_certificate())  # at start, without holding up local serving
             await self.supervisor.start_current_model()
             if self.config.socket_path or self.config.local_port:
                 self._local = await start_local_service(self, self.config.socket_path, self.config.local_port)
@@ -159,6 +166,9 @@ class Agent:
             self._scheduler.add_job(
                 self.telemetry.collect, "interval", seconds=self.config.telemetry_interval_s
             )
+            self._scheduler.add_job(
+                self._check_certificate, "interval", seconds=self.config.certificate_check_interval_s
+            )
             self._scheduler.start()
             self._spawn(self.telemetry.send())
             await self.control.run()
@@ -167,6 +177,14 @@ class Agent:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _check_certificate(self) -> None:
+        if self._renewer is None:
+            return
+        try:
+            await self._renewer.check()
+        except DeviceRevokedError:
+            pass  # the control stream meets the same refusal and stops the agent
 
     async def _unless_stopped(self, work: Coroutine[Any, Any, T]) -> T | None:
         """`work`'s result, or None once `stop()` is called first (then `work` is cancelled): a signal stops the

@@ -24,6 +24,7 @@ class AgentConfig:
     local_socket: str = ""  # "" = <state_dir>/agent.sock; "-" = no local gRPC service
     local_port: int = 0  # also serve local inference on 127.0.0.1:PORT when set
     telemetry_interval_s: float = 10.0
+    certificate_check_interval_s: float = 86_400.0  # and at start; the server says when renewal is due
     check_interval_s: float = 60.0
     probation_s: float = 5.0  # a new model is "healthy" after this long without errors
     backoff_initial_s: float = 0.5

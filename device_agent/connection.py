@@ -91,6 +91,14 @@ class Connection:
     async def close(self) -> None:
         await self.channel.close()
 
+    async def reopen(self, channel: grpc.aio.Channel, grace_s: float = 5.0) -> None:
+        """Every later call goes over `channel` (new credentials); the old one closes after `grace_s`, which
+        ends the control stream on it so that it reconnects over the new one."""
+        old, self.channel = self.channel, channel
+        self.stub = device_pb2_grpc.DeviceServiceStub(channel)
+        await asyncio.sleep(grace_s)
+        await old.close()
+
 
 def open_channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
     options = [
@@ -126,18 +134,24 @@ async def connect(
     if config.insecure_plaintext:
         channel = open_channel(config.server, None)
     else:
+        tls.finish_replacement()  # a certificate renewal a crash interrupted
         if not tls.exists():
             raise errors.InvalidRequestError(f"{tls.folder} lacks the device's certificate: enroll again")
-        channel = open_channel(
-            config.server,
-            grpc.ssl_channel_credentials(
-                root_certificates=tls.ca.read_bytes(),
-                private_key=tls.key.read_bytes(),
-                certificate_chain=tls.cert.read_bytes(),
-            ),
-        )
+        channel = mutual_tls_channel(config, tls)
     return Connection(
         creds["device_id"], creds.get("device_token", ""), channel, device_pb2_grpc.DeviceServiceStub(channel)
+    )
+
+
+def mutual_tls_channel(config: AgentConfig, tls: pki.TlsFiles) -> grpc.aio.Channel:
+    """A channel to the server authenticated with the device's key and certificate as they are on disk."""
+    return open_channel(
+        config.server,
+        grpc.ssl_channel_credentials(
+            root_certificates=tls.ca.read_bytes(),
+            private_key=tls.key.read_bytes(),
+            certificate_chain=tls.cert.read_bytes(),
+        ),
     )
 
 

@@ -96,6 +96,21 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 )
             return device_pb2.EnrollResponse(device_id=device.id, device_token=secret, group=device.group)
 
+    async def RenewCertificate(
+        self, request: device_pb2.RenewCertificateRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        async with status_for_errors(context):
+            principal = await self.auth.principal(context)
+            presented = (context.auth_context() or {}).get("x509_pem_cert") or []
+            if not presented:
+                raise errors.InvalidRequestError("renewal needs the mutual-TLS channel and its certificate")
+            certificate, renew_after_ms = await self.fleet.devices.renew_certificate(
+                principal.id, bytes(presented[0]), request.csr_pem
+            )
+            return device_pb2.RenewCertificateResponse(
+                renewed=bool(certificate), certificate_pem=certificate, renew_after_unix_ms=renew_after_ms
+            )
+
     async def Connect(self, request_iterator: AsyncIterator[device_pb2.DeviceMessage], context: Any) -> Any:
         principal = await self.auth.principal(context)
         device_id = principal.id

@@ -14,11 +14,18 @@ import logging
 import secrets
 
 from edgefleet import pki
-from edgefleet.errors import ConflictError, InvalidRequestError, NotFoundError
+from edgefleet.errors import AccessDeniedError, ConflictError, InvalidRequestError, NotFoundError
 from edgefleet.selectors import Selector, check_name, parse_selector
 from edgefleet.server.deployments import Deployments, resolve_selector
 from edgefleet.server.repository import Repository
-from edgefleet.server.rules import CLOCK_SKEW_WARNING_MS, TOKEN_USED_UP, pending_rollback, token_refusal
+from edgefleet.server.rules import (
+    CLOCK_SKEW_WARNING_MS,
+    TOKEN_USED_UP,
+    certificate_renew_after_ms,
+    certificate_renewal_due,
+    pending_rollback,
+    token_refusal,
+)
 from edgefleet.server.storage.interfaces import FleetStore
 from edgefleet.server.storage.records import DeviceRecord, EventRecord, ModelRecord, now_ms
 from edgefleet.server.streams import ControlStreams
@@ -102,6 +109,29 @@ class Devices:
         await self.deployments.point_new_device(device)
         log.info("enrolled %s (%s) in group %s", device.id, name, device.group)
         return device, secret, certificate
+
+    async def renew_certificate(
+        self, device_id: str, presented_pem: bytes, csr_pem: bytes
+    ) -> tuple[bytes, int]:
+        """A new certificate for the CSR's key when the presented one is due (`rules.certificate_renewal_due`):
+        (certificate PEM, 0), or (b"", when it becomes due). The caller has been authenticated with
+        `presented_pem` as `device_id`; a revoked device never gets here (the gate refuses it) and is refused
+        again here. Raises InvalidRequestError for a bad CSR, AccessDeniedError for a revoked device."""
+        if self.ca is None:
+            raise InvalidRequestError("this server runs without TLS: there is no certificate to renew")
+        device = await self.get(device_id)
+        if device.revoked:
+            raise AccessDeniedError("this device was revoked by the fleet")
+        presented = pki.load_cert(presented_pem)
+        if pki.identity_of(presented_pem).name != device.id:
+            raise AccessDeniedError("the certificate presented is not this device's")
+        not_after_ms = int(presented.not_valid_after_utc.timestamp() * 1000)
+        lifetime_ms = int(self.device_cert_days * 86_400_000)
+        if not certificate_renewal_due(not_after_ms, now_ms(), lifetime_ms):
+            return b"", certificate_renew_after_ms(not_after_ms, lifetime_ms)
+        certificate = pki.cert_pem(self.ca.sign_csr(csr_pem, device.id, pki.DEVICE, self.device_cert_days))
+        log.info("renewed the certificate of %s (%s)", device.id, device.name)
+        return certificate, 0
 
     async def _check_trust_root(self, digest: str) -> None:
         """A device pinned to a root that is not one of this fleet's root.json versions could never verify an

@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", default="", help="default: sqlite:///<data dir>/fleet.db")
     p.add_argument("--trust-root", default="edgefleet-keys/root.json")
     p.add_argument("--online-key", default="edgefleet-keys/online.key")
+    p.add_argument(
+        "--device-cert-days",
+        type=float,
+        default=365,
+        help="lifetime of device certificates; devices renew theirs with a third of it left",
+    )
     p.add_argument("--ready-file", default="", help="write the bound port here once serving")
     p.add_argument(
         "-v", "--verbose", action="store_true", help="debug lines, and the libraries' own INFO lines"
@@ -66,6 +72,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         database_url=args.database_url,
         trust_root=Path(args.trust_root),
         online_key=Path(args.online_key),
+        device_cert_days=args.device_cert_days,
     )
 
 

@@ -56,6 +56,16 @@ def late_joiner_order(
     return None
 
 
+def certificate_renew_after_ms(not_after_ms: int, lifetime_ms: int) -> int:
+    """When a device certificate becomes due for renewal: with a third of the policy's lifetime left, so a
+    device that checks daily renews well before expiry and a fleet left alone never expires at once."""
+    return not_after_ms - lifetime_ms // 3
+
+
+def certificate_renewal_due(not_after_ms: int, now_ms: int, lifetime_ms: int) -> bool:
+    return now_ms >= certificate_renew_after_ms(not_after_ms, lifetime_ms)
+
+
 def rollback_command_for(deployment: Deployment) -> str:
     """The pending rollback order a deployment leaves on each device it targets. A rollback order stands
     until the device obeys it or a later deployment replaces it, so a deployment clears it ("")."""
