@@ -131,6 +131,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
                     yield message.chunk
 
             repository = self.fleet.repository
+            already = any(m.version == header.version for m in await repository.list_models(header.name))
             records = await repository.upload_model(
                 header.name,
                 header.version,
@@ -150,6 +151,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
                 outputs=[operator_pb2.TensorSpec(**t) for t in original.signature["outputs"]],
                 validated_with=repository.validate_runtime,
                 variants=[variant_info(r) for r in records],
+                already_pushed=already,
             )
 
     async def GetSignedMetadata(self, request: Any, context: Any) -> Any:

@@ -205,11 +205,14 @@ class UploadModelResponse(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     VALIDATED_WITH_FIELD_NUMBER: _builtins.int
     VARIANTS_FIELD_NUMBER: _builtins.int
+    ALREADY_PUSHED_FIELD_NUMBER: _builtins.int
     target_path: _builtins.str
     sha256: _builtins.str
     length: _builtins.int
     validated_with: _builtins.str
     """runtime that loaded it on the server"""
+    already_pushed: _builtins.bool
+    """the same bytes and inputs were pushed before: nothing changed"""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
@@ -226,10 +229,11 @@ class UploadModelResponse(_message.Message):
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         validated_with: _builtins.str = ...,
         variants: _abc.Iterable[Global___VariantInfo] | None = ...,
+        already_pushed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "length", b"length", "outputs", b"outputs", "sha256", b"sha256", "target_path", b"target_path", "validated_with", b"validated_with", "variants", b"variants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_pushed", b"already_pushed", "inputs", b"inputs", "length", b"length", "outputs", b"outputs", "sha256", b"sha256", "target_path", b"target_path", "validated_with", b"validated_with", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
