@@ -141,7 +141,10 @@ def test_new_model_failing_after_the_swap_goes_back_and_is_marked_bad_without_lo
     assert _serves(agent) == V1
     # No loop: v2 is not tried again although the deployment still names it.
     activations = len([e for e in _events(fleet, agent) if e["target"] == V2 and e["stage"] == "activated"])
-    fleet.cli("deploy", "digits", "2", "--to", "all")  # even when pushed at it again
+    with pytest.raises(CliError) as refused:  # a deployment only the bad version would be is refused...
+        fleet.cli("deploy", "digits", "2", "--to", "all")
+    assert "refused it before" in str(refused.value)
+    fleet.cli("deploy", "digits", "2", "--to", "all", "--allow-empty")  # ...and when forced, not looped on
     time.sleep(6)  # longer than the agent's periodic check: time enough to loop, if it would
     assert (
         len([e for e in _events(fleet, agent) if e["target"] == V2 and e["stage"] == "activated"])
