@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 
 from edgefleet import pki
@@ -31,6 +32,7 @@ from edgefleet.server.storage.records import DeviceRecord, EventRecord, ModelRec
 from edgefleet.server.streams import ControlStreams
 from edgefleet.values import Capabilities, DeviceStatus, TelemetryReport, UpdateEvent
 
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 log = logging.getLogger("edgefleet.server")
 
 MAX_LISTED = 1000  # telemetry reports or events in one answer
@@ -136,6 +138,8 @@ class Devices:
     async def _check_trust_root(self, digest: str) -> None:
         """A device pinned to a root that is not one of this fleet's root.json versions could never verify an
         update: refuse it while its token can still be used with the right file."""
+        if not _SHA256_HEX.fullmatch(digest):
+            raise InvalidRequestError("trust_root_sha256 must be 64 hex digits")
         versions = await asyncio.to_thread(self.store.repo_versions)
         for version in range(versions.root, 0, -1):
             root = await asyncio.to_thread(self.store.get_metadata, f"{version}.root")
