@@ -230,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", required=True, help="all, group:NAME or device:ID")
     sp.add_argument("--variant", default="", help="pin one variant instead of the per-device choice")
     targets_key(sp, "signs the permission to go back when the version is older than the newest")
+    sp.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="deploy even when the selector reaches no device yet (devices enrolling later get it)",
+    )
 
     sp = add(
         "deployments", "deployments:cmd_deployments", "deployments and rollbacks with their progress",

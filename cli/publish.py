@@ -116,6 +116,7 @@ def push_model(
 
     versions = publish_targets(op, sign)
     return {
+        "already_pushed": reply.already_pushed,  # the same bytes and inputs as before: nothing changed
         "targets_version": versions.targets_version,
         "variants": [variant_row(v.variant, v.length, details[v.target_path]) for v in variants],
     }

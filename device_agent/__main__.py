@@ -17,17 +17,21 @@ from pathlib import Path
 from edgefleet import names
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.exits import EXIT_CONFIG_CANNOT_WORK, EXIT_STOPPED, HELP, AgentExit
 from edgefleet.errors import EdgefleetError
+from edgefleet.logs import FORMATS, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="edgefleet-agent", description="The edgefleet device agent.")
+    p = argparse.ArgumentParser(
+        prog="edgefleet-agent", description="The edgefleet device agent.", epilog=HELP
+    )
     p.add_argument(
         "--server", default=env("EDGEFLEET_SERVER", "127.0.0.1:7443"), help="fleet server HOST:PORT"
     )
     p.add_argument(
-        "--enroll-server", default="", help="enrollment HOST:PORT (default: the server's host, port 7444)"
+        "--enroll-server", default="", help="enrollment HOST:PORT (default: the --server host, its port + 1)"
     )
     p.add_argument("--ca-cert", type=Path, default=None, help="the fleet CA certificate; first start only")
     p.add_argument(
@@ -42,7 +46,18 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         default=env("EDGEFLEET_DEVICE_NAME", os.uname().nodename),
     )
     p.add_argument("--enroll-token", default=env("EDGEFLEET_ENROLL_TOKEN", ""), help="first start only")
-    p.add_argument("--trust-root", type=Path, default=None, help="the fleet's root.json; first start only")
+    p.add_argument(
+        "--trust-root",
+        type=Path,
+        default=None,
+        help="the fleet's root.json; pinned at first start (until enrollment succeeds), then ignored",
+    )
+    p.add_argument(
+        "--reset-trust-root",
+        action="store_true",
+        help="replace the pinned root.json with --trust-root and clear the cached metadata; for a device "
+        "pinned to the wrong root, or after the fleet's root was replaced without a signed rotation",
+    )
     p.add_argument("--runtime", default=env("EDGEFLEET_RUNTIME", ""), help="ai-edge-litert or tflite-runtime")
     p.add_argument("--local-socket", default="", help="Unix socket for local inference ('-' for none)")
     p.add_argument("--local-port", type=int, default=0, help="also serve local inference on 127.0.0.1:PORT")
@@ -62,13 +77,14 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         default=0,
         help="memory models may use (reported instead of the OS's figure)",
     )
-    p.add_argument("-v", "--verbose", action="store_true")
-    a = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if a.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="debug lines, and the libraries' own INFO lines"
     )
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    p.add_argument("--log-format", choices=FORMATS, default=env("EDGEFLEET_LOG_FORMAT", "text"))
+    a = p.parse_args(argv)
+    if a.reset_trust_root and a.trust_root is None:
+        p.error("--reset-trust-root needs --trust-root (the root.json to pin instead)")
+    setup_logging(a.verbose, a.log_format)
     return AgentConfig(
         server=a.server,
         enroll_server=a.enroll_server,
@@ -78,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         name=a.name,
         enroll_token=a.enroll_token,
         trust_root=a.trust_root,
+        reset_trust_root=a.reset_trust_root,
         runtime=a.runtime,
         local_socket=a.local_socket,
         local_port=a.local_port,
@@ -94,20 +111,33 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
 
 
 async def _run(config: AgentConfig) -> None:
-    agent = Agent(config)
+    # The handlers go in before anything else, so SIGTERM / SIGINT stop the agent in every state.
     loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.stop)
-    await agent.run()
+        loop.add_signal_handler(sig, stop_requested.set)
+    agent = Agent(config)
+    stop_requested_task = asyncio.ensure_future(stop_requested.wait())
+    stop_requested_task.add_done_callback(lambda _: agent.stop())
+    try:
+        await agent.run()
+    finally:
+        stop_requested_task.cancel()
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Runs the agent; exits with one of `edgefleet.agent.exits`' codes and, on failure, one line saying why."""
     config = parse_args(argv)
     try:
         asyncio.run(_run(config))
+    except AgentExit as e:
+        logging.getLogger("edgefleet.agent").error("%s", e)
+        sys.exit(e.code)
     except EdgefleetError as e:
-        print(f"edgefleet-agent: {e}", file=sys.stderr)
-        sys.exit(2)
+        # Whatever stops the agent before it runs (a refused enrollment, missing credentials) needs a person.
+        logging.getLogger("edgefleet.agent").error("%s", e)
+        sys.exit(EXIT_CONFIG_CANNOT_WORK)
+    sys.exit(EXIT_STOPPED)
 
 
 if __name__ == "__main__":

@@ -18,17 +18,21 @@ runs in model worker processes (`edgefleet.agent.serving`). Every stage is repor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from edgefleet import pki
+from edgefleet.agent.certificates import CertificateRenewer
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.connection import connect
 from edgefleet.agent.control import Control
+from edgefleet.agent.exits import ConfigCannotWorkError, DeviceRevokedError
 from edgefleet.agent.faults import Faults
 from edgefleet.agent.local_api import LocalStatus, start_local_service
 from edgefleet.agent.local_models import LocalModels
@@ -39,11 +43,41 @@ from edgefleet.agent.telemetry import Outbox, Telemetry, read_capabilities
 from edgefleet.agent.updates import Updater
 from edgefleet.convert import capabilities_to_proto
 from edgefleet.device_trust import DeviceTrust
-from edgefleet.runtime import default_runtime, runtime_version
+from edgefleet.errors import IncompatibleError
+from edgefleet.process_lock import LockHeldError, ProcessLock
+from edgefleet.runtime import available_runtimes, default_runtime, runtime_version
 from edgefleet.v1 import common_pb2
 from edgefleet.values import Capabilities, ModelRef
 
 log = logging.getLogger("edgefleet.agent")
+T = TypeVar("T")
+
+
+def _runtime_for(config: AgentConfig) -> str:
+    """The TFLite runtime to use, checked now: a missing one is a configuration that cannot work."""
+    if not config.runtime:
+        try:
+            return default_runtime()
+        except IncompatibleError as e:
+            raise ConfigCannotWorkError(f"{e} (or tflite-runtime)") from e
+    installed = available_runtimes()
+    if config.runtime not in installed:
+        raise ConfigCannotWorkError(
+            f"runtime {config.runtime!r} is not installed here (installed: {', '.join(installed) or 'none'})"
+        )
+    return config.runtime
+
+
+def _lock_state_dir(config: AgentConfig) -> ProcessLock:
+    """One agent per state dir: two would fight over one identity and flap its connection.
+    Raises ConfigCannotWorkError naming the other agent's pid."""
+    try:
+        return ProcessLock(config.state_dir / "agent.lock").acquire()
+    except LockHeldError as e:
+        holder = f" (pid {e.pid})" if e.pid else ""
+        raise ConfigCannotWorkError(f"another agent{holder} already runs on {config.state_dir}") from e
+    except OSError as e:
+        raise ConfigCannotWorkError(f"cannot use the state dir {config.state_dir}: {e}") from e
 
 
 class Agent:
@@ -52,7 +86,7 @@ class Agent:
 
     def __init__(self, config: AgentConfig):
         self.config = config
-        self.runtime = config.runtime or default_runtime()
+        self.runtime = _runtime_for(config)
         self.store = StateStore(config.state_dir)
         self.serving = Serving(call_timeout=config.inference_timeout_s)
         self.outbox = Outbox(config.telemetry_queue_size)
@@ -61,6 +95,8 @@ class Agent:
         self._stopping = asyncio.Event()
         self._scheduler: AsyncIOScheduler | None = None
         self._local: grpc.aio.Server | None = None
+        self._lock: ProcessLock | None = None
+        self._renewer: CertificateRenewer | None = None
         self.control = Control(
             config, self.store, self.outbox, self._capabilities, self._spawn, self._stopping
         )
@@ -105,9 +141,18 @@ class Agent:
     async def run(self) -> None:
         """Runs until `stop()`. Raises EdgefleetError when the agent cannot start (what to fix is in it)."""
         self.control.loop = asyncio.get_running_loop()
+        self._lock = _lock_state_dir(self.config)
         try:
-            connection = await connect(self.config, self.store, self.trust, self.capabilities)
+            connection = await self._unless_stopped(
+                connect(self.config, self.store, self.trust, self.capabilities)
+            )
+            if connection is None:
+                return  # stopped while enrolling or connecting
             self.control.connection = self.telemetry.connection = connection
+            self._renewer = CertificateRenewer(
+                self.config, pki.TlsFiles(self.store.folder / "tls"), connection
+            )
+            self._spawn(self._check_certificate())  # at start, without holding up local serving
             await self.supervisor.start_current_model()
             if self.config.socket_path or self.config.local_port:
                 self._local = await start_local_service(self, self.config.socket_path, self.config.local_port)
@@ -121,6 +166,9 @@ class Agent:
             self._scheduler.add_job(
                 self.telemetry.collect, "interval", seconds=self.config.telemetry_interval_s
             )
+            self._scheduler.add_job(
+                self._check_certificate, "interval", seconds=self.config.certificate_check_interval_s
+            )
             self._scheduler.start()
             self._spawn(self.telemetry.send())
             await self.control.run()
@@ -129,6 +177,30 @@ class Agent:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _check_certificate(self) -> None:
+        if self._renewer is None:
+            return
+        try:
+            await self._renewer.check()
+        except DeviceRevokedError:
+            pass  # the control stream meets the same refusal and stops the agent
+
+    async def _unless_stopped(self, work: Coroutine[Any, Any, T]) -> T | None:
+        """`work`'s result, or None once `stop()` is called first (then `work` is cancelled): a signal stops the
+        agent promptly in every state, the enrollment loop included."""
+        task = asyncio.ensure_future(work)
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
 
     async def _shutdown(self) -> None:
         if self._scheduler is not None and self._scheduler.running:
@@ -140,6 +212,8 @@ class Agent:
         await asyncio.to_thread(self.serving.stop)
         if self.control.connection is not None:
             await self.control.connection.close()
+        if self._lock is not None:
+            self._lock.release()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)

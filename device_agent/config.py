@@ -12,17 +12,19 @@ from pathlib import Path
 @dataclass(frozen=True)
 class AgentConfig:
     server: str = "127.0.0.1:7443"  # mutual TLS
-    enroll_server: str = ""  # "" = the server's host, port 7444 (server-authenticated TLS, Enroll only)
+    enroll_server: str = ""  # "" = the server's host, its port + 1 (server-authenticated TLS, Enroll only)
     ca_cert: Path | None = None  # the fleet CA certificate to pin at first start (from the server's data/ca/)
     insecure_plaintext: bool = False  # only for a server run as a plaintext local demo; never falls back
     state_dir: Path = Path("edgefleet-agent")
     name: str = "device"
     enroll_token: str = ""
     trust_root: Path | None = None  # root.json to pin at first start; later starts use the pinned copy
+    reset_trust_root: bool = False  # replace the pinned root with trust_root and clear the metadata cache
     runtime: str = ""  # "" = the default runtime installed here
     local_socket: str = ""  # "" = <state_dir>/agent.sock; "-" = no local gRPC service
     local_port: int = 0  # also serve local inference on 127.0.0.1:PORT when set
     telemetry_interval_s: float = 10.0
+    certificate_check_interval_s: float = 86_400.0  # and at start; the server says when renewal is due
     check_interval_s: float = 60.0
     probation_s: float = 5.0  # a new model is "healthy" after this long without errors
     backoff_initial_s: float = 0.5
@@ -43,7 +45,14 @@ class AgentConfig:
 
     @property
     def enroll_address(self) -> str:
-        return self.enroll_server or f"{self.server.rsplit(':', 1)[0]}:7444"
+        """Where to enroll: `enroll_server`, else the server's host on the port after its own (the server's
+        `--enroll-listen` default is its `--listen` port + 1 too, so the defaults meet at 7443 / 7444)."""
+        if self.enroll_server:
+            return self.enroll_server
+        host, _, port = self.server.rpartition(":")
+        if not host or not port.isdigit():
+            return f"{self.server}:7444"
+        return f"{host}:{int(port) + 1}"
 
     @property
     def socket_path(self) -> str:

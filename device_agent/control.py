@@ -22,7 +22,8 @@ import grpc
 
 from edgefleet import __version__, errors
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.connection import RETRYABLE, Backoff, Connection
+from edgefleet.agent.connection import Backoff, Connection, describe_failure, refused_as_revoked
+from edgefleet.agent.exits import DeviceRevokedError
 from edgefleet.agent.state import StateStore, now_ms
 from edgefleet.agent.telemetry import Outbox
 from edgefleet.convert import event_to_proto, ref_from_proto, status_to_proto
@@ -69,28 +70,47 @@ class Control:
     # ---- the stream ------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Keeps the control stream up until `stopping` is set."""
+        """Keeps the control stream up until `stopping` is set: one log line per change of state (connected,
+        lost, retrying in N s at ADDRESS), never a traceback for a server that is down. Raises
+        DeviceRevokedError when the server refuses this device as revoked (the agent must stop)."""
         backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        address = self.config.server
+        last_problem = ""
         while not self.stopping.is_set():
-            stream = self.spawn(self._run_stream(backoff))
+            stream = self.spawn(self._stream_attempt(backoff))
             stopper = self.spawn(self.stopping.wait())
             await asyncio.wait({stream, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
             if self.stopping.is_set():
                 stream.cancel()
                 break
-            self.connected = False
-            exc = stream.exception() if not stream.cancelled() else None
-            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in RETRYABLE:
-                log.error("server refused the control stream: %s %s", exc.code().name, exc.details())
-            elif exc is not None and not isinstance(exc, grpc.aio.AioRpcError):
-                log.error("control stream failed: %r", exc)
+            was_connected, self.connected = self.connected, False
+            exc = stream.result() if not stream.cancelled() else None
+            if refused_as_revoked(exc):
+                raise DeviceRevokedError(f"the server at {address} refused this device as revoked; stopping")
+            problem = describe_failure(exc)
+            if was_connected:
+                log.warning("connection to %s lost: %s", address, problem)
+            elif problem != last_problem:
+                log.warning("cannot reach the server at %s: %s", address, problem)
+            last_problem = "" if was_connected else problem
             delay = backoff.next()
-            log.info("control stream down; reconnecting in %.1f s", delay)
+            log.info("retrying in %.1f s at %s", delay, address)
             try:
                 await asyncio.wait_for(self.stopping.wait(), delay)
             except TimeoutError:
                 pass
+
+    async def _stream_attempt(self, backoff: Backoff) -> BaseException | None:
+        """One life of the control stream; how it ended is returned, not raised, so that an expected failure
+        (the server is down) is a log line of `run`, not a background task's traceback."""
+        try:
+            await self._run_stream(backoff)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # what ended the stream: reported by `run`
+            return e
+        return None
 
     async def _run_stream(self, backoff: Backoff) -> None:
         assert self.connection is not None
@@ -107,9 +127,11 @@ class Control:
                 yield self._stamped(await self.outbox.get_event())
 
         call = self.connection.stub.Connect(outgoing(), metadata=self.connection.metadata)
+        await call.initial_metadata()  # the server sends it once it has accepted the stream
+        if not call.done():
+            self._now_connected(backoff)
         async for message in call:
-            self.connected = True
-            backoff.reset()
+            self._now_connected(backoff)
             kind = message.WhichOneof("kind")
             if kind == "hello":
                 self._continue_from(message.hello.last_sequence)
@@ -121,6 +143,13 @@ class Control:
                 self.on_rollback(message.rollback.command_id, message.rollback.reason)
             await asyncio.sleep(0)
         # A stream the server ended cleanly still counts as down: reconnect.
+
+    def _now_connected(self, backoff: Backoff) -> None:
+        if not self.connected:
+            assert self.connection is not None
+            log.info("connected to %s as %s", self.config.server, self.connection.device_id)
+        self.connected = True
+        backoff.reset()
 
     async def periodic_check(self) -> None:
         """The fallback when the control stream missed something (or is down)."""

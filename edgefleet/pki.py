@@ -24,13 +24,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edgefleet.durable import write_atomic
+from edgefleet.durable import fsync_dir, write_atomic
 from edgefleet.errors import InvalidRequestError
 
 DEVICE = "device"
 OPERATOR = "operator"
 SERVER = "server"
 ROLES = (DEVICE, OPERATOR, SERVER)
+
+# Trailing metadata with which the server says why it refused a device, so the agent can tell "revoked, stop"
+# from "try again later" without parsing a message.
+REFUSAL_METADATA = "edgefleet-refusal"
+REFUSAL_REVOKED = "revoked"
 
 
 # Certificates start this long before they are issued, so a device whose clock is up to a year behind (no
@@ -229,3 +234,25 @@ class TlsFiles:
         write_atomic(self.ca, cert_pem(ca))
         write_atomic(self.cert, cert_pem(cert))
         write_atomic(self.key, key_pem(key), mode=0o600)
+
+    def _next(self, path: Path) -> Path:
+        return path.with_name(path.name + ".next")
+
+    def replace_key_and_cert(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+        """A renewal: the new pair is written whole (temp, fsync, rename) beside the old one first, then
+        moved in; `finish_replacement` completes a move a crash interrupted, so the key and the certificate
+        on disk always belong together."""
+        write_atomic(self._next(self.key), key_pem(key), mode=0o600)
+        write_atomic(self._next(self.cert), cert_pem(cert))
+        self.finish_replacement()
+
+    def finish_replacement(self) -> None:
+        """Moves a fully written pending pair into place (a no-op when there is none)."""
+        key_next, cert_next = self._next(self.key), self._next(self.cert)
+        if cert_next.exists():  # written last: both are complete
+            if key_next.exists():
+                key_next.replace(self.key)
+            cert_next.replace(self.cert)
+            fsync_dir(self.folder)
+        elif key_next.exists():  # the crash came before the certificate: the old pair still stands
+            key_next.unlink()

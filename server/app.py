@@ -7,6 +7,7 @@ operator token. Configuration is parsed at the edge (the CLI) into a frozen `Ser
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -22,7 +23,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edgefleet import pki, signing
 from edgefleet.durable import write_atomic
-from edgefleet.errors import InvalidRequestError
+from edgefleet.errors import ConflictError, InvalidRequestError
+from edgefleet.process_lock import LockHeldError, ProcessLock
 from edgefleet.runtime import default_runtime
 from edgefleet.server.auth import (
     Authenticator,
@@ -47,6 +49,9 @@ class ServerConfig:
     data_dir: Path = Path("edgefleet-data")
     listen: str = "127.0.0.1:7443"  # devices and operators, mutual TLS
     enroll_listen: str = "127.0.0.1:7444"  # Enroll only, server-authenticated TLS (devices have no cert yet)
+    reuse_port: bool = (
+        False  # SO_REUSEPORT: off, so a second server on the same port fails instead of sharing
+    )
     insecure_plaintext: bool = False  # a local demo without TLS: bearer tokens, one port, never in the field
     tls_names: tuple[str, ...] = ()  # extra DNS names / IPs for the server certificate
     device_cert_days: float = 365
@@ -77,6 +82,7 @@ class RunningServer:
     operator_token: str
     scheduler: AsyncIOScheduler
     health: health.aio.HealthServicer
+    lock: ProcessLock | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         # NOT_SERVING first, so load balancers and health checks move devices elsewhere before the cut.
@@ -84,6 +90,8 @@ class RunningServer:
         self.scheduler.shutdown(wait=False)
         await asyncio.gather(*(server.stop(grace) for server in self.servers))
         self.fleet.store.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 _SERVER_OPTIONS = [
@@ -127,6 +135,27 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _bind(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None, what: str
+) -> int:
+    """The port bound. Raises ConflictError saying which address could not be had (grpc reports it as 0 or a
+    RuntimeError, depending on its version)."""
+    try:
+        port = int(
+            server.add_insecure_port(address)
+            if credentials is None
+            else server.add_secure_port(address, credentials)
+        )
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise ConflictError(
+            f"cannot listen{what} on {address}: the port is in use (another server?) or the address is "
+            "not this machine's"
+        )
+    return port
+
+
 def _is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
@@ -138,6 +167,45 @@ def _is_ip(name: str) -> bool:
 async def start_server(config: ServerConfig) -> RunningServer:
     """Opens storage, checks keys and starts serving. Raises EdgefleetError subclasses with what to fix."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_data_dir(config.data_dir)
+    try:
+        running = await _start(config)
+    except BaseException:
+        lock.release()
+        raise
+    running.lock = lock
+    return running
+
+
+def _lock_data_dir(data_dir: Path) -> ProcessLock:
+    """One server per data folder: two would share one database and blob store behind each other's back.
+    Raises ConflictError naming the running server's pid."""
+    try:
+        return ProcessLock(data_dir / "server.lock").acquire()
+    except LockHeldError as e:
+        holder = f" (pid {e.pid})" if e.pid else ""
+        raise ConflictError(
+            f"another edgefleet server{holder} already uses the data folder {data_dir}; stop it first"
+        ) from e
+
+
+# What the server's extra installs that is imported only when first needed (a push that compresses):
+# checked at start so a partial install fails now, saying how to fix it, not at the first push.
+_LAZY_EXTRAS = {"ai_edge_quantizer": "ai-edge-quantizer", "flatbuffers": "flatbuffers", "psutil": "psutil"}
+
+
+def check_server_extras() -> None:
+    """Raises InvalidRequestError naming what is missing and the command that installs it."""
+    missing = [dist for module, dist in _LAZY_EXTRAS.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise InvalidRequestError(
+            f"the server's dependencies are not all installed (missing: {', '.join(missing)}): "
+            'pip install "edgefleet[server]"'
+        )
+
+
+async def _start(config: ServerConfig) -> RunningServer:
+    check_server_extras()
     _raise_fd_limit()
     for path, what in ((config.trust_root, "root.json"), (config.online_key, "online key")):
         if not path.exists():
@@ -185,7 +253,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
             interceptors=[AuthInterceptor(authenticator, policy)],
             # Control streams hold a slot each: leave room for everything else above them.
             maximum_concurrent_rpcs=config.max_connected_devices + config.rpc_headroom,
-            options=_SERVER_OPTIONS + limits,
+            options=[*_SERVER_OPTIONS, ("grpc.so_reuseport", int(config.reuse_port)), *limits],
         )
         device_pb2_grpc.add_DeviceServiceServicer_to_server(device_servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -199,7 +267,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     servers = [main]
     enroll_port = 0
     if config.insecure_plaintext:
-        port = main.add_insecure_port(config.listen)
+        port = _bind(main, config.listen, None, "")
         log.warning(
             "PLAINTEXT: this server is running WITHOUT TLS as a local demo (--insecure-plaintext). Anyone on the "
             "network can read and forge its traffic. Never run it like this in the field."
@@ -208,18 +276,18 @@ async def start_server(config: ServerConfig) -> RunningServer:
         assert server_files is not None
         key_cert = [(server_files.key.read_bytes(), server_files.cert.read_bytes())]
         ca_pem = server_files.ca.read_bytes()
-        port = main.add_secure_port(
+        port = _bind(
+            main,
             config.listen,
             grpc.ssl_server_credentials(key_cert, root_certificates=ca_pem, require_client_auth=True),
+            "",
         )
         # Devices without a certificate yet reach only Enroll, on a port of its own with small messages.
         enroller = new_server(enrollment_policy(), [("grpc.max_receive_message_length", 64 * 1024)])
-        enroll_port = enroller.add_secure_port(config.enroll_listen, grpc.ssl_server_credentials(key_cert))
-        servers.append(enroller)
-    if port == 0 or (not config.insecure_plaintext and enroll_port == 0):
-        raise InvalidRequestError(
-            f"cannot listen on {config.listen} / {config.enroll_listen}: is another server running?"
+        enroll_port = _bind(
+            enroller, config.enroll_listen, grpc.ssl_server_credentials(key_cert), " for enrollment"
         )
+        servers.append(enroller)
     for server in servers:
         await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -101,7 +101,7 @@ class Authenticator:
     def forget(self) -> None:
         self._cache.clear()
 
-    async def _device(self, key: str, by_token: bool) -> str | None:
+    async def _device(self, key: str, by_token: bool) -> tuple[str, bool] | None:
         now = time.monotonic()
         cached = self._cache.get((key, by_token))
         if cached is None or now - cached[0] > self._cache_seconds:
@@ -109,12 +109,11 @@ class Authenticator:
                 self._cache.clear()
             cached = (now, await self._device_status(key, by_token))
             self._cache[(key, by_token)] = cached
-        found = cached[1]
-        if found is None or found[1]:  # unknown or revoked
-            return None
-        return found[0]
+        return cached[1]
 
     async def resolve(self, context: grpc.aio.ServicerContext) -> Principal | None:
+        """The caller, or None when unknown. A revoked device is refused here, distinctly (UNAUTHENTICATED with
+        `edgefleet-refusal: revoked` in the trailing metadata), so its agent stops instead of retrying."""
         if self.tls:
             certs = (context.auth_context() or {}).get("x509_pem_cert") or []
             if not certs:
@@ -123,16 +122,29 @@ class Authenticator:
             if identity.role == OPERATOR:
                 return Principal(OPERATOR, identity.name)
             if identity.role == DEVICE:
-                device_id = await self._device(identity.name, False)
-                return Principal(DEVICE, device_id) if device_id else None
+                return await self._device_principal(context, identity.name, False)
             return None
         token = bearer(context.invocation_metadata())
         if not token:
             return None
         if hmac.compare_digest(token.encode(), self._operator_token.encode()):
             return Principal(OPERATOR, "operator")
-        device_id = await self._device(token, True)
-        return Principal(DEVICE, device_id) if device_id else None
+        return await self._device_principal(context, token, True)
+
+    async def _device_principal(
+        self, context: grpc.aio.ServicerContext, key: str, by_token: bool
+    ) -> Principal | None:
+        found = await self._device(key, by_token)
+        if found is None:
+            return None
+        device_id, revoked = found
+        if revoked:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this device was revoked by the fleet",
+                trailing_metadata=((pki.REFUSAL_METADATA, pki.REFUSAL_REVOKED),),
+            )
+        return Principal(DEVICE, device_id)
 
     async def checked(self, context: grpc.aio.ServicerContext) -> Principal | None:
         """`resolve`, with a database that is busy or down answered UNAVAILABLE (retryable)."""

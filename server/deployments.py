@@ -15,10 +15,17 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgefleet.errors import NotFoundError
-from edgefleet.selectors import parse_selector
+from edgefleet.errors import ConflictError, NotFoundError
+from edgefleet.selectors import Selector, parse_selector
 from edgefleet.server.repository import Repository
-from edgefleet.server.rules import pending_action, rollback_command_for
+from edgefleet.server.rules import (
+    ambiguous_name,
+    empty_deployment_refusal,
+    late_joiner_order,
+    pending_action,
+    rollback_command_for,
+    rollback_destination,
+)
 from edgefleet.server.storage.interfaces import FleetStore
 from edgefleet.server.storage.records import Deployment, DeviceRecord, ModelRecord, now_ms
 from edgefleet.server.streams import AssignmentPush, ControlStreams, RollbackPush
@@ -51,6 +58,22 @@ class RollbackResult:
     skipped: list[str] = field(default_factory=list)
 
 
+async def resolve_selector(store: FleetStore, selector: Selector) -> Selector:
+    """`device:X` names a device by id or, failing that, by name: the selector by id. Raises ConflictError
+    when the name is shared (listing the ids to use); an unknown X is left as it is (it reaches no device)."""
+    if selector.kind != "device":
+        return selector
+    try:
+        await asyncio.to_thread(store.get_device, selector.value)
+        return selector
+    except NotFoundError:
+        pass
+    named = await asyncio.to_thread(store.devices_named, selector.value)
+    if len(named) > 1:
+        raise ConflictError(ambiguous_name(selector.value, [d.id for d in named]))
+    return Selector("device", named[0].id) if named else selector
+
+
 class Deployments:
     def __init__(self, store: FleetStore, streams: ControlStreams, repository: Repository):
         self.store = store
@@ -58,9 +81,20 @@ class Deployments:
         self.repository = repository
 
     async def deploy(
-        self, name: str, version: str, selector_text: str, variant: str = ""
+        self,
+        name: str,
+        version: str,
+        selector_text: str,
+        variant: str = "",
+        *,
+        validate_only: bool = False,
+        allow_empty: bool = False,
     ) -> DeploymentStatus:
-        selector = parse_selector(selector_text)
+        """Points every device `selector_text` names at its variant of `name` `version` and tells the connected
+        ones. `validate_only` answers with the plan and writes nothing (the CLI asks before it signs).
+        Raises InvalidRequestError (selector), NotFoundError (model, version, variant) and ConflictError when
+        it reaches no device, unless `allow_empty` (a group whose devices enroll later)."""
+        selector = await resolve_selector(self.store, parse_selector(selector_text))
         variants = await self.repository.signed_variants(name, version)  # fails early, saying why
         if variant and variant not in {v.variant for v in variants}:
             known = ", ".join(sorted(v.variant for v in variants))
@@ -82,6 +116,16 @@ class Deployments:
                 choices.append(f"{device.name} ({device.id}): {chosen.variant}: {why}")
             else:
                 unassigned.append(f"{device.name} ({device.id}): {why}")
+        if not targets and not allow_empty:
+            raise ConflictError(empty_deployment_refusal(str(selector), unassigned))
+        if validate_only:
+            return DeploymentStatus(
+                dataclasses.replace(deployment, id=""),
+                targeted=len(targets),
+                pending=len(targets),
+                unassigned=unassigned,
+                choices=choices,
+            )
         rollback_command = rollback_command_for(deployment)
         await asyncio.to_thread(self.store.add_deployment, deployment, targets, rollback_command)
         status = DeploymentStatus(
@@ -104,17 +148,29 @@ class Deployments:
         )
         return status
 
-    async def rollback(self, selector_text: str, reason: str) -> RollbackResult:
-        """Each targeted device goes back to the model it ran before, from its own copy."""
-        selector = parse_selector(selector_text)
+    async def rollback(
+        self, selector_text: str, reason: str, *, validate_only: bool = False
+    ) -> RollbackResult:
+        """Each targeted device goes back to the model it ran before, from its own copy. `validate_only`
+        answers with the plan and writes nothing. Raises InvalidRequestError for a bad selector."""
+        selector = await resolve_selector(self.store, parse_selector(selector_text))
         result = RollbackResult("rb-" + secrets.token_hex(4))
         targets: dict[str, str] = {}
-        for device in await asyncio.to_thread(self.store.devices_matching, selector):
+        devices = await asyncio.to_thread(self.store.devices_matching, selector)
+        for device in devices:
             if device.previous is None:
                 result.skipped.append(f"{device.id}: has no previous model")
                 continue
             targets[device.id] = device.previous.target_path
-        deployment = Deployment(result.command_id, "", "", str(selector), now_ms(), "rollback", reason[:500])
+        if validate_only:
+            return dataclasses.replace(result, command_id="", targeted=len(targets))
+        # What the selector is sent back to, when that is one version: what a device joining it later gets.
+        model_name, version = rollback_destination(
+            [device.previous for device in devices if device.previous is not None]
+        )
+        deployment = Deployment(
+            result.command_id, model_name, version, str(selector), now_ms(), "rollback", reason[:500]
+        )
         await asyncio.to_thread(
             self.store.add_deployment, deployment, targets, rollback_command_for(deployment)
         )
@@ -140,24 +196,23 @@ class Deployments:
         return statuses
 
     async def point_new_device(self, device: DeviceRecord) -> None:
-        """A device that joins after a rollout started still gets it: the latest deployment (not rollback)
-        whose selector names it."""
-        for deployment in reversed(await asyncio.to_thread(self.store.list_deployments)):
-            if deployment.kind == "deploy" and parse_selector(deployment.selector).matches(
-                device.id, device.group
-            ):
-                variants = await self.repository.signed_variants(deployment.model_name, deployment.version)
-                target = choose_target(
-                    variants,
-                    _capabilities_dict(device.capabilities),
-                    list(device.bad_targets),
-                    deployment.variant,
-                )
-                if target:
-                    await asyncio.to_thread(
-                        self.store.add_deployment_target, deployment.id, device.id, target
-                    )
-                return
+        """A device that joins after a rollout started still gets it: what the newest deployment or rollback
+        whose selector names it last told that selector (`rules.late_joiner_order`)."""
+        deployments = await asyncio.to_thread(self.store.list_deployments)
+        deployment = late_joiner_order(
+            deployments, lambda d: parse_selector(d.selector).matches(device.id, device.group)
+        )
+        if deployment is None:
+            return
+        variants = await self.repository.signed_variants(deployment.model_name, deployment.version)
+        target = choose_target(
+            variants,
+            _capabilities_dict(device.capabilities),
+            list(device.bad_targets),
+            deployment.variant,
+        )
+        if target:
+            await asyncio.to_thread(self.store.add_deployment_target, deployment.id, device.id, target)
 
     async def push_pending(self, device_id: str) -> None:
         """Tells a connected device what it should do now, if anything."""

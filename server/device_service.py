@@ -80,6 +80,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     request.device_name,
                     convert.capabilities_from_proto(request.capabilities),
                     request.csr_pem,
+                    request.trust_root_sha256,
                 )
             except (UnsupportedAlgorithm, x509.InvalidVersion) as e:
                 # pki.load_csr_checked lets these through (a CSR naming an unknown curve or key type, or
@@ -95,6 +96,21 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 )
             return device_pb2.EnrollResponse(device_id=device.id, device_token=secret, group=device.group)
 
+    async def RenewCertificate(
+        self, request: device_pb2.RenewCertificateRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        async with status_for_errors(context):
+            principal = await self.auth.principal(context)
+            presented = (context.auth_context() or {}).get("x509_pem_cert") or []
+            if not presented:
+                raise errors.InvalidRequestError("renewal needs the mutual-TLS channel and its certificate")
+            certificate, renew_after_ms = await self.fleet.devices.renew_certificate(
+                principal.id, bytes(presented[0]), request.csr_pem
+            )
+            return device_pb2.RenewCertificateResponse(
+                renewed=bool(certificate), certificate_pem=certificate, renew_after_unix_ms=renew_after_ms
+            )
+
     async def Connect(self, request_iterator: AsyncIterator[device_pb2.DeviceMessage], context: Any) -> Any:
         principal = await self.auth.principal(context)
         device_id = principal.id
@@ -108,7 +124,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "the server has all the devices it can hold"
             )
         # First, where the device's sequence must continue: a device that lost its state is not ignored as
-        # stale, and one absurd number costs one round trip (edgefleet.v1.Hello).
+        # stale, and one absurd number costs one round trip (edgefleet.v1.Hello). Sent at once, it also tells
+        # the device that its stream is accepted.
         device = await self.fleet.devices.get(device_id)
         yield device_pb2.ServerMessage(hello=device_pb2.Hello(last_sequence=device.status_sequence))
         queue = streams.attach(device_id)

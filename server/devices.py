@@ -8,20 +8,31 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import hmac
 import logging
+import re
 import secrets
 
 from edgefleet import pki
-from edgefleet.errors import InvalidRequestError, NotFoundError
-from edgefleet.selectors import check_name, parse_selector
-from edgefleet.server.deployments import Deployments
+from edgefleet.errors import AccessDeniedError, ConflictError, InvalidRequestError, NotFoundError
+from edgefleet.selectors import Selector, check_name, parse_selector
+from edgefleet.server.deployments import Deployments, resolve_selector
 from edgefleet.server.repository import Repository
-from edgefleet.server.rules import CLOCK_SKEW_WARNING_MS, TOKEN_USED_UP, pending_rollback, token_refusal
+from edgefleet.server.rules import (
+    CLOCK_SKEW_WARNING_MS,
+    TOKEN_USED_UP,
+    certificate_renew_after_ms,
+    certificate_renewal_due,
+    pending_rollback,
+    token_refusal,
+)
 from edgefleet.server.storage.interfaces import FleetStore
 from edgefleet.server.storage.records import DeviceRecord, EventRecord, ModelRecord, now_ms
 from edgefleet.server.streams import ControlStreams
 from edgefleet.values import Capabilities, DeviceStatus, TelemetryReport, UpdateEvent
 
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 log = logging.getLogger("edgefleet.server")
 
 MAX_LISTED = 1000  # telemetry reports or events in one answer
@@ -64,15 +75,23 @@ class Devices:
         return token, expires
 
     async def enroll(
-        self, token: str, name: str, capabilities: Capabilities, csr_pem: bytes = b""
+        self,
+        token: str,
+        name: str,
+        capabilities: Capabilities,
+        csr_pem: bytes = b"",
+        trust_root_sha256: str = "",
     ) -> tuple[DeviceRecord, str, bytes]:
         """Consumes one use of the token; returns the device, its bearer secret (plaintext demo) and its
-        certificate (TLS: issued for the CSR's key, with the device id the server chose as its name)."""
+        certificate (TLS: issued for the CSR's key, with the device id the server chose as its name).
+        Raises ConflictError, before the token is spent, when the device holds another fleet's root.json."""
         check_name("device name", name)
         if self.ca is not None and not csr_pem:
             raise InvalidRequestError("enrollment needs a certificate signing request (csr_pem)")
         if self.ca is not None:
             pki.load_csr_checked(csr_pem)  # refuse a bad CSR before the token is spent
+        if trust_root_sha256:
+            await self._check_trust_root(trust_root_sha256)
         now = now_ms()
         found = await asyncio.to_thread(self.store.enrollment_token, token)
         refusal = token_refusal(found, now)
@@ -94,11 +113,52 @@ class Devices:
         log.info("enrolled %s (%s) in group %s", device.id, name, device.group)
         return device, secret, certificate
 
-    async def revoke(self, device_id: str) -> None:
-        await self.get(device_id)
+    async def renew_certificate(
+        self, device_id: str, presented_pem: bytes, csr_pem: bytes
+    ) -> tuple[bytes, int]:
+        """A new certificate for the CSR's key when the presented one is due (`rules.certificate_renewal_due`):
+        (certificate PEM, 0), or (b"", when it becomes due). The caller has been authenticated with
+        `presented_pem` as `device_id`; a revoked device never gets here (the gate refuses it) and is refused
+        again here. Raises InvalidRequestError for a bad CSR, AccessDeniedError for a revoked device."""
+        if self.ca is None:
+            raise InvalidRequestError("this server runs without TLS: there is no certificate to renew")
+        device = await self.get(device_id)
+        if device.revoked:
+            raise AccessDeniedError("this device was revoked by the fleet")
+        presented = pki.load_cert(presented_pem)
+        if pki.identity_of(presented_pem).name != device.id:
+            raise AccessDeniedError("the certificate presented is not this device's")
+        not_after_ms = int(presented.not_valid_after_utc.timestamp() * 1000)
+        lifetime_ms = int(self.device_cert_days * 86_400_000)
+        if not certificate_renewal_due(not_after_ms, now_ms(), lifetime_ms):
+            return b"", certificate_renew_after_ms(not_after_ms, lifetime_ms)
+        certificate = pki.cert_pem(self.ca.sign_csr(csr_pem, device.id, pki.DEVICE, self.device_cert_days))
+        log.info("renewed the certificate of %s (%s)", device.id, device.name)
+        return certificate, 0
+
+    async def _check_trust_root(self, digest: str) -> None:
+        """A device pinned to a root that is not one of this fleet's root.json versions could never verify an
+        update: refuse it while its token can still be used with the right file."""
+        if not _SHA256_HEX.fullmatch(digest):
+            raise InvalidRequestError("trust_root_sha256 must be 64 hex digits")
+        versions = await asyncio.to_thread(self.store.repo_versions)
+        for version in range(versions.root, 0, -1):
+            root = await asyncio.to_thread(self.store.get_metadata, f"{version}.root")
+            if hmac.compare_digest(hashlib.sha256(root).hexdigest(), digest.lower()):
+                return
+        raise ConflictError(
+            f"the device's trust root (sha256 {digest[:16]}...) is not this fleet's root.json: start the agent "
+            "with the root.json this server was set up with (--trust-root); the enrollment token was not used"
+        )
+
+    async def revoke(self, device: str) -> str:
+        """Revokes the device `device` names (id or name); returns its id. NotFoundError / ConflictError as
+        `resolve`."""
+        device_id = await self.resolve(device)
         await asyncio.to_thread(self.store.set_revoked, device_id)
         self.streams.disconnect(device_id, "credentials revoked")  # ends its control stream now
         log.warning("revoked device %s", device_id)
+        return device_id
 
     async def device_status(self, key: str, by_token: bool) -> tuple[str, bool] | None:
         """(device id, revoked) for a device id or bearer token; None when unknown."""
@@ -203,11 +263,21 @@ class Devices:
     async def list_devices(self, selector_text: str = "") -> list[DeviceRecord]:
         if not selector_text:
             return await asyncio.to_thread(self.store.list_devices)
-        return await asyncio.to_thread(self.store.devices_matching, parse_selector(selector_text))
+        selector = await resolve_selector(self.store, parse_selector(selector_text))
+        return await asyncio.to_thread(self.store.devices_matching, selector)
 
-    async def telemetry(self, device_id: str, limit: int) -> list[TelemetryReport]:
-        await self.get(device_id)  # NOT_FOUND for unknown devices
+    async def resolve(self, id_or_name: str) -> str:
+        """The id of the device `id_or_name` names (its id, or its name when no id matches). Raises
+        NotFoundError for no such device, ConflictError for a name several devices share."""
+        selector = await resolve_selector(self.store, Selector("device", id_or_name))
+        return (await self.get(selector.value)).id
+
+    async def telemetry(self, device: str, limit: int) -> list[TelemetryReport]:
+        """`device` is an id or a name; NotFoundError when it names no device."""
+        device_id = await self.resolve(device)
         return await asyncio.to_thread(self.store.list_telemetry, device_id, max(1, min(limit, MAX_LISTED)))
 
-    async def events(self, device_id: str, limit: int) -> list[EventRecord]:
+    async def events(self, device: str, limit: int) -> list[EventRecord]:
+        """Every device's events for "", else one device's by id or name (NotFoundError, as `telemetry`)."""
+        device_id = await self.resolve(device) if device else ""
         return await asyncio.to_thread(self.store.list_events, device_id, max(1, min(limit, MAX_LISTED)))

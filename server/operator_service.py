@@ -131,6 +131,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
                     yield message.chunk
 
             repository = self.fleet.repository
+            already = any(m.version == header.version for m in await repository.list_models(header.name))
             records = await repository.upload_model(
                 header.name,
                 header.version,
@@ -150,6 +151,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
                 outputs=[operator_pb2.TensorSpec(**t) for t in original.signature["outputs"]],
                 validated_with=repository.validate_runtime,
                 variants=[variant_info(r) for r in records],
+                already_pushed=already,
             )
 
     async def GetSignedMetadata(self, request: Any, context: Any) -> Any:
@@ -181,7 +183,12 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             check_name("version", request.version)
             check_name("variant", request.variant, optional=True)
             status = await self.fleet.deployments.deploy(
-                request.model_name, request.version, request.selector, request.variant
+                request.model_name,
+                request.version,
+                request.selector,
+                request.variant,
+                validate_only=request.validate_only,
+                allow_empty=request.allow_empty,
             )
             return operator_pb2.CreateDeploymentResponse(deployment=deployment_info(status))
 
@@ -192,7 +199,9 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
 
     async def RollbackDevices(self, request: Any, context: Any) -> Any:
         async with status_for_errors(context):
-            result = await self.fleet.deployments.rollback(request.selector, request.reason or OPERATOR_ORDER)
+            result = await self.fleet.deployments.rollback(
+                request.selector, request.reason or OPERATOR_ORDER, validate_only=request.validate_only
+            )
             return operator_pb2.RollbackDevicesResponse(
                 command_id=result.command_id,
                 devices_targeted=result.targeted,

@@ -11,6 +11,7 @@ The server holds only the online key: it can refresh snapshot and timestamp but 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -90,6 +91,15 @@ def _with_inline_golden(details: dict[str, Any]) -> dict[str, Any]:
             "golden data inside signed metadata; models with camera-sized inputs are not supported yet"
         )
     return details
+
+
+def pushed_with(eval_npz: bytes, calibration_npz: bytes, tolerance_points: float) -> dict[str, Any]:
+    """What besides the model's bytes decides a version's variants: a re-push must bring the same."""
+    return {
+        "eval_sha256": hashlib.sha256(eval_npz).hexdigest() if eval_npz else "",
+        "calibration_sha256": hashlib.sha256(calibration_npz).hexdigest() if calibration_npz else "",
+        "tolerance_points": float(tolerance_points),
+    }
 
 
 class Repository:
@@ -216,16 +226,26 @@ class Repository:
             raise InvalidRequestError("header sha256 must be 64 lowercase hex digits")
         if not (0 < tolerance_points <= 100):
             raise InvalidRequestError("tolerance_points must be in (0, 100]")
-        existing = [m for m in await self.list_models(name) if m.version == version]
+        inputs = pushed_with(eval_npz, calibration_npz, tolerance_points)
+        existing = sorted(
+            (m for m in await self.list_models(name) if m.version == version),
+            key=lambda m: m.variant != ORIGINAL_VARIANT,
+        )
         if existing:
             if existing[0].sha256 != sha256:
                 raise ConflictError(
-                    f"{name} {version} already exists with other content; versions are immutable, use a new version"
+                    f"{name} {version} already exists with other content; versions are immutable: push a new version"
                 )
-            # Re-pushing the same bytes (e.g. after a failed signing step) is fine: nothing is redone.
+            # Records from before this was kept say nothing about their inputs: taken as the same.
+            if existing[0].details.get("pushed_with", inputs) != inputs:
+                raise ConflictError(
+                    f"{name} {version} was pushed with another eval set, calibration set or tolerance; versions "
+                    "are immutable: push a new version"
+                )
+            # Re-pushing the same bytes with the same inputs (e.g. after a failed signing step) changes nothing.
             async for _ in chunks:
                 pass
-            return sorted(existing, key=lambda m: m.variant != ORIGINAL_VARIANT)
+            return existing
         writer = self.blobs.begin_write()
         try:
             async for chunk in chunks:
@@ -242,6 +262,7 @@ class Repository:
         records = await asyncio.to_thread(
             self._describe, name, version, content, eval_npz, calibration_npz, tolerance_points
         )
+        records[0].details["pushed_with"] = inputs  # what a re-push of this version is compared with
         for record in records:
             try:
                 await asyncio.to_thread(self.store.add_model, record)

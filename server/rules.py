@@ -5,7 +5,10 @@ order means for the devices it targets, and what a device should be told to do n
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from edgefleet.server.storage.records import Deployment, DeviceRecord, EnrollmentToken
+from edgefleet.values import ModelRef
 
 TOKEN_REFUSED = "enrollment token is unknown, used up or expired; ask for a new one"
 TOKEN_USED_UP = "enrollment token is used up; ask for a new one"
@@ -18,6 +21,49 @@ def token_refusal(token: EnrollmentToken | None, now_ms: int) -> str:
     if token is None or token.uses_left <= 0 or token.expires_ms < now_ms:
         return TOKEN_REFUSED
     return ""
+
+
+def ambiguous_name(name: str, device_ids: list[str]) -> str:
+    """Why a device name that several devices share cannot stand for one of them."""
+    return f"{len(device_ids)} devices are named {name!r}: use one of their ids ({', '.join(device_ids)})"
+
+
+def empty_deployment_refusal(selector: str, unassigned: list[str]) -> str:
+    """Why a deployment that would reach no device is refused (the operator may pass allow_empty)."""
+    why = f": {'; '.join(unassigned[:5])}" if unassigned else " (no device matches it)"
+    return (
+        f"{selector} reaches no device{why}; check the selector, or allow an empty deployment "
+        "(--allow-empty) for devices that enroll later"
+    )
+
+
+def rollback_destination(previous: Sequence[ModelRef]) -> tuple[str, str]:
+    """The one (model, version) a rollback sends its devices back to, or ("", "") when they go back to
+    different versions (or none): only a single version can be what the selector was told."""
+    versions = {(ref.model_name, ref.version) for ref in previous if ref.model_name and ref.version}
+    return next(iter(versions)) if len(versions) == 1 else ("", "")
+
+
+def late_joiner_order(
+    deployments: Sequence[Deployment], names_it: Callable[[Deployment], bool]
+) -> Deployment | None:
+    """What a device enrolling now gets: what its selector was last told, deploy or rollback (`deployments`
+    oldest first; `names_it(d)` says whether d's selector names the device). None when nothing, or when the
+    last order was a rollback to mixed versions (there is no one version to give)."""
+    for deployment in reversed(deployments):
+        if names_it(deployment):
+            return deployment if deployment.model_name and deployment.version else None
+    return None
+
+
+def certificate_renew_after_ms(not_after_ms: int, lifetime_ms: int) -> int:
+    """When a device certificate becomes due for renewal: with a third of the policy's lifetime left, so a
+    device that checks daily renews well before expiry and a fleet left alone never expires at once."""
+    return not_after_ms - lifetime_ms // 3
+
+
+def certificate_renewal_due(not_after_ms: int, now_ms: int, lifetime_ms: int) -> bool:
+    return now_ms >= certificate_renew_after_ms(not_after_ms, lifetime_ms)
 
 
 def rollback_command_for(deployment: Deployment) -> str:

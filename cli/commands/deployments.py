@@ -13,18 +13,27 @@ from edgefleet.v1 import operator_pb2
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
+    """Asks the server to check the whole deployment first (selector, model, version, variant, that it reaches
+    a device), then signs what it needs, then creates it: a command that fails leaves no signed trace."""
     op = Operator(args)
+    request = operator_pb2.CreateDeploymentRequest(
+        model_name=args.name,
+        version=args.version,
+        selector=args.to,
+        variant=args.variant,
+        allow_empty=args.allow_empty,
+    )
+    plan = op.call("CreateDeployment", _validate_only(request)).deployment
+    if plan.devices_targeted == 0 and not args.json:
+        print(
+            f"{args.to} reaches no device yet: devices that enroll into it later get {args.name} {args.version}"
+        )
     signed = authorize_rollback(op, targets_signer(args), {(args.name, args.version)})
     if signed and not args.json:
         print(
             f"{args.name} {args.version} is older than the newest version: signed the permission to go back to it"
         )
-    reply = op.call(
-        "CreateDeployment",
-        operator_pb2.CreateDeploymentRequest(
-            model_name=args.name, version=args.version, selector=args.to, variant=args.variant
-        ),
-    )
+    reply = op.call("CreateDeployment", request)
     d = reply.deployment
     if args.json:
         print_json(_deployment_row(d))
@@ -37,6 +46,13 @@ def cmd_deploy(args: argparse.Namespace) -> None:
         print(f"  {escape(line)}")
     for line in d.unassigned:
         print(f"  not assigned: {escape(line)}")
+
+
+def _validate_only(request: Any) -> Any:
+    checked = type(request)()
+    checked.CopyFrom(request)
+    checked.validate_only = True
+    return checked
 
 
 def _deployment_row(d: Any) -> dict[str, Any]:
@@ -107,14 +123,16 @@ def cmd_deployments(args: argparse.Namespace) -> None:
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
+    """Checked by the server first, then signed, then ordered (see `cmd_deploy`)."""
     op = Operator(args)
-    # Devices go back only with an operator's signature: sign it for the models they would go back to.
-    devices = op.call("ListDevices", operator_pb2.ListDevicesRequest(selector=args.to)).devices
-    previous = {(d.previous.model_name, d.previous.version) for d in devices if d.previous.target_path}
-    authorize_rollback(op, targets_signer(args), previous)
-    reply = op.call(
-        "RollbackDevices", operator_pb2.RollbackDevicesRequest(selector=args.to, reason=args.reason)
-    )
+    request = operator_pb2.RollbackDevicesRequest(selector=args.to, reason=args.reason)
+    plan = op.call("RollbackDevices", _validate_only(request))
+    if plan.devices_targeted:
+        # Devices go back only with an operator's signature: sign it for the models they would go back to.
+        devices = op.call("ListDevices", operator_pb2.ListDevicesRequest(selector=args.to)).devices
+        previous = {(d.previous.model_name, d.previous.version) for d in devices if d.previous.target_path}
+        authorize_rollback(op, targets_signer(args), previous)
+    reply = op.call("RollbackDevices", request)
     result = {
         "command_id": reply.command_id,
         "targeted": reply.devices_targeted,

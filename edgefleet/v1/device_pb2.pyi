@@ -27,10 +27,15 @@ class EnrollRequest(_message.Message):
     DEVICE_NAME_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     CSR_PEM_FIELD_NUMBER: _builtins.int
+    TRUST_ROOT_SHA256_FIELD_NUMBER: _builtins.int
     enrollment_token: _builtins.str
     device_name: _builtins.str
     csr_pem: _builtins.bytes
     """the device's own key stays on the device; the server signs this request"""
+    trust_root_sha256: _builtins.str
+    """sha256 (hex) of the root.json the device was given: the server refuses, before the token is spent, a
+    device that would pin a root that is not one of this fleet's ("" = not checked, an older agent).
+    """
     @_builtins.property
     def capabilities(self) -> _common_pb2.Capabilities: ...
     def __init__(
@@ -40,10 +45,11 @@ class EnrollRequest(_message.Message):
         device_name: _builtins.str = ...,
         capabilities: _common_pb2.Capabilities | None = ...,
         csr_pem: _builtins.bytes = ...,
+        trust_root_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "csr_pem", b"csr_pem", "device_name", b"device_name", "enrollment_token", b"enrollment_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "csr_pem", b"csr_pem", "device_name", b"device_name", "enrollment_token", b"enrollment_token", "trust_root_sha256", b"trust_root_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -494,3 +500,50 @@ class DownloadModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DownloadModelResponse: _TypeAlias = DownloadModelResponse  # noqa: Y015
+
+@_typing.final
+class RenewCertificateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CSR_PEM_FIELD_NUMBER: _builtins.int
+    csr_pem: _builtins.bytes
+    """for a key the device generated just now; it never leaves the device"""
+    def __init__(
+        self,
+        *,
+        csr_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr_pem", b"csr_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewCertificateRequest: _TypeAlias = RenewCertificateRequest  # noqa: Y015
+
+@_typing.final
+class RenewCertificateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RENEWED_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    RENEW_AFTER_UNIX_MS_FIELD_NUMBER: _builtins.int
+    renewed: _builtins.bool
+    certificate_pem: _builtins.bytes
+    """when renewed: for the CSR's key, the same device id"""
+    renew_after_unix_ms: _builtins.int
+    """when not renewed: when the certificate becomes due"""
+    def __init__(
+        self,
+        *,
+        renewed: _builtins.bool = ...,
+        certificate_pem: _builtins.bytes = ...,
+        renew_after_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "renew_after_unix_ms", b"renew_after_unix_ms", "renewed", b"renewed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewCertificateResponse: _TypeAlias = RenewCertificateResponse  # noqa: Y015

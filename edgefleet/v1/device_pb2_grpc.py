@@ -65,6 +65,11 @@ class DeviceServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_device__pb2.ReportTelemetryRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_device__pb2.ReportTelemetryResponse.FromString,
                 _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/edgefleet.v1.DeviceService/RenewCertificate',
+                request_serializer=edgefleet_dot_v1_dot_device__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_device__pb2.RenewCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer:
@@ -114,6 +119,14 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewCertificate(self, request, context):
+        """A new certificate for a new key (the device's CSR), on the mutual-TLS port with the current one, when
+        the server's policy says it is due; revocation still holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +159,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.ReportTelemetry,
                     request_deserializer=edgefleet_dot_v1_dot_device__pb2.ReportTelemetryRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_device__pb2.ReportTelemetryResponse.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=edgefleet_dot_v1_dot_device__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_device__pb2.RenewCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +329,33 @@ class DeviceService:
             '/edgefleet.v1.DeviceService/ReportTelemetry',
             edgefleet_dot_v1_dot_device__pb2.ReportTelemetryRequest.SerializeToString,
             edgefleet_dot_v1_dot_device__pb2.ReportTelemetryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.DeviceService/RenewCertificate',
+            edgefleet_dot_v1_dot_device__pb2.RenewCertificateRequest.SerializeToString,
+            edgefleet_dot_v1_dot_device__pb2.RenewCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

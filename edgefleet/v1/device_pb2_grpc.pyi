@@ -47,6 +47,10 @@ class DeviceServiceStub:
     """Health and inference telemetry. Rate-limited per device: RESOURCE_EXHAUSTED carries a
     "retry-after-ms" trailer.
     """
+    RenewCertificate: _grpc.UnaryUnaryMultiCallable[_device_pb2.RenewCertificateRequest, _device_pb2.RenewCertificateResponse]
+    """A new certificate for a new key (the device's CSR), on the mutual-TLS port with the current one, when
+    the server's policy says it is due; revocation still holds.
+    """
 
 @_typing.type_check_only
 class DeviceServiceAsyncStub(DeviceServiceStub):
@@ -66,6 +70,10 @@ class DeviceServiceAsyncStub(DeviceServiceStub):
     ReportTelemetry: _aio.UnaryUnaryMultiCallable[_device_pb2.ReportTelemetryRequest, _device_pb2.ReportTelemetryResponse]  # type: ignore[assignment]
     """Health and inference telemetry. Rate-limited per device: RESOURCE_EXHAUSTED carries a
     "retry-after-ms" trailer.
+    """
+    RenewCertificate: _aio.UnaryUnaryMultiCallable[_device_pb2.RenewCertificateRequest, _device_pb2.RenewCertificateResponse]  # type: ignore[assignment]
+    """A new certificate for a new key (the device's CSR), on the mutual-TLS port with the current one, when
+    the server's policy says it is due; revocation still holds.
     """
 
 class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -119,6 +127,16 @@ class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_device_pb2.ReportTelemetryResponse, _abc.Awaitable[_device_pb2.ReportTelemetryResponse]]:
         """Health and inference telemetry. Rate-limited per device: RESOURCE_EXHAUSTED carries a
         "retry-after-ms" trailer.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewCertificate(
+        self,
+        request: _device_pb2.RenewCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_device_pb2.RenewCertificateResponse, _abc.Awaitable[_device_pb2.RenewCertificateResponse]]:
+        """A new certificate for a new key (the device's CSR), on the mutual-TLS port with the current one, when
+        the server's policy says it is due; revocation still holds.
         """
 
 def add_DeviceServiceServicer_to_server(servicer: DeviceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -205,11 +205,14 @@ class UploadModelResponse(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     VALIDATED_WITH_FIELD_NUMBER: _builtins.int
     VARIANTS_FIELD_NUMBER: _builtins.int
+    ALREADY_PUSHED_FIELD_NUMBER: _builtins.int
     target_path: _builtins.str
     sha256: _builtins.str
     length: _builtins.int
     validated_with: _builtins.str
     """runtime that loaded it on the server"""
+    already_pushed: _builtins.bool
+    """the same bytes and inputs were pushed before: nothing changed"""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
@@ -226,10 +229,11 @@ class UploadModelResponse(_message.Message):
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         validated_with: _builtins.str = ...,
         variants: _abc.Iterable[Global___VariantInfo] | None = ...,
+        already_pushed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "length", b"length", "outputs", b"outputs", "sha256", b"sha256", "target_path", b"target_path", "validated_with", b"validated_with", "variants", b"variants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_pushed", b"already_pushed", "inputs", b"inputs", "length", b"length", "outputs", b"outputs", "sha256", b"sha256", "target_path", b"target_path", "validated_with", b"validated_with", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -443,12 +447,18 @@ class CreateDeploymentRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     SELECTOR_FIELD_NUMBER: _builtins.int
     VARIANT_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    ALLOW_EMPTY_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     version: _builtins.str
     selector: _builtins.str
     """"all", "group:NAME" or "device:ID" """
     variant: _builtins.str
     """optional: pin one variant instead of the per-device choice"""
+    validate_only: _builtins.bool
+    """check everything and answer with the plan; write nothing, tell no device"""
+    allow_empty: _builtins.bool
+    """record it even when it reaches no device yet (devices enrolling later get it)"""
     def __init__(
         self,
         *,
@@ -456,10 +466,12 @@ class CreateDeploymentRequest(_message.Message):
         version: _builtins.str = ...,
         selector: _builtins.str = ...,
         variant: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
+        allow_empty: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "selector", b"selector", "variant", b"variant", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_empty", b"allow_empty", "model_name", b"model_name", "selector", b"selector", "validate_only", b"validate_only", "variant", b"variant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -598,17 +610,21 @@ class RollbackDevicesRequest(_message.Message):
 
     SELECTOR_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     selector: _builtins.str
     reason: _builtins.str
+    validate_only: _builtins.bool
+    """check the selector and answer with the plan; write nothing, tell no device"""
     def __init__(
         self,
         *,
         selector: _builtins.str = ...,
         reason: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "selector", b"selector", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

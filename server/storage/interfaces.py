@@ -60,6 +60,10 @@ class FleetStore(abc.ABC):
         """Ordered by name, then id."""
 
     @abc.abstractmethod
+    def devices_named(self, name: str) -> list[DeviceRecord]:
+        """The devices enrolled under `name` (names are not unique), ordered by id."""
+
+    @abc.abstractmethod
     def devices_matching(self, selector: Selector) -> list[DeviceRecord]:
         """The devices `selector` names, ordered as `list_devices`, read by a query rather than a scan."""
 

@@ -92,6 +92,10 @@ class MemoryFleetStore(FleetStore):
     def list_devices(self) -> list[DeviceRecord]:
         return self.devices_matching(Selector("all"))
 
+    def devices_named(self, name: str) -> list[DeviceRecord]:
+        with self._lock:
+            return [_copy(d) for d in sorted(self._devices.values(), key=lambda d: d.id) if d.name == name]
+
     def devices_matching(self, selector: Selector) -> list[DeviceRecord]:
         with self._lock:
             if selector.kind == "device":

@@ -142,6 +142,11 @@ class SqlFleetStore(FleetStore):
     def list_devices(self) -> list[DeviceRecord]:
         return self._devices(sa.true())
 
+    def devices_named(self, name: str) -> list[DeviceRecord]:
+        query = sa.select(t.devices).where(t.devices.c.name == name).order_by(t.devices.c.id)
+        with self._tx() as conn:
+            return [rows.to_device(r) for r in conn.execute(query)]
+
     def devices_matching(self, selector: Selector) -> list[DeviceRecord]:
         if selector.kind == "group":
             return self._devices(t.devices.c.group_name == selector.value)

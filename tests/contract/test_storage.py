@@ -195,6 +195,16 @@ def test_stage_touch_and_revocation_are_recorded(store: FleetStore) -> None:
         store.set_revoked("dev-nope")
 
 
+def test_devices_are_found_by_name_and_a_name_may_be_shared(store: FleetStore) -> None:
+    for device_id, name in (("dev-b", "cam"), ("dev-a", "cam"), ("dev-c", "door")):
+        token = f"enr_{next(_serial)}"
+        store.add_enrollment_token(token, "g", 1, now_ms() + 60_000)
+        assert store.enroll_device(token, now_ms(), DeviceRecord(device_id, name, "g", now_ms()), token)
+    assert [d.id for d in store.devices_named("cam")] == ["dev-a", "dev-b"]
+    assert [d.id for d in store.devices_named("door")] == ["dev-c"]
+    assert store.devices_named("nobody") == []
+
+
 def test_a_rollback_order_is_cleared_only_by_its_own_command(store: FleetStore) -> None:
     device, _ = _enroll(store, "cam")
     store.add_deployment(

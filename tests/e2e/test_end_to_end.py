@@ -70,7 +70,7 @@ def test_push_deploy_hot_swap_rollback_with_no_failed_inference(
 
 def test_device_enrolling_after_deploy_gets_the_version(fleet: LocalFleet, digits_files: dict) -> None:
     fleet.cli("model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "1")
-    fleet.cli("deploy", "digits", "1", "--to", "all")
+    fleet.cli("deploy", "digits", "1", "--to", "all", "--allow-empty")  # before any device enrolls
     late = fleet.start_agent("late", fleet.enrollment_token())
     fleet.wait_running(late, V1)
 

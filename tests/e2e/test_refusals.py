@@ -105,7 +105,10 @@ def test_device_pinned_to_another_root_refuses_this_servers_models(
     fleet: LocalFleet, digits_files: dict, tmp_path: Path
 ) -> None:
     other = signing.init_keys(tmp_path / "other-fleet")
-    agent = fleet.start_agent("stranger", fleet.enrollment_token(), "--trust-root", str(other.trust_root))
+    # Enrollment refuses another fleet's root (tests/e2e/test_trust_root.py); a device re-pinned to one
+    # after enrolling must still refuse this server's models.
+    fleet.start_agent("stranger", fleet.enrollment_token()).stop()
+    agent = fleet.start_agent("stranger", "", "--trust-root", str(other.trust_root), "--reset-trust-root")
     fleet.cli("model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "1")
     fleet.cli("deploy", "digits", "1", "--to", "all")
     _failed_with(fleet, agent, V1, "signed metadata refused")

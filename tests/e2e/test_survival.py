@@ -17,6 +17,7 @@ import numpy as np
 import psutil
 import pytest
 
+from edgefleet.agent.exits import EXIT_REVOKED
 from edgefleet.cli.client import CliError
 from edgefleet.devtools.faultproxy import FaultProxy
 from edgefleet.devtools.localfleet import AgentProcess, InferenceLoad, LocalClient, LocalFleet, wait_for
@@ -140,7 +141,10 @@ def test_new_model_failing_after_the_swap_goes_back_and_is_marked_bad_without_lo
     assert _serves(agent) == V1
     # No loop: v2 is not tried again although the deployment still names it.
     activations = len([e for e in _events(fleet, agent) if e["target"] == V2 and e["stage"] == "activated"])
-    fleet.cli("deploy", "digits", "2", "--to", "all")  # even when pushed at it again
+    with pytest.raises(CliError) as refused:  # a deployment only the bad version would be is refused...
+        fleet.cli("deploy", "digits", "2", "--to", "all")
+    assert "refused it before" in str(refused.value)
+    fleet.cli("deploy", "digits", "2", "--to", "all", "--allow-empty")  # ...and when forced, not looped on
     time.sleep(6)  # longer than the agent's periodic check: time enough to loop, if it would
     assert (
         len([e for e in _events(fleet, agent) if e["target"] == V2 and e["stage"] == "activated"])
@@ -290,8 +294,10 @@ def test_device_with_revoked_credentials_is_cut_off(fleet: LocalFleet, digits_fi
     agent = _v1_running(fleet, digits_files)
     fleet.cli("revoke", agent.device_id())
     wait_for(lambda: not fleet.device(agent)["connected"], 20, "the revoked device to be disconnected")
-    wait_for(lambda: "UNAUTHENTICATED" in agent.log(), 30, "the agent to be refused")
-    assert _serves(agent) == V1  # local inference keeps working; only the fleet link is closed
+    # A revoked device stops (exit 77, which its service manager does not restart): it has no fleet to serve.
+    wait_for(lambda: agent.process.poll() is not None, 30, "the revoked agent to stop")
+    assert agent.process.returncode == EXIT_REVOKED
+    assert "refused this device as revoked" in agent.log()
 
 
 def test_model_worker_killed_after_probation_is_restarted_and_serving_resumes(

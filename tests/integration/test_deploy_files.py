@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 import edgefleet.agent
+from edgefleet.agent.exits import EXIT_CONFIG_CANNOT_WORK, EXIT_REVOKED  # after these, a restart cannot help
 from edgefleet.devtools.localfleet import LocalFleet
 from edgefleet.devtools.modelgen import DigitsData
 from edgefleet.devtools.seccomp import libseccomp
@@ -37,9 +38,6 @@ DEPLOY = ROOT / "deploy"
 SYSTEMD = DEPLOY / "systemd"
 CONTAINER = DEPLOY / "container"
 UNITS = ("edgefleet-agent.service", "edgefleet-server.service")
-# The agent's exit codes after which a restart cannot help (edgefleet.agent.__main__).
-EXIT_REVOKED = 77
-EXIT_CONFIG_CANNOT_WORK = 78
 
 
 def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:

@@ -102,6 +102,9 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
             ),
         ],
         "/edgefleet.v1.DeviceService/GetAssignment": [device_pb2.GetAssignmentRequest()],
+        "/edgefleet.v1.DeviceService/RenewCertificate": [
+            device_pb2.RenewCertificateRequest(csr_pem=pki.make_csr(pki.new_key(), "fuzz-cam"))
+        ],
         "/edgefleet.v1.DeviceService/GetMetadata": [device_pb2.GetMetadataRequest(name="root")],
         "/edgefleet.v1.DeviceService/DownloadModel": [
             device_pb2.DownloadModelRequest(target_path=model.target_path, offset=1)

@@ -61,3 +61,34 @@ def test_write_atomic_replaces_whole_files_only(tmp_path) -> None:
         write_atomic(path, chunks())
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+# ---- what a late joiner gets (server.rules) ---------------------------------------------------------------
+
+
+def test_late_joiner_gets_what_its_selector_was_last_told_even_a_rollback() -> None:
+    from edgefleet.server.rules import late_joiner_order
+    from edgefleet.server.storage.records import Deployment
+
+    deploy_v1 = Deployment("d1", "digits", "1", "group:lab", 1)
+    deploy_v2 = Deployment("d2", "digits", "2", "group:lab", 2)
+    back_to_v1 = Deployment("rb", "digits", "1", "group:lab", 3, kind="rollback")
+    mixed = Deployment("rb2", "", "", "group:lab", 4, kind="rollback")
+    elsewhere = Deployment("d3", "digits", "3", "group:other", 5)
+    in_lab = lambda d: d.selector == "group:lab"  # noqa: E731
+    assert late_joiner_order([deploy_v1, deploy_v2, back_to_v1, elsewhere], in_lab) is back_to_v1
+    assert late_joiner_order([deploy_v1, deploy_v2], in_lab) is deploy_v2
+    assert late_joiner_order([deploy_v1, deploy_v2, mixed], in_lab) is None  # never the rolled-back-from v2
+    assert late_joiner_order([elsewhere], in_lab) is None
+
+
+def test_rollback_destination_is_one_version_or_none() -> None:
+    from edgefleet.server.rules import rollback_destination
+    from edgefleet.values import ModelRef
+
+    v1 = ModelRef("digits/1/float32.tflite", "digits", "1")
+    v1_int8 = ModelRef("digits/1/int8.tflite", "digits", "1", "int8")
+    v0 = ModelRef("digits/0/float32.tflite", "digits", "0")
+    assert rollback_destination([v1, v1_int8]) == ("digits", "1")  # variants of one version are one version
+    assert rollback_destination([v1, v0]) == ("", "")
+    assert rollback_destination([]) == ("", "")

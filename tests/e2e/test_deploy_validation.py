@@ -1,0 +1,65 @@
+"""A deploy or rollback that fails leaves no signed trace: the server checks the whole command (selector,
+model, version, variant, that it reaches a device) before the CLI signs anything or the server records it.
+
+Attack from outside: the operator's own CLI against a real server, with a downgrade that would need a signed
+permission; what the server stored (targets.json's version, the deployments) is read from its database.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from edgefleet.cli.client import CliError
+from edgefleet.devtools.localfleet import LocalFleet
+
+
+def _signed_trace(fleet: LocalFleet) -> tuple[int, int, bytes]:
+    """targets.json's version, how many deployments exist, and the newest targets.json itself."""
+    db = sqlite3.connect(fleet.data_dir / "fleet.db")
+    try:
+        (targets,) = db.execute("SELECT targets FROM repo_versions").fetchone()
+        (deployments,) = db.execute("SELECT count(*) FROM deployments").fetchone()
+        (content,) = db.execute(
+            "SELECT content FROM metadata_files WHERE name = ?", (f"{targets}.targets",)
+        ).fetchone()
+        return int(targets), int(deployments), bytes(content)
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def two_versions(fleet: LocalFleet, digits_files: dict) -> LocalFleet:
+    fleet.cli("model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "1")
+    fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
+    fleet.start_agent("cam", fleet.enrollment_token(group="lab"))
+    return fleet
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        (("deploy", "digits", "1", "--to", "lab"), "selector"),  # not group:lab
+        (("deploy", "digits", "1", "--to", "group:nobody"), "reaches no device"),
+        (("deploy", "digits", "1", "--to", "group:lab", "--variant", "nope"), "no signed variant"),
+        (("deploy", "digits", "9", "--to", "group:lab"), "9"),
+        (("rollback", "--to", "lab"), "selector"),
+    ],
+)
+def test_a_failed_downgrade_command_signs_and_records_nothing(
+    two_versions: LocalFleet, command: tuple[str, ...], says: str
+) -> None:
+    fleet = two_versions
+    before = _signed_trace(fleet)
+    with pytest.raises(CliError) as refused:
+        fleet.cli(*command)
+    assert says in str(refused.value)
+    assert _signed_trace(fleet) == before
+
+
+def test_a_deployment_that_reaches_no_device_needs_allow_empty(two_versions: LocalFleet) -> None:
+    fleet = two_versions
+    out = fleet.cli("deploy", "digits", "2", "--to", "group:later", "--allow-empty")
+    assert "reaches no device yet" in out and "0 device(s)" in out
+    assert _signed_trace(fleet)[1] == 1
