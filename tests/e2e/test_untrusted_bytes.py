@@ -87,8 +87,8 @@ def _running_healthy_continuing(fleet: LocalFleet, agent: AgentProcess, target: 
     if agent.process.poll() is not None:
         raise RuntimeError(f"agent exited:\n{agent.log()[-3000:]}")
     device = fleet.device(agent)
-    name, version, variant = target.removesuffix(".tflite").split("/")
-    return device.get("running") == f"{name} {version} ({variant})" and device["last_stage"] == "healthy"
+    running = device.get("running") or {}
+    return running.get("target_path") == target and device["last_stage"] == "healthy"
 
 
 def _sha_of(fleet: LocalFleet, version: str) -> str:

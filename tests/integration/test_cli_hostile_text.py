@@ -63,6 +63,7 @@ async def test_an_event_reason_with_ansi_codes_is_escaped_in_tables_and_exact_in
             stage=common_pb2.UPDATE_STAGE_FAILED,
             reason=ANSI_REASON,
             at_unix_ms=now_ms(),
+            sequence=1,  # devices order what they send; an unordered event is ignored as a replay
         )
     )
     assert (await call(device.channel, CONNECT, [message.SerializeToString()])).code.name in (

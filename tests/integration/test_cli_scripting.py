@@ -180,6 +180,7 @@ async def test_deployments_watch_exits_3_when_devices_failed_and_streams_ndjson(
             stage=common_pb2.UPDATE_STAGE_FAILED,
             reason="does not load",
             at_unix_ms=now_ms(),
+            sequence=1,  # devices order what they send; an unordered event is ignored as a replay
         )
     )
     await call(device.channel, CONNECT, [failed.SerializeToString()])
