@@ -130,7 +130,7 @@ def _current_targets(op: Operator) -> bytes | None:
             ).content
         )
     except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+        if e.code() != grpc.StatusCode.NOT_FOUND:
             raise failure(e, op.server, op.tls_dir) from e
         return None
 
@@ -145,7 +145,7 @@ def publish_targets(op: Operator, sign: Callable[[bytes | None], bytes]) -> Any:
                 operator_pb2.PublishTargetsRequest(targets_json=signed), metadata=op.metadata, timeout=30
             )
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not follow" in (e.details() or ""):  # type: ignore[attr-defined]
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not follow" in (e.details() or ""):
                 continue
             raise failure(e, op.server, op.tls_dir) from e
     raise CliError("targets metadata kept changing while publishing; try again")
@@ -164,9 +164,9 @@ def authorize_rollback(
             newest[model] = max(newest.get(model, 0), seq)
         allowed: dict[str, int] = {}
         for model, version in versions:
-            seq = sequences.get((model, version))
-            if seq is not None and seq < newest.get(model, 0):
-                allowed[model] = min(allowed.get(model, seq), seq)
+            found = sequences.get((model, version))
+            if found is not None and found < newest.get(model, 0):
+                allowed[model] = min(allowed.get(model, found), found)
         return allowed
 
     signed: dict[str, int] = {}

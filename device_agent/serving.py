@@ -142,7 +142,7 @@ class ModelWorker:
             code = None
         return code
 
-    def _receive(self, timeout: float, what: str) -> tuple[str, Any]:
+    def _receive(self, timeout: float, what: str) -> tuple[Any, ...]:
         assert self._conn is not None
         try:
             if not self._conn.poll(timeout):
@@ -150,7 +150,7 @@ class ModelWorker:
                 raise ModelError(
                     f"model {what} did not finish within {timeout:.0f} s; the worker was stopped"
                 )
-            reply: tuple[str, Any] = self._conn.recv()
+            reply: tuple[Any, ...] = self._conn.recv()
             return reply
         except (EOFError, OSError, ConnectionResetError) as e:
             code = self._exit_code()
