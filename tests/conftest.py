@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from edgefleet.devtools.localfleet import LocalFleet
+from edgefleet.devtools.localfleet import AgentProcess, LocalFleet
 from edgefleet.devtools.modelgen import DigitsData, build_digits_model
 from edgefleet.runtime import RUNTIMES, available_runtimes
 from edgefleet.server.storage.sql import sqlalchemy_url
@@ -69,3 +70,12 @@ def fleet(tmp_path: Path) -> Iterator[LocalFleet]:
         yield f
     finally:
         f.close()
+
+
+def v1_running(fleet: LocalFleet, digits_files: dict[str, Path], *extra: str, **kwargs: Any) -> AgentProcess:
+    """One agent ("cam") enrolled, with digits v1 pushed, deployed to all and running healthily."""
+    agent = fleet.start_agent("cam", fleet.enrollment_token(), *extra, **kwargs)
+    fleet.cli("model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "1")
+    fleet.cli("deploy", "digits", "1", "--to", "all")
+    fleet.wait_running(agent, "digits/1/float32.tflite")
+    return agent

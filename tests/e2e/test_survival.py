@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from conftest import v1_running
 
 from edgefleet.agent.exits import EXIT_REVOKED
 from edgefleet.cli.client import CliError
@@ -26,14 +27,6 @@ from edgefleet.devtools.modelgen import build_large_mlp
 V1 = "digits/1/float32.tflite"
 V2 = "digits/2/float32.tflite"
 FAULTS = {"EDGEFLEET_ALLOW_TEST_FAULTS": "1"}
-
-
-def _v1_running(fleet: LocalFleet, digits_files: dict, *extra: str, **kwargs) -> AgentProcess:
-    agent = fleet.start_agent("cam", fleet.enrollment_token(), *extra, **kwargs)
-    fleet.cli("model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "1")
-    fleet.cli("deploy", "digits", "1", "--to", "all")
-    fleet.wait_running(agent, V1)
-    return agent
 
 
 def _events(fleet: LocalFleet, agent: AgentProcess) -> list[dict]:
@@ -75,7 +68,7 @@ def _model_files_verify(agent: AgentProcess, *, leftovers_allowed: bool = False)
 def test_agent_killed_at_every_update_step_runs_old_or_new_never_half(
     fleet: LocalFleet, digits_files: dict, step: str
 ) -> None:
-    agent = _v1_running(fleet, digits_files)
+    agent = v1_running(fleet, digits_files)
     agent.stop()
     agent = fleet.start_agent("cam", "", env={**FAULTS, "EDGEFLEET_TEST_FAULTS": f"{step}:kill"})
     fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
@@ -96,7 +89,7 @@ def test_agent_killed_at_every_update_step_runs_old_or_new_never_half(
 def test_agent_killed_while_rolling_back_ends_on_one_model_and_obeys_the_order(
     fleet: LocalFleet, digits_files: dict
 ) -> None:
-    agent = _v1_running(fleet, digits_files)
+    agent = v1_running(fleet, digits_files)
     fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
     fleet.cli("deploy", "digits", "2", "--to", "all")
     fleet.wait_running(agent, V2)
@@ -125,7 +118,7 @@ def _worker_pids(agent: AgentProcess) -> list[int]:
 def test_new_model_failing_after_the_swap_goes_back_and_is_marked_bad_without_looping(
     fleet: LocalFleet, digits_files: dict, digits
 ) -> None:
-    agent = _v1_running(fleet, digits_files, "--probation", "6")
+    agent = v1_running(fleet, digits_files, "--probation", "6")
     fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
     with InferenceLoad([agent.socket], [digits[2].x_test[:1]]):
         fleet.cli("deploy", "digits", "2", "--to", "all")
@@ -155,7 +148,7 @@ def test_new_model_failing_after_the_swap_goes_back_and_is_marked_bad_without_lo
 def test_model_file_corrupted_at_rest_is_detected_refetched_and_never_run(
     fleet: LocalFleet, digits_files: dict
 ) -> None:
-    agent = _v1_running(fleet, digits_files)
+    agent = v1_running(fleet, digits_files)
     agent.stop()
     model = agent.state_dir / "models" / (agent.state()["current"]["sha256"] + ".tflite")
     data = bytearray(model.read_bytes())
@@ -186,7 +179,7 @@ def small_disk(tmp_path: Path):
 def test_disk_full_during_download_removes_the_partial_file_keeps_the_old_model_and_retries(
     fleet: LocalFleet, digits_files: dict, tmp_path: Path, small_disk: Path
 ) -> None:
-    agent = _v1_running(fleet, digits_files)
+    agent = v1_running(fleet, digits_files)
     agent.stop()
     downloads = agent.state_dir / "downloads"
     shutil.rmtree(downloads)
@@ -220,7 +213,7 @@ def _skewed(offset: str) -> dict[str, str]:
 def test_clock_skew_of_a_year_either_way_is_reported_and_nothing_is_deleted_or_marked(
     fleet: LocalFleet, digits_files: dict
 ) -> None:
-    agent = _v1_running(fleet, digits_files)
+    agent = v1_running(fleet, digits_files)
     agent.stop()
 
     # A year ahead: the signed metadata looks expired. Refused and reported, v1 keeps serving, v2 not bad.
@@ -291,7 +284,7 @@ def test_database_busy_gives_unavailable_nothing_half_written_and_a_retry_works(
 
 
 def test_device_with_revoked_credentials_is_cut_off(fleet: LocalFleet, digits_files: dict) -> None:
-    agent = _v1_running(fleet, digits_files)
+    agent = v1_running(fleet, digits_files)
     fleet.cli("revoke", agent.device_id())
     wait_for(lambda: not fleet.device(agent)["connected"], 20, "the revoked device to be disconnected")
     # A revoked device stops (exit 77, which its service manager does not restart): it has no fleet to serve.
@@ -303,7 +296,7 @@ def test_device_with_revoked_credentials_is_cut_off(fleet: LocalFleet, digits_fi
 def test_model_worker_killed_after_probation_is_restarted_and_serving_resumes(
     fleet: LocalFleet, digits_files: dict
 ) -> None:
-    agent = _v1_running(fleet, digits_files)
+    agent = v1_running(fleet, digits_files)
     (pid,) = wait_for(lambda: len(_worker_pids(agent)) == 1 and _worker_pids(agent), 20, "v1's worker")
     psutil.Process(pid).kill()  # the system takes it (out of memory, say)
     wait_for(lambda: _worker_pids(agent) and _worker_pids(agent) != [pid], 20, "a new worker")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from conftest import v1_running
 
 from edgefleet.devtools.localfleet import AgentProcess, LocalClient, LocalFleet, wait_for
 from edgefleet.runtime import default_runtime, make_interpreter
@@ -22,14 +23,6 @@ V1 = "digits/1/float32.tflite"
 V2 = "digits/2/float32.tflite"
 FAULTS = {"EDGEFLEET_ALLOW_TEST_FAULTS": "1"}
 ZEROS = np.zeros((1, 64), np.float32)
-
-
-def _v1_running(fleet: LocalFleet, digits_files: dict, *extra: str, **kwargs) -> AgentProcess:
-    agent = fleet.start_agent("cam", fleet.enrollment_token(), *extra, **kwargs)
-    fleet.cli("model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "1")
-    fleet.cli("deploy", "digits", "1", "--to", "all")
-    fleet.wait_running(agent, V1)
-    return agent
 
 
 def _serves(agent: AgentProcess) -> str:
@@ -103,7 +96,7 @@ def test_spliced_resume_of_other_bytes_starts_over_from_byte_0_and_is_not_blackl
 ) -> None:
     """A `.part` file of other bytes (a splice, a relay that injected bytes before a cut): the resumed
     download does not hash, is thrown away, fetched again from byte 0 and installed."""
-    agent = _v1_running(fleet, digits_files)
+    agent = v1_running(fleet, digits_files)
     agent.stop()
     fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
     sha = _sha_of(fleet, "2")
@@ -128,7 +121,7 @@ def test_model_file_rewritten_between_its_check_and_its_load_never_runs(
     """The agent stops (SIGSTOP) right after the verified file is in place; another process rewrites it with
     other bytes; the agent continues. What loads is re-read and checked: the rewritten bytes never run, and
     the signed version is fetched again, not marked bad."""
-    agent = _v1_running(fleet, digits_files)
+    agent = v1_running(fleet, digits_files)
     agent.stop()
     agent = fleet.start_agent("cam", env={**FAULTS, "EDGEFLEET_TEST_FAULTS": "written:stop"})
     fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
@@ -151,7 +144,7 @@ def test_model_file_rewritten_in_place_after_its_bytes_were_hashed_does_not_chan
 ) -> None:
     """The agent stops after it read and checked the candidate's bytes, before the worker loads them; another
     process rewrites the file in place (same inode). The worker loads the sealed bytes that were checked."""
-    agent = _v1_running(fleet, digits_files)
+    agent = v1_running(fleet, digits_files)
     agent.stop()
     agent = fleet.start_agent("cam", env={**FAULTS, "EDGEFLEET_TEST_FAULTS": "sealed:stop"}, wait=False)
     wait_for(lambda: _continued(agent) or (agent.state_dir / "agent.sock").exists(), 60, "the agent to start")
@@ -180,7 +173,7 @@ def test_model_file_rewritten_under_a_running_model_never_runs_when_its_worker_r
 ) -> None:
     """Another process rewrites the running model's file, then its worker dies (killed). The restart reads
     and checks the file again: the rewritten bytes never run; the model is fetched again and serves."""
-    agent = _v1_running(fleet, digits_files)
+    agent = v1_running(fleet, digits_files)
     sha = agent.state()["current"]["sha256"]
     (agent.state_dir / "models" / f"{sha}.tflite").write_bytes(digits_files["v2"].read_bytes())
     (worker,) = [
@@ -223,7 +216,7 @@ def test_planted_model_with_a_planted_description_beside_it_never_runs_at_start(
     but not this target's) bytes and plants a `.target.json` that describes them. At start the agent checks
     against the signed metadata it holds, refuses the copy, says so, serves the verified previous model and
     fetches the current one again."""
-    agent = _v1_running(fleet, digits_files)
+    agent = v1_running(fleet, digits_files)
     fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
     fleet.cli("deploy", "digits", "2", "--to", "all")
     fleet.wait_running(agent, V2)
@@ -262,7 +255,7 @@ def test_damaged_state_file_written_before_start_never_crashes_the_agent_and_it_
 ) -> None:
     """Empty, garbage, truncated and wrongly shaped state files: moved aside with one log line, no
     traceback; the floors come back from the verified model files, and the model runs again."""
-    agent = _v1_running(fleet, digits_files)
+    agent = v1_running(fleet, digits_files)
     fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
     fleet.cli("deploy", "digits", "2", "--to", "all")
     fleet.wait_running(agent, V2)
@@ -286,7 +279,7 @@ def test_damaged_state_file_written_before_start_never_crashes_the_agent_and_it_
 def test_damaged_credentials_file_stops_the_agent_with_a_line_that_says_enroll_again(
     fleet: LocalFleet, digits_files: dict
 ) -> None:
-    agent = _v1_running(fleet, digits_files)
+    agent = v1_running(fleet, digits_files)
     agent.stop()
     (agent.state_dir / "credentials.json").write_bytes(b"\x00garbage{")
     mark = agent.log_path.stat().st_size
