@@ -16,7 +16,17 @@ from edgefleet.errors import InvalidRequestError
 # Upper bounds of the latency histogram every agent reports (the last bucket is open); the rollout gates
 # compare histograms over exactly these.
 LATENCY_BOUNDS_MS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
-STAGES = ("downloading", "downloaded", "verified", "activated", "healthy", "failed", "rolled_back")
+STAGES = (
+    "downloading",
+    "downloaded",
+    "verified",
+    "activated",
+    "healthy",
+    "failed",
+    "rolled_back",
+    "deferred",  # an application on the device asked the agent to wait
+    "shadow_ready",  # a shadow candidate is loaded beside the serving model
+)
 
 
 def _known(cls: type, data: Any) -> dict[str, Any]:

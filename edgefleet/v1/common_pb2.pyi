@@ -33,6 +33,10 @@ class _UpdateStageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UpdateSta
     UPDATE_STAGE_HEALTHY: _UpdateStage.ValueType  # 5
     UPDATE_STAGE_FAILED: _UpdateStage.ValueType  # 6
     UPDATE_STAGE_ROLLED_BACK: _UpdateStage.ValueType  # 7
+    UPDATE_STAGE_DEFERRED: _UpdateStage.ValueType  # 8
+    """an application on the device asked the agent to wait (bounded)"""
+    UPDATE_STAGE_SHADOW_READY: _UpdateStage.ValueType  # 9
+    """a shadow assignment: verified and loaded beside the serving model"""
 
 class UpdateStage(_UpdateStage, metaclass=_UpdateStageEnumTypeWrapper): ...
 
@@ -44,6 +48,10 @@ UPDATE_STAGE_ACTIVATED: UpdateStage.ValueType  # 4
 UPDATE_STAGE_HEALTHY: UpdateStage.ValueType  # 5
 UPDATE_STAGE_FAILED: UpdateStage.ValueType  # 6
 UPDATE_STAGE_ROLLED_BACK: UpdateStage.ValueType  # 7
+UPDATE_STAGE_DEFERRED: UpdateStage.ValueType  # 8
+"""an application on the device asked the agent to wait (bounded)"""
+UPDATE_STAGE_SHADOW_READY: UpdateStage.ValueType  # 9
+"""a shadow assignment: verified and loaded beside the serving model"""
 Global___UpdateStage: _TypeAlias = UpdateStage  # noqa: Y015
 
 @_typing.final
@@ -132,6 +140,7 @@ class Capabilities(_message.Message):
     ACCELERATORS_FIELD_NUMBER: _builtins.int
     HARDWARE_CLASS_FIELD_NUMBER: _builtins.int
     LATENCY_BUDGET_MS_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
     runtime: _builtins.str
     """"ai-edge-litert" or "tflite-runtime" """
     runtime_version: _builtins.str
@@ -143,6 +152,8 @@ class Capabilities(_message.Message):
     hardware_class: _builtins.str
     latency_budget_ms: _builtins.float
     """0 = none"""
+    timezone: _builtins.str
+    """the device's IANA time zone, e.g. "Europe/Berlin" ("" = UTC), for maintenance windows"""
     @_builtins.property
     def accelerators(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -158,10 +169,11 @@ class Capabilities(_message.Message):
         accelerators: _abc.Iterable[_builtins.str] | None = ...,
         hardware_class: _builtins.str = ...,
         latency_budget_ms: _builtins.float = ...,
+        timezone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerators", b"accelerators", "cpu_arch", b"cpu_arch", "cpu_count", b"cpu_count", "disk_free_bytes", b"disk_free_bytes", "hardware_class", b"hardware_class", "latency_budget_ms", b"latency_budget_ms", "memory_available_bytes", b"memory_available_bytes", "memory_total_bytes", b"memory_total_bytes", "runtime", b"runtime", "runtime_version", b"runtime_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerators", b"accelerators", "cpu_arch", b"cpu_arch", "cpu_count", b"cpu_count", "disk_free_bytes", b"disk_free_bytes", "hardware_class", b"hardware_class", "latency_budget_ms", b"latency_budget_ms", "memory_available_bytes", b"memory_available_bytes", "memory_total_bytes", b"memory_total_bytes", "runtime", b"runtime", "runtime_version", b"runtime_version", "timezone", b"timezone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -217,11 +229,19 @@ class InferenceStats(_message.Message):
     LATENCY_COUNTS_FIELD_NUMBER: _builtins.int
     LATENCY_SUM_MS_FIELD_NUMBER: _builtins.int
     LATENCY_MAX_MS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    WORKER_CRASHES_FIELD_NUMBER: _builtins.int
+    WORKER_RESTARTS_FIELD_NUMBER: _builtins.int
     target_path: _builtins.str
     count: _builtins.int
     errors: _builtins.int
     latency_sum_ms: _builtins.float
     latency_max_ms: _builtins.float
+    worker_crashes: _builtins.int
+    """the inference worker died unexpectedly (never an intended hot-swap restart)"""
+    worker_restarts: _builtins.int
+    """restarts of the worker after a crash or a hang"""
     @_builtins.property
     def latency_bounds_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """upper bounds of the histogram buckets; the last bucket is open"""
@@ -229,6 +249,14 @@ class InferenceStats(_message.Message):
     @_builtins.property
     def latency_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """len(latency_bounds_ms) + 1 entries"""
+
+    @_builtins.property
+    def outputs(self) -> Global___OutputSummary:
+        """what the model answered, summarised; never raw inputs or outputs"""
+
+    @_builtins.property
+    def shadow(self) -> Global___ShadowStats:
+        """set while a shadow candidate runs beside this (serving) model"""
 
     def __init__(
         self,
@@ -240,11 +268,95 @@ class InferenceStats(_message.Message):
         latency_counts: _abc.Iterable[_builtins.int] | None = ...,
         latency_sum_ms: _builtins.float = ...,
         latency_max_ms: _builtins.float = ...,
+        outputs: Global___OutputSummary | None = ...,
+        shadow: Global___ShadowStats | None = ...,
+        worker_crashes: _builtins.int = ...,
+        worker_restarts: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs", "shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "errors", b"errors", "latency_bounds_ms", b"latency_bounds_ms", "latency_counts", b"latency_counts", "latency_max_ms", b"latency_max_ms", "latency_sum_ms", b"latency_sum_ms", "target_path", b"target_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "errors", b"errors", "latency_bounds_ms", b"latency_bounds_ms", "latency_counts", b"latency_counts", "latency_max_ms", b"latency_max_ms", "latency_sum_ms", b"latency_sum_ms", "outputs", b"outputs", "shadow", b"shadow", "target_path", b"target_path", "worker_crashes", b"worker_crashes", "worker_restarts", b"worker_restarts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InferenceStats: _TypeAlias = InferenceStats  # noqa: Y015
+
+@_typing.final
+class OutputSummary(_message.Message):
+    """A model version's answers over one reporting interval, as histograms, for the output-drift gate. The agent
+    reads the first output tensor: the index of its largest value (top class) and that value (top score,
+    clipped to [0, 1] after dequantization).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOP_CLASS_COUNTS_FIELD_NUMBER: _builtins.int
+    TOP_SCORE_COUNTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def top_class_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """calls per top-class index (index i = class i), at most 1024 classes"""
+
+    @_builtins.property
+    def top_score_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """calls per top-score bin: 10 equal bins over [0, 1]"""
+
+    def __init__(
+        self,
+        *,
+        top_class_counts: _abc.Iterable[_builtins.int] | None = ...,
+        top_score_counts: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["top_class_counts", b"top_class_counts", "top_score_counts", b"top_score_counts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputSummary: _TypeAlias = OutputSummary  # noqa: Y015
+
+@_typing.final
+class ShadowStats(_message.Message):
+    """A shadow candidate compared with the serving model on a sampled share of the same live inputs. The
+    candidate's outputs are never returned to the application.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANDIDATE_TARGET_PATH_FIELD_NUMBER: _builtins.int
+    COMPARED_CALLS_FIELD_NUMBER: _builtins.int
+    TOP1_AGREED_FIELD_NUMBER: _builtins.int
+    ABS_DIFF_SUM_FIELD_NUMBER: _builtins.int
+    CANDIDATE_LATENCY_COUNTS_FIELD_NUMBER: _builtins.int
+    CANDIDATE_ERRORS_FIELD_NUMBER: _builtins.int
+    SKIPPED_CALLS_FIELD_NUMBER: _builtins.int
+    candidate_target_path: _builtins.str
+    compared_calls: _builtins.int
+    top1_agreed: _builtins.int
+    """calls where both models' top class was the same"""
+    abs_diff_sum: _builtins.float
+    """sum over compared calls of mean |candidate - serving| of the first output"""
+    candidate_errors: _builtins.int
+    skipped_calls: _builtins.int
+    """sampled but not run: over the rate limit or the CPU budget"""
+    @_builtins.property
+    def candidate_latency_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """over the same latency bounds as the serving histogram"""
+
+    def __init__(
+        self,
+        *,
+        candidate_target_path: _builtins.str = ...,
+        compared_calls: _builtins.int = ...,
+        top1_agreed: _builtins.int = ...,
+        abs_diff_sum: _builtins.float = ...,
+        candidate_latency_counts: _abc.Iterable[_builtins.int] | None = ...,
+        candidate_errors: _builtins.int = ...,
+        skipped_calls: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abs_diff_sum", b"abs_diff_sum", "candidate_errors", b"candidate_errors", "candidate_latency_counts", b"candidate_latency_counts", "candidate_target_path", b"candidate_target_path", "compared_calls", b"compared_calls", "skipped_calls", b"skipped_calls", "top1_agreed", b"top1_agreed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowStats: _TypeAlias = ShadowStats  # noqa: Y015

@@ -331,7 +331,15 @@ class Assignment(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     deployment_id: _builtins.str
+    shadow: _builtins.bool
+    """Shadow: download, verify and load `model` beside the serving model and compare them on sampled live
+    inputs; never serve it. A later assignment without shadow (the same model) makes it serve.
+    """
+    rollout_id: _builtins.str
+    """the rollout this assignment belongs to ("" for a plain deployment)"""
     @_builtins.property
     def model(self) -> _common_pb2.ModelRef: ...
     def __init__(
@@ -339,10 +347,12 @@ class Assignment(_message.Message):
         *,
         model: _common_pb2.ModelRef | None = ...,
         deployment_id: _builtins.str = ...,
+        shadow: _builtins.bool = ...,
+        rollout_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "model", b"model", "rollout_id", b"rollout_id", "shadow", b"shadow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -354,17 +364,23 @@ class RollbackCommand(_message.Message):
 
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     reason: _builtins.str
+    rollout_id: _builtins.str
+    """An aborted rollout's return to the incumbent: the permission is the operator's rollout permit in the
+    signed targets metadata (x-edgefleet-rollouts), valid only for this rollout's candidate.
+    """
     def __init__(
         self,
         *,
         command_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        rollout_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "reason", b"reason", "rollout_id", b"rollout_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

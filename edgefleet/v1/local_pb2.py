@@ -25,21 +25,25 @@ _sym_db = _symbol_database.Default()
 from edgefleet.v1 import common_pb2 as edgefleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gefleet/v1/local.proto\x12\x0c\x65\x64gefleet.v1\x1a\x19\x65\x64gefleet/v1/common.proto\"4\n\x0cInferRequest\x12$\n\x06inputs\x18\x01 \x03(\x0b\x32\x14.edgefleet.v1.Tensor\"\\\n\rInferResponse\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.edgefleet.v1.Tensor\x12\x13\n\x0btarget_path\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\x17\n\x15GetAgentStatusRequest\"\xa8\x01\n\x16GetAgentStatusResponse\x12\'\n\x07\x63urrent\x18\x01 \x01(\x0b\x32\x16.edgefleet.v1.ModelRef\x12(\n\x08previous\x18\x02 \x01(\x0b\x32\x16.edgefleet.v1.ModelRef\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\x17\n\x0fruntime_version\x18\x04 \x01(\t\x12\x11\n\tconnected\x18\x05 \x01(\x08\x32\xb1\x01\n\x10InferenceService\x12@\n\x05Infer\x12\x1a.edgefleet.v1.InferRequest\x1a\x1b.edgefleet.v1.InferResponse\x12[\n\x0eGetAgentStatus\x12#.edgefleet.v1.GetAgentStatusRequest\x1a$.edgefleet.v1.GetAgentStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gefleet/v1/local.proto\x12\x0c\x65\x64gefleet.v1\x1a\x19\x65\x64gefleet/v1/common.proto\"6\n\x13\x44\x65\x66\x65rUpdatesRequest\x12\x0f\n\x07seconds\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"O\n\x14\x44\x65\x66\x65rUpdatesResponse\x12\x1e\n\x16\x64\x65\x66\x65rred_until_unix_ms\x18\x01 \x01(\x03\x12\x17\n\x0fgranted_seconds\x18\x02 \x01(\x03\"4\n\x0cInferRequest\x12$\n\x06inputs\x18\x01 \x03(\x0b\x32\x14.edgefleet.v1.Tensor\"\\\n\rInferResponse\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.edgefleet.v1.Tensor\x12\x13\n\x0btarget_path\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\x17\n\x15GetAgentStatusRequest\"\xf0\x01\n\x16GetAgentStatusResponse\x12\'\n\x07\x63urrent\x18\x01 \x01(\x0b\x32\x16.edgefleet.v1.ModelRef\x12(\n\x08previous\x18\x02 \x01(\x0b\x32\x16.edgefleet.v1.ModelRef\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\x17\n\x0fruntime_version\x18\x04 \x01(\t\x12\x11\n\tconnected\x18\x05 \x01(\x08\x12&\n\x06shadow\x18\x06 \x01(\x0b\x32\x16.edgefleet.v1.ModelRef\x12\x1e\n\x16\x64\x65\x66\x65rred_until_unix_ms\x18\x07 \x01(\x03\x32\x88\x02\n\x10InferenceService\x12@\n\x05Infer\x12\x1a.edgefleet.v1.InferRequest\x1a\x1b.edgefleet.v1.InferResponse\x12[\n\x0eGetAgentStatus\x12#.edgefleet.v1.GetAgentStatusRequest\x1a$.edgefleet.v1.GetAgentStatusResponse\x12U\n\x0c\x44\x65\x66\x65rUpdates\x12!.edgefleet.v1.DeferUpdatesRequest\x1a\".edgefleet.v1.DeferUpdatesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgefleet.v1.local_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INFERREQUEST']._serialized_start=69
-  _globals['_INFERREQUEST']._serialized_end=121
-  _globals['_INFERRESPONSE']._serialized_start=123
-  _globals['_INFERRESPONSE']._serialized_end=215
-  _globals['_GETAGENTSTATUSREQUEST']._serialized_start=217
-  _globals['_GETAGENTSTATUSREQUEST']._serialized_end=240
-  _globals['_GETAGENTSTATUSRESPONSE']._serialized_start=243
-  _globals['_GETAGENTSTATUSRESPONSE']._serialized_end=411
-  _globals['_INFERENCESERVICE']._serialized_start=414
-  _globals['_INFERENCESERVICE']._serialized_end=591
+  _globals['_DEFERUPDATESREQUEST']._serialized_start=69
+  _globals['_DEFERUPDATESREQUEST']._serialized_end=123
+  _globals['_DEFERUPDATESRESPONSE']._serialized_start=125
+  _globals['_DEFERUPDATESRESPONSE']._serialized_end=204
+  _globals['_INFERREQUEST']._serialized_start=206
+  _globals['_INFERREQUEST']._serialized_end=258
+  _globals['_INFERRESPONSE']._serialized_start=260
+  _globals['_INFERRESPONSE']._serialized_end=352
+  _globals['_GETAGENTSTATUSREQUEST']._serialized_start=354
+  _globals['_GETAGENTSTATUSREQUEST']._serialized_end=377
+  _globals['_GETAGENTSTATUSRESPONSE']._serialized_start=380
+  _globals['_GETAGENTSTATUSRESPONSE']._serialized_end=620
+  _globals['_INFERENCESERVICE']._serialized_start=623
+  _globals['_INFERENCESERVICE']._serialized_end=887
 # @@protoc_insertion_point(module_scope)

@@ -20,6 +20,53 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class DeferUpdatesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECONDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    seconds: _builtins.int
+    """0 = cancel an earlier deferral"""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        seconds: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeferUpdatesRequest: _TypeAlias = DeferUpdatesRequest  # noqa: Y015
+
+@_typing.final
+class DeferUpdatesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFERRED_UNTIL_UNIX_MS_FIELD_NUMBER: _builtins.int
+    GRANTED_SECONDS_FIELD_NUMBER: _builtins.int
+    deferred_until_unix_ms: _builtins.int
+    """0 = not deferred"""
+    granted_seconds: _builtins.int
+    """may be less than asked: the agent's bound"""
+    def __init__(
+        self,
+        *,
+        deferred_until_unix_ms: _builtins.int = ...,
+        granted_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deferred_until_unix_ms", b"deferred_until_unix_ms", "granted_seconds", b"granted_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeferUpdatesResponse: _TypeAlias = DeferUpdatesResponse  # noqa: Y015
+
+@_typing.final
 class InferRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -92,13 +139,20 @@ class GetAgentStatusResponse(_message.Message):
     RUNTIME_FIELD_NUMBER: _builtins.int
     RUNTIME_VERSION_FIELD_NUMBER: _builtins.int
     CONNECTED_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    DEFERRED_UNTIL_UNIX_MS_FIELD_NUMBER: _builtins.int
     runtime: _builtins.str
     runtime_version: _builtins.str
     connected: _builtins.bool
+    deferred_until_unix_ms: _builtins.int
     @_builtins.property
     def current(self) -> _common_pb2.ModelRef: ...
     @_builtins.property
     def previous(self) -> _common_pb2.ModelRef: ...
+    @_builtins.property
+    def shadow(self) -> _common_pb2.ModelRef:
+        """a candidate running in shadow beside `current`, when there is one"""
+
     def __init__(
         self,
         *,
@@ -107,10 +161,12 @@ class GetAgentStatusResponse(_message.Message):
         runtime: _builtins.str = ...,
         runtime_version: _builtins.str = ...,
         connected: _builtins.bool = ...,
+        shadow: _common_pb2.ModelRef | None = ...,
+        deferred_until_unix_ms: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "previous", b"previous"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "previous", b"previous", "shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "current", b"current", "previous", b"previous", "runtime", b"runtime", "runtime_version", b"runtime_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "current", b"current", "deferred_until_unix_ms", b"deferred_until_unix_ms", "previous", b"previous", "runtime", b"runtime", "runtime_version", b"runtime_version", "shadow", b"shadow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

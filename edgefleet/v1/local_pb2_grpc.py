@@ -45,6 +45,11 @@ class InferenceServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_local__pb2.GetAgentStatusRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_local__pb2.GetAgentStatusResponse.FromString,
                 _registered_method=True)
+        self.DeferUpdates = channel.unary_unary(
+                '/edgefleet.v1.InferenceService/DeferUpdates',
+                request_serializer=edgefleet_dot_v1_dot_local__pb2.DeferUpdatesRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_local__pb2.DeferUpdatesResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -63,6 +68,14 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeferUpdates(self, request, context):
+        """The application is busy: do not start an install for `seconds` (bounded by the agent's limit). A shadow
+        load and telemetry go on; a rollback order is never deferred.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetAgentStatus,
                     request_deserializer=edgefleet_dot_v1_dot_local__pb2.GetAgentStatusRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_local__pb2.GetAgentStatusResponse.SerializeToString,
+            ),
+            'DeferUpdates': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeferUpdates,
+                    request_deserializer=edgefleet_dot_v1_dot_local__pb2.DeferUpdatesRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_local__pb2.DeferUpdatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +150,33 @@ class InferenceService:
             '/edgefleet.v1.InferenceService/GetAgentStatus',
             edgefleet_dot_v1_dot_local__pb2.GetAgentStatusRequest.SerializeToString,
             edgefleet_dot_v1_dot_local__pb2.GetAgentStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeferUpdates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.InferenceService/DeferUpdates',
+            edgefleet_dot_v1_dot_local__pb2.DeferUpdatesRequest.SerializeToString,
+            edgefleet_dot_v1_dot_local__pb2.DeferUpdatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,10 @@ class InferenceServiceStub:
     def __new__(cls, channel: _aio.Channel) -> InferenceServiceAsyncStub: ...
     Infer: _grpc.UnaryUnaryMultiCallable[_local_pb2.InferRequest, _local_pb2.InferResponse]
     GetAgentStatus: _grpc.UnaryUnaryMultiCallable[_local_pb2.GetAgentStatusRequest, _local_pb2.GetAgentStatusResponse]
+    DeferUpdates: _grpc.UnaryUnaryMultiCallable[_local_pb2.DeferUpdatesRequest, _local_pb2.DeferUpdatesResponse]
+    """The application is busy: do not start an install for `seconds` (bounded by the agent's limit). A shadow
+    load and telemetry go on; a rollback order is never deferred.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -43,6 +47,10 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Infer: _aio.UnaryUnaryMultiCallable[_local_pb2.InferRequest, _local_pb2.InferResponse]  # type: ignore[assignment]
     GetAgentStatus: _aio.UnaryUnaryMultiCallable[_local_pb2.GetAgentStatusRequest, _local_pb2.GetAgentStatusResponse]  # type: ignore[assignment]
+    DeferUpdates: _aio.UnaryUnaryMultiCallable[_local_pb2.DeferUpdatesRequest, _local_pb2.DeferUpdatesResponse]  # type: ignore[assignment]
+    """The application is busy: do not start an install for `seconds` (bounded by the agent's limit). A shadow
+    load and telemetry go on; a rollback order is never deferred.
+    """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served by the agent on the device only (a Unix socket or loopback) for local applications."""
@@ -60,5 +68,15 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _local_pb2.GetAgentStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_local_pb2.GetAgentStatusResponse, _abc.Awaitable[_local_pb2.GetAgentStatusResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeferUpdates(
+        self,
+        request: _local_pb2.DeferUpdatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_local_pb2.DeferUpdatesResponse, _abc.Awaitable[_local_pb2.DeferUpdatesResponse]]:
+        """The application is busy: do not start an install for `seconds` (bounded by the agent's limit). A shadow
+        load and telemetry go on; a rollback order is never deferred.
+        """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
