@@ -13,11 +13,15 @@ from dataclasses import fields
 from edgefleet.errors import InvalidRequestError
 from edgefleet.v1 import common_pb2, device_pb2
 from edgefleet.values import (
+    MAX_TOP_CLASSES,
+    TOP_SCORE_BINS,
     Capabilities,
     DeviceStatus,
     HealthSample,
     InferenceStats,
     ModelRef,
+    OutputSummary,
+    ShadowStats,
     TelemetryReport,
     UpdateEvent,
 )
@@ -156,6 +160,37 @@ def event_to_proto(event: UpdateEvent) -> device_pb2.UpdateEvent:
     )
 
 
+def _check_model_summaries(stats: common_pb2.InferenceStats) -> None:
+    """The output summary, the shadow comparison and the worker counters of one model version."""
+    out = stats.outputs
+    if len(out.top_class_counts) > MAX_TOP_CLASSES or len(out.top_score_counts) > TOP_SCORE_BINS:
+        raise InvalidRequestError("telemetry output summary has too many bins")
+    shadow = stats.shadow
+    counts = [*out.top_class_counts, *out.top_score_counts, stats.worker_crashes, stats.worker_restarts]
+    counts += [shadow.compared_calls, shadow.top1_agreed, shadow.candidate_errors, shadow.skipped_calls]
+    counts += shadow.candidate_latency_counts
+    if any(c < 0 for c in counts):
+        raise InvalidRequestError("telemetry counts must not be negative")
+    if len(shadow.candidate_latency_counts) > 65:
+        raise InvalidRequestError("telemetry shadow histogram has too many buckets")
+    if len(shadow.candidate_target_path) > MAX_TARGET_PATH:
+        raise InvalidRequestError("telemetry shadow target path is too long")
+    if shadow.top1_agreed > shadow.compared_calls or shadow.abs_diff_sum < 0:
+        raise InvalidRequestError("telemetry shadow agreement is inconsistent")
+
+
+def _shadow_from_proto(shadow: common_pb2.ShadowStats) -> ShadowStats:
+    return ShadowStats(
+        candidate_target_path=shadow.candidate_target_path,
+        compared_calls=shadow.compared_calls,
+        top1_agreed=shadow.top1_agreed,
+        abs_diff_sum=shadow.abs_diff_sum,
+        candidate_latency_counts=tuple(shadow.candidate_latency_counts),
+        candidate_errors=shadow.candidate_errors,
+        skipped_calls=shadow.skipped_calls,
+    )
+
+
 def telemetry_from_proto(report: device_pb2.TelemetryReport) -> TelemetryReport:
     """Refuses NaN/infinite figures, negative counts and oversized histograms."""
     health = report.health
@@ -172,6 +207,9 @@ def telemetry_from_proto(report: device_pb2.TelemetryReport) -> TelemetryReport:
             raise InvalidRequestError("telemetry counts must not be negative")
         if len(stats.latency_bounds_ms) > 64 or len(stats.latency_counts) > 65:
             raise InvalidRequestError("telemetry histogram has too many buckets")
+        _check_model_summaries(stats)
+        if stats.HasField("shadow"):
+            figures.append(stats.shadow.abs_diff_sum)
     if not all(math.isfinite(f) for f in figures):
         raise InvalidRequestError("telemetry figures must be finite numbers")
     counts = (health.memory_used_bytes, health.memory_total_bytes, health.disk_free_bytes)
@@ -198,6 +236,12 @@ def telemetry_from_proto(report: device_pb2.TelemetryReport) -> TelemetryReport:
                 latency_counts=tuple(s.latency_counts),
                 latency_sum_ms=s.latency_sum_ms,
                 latency_max_ms=s.latency_max_ms,
+                outputs=OutputSummary(tuple(s.outputs.top_class_counts), tuple(s.outputs.top_score_counts))
+                if s.HasField("outputs")
+                else None,
+                shadow=_shadow_from_proto(s.shadow) if s.HasField("shadow") else None,
+                worker_crashes=s.worker_crashes,
+                worker_restarts=s.worker_restarts,
             )
             for s in report.inference
         ),
@@ -220,7 +264,7 @@ def telemetry_to_proto(report: TelemetryReport) -> device_pb2.TelemetryReport:
         dropped_reports=report.dropped_reports,
     )
     for s in report.inference:
-        message.inference.add(
+        stats = message.inference.add(
             target_path=s.target_path,
             count=s.count,
             errors=s.errors,
@@ -228,5 +272,22 @@ def telemetry_to_proto(report: TelemetryReport) -> device_pb2.TelemetryReport:
             latency_counts=list(s.latency_counts),
             latency_sum_ms=s.latency_sum_ms,
             latency_max_ms=s.latency_max_ms,
+            worker_crashes=s.worker_crashes,
+            worker_restarts=s.worker_restarts,
         )
+        if s.outputs is not None:
+            stats.outputs.top_class_counts.extend(s.outputs.top_class_counts)
+            stats.outputs.top_score_counts.extend(s.outputs.top_score_counts)
+        if s.shadow is not None:
+            stats.shadow.CopyFrom(
+                common_pb2.ShadowStats(
+                    candidate_target_path=s.shadow.candidate_target_path,
+                    compared_calls=s.shadow.compared_calls,
+                    top1_agreed=s.shadow.top1_agreed,
+                    abs_diff_sum=s.shadow.abs_diff_sum,
+                    candidate_latency_counts=list(s.shadow.candidate_latency_counts),
+                    candidate_errors=s.shadow.candidate_errors,
+                    skipped_calls=s.shadow.skipped_calls,
+                )
+            )
     return message

@@ -133,6 +133,27 @@ def verify_role(root: Root, role: str, md: Metadata[Any]) -> None:
 
 
 ROLLBACK_FIELD = "x-edgefleet-rollback"
+ROLLOUT_FIELD = "x-edgefleet-rollouts"
+
+
+@dataclass(frozen=True)
+class RolloutPermit:
+    """The operator's signed permission, given when a rollout starts, for devices to go back if it is aborted.
+
+    It lets a device that runs `model` at `candidate_sequence` return to its previous version when that has
+    sequence >= `min_sequence` (the incumbents the rollout replaces), on an order naming this rollout; it
+    allows nothing else, on no other model or version."""
+
+    model: str
+    candidate_sequence: int
+    min_sequence: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "candidate_sequence": self.candidate_sequence,
+            "min_sequence": self.min_sequence,
+        }
 
 
 def sign_targets(
@@ -141,11 +162,13 @@ def sign_targets(
     signer: Signer,
     lifetime: timedelta = TARGETS_LIFETIME,
     rollback: dict[str, int | None] | None = None,
+    rollouts: dict[str, RolloutPermit | None] | None = None,
 ) -> bytes:
     """The next targets.json: `current` plus `additions`, version bumped, signed by the operator's key.
 
     `rollback` sets (model -> lowest sequence devices may go back to) or clears (None) the operator's
-    authorization to downgrade a model; without one, devices refuse anything older than they have run."""
+    authorization to downgrade a model; without one, devices refuse anything older than they have run.
+    `rollouts` sets (rollout id -> permit) or clears (None) the permits of staged rollouts."""
     if current:
         md: Metadata[Targets] = parse_metadata(current, Targets.type)
         md.signed.version += 1
@@ -161,6 +184,14 @@ def sign_targets(
             else:
                 allowed[model] = {"min_sequence": int(sequence)}
         md.signed.unrecognized_fields[ROLLBACK_FIELD] = allowed
+    if rollouts:
+        permits = dict(md.signed.unrecognized_fields.get(ROLLOUT_FIELD, {}))
+        for rollout_id, permit in rollouts.items():
+            if permit is None:
+                permits.pop(rollout_id, None)
+            else:
+                permits[rollout_id] = permit.to_json()
+        md.signed.unrecognized_fields[ROLLOUT_FIELD] = permits
     md.signed.expires = utcnow() + lifetime
     md.signatures.clear()
     md.sign(signer)
@@ -191,6 +222,24 @@ def rollback_floors(targets: Targets) -> dict[str, int]:
         except (KeyError, TypeError, ValueError):
             continue
     return floors
+
+
+def rollout_permits(targets: Targets) -> dict[str, RolloutPermit]:
+    """rollout id -> the permit the operator signed for it; malformed entries are ignored (they allow nothing)."""
+    signed = targets.unrecognized_fields.get(ROLLOUT_FIELD, {})
+    if not isinstance(signed, dict):
+        return {}
+    permits = {}
+    for rollout_id, entry in signed.items():
+        try:
+            permits[str(rollout_id)] = RolloutPermit(
+                model=str(entry["model"]),
+                candidate_sequence=int(entry["candidate_sequence"]),
+                min_sequence=int(entry["min_sequence"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            continue
+    return permits
 
 
 def target_file(path: str, data: bytes, custom: dict[str, Any]) -> TargetFile:

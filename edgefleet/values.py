@@ -89,6 +89,7 @@ class Capabilities:
     accelerators: tuple[str, ...] = ()
     hardware_class: str = ""
     latency_budget_ms: float = 0.0  # 0 = none
+    timezone: str = ""  # IANA name, e.g. "Europe/Berlin"; "" = UTC (for maintenance windows in local time)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -110,6 +111,7 @@ class Capabilities:
                 accelerators=tuple(str(a) for a in known.get("accelerators", ())),
                 hardware_class=str(known.get("hardware_class", "")),
                 latency_budget_ms=float(known.get("latency_budget_ms", 0.0)),
+                timezone=str(known.get("timezone", "")),
             )
         except (TypeError, ValueError) as e:
             raise InvalidRequestError(f"malformed capabilities: {e}") from e
@@ -146,6 +148,31 @@ class UpdateEvent:
             raise InvalidRequestError(f"unknown update stage {self.stage!r}")
 
 
+TOP_SCORE_BINS = 10  # equal bins over [0, 1] for the top score of each call
+MAX_TOP_CLASSES = 1024  # top-class histograms wider than this are refused
+
+
+@dataclass(frozen=True)
+class OutputSummary:
+    """What a model version answered over one interval, as histograms (never raw inputs or outputs)."""
+
+    top_class_counts: tuple[int, ...] = ()  # calls per top-class index
+    top_score_counts: tuple[int, ...] = ()  # calls per top-score bin (TOP_SCORE_BINS over [0, 1])
+
+
+@dataclass(frozen=True)
+class ShadowStats:
+    """A shadow candidate compared with the serving model on sampled live inputs over one interval."""
+
+    candidate_target_path: str
+    compared_calls: int = 0
+    top1_agreed: int = 0
+    abs_diff_sum: float = 0.0  # sum over compared calls of the mean |candidate - serving| of the first output
+    candidate_latency_counts: tuple[int, ...] = ()  # over the serving histogram's latency bounds
+    candidate_errors: int = 0
+    skipped_calls: int = 0  # sampled but not run: over the rate limit or the CPU budget
+
+
 @dataclass(frozen=True)
 class InferenceStats:
     """Inference counters for one model version over one reporting interval."""
@@ -157,6 +184,10 @@ class InferenceStats:
     latency_counts: tuple[int, ...] = ()  # len(latency_bounds_ms) + 1
     latency_sum_ms: float = 0.0
     latency_max_ms: float = 0.0
+    outputs: OutputSummary | None = None
+    shadow: ShadowStats | None = None  # a candidate compared beside this serving model
+    worker_crashes: int = 0  # unexpected deaths of the worker; an intended hot-swap restart is not one
+    worker_restarts: int = 0
 
 
 @dataclass(frozen=True)

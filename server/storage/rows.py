@@ -5,10 +5,19 @@ also read what was stored before typed values (protobuf's JSON form)."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import asdict
 from typing import Any
 
 from edgefleet.server.storage.records import DeviceRecord
-from edgefleet.values import Capabilities, HealthSample, InferenceStats, ModelRef, TelemetryReport
+from edgefleet.values import (
+    Capabilities,
+    HealthSample,
+    InferenceStats,
+    ModelRef,
+    OutputSummary,
+    ShadowStats,
+    TelemetryReport,
+)
 
 
 def to_device(row: Any) -> DeviceRecord:
@@ -79,6 +88,8 @@ def telemetry_to_json(report: TelemetryReport) -> dict[str, Any]:
             **s.__dict__,
             "latency_bounds_ms": list(s.latency_bounds_ms),
             "latency_counts": list(s.latency_counts),
+            "outputs": asdict(s.outputs) if s.outputs else None,
+            "shadow": asdict(s.shadow) if s.shadow else None,
         }
         for s in report.inference
     ]
@@ -114,8 +125,35 @@ def telemetry_from_json(at_ms: int, data: dict[str, Any]) -> TelemetryReport:
                 latency_counts=tuple(int(c) for c in s.get("latency_counts", ())),
                 latency_sum_ms=float(s.get("latency_sum_ms", 0.0)),
                 latency_max_ms=float(s.get("latency_max_ms", 0.0)),
+                outputs=_outputs_from_json(s.get("outputs")),
+                shadow=_shadow_from_json(s.get("shadow")),
+                worker_crashes=int(s.get("worker_crashes", 0)),
+                worker_restarts=int(s.get("worker_restarts", 0)),
             )
             for s in data.get("inference") or ()
         ),
         dropped_reports=int(data.get("dropped_reports", 0)),
+    )
+
+
+def _outputs_from_json(data: Any) -> OutputSummary | None:
+    if not data:
+        return None
+    return OutputSummary(
+        top_class_counts=tuple(int(c) for c in data.get("top_class_counts", ())),
+        top_score_counts=tuple(int(c) for c in data.get("top_score_counts", ())),
+    )
+
+
+def _shadow_from_json(data: Any) -> ShadowStats | None:
+    if not data:
+        return None
+    return ShadowStats(
+        candidate_target_path=str(data.get("candidate_target_path", "")),
+        compared_calls=int(data.get("compared_calls", 0)),
+        top1_agreed=int(data.get("top1_agreed", 0)),
+        abs_diff_sum=float(data.get("abs_diff_sum", 0.0)),
+        candidate_latency_counts=tuple(int(c) for c in data.get("candidate_latency_counts", ())),
+        candidate_errors=int(data.get("candidate_errors", 0)),
+        skipped_calls=int(data.get("skipped_calls", 0)),
     )
