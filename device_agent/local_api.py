@@ -77,6 +77,10 @@ class InferenceServicer(local_pb2_grpc.InferenceServiceServicer):
             connected=status.connected,
         )
 
+    async def DeferUpdates(self, request: local_pb2.DeferUpdatesRequest, context: Any) -> Any:
+        # Declared in local.proto for staged rollouts; answered UNIMPLEMENTED until the agent keeps deferrals.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this agent does not defer updates yet")
+
 
 async def start_local_service(agent: LocalAgent, socket_path: str, port: int) -> grpc.aio.Server:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 2**20)])
