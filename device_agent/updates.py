@@ -142,6 +142,7 @@ class Updater:
                 await self.faults.at_async("downloaded")
                 self.control.queue_event(path, "downloaded")
                 await asyncio.to_thread(self.models.finish_file, target)
+            await self._fetch_golden(target)
             self.control.queue_event(path, "verified", "signed metadata, length and sha256 check out")
             await asyncio.to_thread(self.models.test_candidate, target, worker)
         except BaseException:
@@ -149,25 +150,39 @@ class Updater:
             raise
         await self._activate(target, worker)
 
+    async def _fetch_golden(self, target: ModelTarget) -> None:
+        """Golden data that is a signed file of its own: its target verified through TUF like the model's
+        (and matching what the model's signed fields name), downloaded with resume, checked, kept."""
+        golden = target.golden_file
+        if golden is None or await asyncio.to_thread(self.models.has_golden, target):
+            return
+        signed = await asyncio.to_thread(self.trust.target, golden.path)
+        self.models.check_golden_target(target, signed)
+        await self._download_file(golden.path, golden.sha256, golden.length)
+        await asyncio.to_thread(self.models.finish_golden, target)
+
     async def _download(self, target: ModelTarget) -> None:
+        await self._download_file(target.path, target.sha256, target.wire_length)
+
+    async def _download_file(self, path: str, sha256: str, wire_length: int) -> None:
         """Appends to downloads/<sha>.part from its current length; never keeps more than the signed length.
         Raises TransportError when the stream fails, stalls or ends short."""
         connection = self.control.connection
         assert connection is not None
-        part = self.store.download_path(target.sha256)
+        part = self.store.download_path(sha256)
         offset = part.stat().st_size if part.exists() else 0
-        if offset > target.wire_length:
+        if offset > wire_length:
             part.unlink()
             offset = 0
-        log.info("downloading %s from byte %d of %d", target.path, offset, target.wire_length)
+        log.info("downloading %s from byte %d of %d", path, offset, wire_length)
         with open(part, "ab") as f:
             call = connection.stub.DownloadModel(
-                device_pb2.DownloadModelRequest(target_path=target.path, offset=offset),
+                device_pb2.DownloadModelRequest(target_path=path, offset=offset),
                 metadata=connection.metadata,
             )
             stream = call.__aiter__()
             try:
-                while offset < target.wire_length:
+                while offset < wire_length:
                     try:
                         chunk = await asyncio.wait_for(stream.__anext__(), self.config.stall_timeout_s)
                     except StopAsyncIteration:
@@ -180,7 +195,7 @@ class Updater:
                         raise errors.TransportError(
                             f"server sent bytes for offset {chunk.offset}, expected {offset}"
                         )
-                    data = chunk.data[: target.wire_length - offset]  # cut off at the signed length
+                    data = chunk.data[: wire_length - offset]  # cut off at the signed length
                     f.write(data)
                     offset += len(data)
             except grpc.aio.AioRpcError as e:
@@ -190,8 +205,8 @@ class Updater:
                 call.cancel()
                 f.flush()
                 os.fsync(f.fileno())
-        if offset < target.wire_length:
-            raise errors.TransportError(f"download ended at {offset} of {target.wire_length} bytes")
+        if offset < wire_length:
+            raise errors.TransportError(f"download ended at {offset} of {wire_length} bytes")
 
     async def _activate(self, target: ModelTarget, worker: ModelWorker) -> None:
         state = self.store.state

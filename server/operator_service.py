@@ -5,6 +5,7 @@ status codes in `rpc_status.status_for_errors`. Only operator certificates reach
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -18,6 +19,7 @@ from edgefleet.v1 import operator_pb2, operator_pb2_grpc
 from edgefleet.values import HealthSample, TelemetryReport
 
 UPLOAD_CHUNK_LIMIT = 4 * 2**20
+MAX_SIDE_FILE_BYTES = 64 * 2**20  # an eval or calibration set (compression.MAX_EVAL_BYTES)
 
 
 def device_info(
@@ -100,6 +102,34 @@ def event_info(e: EventRecord) -> operator_pb2.DeviceEvent:
     )
 
 
+async def _side_file(
+    messages: AsyncIterator[operator_pb2.UploadModelRequest], header: Any, what: str
+) -> bytes:
+    """The eval or calibration set of an upload: inline in the header, or `<what>_length` bytes in
+    `<what>_chunk` messages that follow it. Raises InvalidRequestError saying what is wrong."""
+    inline, length = bytes(getattr(header, f"{what}_npz")), int(getattr(header, f"{what}_length"))
+    if inline and length:
+        raise errors.InvalidRequestError(f"send the {what} set inline or in chunks, not both")
+    if not 0 <= length <= MAX_SIDE_FILE_BYTES:
+        raise errors.InvalidRequestError(
+            f"the {what} set is {length} bytes; the limit is {MAX_SIDE_FILE_BYTES}: send fewer rows"
+        )
+    data = bytearray(inline)
+    while len(data) < length:
+        message = await anext(messages, None)
+        if message is None or message.WhichOneof("kind") != f"{what}_chunk":
+            raise errors.InvalidRequestError(
+                f"the {what} set ended at {len(data)} of the {length} bytes the header declared"
+            )
+        chunk = getattr(message, f"{what}_chunk")
+        if len(chunk) > UPLOAD_CHUNK_LIMIT or len(data) + len(chunk) > length:
+            raise errors.InvalidRequestError(
+                f"{what} chunks are limited to {UPLOAD_CHUNK_LIMIT} bytes and to the declared {length} in all"
+            )
+        data += chunk
+    return bytes(data)
+
+
 class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     def __init__(self, fleet: Fleet, on_revoke: Callable[[], None] = lambda: None):
         self.fleet = fleet
@@ -121,11 +151,17 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             if first is None or first.WhichOneof("kind") != "header":
                 raise errors.InvalidRequestError("an upload starts with a header message")
             header = first.header
+            messages = aiter(request_iterator)
+            eval_npz = await _side_file(messages, header, "eval")
+            calibration_npz = await _side_file(messages, header, "calibration")
 
             async def chunks() -> AsyncIterator[bytes]:
-                async for message in request_iterator:
+                async for message in messages:
                     if message.WhichOneof("kind") != "chunk":
-                        raise errors.InvalidRequestError("only chunks may follow the header")
+                        raise errors.InvalidRequestError(
+                            "after the header come the eval chunks, the calibration chunks, then the "
+                            "model's chunks"
+                        )
                     if len(message.chunk) > UPLOAD_CHUNK_LIMIT:
                         raise errors.InvalidRequestError(f"chunks are limited to {UPLOAD_CHUNK_LIMIT} bytes")
                     yield message.chunk
@@ -138,8 +174,8 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
                 header.length,
                 header.sha256,
                 chunks(),
-                eval_npz=header.eval_npz,
-                calibration_npz=header.calibration_npz,
+                eval_npz=eval_npz,
+                calibration_npz=calibration_npz,
                 tolerance_points=header.tolerance_points or 1.0,
             )
             original = records[0]
@@ -152,6 +188,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
                 validated_with=repository.validate_runtime,
                 variants=[variant_info(r) for r in records],
                 already_pushed=already,
+                original_golden_npz=await asyncio.to_thread(repository.read_golden, original),
             )
 
     async def GetSignedMetadata(self, request: Any, context: Any) -> Any:

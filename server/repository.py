@@ -18,9 +18,12 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
+
 from edgefleet import sandbox, signing
 from edgefleet.errors import ConflictError, InvalidRequestError, ModelError, NotFoundError, SignatureError
-from edgefleet.modelinfo import MAX_GOLDEN_BYTES, describe_file, inspect_model
+from edgefleet.model_targets import GoldenFile, golden_path, is_golden_path
+from edgefleet.modelinfo import describe_model_file, inspect_model
 from edgefleet.selectors import check_name
 from edgefleet.server.storage.interfaces import BlobStore, FleetStore
 from edgefleet.server.storage.records import ModelRecord, RepoVersions, now_ms
@@ -35,33 +38,43 @@ def target_path(name: str, version: str, variant: str = ORIGINAL_VARIANT) -> str
     return f"{name}/{version}/{variant}.tflite"
 
 
+Described = tuple[str, bytes, dict[str, Any], dict[str, Any], bytes, bytes]
+
+
 def describe_upload(
     content: bytes, eval_npz: bytes, calibration_npz: bytes, tolerance: float, validate_runtime: str
-) -> list[tuple[str, bytes, dict[str, Any], dict[str, Any], bytes]]:
-    """In the sandbox: (variant, model bytes, tensor signature, measured details, wire bytes) for the upload
-    and, with an eval set, each compressed variant. Raises ModelError / InvalidRequestError."""
+) -> list[Described]:
+    """In the sandbox: (variant, model bytes, tensor signature, measured details, wire bytes, golden file
+    bytes or b"" when the golden data is inline) for the upload and, with an eval set, each compressed
+    variant. Every file's golden input is the same: the eval set's first row, else generated from the
+    pushed model. Raises ModelError / InvalidRequestError."""
     signature = inspect_model(content, validate_runtime)
     if not eval_npz:
+        original = describe_model_file(content, original=None)
         return [
             (
                 ORIGINAL_VARIANT,
                 content,
                 signature.to_json(),
-                _with_inline_golden(describe_file(content, original=None)),
+                original.to_details(),
                 content,
+                original.golden_npz,
             )
         ]
     from edgefleet.server import compression  # heavy (ai-edge-quantizer): only when compressing
 
     eval_set = compression.load_eval_npz(eval_npz)
     calibration = compression.load_eval_npz(calibration_npz).x if calibration_npz else None
-    described = []
+    golden_inputs = _first_rows(eval_set, content)
+    described: list[Described] = []
     for variant in compression.build_variants(
         content, eval_set, tolerance_points=tolerance, calibration=calibration
     ):
         details = dict(variant.details)
         try:
-            details.update(_with_inline_golden(describe_file(variant.model, original=content)))
+            description = describe_model_file(variant.model, original=content, golden_inputs=golden_inputs)
+            details.update(description.to_details())
+            golden_npz = description.golden_npz
         except ModelError as e:
             if variant.name == ORIGINAL_VARIANT:
                 raise
@@ -76,21 +89,23 @@ def describe_upload(
                 inspect_model(variant.model, validate_runtime).to_json(),
                 details,
                 variant.wire,
+                golden_npz,
             )
         )
     return described
 
 
-def _with_inline_golden(details: dict[str, Any]) -> dict[str, Any]:
-    """Golden data rides inside the signed metadata, which stays small; larger golden data (a camera-sized
-    input) must travel as a signed target file of its own, which this version does not do yet: say so."""
-    if "golden" not in details:
-        size = details.get("golden_npz_bytes", 0)
-        raise InvalidRequestError(
-            f"this model's golden input and output are {size} bytes, over the {MAX_GOLDEN_BYTES}-byte limit of "
-            "golden data inside signed metadata; models with camera-sized inputs are not supported yet"
-        )
-    return details
+def _first_rows(eval_set: Any, content: bytes) -> list[np.ndarray]:
+    """The operator's own first eval example, one tensor per model input, as the golden input."""
+    from edgefleet.runtime import LITERT
+    from edgefleet.server.compression.build import describe_io
+
+    io_ = describe_io(content, LITERT)
+    bound = eval_set.bind(io_)
+    return [
+        np.ascontiguousarray(bound.inputs[t.name][:1]).astype(t.dtype).reshape((1, *t.shape[1:]))
+        for t in io_.inputs
+    ]
 
 
 def pushed_with(eval_npz: bytes, calibration_npz: bytes, tolerance_points: float) -> dict[str, Any]:
@@ -179,7 +194,7 @@ class Repository:
         versions = await asyncio.to_thread(self.store.repo_versions)
         md = self.online.check_targets(data, versions.targets)
         for path, target in md.signed.targets.items():
-            record = await self.model(path)
+            record = await self.golden_file(path) if is_golden_path(path) else await self.model(path)
             if target.length != record.length or target.hashes.get("sha256") != record.sha256:
                 raise InvalidRequestError(f"{path}: signed hash or length differs from the uploaded file")
         release = self.online.release(
@@ -294,8 +309,8 @@ class Repository:
             memory_limit=self.describe_memory_bytes,
         )
         records = [
-            self._record(name, version, variant, model, signature, details, wire)
-            for variant, model, signature, details, wire in described
+            self._record(name, version, variant, model, signature, details, wire, golden_npz)
+            for variant, model, signature, details, wire, golden_npz in described
         ]
         records.sort(key=lambda r: r.variant != ORIGINAL_VARIANT)
         return records
@@ -309,8 +324,17 @@ class Repository:
         signature: dict[str, Any],
         details: dict[str, Any],
         wire: bytes,
+        golden_npz: bytes = b"",
     ) -> ModelRecord:
         sha = self.blobs.put_bytes(model)
+        if golden_npz:
+            # Golden data too large to ride inline: a content-addressed file signed with the model.
+            golden_sha = self.blobs.put_bytes(golden_npz)
+            details.pop("golden_npz_bytes", None)
+            details.pop("golden_npz_sha256", None)
+            details["golden_file"] = GoldenFile(
+                golden_path(name, version, golden_sha), golden_sha, len(golden_npz)
+            ).to_json()
         if wire != model:
             details["wire_sha256"] = self.blobs.put_bytes(wire)
         else:
@@ -354,7 +378,28 @@ class Repository:
         """The bytes a device downloads (compressed when the signed metadata says so), from `offset`."""
         return self.blobs.read(record.details.get("wire_sha256") or record.sha256, offset, chunk_size)
 
+    async def golden_file(self, path: str, signed_only: bool = False) -> ModelRecord:
+        """A golden file as the record of a downloadable file (it is served like a model's identity wire
+        bytes), from the model file whose details name it. Raises NotFoundError."""
+        name, version, _ = path.split("/")
+        for m in await self.list_models(name):
+            golden = m.details.get("golden_file")
+            if m.version == version and golden and golden["path"] == path and (m.signed or not signed_only):
+                sha, length = str(golden["sha256"]), int(golden["length"])
+                details = {"wire_sha256": sha, "wire_bytes": length, "wire_encoding": "identity"}
+                return ModelRecord(
+                    path, name, version, "golden", sha, length, {}, m.created_ms, m.signed, details
+                )
+        raise NotFoundError(f"no golden file {path!r}; see `edgefleet model show`")
+
+    def read_golden(self, record: ModelRecord) -> bytes:
+        """The golden file a model record names (b"" when its golden data is inline)."""
+        golden = record.details.get("golden_file")
+        return self.blobs.path(golden["sha256"]).read_bytes() if golden else b""
+
     async def model_for_download(self, path: str) -> ModelRecord:
+        if is_golden_path(path):
+            return await self.golden_file(path, signed_only=True)
         record = await self.model(path)
         if not record.signed:
             raise NotFoundError(f"{path} is not published")

@@ -112,6 +112,8 @@ class UploadModelHeader(_message.Message):
     EVAL_NPZ_FIELD_NUMBER: _builtins.int
     CALIBRATION_NPZ_FIELD_NUMBER: _builtins.int
     TOLERANCE_POINTS_FIELD_NUMBER: _builtins.int
+    EVAL_LENGTH_FIELD_NUMBER: _builtins.int
+    CALIBRATION_LENGTH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     length: _builtins.int
@@ -124,6 +126,12 @@ class UploadModelHeader(_message.Message):
     """optional inputs ("x") for static int8 quantization"""
     tolerance_points: _builtins.float
     """accuracy drop that keeps a variant out of assignment; 0 = default 1.0"""
+    eval_length: _builtins.int
+    """Eval and calibration sets of any size (up to the server's limit): their lengths here, their bytes in
+    eval_chunk / calibration_chunk messages right after the header, before the model's chunks. Set either
+    these or eval_npz / calibration_npz (inline, for small sets), not both.
+    """
+    calibration_length: _builtins.int
     def __init__(
         self,
         *,
@@ -134,10 +142,12 @@ class UploadModelHeader(_message.Message):
         eval_npz: _builtins.bytes = ...,
         calibration_npz: _builtins.bytes = ...,
         tolerance_points: _builtins.float = ...,
+        eval_length: _builtins.int = ...,
+        calibration_length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration_npz", b"calibration_npz", "eval_npz", b"eval_npz", "length", b"length", "name", b"name", "sha256", b"sha256", "tolerance_points", b"tolerance_points", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration_length", b"calibration_length", "calibration_npz", b"calibration_npz", "eval_length", b"eval_length", "eval_npz", b"eval_npz", "length", b"length", "name", b"name", "sha256", b"sha256", "tolerance_points", b"tolerance_points", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -149,7 +159,14 @@ class UploadModelRequest(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    EVAL_CHUNK_FIELD_NUMBER: _builtins.int
+    CALIBRATION_CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    """the model's bytes"""
+    eval_chunk: _builtins.bytes
+    """the eval set's bytes (header.eval_length in all)"""
+    calibration_chunk: _builtins.bytes
+    """the calibration set's bytes (header.calibration_length in all)"""
     @_builtins.property
     def header(self) -> Global___UploadModelHeader: ...
     def __init__(
@@ -157,12 +174,14 @@ class UploadModelRequest(_message.Message):
         *,
         header: Global___UploadModelHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        eval_chunk: _builtins.bytes = ...,
+        calibration_chunk: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration_chunk", b"calibration_chunk", "chunk", b"chunk", "eval_chunk", b"eval_chunk", "header", b"header", "kind", b"kind"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration_chunk", b"calibration_chunk", "chunk", b"chunk", "eval_chunk", b"eval_chunk", "header", b"header", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["header", "chunk", "eval_chunk", "calibration_chunk"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -206,6 +225,7 @@ class UploadModelResponse(_message.Message):
     VALIDATED_WITH_FIELD_NUMBER: _builtins.int
     VARIANTS_FIELD_NUMBER: _builtins.int
     ALREADY_PUSHED_FIELD_NUMBER: _builtins.int
+    ORIGINAL_GOLDEN_NPZ_FIELD_NUMBER: _builtins.int
     target_path: _builtins.str
     sha256: _builtins.str
     length: _builtins.int
@@ -213,6 +233,10 @@ class UploadModelResponse(_message.Message):
     """runtime that loaded it on the server"""
     already_pushed: _builtins.bool
     """the same bytes and inputs were pushed before: nothing changed"""
+    original_golden_npz: _builtins.bytes
+    """The original's golden file (when its details name a golden_file, i.e. the golden data is too large to
+    sign inline): the CLI checks it against its own run of the model before signing it.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
@@ -230,10 +254,11 @@ class UploadModelResponse(_message.Message):
         validated_with: _builtins.str = ...,
         variants: _abc.Iterable[Global___VariantInfo] | None = ...,
         already_pushed: _builtins.bool = ...,
+        original_golden_npz: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_pushed", b"already_pushed", "inputs", b"inputs", "length", b"length", "outputs", b"outputs", "sha256", b"sha256", "target_path", b"target_path", "validated_with", b"validated_with", "variants", b"variants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_pushed", b"already_pushed", "inputs", b"inputs", "length", b"length", "original_golden_npz", b"original_golden_npz", "outputs", b"outputs", "sha256", b"sha256", "target_path", b"target_path", "validated_with", b"validated_with", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
