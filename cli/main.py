@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--calibration", default="", help=".npz with x: also builds a static int8 variant")
     sp.add_argument("--tolerance", type=float, default=1.0, help="accuracy drop (points) a variant may have")
+    sp.add_argument(
+        "--measure", action="store_true",
+        help="without --eval: build variants anyway, measured against the model's own outputs on generated inputs",
+    )  # fmt: skip
     targets_key(sp, "signs the version")
     sp = add(
         "list", "models:cmd_model_list", "list model versions and their variants",

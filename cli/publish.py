@@ -71,6 +71,7 @@ def push_model(
     eval_npz: bytes = b"",
     calibration_npz: bytes = b"",
     tolerance: float = 1.0,
+    measure_without_eval: bool = False,
     quiet: bool = True,
     edit_custom: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
@@ -89,6 +90,7 @@ def push_model(
         eval_length=len(eval_npz),
         calibration_length=len(calibration_npz),
         tolerance_points=tolerance,
+        measure_without_eval=measure_without_eval,
     )
     if max(len(eval_npz), len(calibration_npz)) > MAX_SIDE_FILE_BYTES:
         raise CliError(
@@ -148,7 +150,13 @@ def push_model(
     return {
         "already_pushed": reply.already_pushed,  # the same bytes and inputs as before: nothing changed
         "targets_version": versions.targets_version,
-        "variants": [variant_row(v.variant, v.length, details[v.target_path]) for v in variants],
+        "variants": [
+            {
+                **variant_row(v.variant, v.length, details[v.target_path]),
+                "measured_on": details[v.target_path].get("measured_on"),
+            }
+            for v in variants
+        ],
     }
 
 

@@ -177,6 +177,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
                 eval_npz=eval_npz,
                 calibration_npz=calibration_npz,
                 tolerance_points=header.tolerance_points or 1.0,
+                measure_without_eval=header.measure_without_eval,
             )
             original = records[0]
             return operator_pb2.UploadModelResponse(

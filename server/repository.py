@@ -38,18 +38,25 @@ def target_path(name: str, version: str, variant: str = ORIGINAL_VARIANT) -> str
     return f"{name}/{version}/{variant}.tflite"
 
 
+NO_EVAL_NOTE = "generated inputs, no labels given: judged against the float model's own outputs"
 Described = tuple[str, bytes, dict[str, Any], dict[str, Any], bytes, bytes]
 
 
 def describe_upload(
-    content: bytes, eval_npz: bytes, calibration_npz: bytes, tolerance: float, validate_runtime: str
+    content: bytes,
+    eval_npz: bytes,
+    calibration_npz: bytes,
+    tolerance: float,
+    validate_runtime: str,
+    measure_without_eval: bool = False,
 ) -> list[Described]:
     """In the sandbox: (variant, model bytes, tensor signature, measured details, wire bytes, golden file
     bytes or b"" when the golden data is inline) for the upload and, with an eval set, each compressed
-    variant. Every file's golden input is the same: the eval set's first row, else generated from the
-    pushed model. Raises ModelError / InvalidRequestError."""
+    variant (or, with `measure_without_eval`, each variant measured on generated inputs against the float
+    model's own outputs). Every file's golden input is the same: the eval set's first row, else generated
+    from the pushed model. Raises ModelError / InvalidRequestError."""
     signature = inspect_model(content, validate_runtime)
-    if not eval_npz:
+    if not eval_npz and not measure_without_eval:
         original = describe_model_file(content, original=None)
         return [
             (
@@ -63,14 +70,16 @@ def describe_upload(
         ]
     from edgefleet.server import compression  # heavy (ai-edge-quantizer): only when compressing
 
-    eval_set = compression.load_eval_npz(eval_npz)
+    eval_set = compression.load_eval_npz(eval_npz) if eval_npz else None
     calibration = compression.load_eval_npz(calibration_npz).x if calibration_npz else None
-    golden_inputs = _first_rows(eval_set, content)
+    golden_inputs = _first_rows(eval_set, content) if eval_set is not None else None
     described: list[Described] = []
     for variant in compression.build_variants(
         content, eval_set, tolerance_points=tolerance, calibration=calibration
     ):
         details = dict(variant.details)
+        if eval_set is None:
+            details["measured_on"] = NO_EVAL_NOTE
         try:
             description = describe_model_file(variant.model, original=content, golden_inputs=golden_inputs)
             details.update(description.to_details())
@@ -108,13 +117,18 @@ def _first_rows(eval_set: Any, content: bytes) -> list[np.ndarray]:
     ]
 
 
-def pushed_with(eval_npz: bytes, calibration_npz: bytes, tolerance_points: float) -> dict[str, Any]:
+def pushed_with(
+    eval_npz: bytes, calibration_npz: bytes, tolerance_points: float, measure_without_eval: bool = False
+) -> dict[str, Any]:
     """What besides the model's bytes decides a version's variants: a re-push must bring the same."""
-    return {
+    inputs: dict[str, Any] = {
         "eval_sha256": hashlib.sha256(eval_npz).hexdigest() if eval_npz else "",
         "calibration_sha256": hashlib.sha256(calibration_npz).hexdigest() if calibration_npz else "",
         "tolerance_points": float(tolerance_points),
     }
+    if measure_without_eval and not eval_npz:  # only when set: records from before compare equal
+        inputs["measure_without_eval"] = True
+    return inputs
 
 
 class Repository:
@@ -230,6 +244,7 @@ class Repository:
         eval_npz: bytes = b"",
         calibration_npz: bytes = b"",
         tolerance_points: float = 1.0,
+        measure_without_eval: bool = False,
     ) -> list[ModelRecord]:
         """Streams the file to the blob store, checks it against the header and that it loads, and (with an
         eval set) builds the compressed variants. Returns the original first, then the variants."""
@@ -241,7 +256,7 @@ class Repository:
             raise InvalidRequestError("header sha256 must be 64 lowercase hex digits")
         if not (0 < tolerance_points <= 100):
             raise InvalidRequestError("tolerance_points must be in (0, 100]")
-        inputs = pushed_with(eval_npz, calibration_npz, tolerance_points)
+        inputs = pushed_with(eval_npz, calibration_npz, tolerance_points, measure_without_eval)
         existing = sorted(
             (m for m in await self.list_models(name) if m.version == version),
             key=lambda m: m.variant != ORIGINAL_VARIANT,
@@ -275,7 +290,14 @@ class Repository:
             raise
         content = await asyncio.to_thread(self.blobs.path(digest).read_bytes)
         records = await asyncio.to_thread(
-            self._describe, name, version, content, eval_npz, calibration_npz, tolerance_points
+            self._describe,
+            name,
+            version,
+            content,
+            eval_npz,
+            calibration_npz,
+            tolerance_points,
+            measure_without_eval,
         )
         records[0].details["pushed_with"] = inputs  # what a re-push of this version is compared with
         for record in records:
@@ -295,6 +317,7 @@ class Repository:
         eval_npz: bytes,
         calibration_npz: bytes,
         tolerance: float,
+        measure_without_eval: bool = False,
     ) -> list[ModelRecord]:
         """Blocking: validates and measures the upload (and builds its variants) in a sandboxed child
         process, since the interpreter must not see untrusted bytes inside the server. Runs in a thread."""
@@ -305,6 +328,7 @@ class Repository:
             calibration_npz,
             tolerance,
             self.validate_runtime,
+            measure_without_eval,
             timeout=self.describe_timeout_s,
             memory_limit=self.describe_memory_bytes,
         )

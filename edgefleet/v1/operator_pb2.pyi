@@ -114,6 +114,7 @@ class UploadModelHeader(_message.Message):
     TOLERANCE_POINTS_FIELD_NUMBER: _builtins.int
     EVAL_LENGTH_FIELD_NUMBER: _builtins.int
     CALIBRATION_LENGTH_FIELD_NUMBER: _builtins.int
+    MEASURE_WITHOUT_EVAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     length: _builtins.int
@@ -132,6 +133,10 @@ class UploadModelHeader(_message.Message):
     these or eval_npz / calibration_npz (inline, for small sets), not both.
     """
     calibration_length: _builtins.int
+    measure_without_eval: _builtins.bool
+    """Without an eval set: build and measure compressed variants anyway, against the float model's own
+    outputs on generated inputs (no labels). Off: only the original is kept.
+    """
     def __init__(
         self,
         *,
@@ -144,10 +149,11 @@ class UploadModelHeader(_message.Message):
         tolerance_points: _builtins.float = ...,
         eval_length: _builtins.int = ...,
         calibration_length: _builtins.int = ...,
+        measure_without_eval: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration_length", b"calibration_length", "calibration_npz", b"calibration_npz", "eval_length", b"eval_length", "eval_npz", b"eval_npz", "length", b"length", "name", b"name", "sha256", b"sha256", "tolerance_points", b"tolerance_points", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration_length", b"calibration_length", "calibration_npz", b"calibration_npz", "eval_length", b"eval_length", "eval_npz", b"eval_npz", "length", b"length", "measure_without_eval", b"measure_without_eval", "name", b"name", "sha256", b"sha256", "tolerance_points", b"tolerance_points", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

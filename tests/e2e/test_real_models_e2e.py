@@ -23,6 +23,7 @@ from edgefleet.v1 import local_pb2
 
 MODELS = modelgen.package_models()
 EVAL_ROWS = 6
+MEASURED_WITHOUT_EVAL = "face_detection_short_range.tflite"
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,11 @@ def test_a_package_model_is_pushed_deployed_checked_hot_swapped_and_served_named
     (tmp_path / "eval.npz").write_bytes(modelgen.reference_eval_npz(content, inputs))
     one = [x[:1] for x in inputs.values()]
 
-    fleet.cli("model", "push", str(tmp_path / "model.tflite"), "--name", name, "--version", "1")
+    if filename == MEASURED_WITHOUT_EVAL:  # one model (bounded time): variants without an eval set
+        pushed = fleet.cli("model", "push", str(tmp_path / "model.tflite"), "--name", name, "--version", "1", "--measure")  # fmt: skip
+        assert "no labels given" in pushed and "int8" in pushed
+    else:
+        fleet.cli("model", "push", str(tmp_path / "model.tflite"), "--name", name, "--version", "1")
     fleet.cli("deploy", name, "1", "--to", "group:faces")
     for agent in agents:
         wait_for(lambda agent=agent: agent.running().startswith(f"{name}/1/"), 120, f"{agent.name} on v1")
