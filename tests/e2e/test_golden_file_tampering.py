@@ -55,3 +55,32 @@ def test_a_tampered_golden_file_is_refused_and_the_old_model_keeps_serving(
 
     blob.write_bytes(signed)
     fleet.wait_running(agent, "wide/2/float32.tflite", timeout=90)
+
+
+def test_a_golden_file_damaged_at_rest_on_the_device_is_fetched_again_verified(
+    fleet: LocalFleet, tmp_path: Path
+) -> None:
+    """Someone rewrites the kept golden file while the agent is down: at start the local copy does not
+    verify, so it does not run; the agent fetches the signed bytes again and runs healthily."""
+    (tmp_path / "v1.tflite").write_bytes(modelgen.build_large_mlp(400_000, seed=1, in_features=WIDE))
+    agent = fleet.start_agent("cam", fleet.enrollment_token())
+    fleet.cli("model", "push", str(tmp_path / "v1.tflite"), "--name", "wide", "--version", "1")
+    fleet.cli("deploy", "wide", "1", "--to", "all")
+    fleet.wait_running(agent, "wide/1/float32.tflite")
+    [kept] = (agent.state_dir / "models").glob("*.npz")
+    signed = kept.read_bytes()
+
+    agent.stop()
+    kept.write_bytes(signed[:-10] + b"x" * 10)
+    agent = fleet.start_agent("cam")
+
+    def fetched_again() -> bool:
+        events = fleet.cli_json("events", "--device", agent.device_id(), "--limit", "50")
+        return (
+            any("unusable" in e["reason"] and "golden" in e["reason"] for e in events)
+            and kept.exists()
+            and kept.read_bytes() == signed
+        )
+
+    wait_for(fetched_again, 60, "the golden file to be refused and fetched again")
+    fleet.wait_running(agent, "wide/1/float32.tflite")
