@@ -22,7 +22,8 @@ from edgefleet.server.operator_service import MAX_SIDE_FILE_BYTES
 from edgefleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
 MiB = 2**20
-MESSAGE_LIMIT = 1 * MiB  # this server's: an eval set over it cannot ride in the header
+MESSAGE_LIMIT = MiB // 4  # this server's: an eval set over it cannot ride in the header
+CHUNK = 64 * 1024
 
 
 @pytest.fixture
@@ -43,9 +44,10 @@ def _requests(
         eval_length=len(eval_npz) if eval_length is None else eval_length,
     )
     yield operator_pb2.UploadModelRequest(header=header)
-    for start in range(0, len(eval_npz), 256 * 1024):
-        yield operator_pb2.UploadModelRequest(eval_chunk=eval_npz[start : start + 256 * 1024])
-    yield operator_pb2.UploadModelRequest(chunk=model)
+    for start in range(0, len(eval_npz), CHUNK):
+        yield operator_pb2.UploadModelRequest(eval_chunk=eval_npz[start : start + CHUNK])
+    for start in range(0, len(model), CHUNK):
+        yield operator_pb2.UploadModelRequest(chunk=model[start : start + CHUNK])
 
 
 async def _upload(harness: Harness, requests: Iterator[Any]) -> Any:
@@ -60,7 +62,7 @@ def _eval_set(model: bytes, rows: int) -> bytes:
 
 async def test_an_eval_set_larger_than_one_message_uploads_in_chunks(harness: Harness) -> None:
     model = modelgen.build_large_mlp(200_000, in_features=64)
-    eval_npz = _eval_set(model, 4000)
+    eval_npz = _eval_set(model, 1200)
     assert len(eval_npz) > MESSAGE_LIMIT
     with pytest.raises(grpc.aio.AioRpcError) as inline:
         await _upload(harness, _requests(model, inline_eval=eval_npz, eval_length=0))
@@ -115,7 +117,10 @@ async def test_a_golden_file_is_served_once_signed_and_only_with_the_signed_hash
     header = operator_pb2.UploadModelHeader(
         name="wide", version="1", length=len(model), sha256=hashlib.sha256(model).hexdigest()
     )
-    requests = [operator_pb2.UploadModelRequest(header=header), operator_pb2.UploadModelRequest(chunk=model)]
+    requests = [operator_pb2.UploadModelRequest(header=header)]
+    requests += [
+        operator_pb2.UploadModelRequest(chunk=model[i : i + CHUNK]) for i in range(0, len(model), CHUNK)
+    ]
     reply = await _upload(harness, iter(requests))
     details = json.loads(reply.variants[0].details_json)
     assert "golden" not in details
