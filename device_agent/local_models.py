@@ -203,6 +203,7 @@ class LocalModels:
         return worker
 
     def prune(self) -> None:
-        """Deletes model files and downloads that are neither the current model nor the previous one."""
+        """Deletes model files and downloads that are neither the current model, the previous one nor the
+        shadow candidate."""
         state = self.store.state
-        self.store.prune_models({r.sha256 for r in (state.current, state.previous) if r})
+        self.store.prune_models({r.sha256 for r in (state.current, state.previous, state.shadow) if r})
