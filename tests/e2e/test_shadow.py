@@ -147,3 +147,33 @@ def test_shadow_candidate_answers_never_reach_the_application_and_its_agreement_
     wait_for(lambda: sum(s.worker_restarts for s in stats_of(fleet, agent, V2)) == 1, 30, "v2's restart")
     for target, crashes in ((V1, 0), (V2, 1)):
         assert sum(s.worker_crashes for s in stats_of(fleet, agent, target)) == crashes, target
+
+
+def test_shadow_survives_nothing_but_an_assignment_that_still_says_shadow(
+    relayed: tuple[LocalFleet, Relay], digits_files: dict[str, Path]
+) -> None:
+    fleet, relay = relayed
+    agent = fleet.start_agent("cam", fleet.enrollment_token(), "--server", relay.address)
+    fleet.cli("model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "1")
+    fleet.cli("deploy", "digits", "1", "--to", "all")
+    fleet.wait_running(agent, V1)
+    relay.shadow_paths.add(V2)
+    fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
+    fleet.cli("deploy", "digits", "2", "--to", "all")
+    wait_event(fleet, agent, V2, "shadow_ready")
+
+    # Restarted while still assigned in shadow: loaded again from the verified local copy, no download.
+    agent.stop()
+    agent = fleet.start_agent("cam", "", "--server", relay.address)
+    wait_for(lambda: status(agent).shadow.target_path == V2, 30, "the shadow to be loaded again")
+    stages = [e["stage"] for e in events(fleet, agent) if e["target"] == V2]
+    assert stages.count("downloading") == 1 and stages.count("shadow_ready") == 2
+
+    # A new assignment (back to v1 alone) drops it; after a restart nothing brings it back.
+    fleet.cli("deploy", "digits", "1", "--to", "all")
+    wait_for(lambda: not status(agent).HasField("shadow"), 30, "the shadow to be dropped")
+    assert len(worker_pids(agent)) == 1 and "shadow" not in agent.state()
+    agent.stop()
+    agent = fleet.start_agent("cam", "", "--server", relay.address)
+    fleet.wait_running(agent, V1)
+    assert not status(agent).HasField("shadow") and len(worker_pids(agent)) == 1
