@@ -177,9 +177,11 @@ class Shadow:
         self._thread.join(self.limits.call_timeout_s + 1)
 
     def stop(self) -> None:
-        """Drops the shadow: its worker is stopped (blocking; call it off the event loop)."""
+        """Drops the shadow: its worker is killed first, so a sample in progress (even a hung one) ends at
+        once (blocking; call it off the event loop)."""
+        self._closed = True
+        self.worker.kill()
         self._stop_thread()
-        self.worker.retire()
 
     def detach(self) -> ModelWorker | None:
         """To serve the candidate: stops comparing and hands over its worker, at the agent's own priority

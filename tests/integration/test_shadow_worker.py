@@ -77,6 +77,6 @@ def test_a_hanging_candidate_never_holds_up_a_served_call(serving: Serving, tmp_
     assert slowest < 0.5  # a served call never waits for the candidate, which hangs for 1 s per sample
     stopping = time.monotonic()
     shadow.stop()
-    assert time.monotonic() - stopping < 3.0
+    assert time.monotonic() - stopping < 1.0  # killed, not waited for
     stats = shadow.take_stats()
     assert stats.compared_calls == 0 and stats.candidate_errors >= 1 and stats.skipped_calls > 0
