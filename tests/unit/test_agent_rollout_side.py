@@ -13,8 +13,19 @@ from edgefleet.agent import decisions
 from edgefleet.agent.outputs import OutputTally, Quantization, score_bin, top_of
 from edgefleet.agent.state import AgentState
 from edgefleet.agent.telemetry import device_timezone
+from edgefleet.convert import telemetry_to_proto
 from edgefleet.signing import RolloutPermit
-from edgefleet.values import MAX_TOP_CLASSES, TOP_SCORE_BINS, ModelRef
+from edgefleet.values import (
+    LATENCY_BOUNDS_MS,
+    MAX_TOP_CLASSES,
+    TOP_SCORE_BINS,
+    HealthSample,
+    InferenceStats,
+    ModelRef,
+    OutputSummary,
+    ShadowStats,
+    TelemetryReport,
+)
 
 
 def test_top_class_and_score_of_a_float_classifier() -> None:
@@ -132,3 +143,18 @@ def test_the_state_file_keeps_its_old_shape_and_round_trips_the_new_fields() -> 
     ref = ModelRef("digits/2/float32.tflite", "digits", "2", "float32", "a" * 64, 100)
     state = AgentState(shadow=ref, deferred_until_ms=123, deferred_used_s=60)
     assert AgentState.from_json(state.to_json()) == state
+
+
+def test_output_summaries_and_shadow_stats_stay_within_a_few_kib_per_version_per_report() -> None:
+    buckets = tuple([99_999] * (len(LATENCY_BOUNDS_MS) + 1))
+    plain = InferenceStats("digits/1/float32.tflite", 10**5, 3, LATENCY_BOUNDS_MS, buckets, 1e6, 100.0)
+
+    def size(stats: InferenceStats) -> int:
+        return telemetry_to_proto(TelemetryReport(1, HealthSample(), (stats,))).ByteSize()
+
+    shadow = ShadowStats("digits/2/float32.tflite", 10**4, 9000, 35.0, buckets, 1, 10**5)
+    ten = OutputSummary(tuple([99_999] * 10), tuple([99_999] * TOP_SCORE_BINS))
+    widest = OutputSummary(tuple([99_999] * MAX_TOP_CLASSES), ten.top_score_counts)
+    with_ten = InferenceStats(**{**plain.__dict__, "outputs": ten, "shadow": shadow, "worker_crashes": 1})
+    assert size(with_ten) - size(plain) < 200  # a 10-class model: a few dozen counters
+    assert size(InferenceStats(**{**with_ten.__dict__, "outputs": widest})) < 4096
