@@ -80,3 +80,36 @@ def test_a_hanging_candidate_never_holds_up_a_served_call(serving: Serving, tmp_
     assert time.monotonic() - stopping < 1.0  # killed, not waited for
     stats = shadow.take_stats()
     assert stats.compared_calls == 0 and stats.candidate_errors >= 1 and stats.skipped_calls > 0
+
+
+def _uint8_output_model() -> bytes:
+    """float32 [1, 4] in -> QUANTIZE -> uint8 [1, 4] out, scale 1/255, zero point 0."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from edgefleet.devtools.hostile import _Model
+
+    model = _Model("edgefleet test: a uint8 output")
+    main = model.subgraph("main")
+    x = main.tensor("x", (1, 4))
+    y = main.tensor("y", (1, 4), dtype=schema.TensorType.UINT8)
+    params = schema.QuantizationParametersT()
+    params.scale, params.zeroPoint = [1 / 255], [0]
+    main.t.tensors[y].quantization = params
+    main.op(schema.BuiltinOperator.QUANTIZE, [x], [y])
+    main.io([x], [y])
+    return model.finish()
+
+
+def test_a_uint8_output_is_summarised_after_dequantizing_with_its_scale_and_zero_point(
+    serving: Serving, tmp_path: Path
+) -> None:
+    (tmp_path / "u8.tflite").write_bytes(_uint8_output_model())
+    worker = _worker(tmp_path / "u8.tflite")
+    assert worker.quantization.scale == pytest.approx(1 / 255) and worker.quantization.zero_point == 0
+    serving.swap(worker, SERVING)
+    result = serving.infer([np.array([[0.1, 0.55, 0.3, 0.2]], np.float32)])
+    assert result.outputs[0].dtype == np.uint8 and int(result.outputs[0][0, 1]) == 140
+    summary = serving.take_stats()[SERVING.target_path].outputs.summary()
+    assert summary is not None
+    # 140 * (1/255) = 0.55: bin 5 (read raw, 140 would be clipped to 1.0, bin 9).
+    assert summary.top_class_counts == (0, 1) and summary.top_score_counts[5] == 1
