@@ -229,8 +229,9 @@ class Supervisor:
         Obeyed only when signed metadata allows the previous version (`decisions.check_not_downgrade`), or,
         naming a rollout, when its signed permit does (`decisions.check_rollout_rollback`). Never deferred;
         a shadow candidate is dropped."""
-        await self.drop_shadow("a rollback was ordered")
         async with self.turn.lock:
+            # Under the lock: a shadow that finished loading while the order waited goes too.
+            await self.drop_shadow("a rollback was ordered")
             if command_id and command_id in self.store.state.rollbacks_done:
                 self.control.queue_status()  # already obeyed: say so again, do not go back twice
                 return

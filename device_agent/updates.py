@@ -82,8 +82,9 @@ class Updater:
         if ref is None:
             return
         path = ref.target_path
-        running = self.serving.shadow
-        if running is not None and running.ref.target_path != path:
+        running, kept = self.serving.shadow, self.store.state.shadow  # kept: a copy from before a restart
+        shadowed = running.ref.target_path if running else kept.target_path if kept else ""
+        if shadowed and shadowed != path:
             await self.supervisor.drop_shadow(f"assignment of {path}")
         if (path, shadow) in self._applying:
             return  # a loop for this target is already at work
@@ -188,11 +189,15 @@ class Updater:
             worker.kill()
             raise
         if shadow:
-            self._start_shadow(target, worker)
+            await self._start_shadow(target, worker)
         else:
             await self._activate(target, worker)
 
-    def _start_shadow(self, target: ModelTarget, worker: ModelWorker) -> None:
+    async def _start_shadow(self, target: ModelTarget, worker: ModelWorker) -> None:
+        if self.turn.wanted != target.path:  # a newer assignment came while it loaded
+            worker.kill()
+            return
+        await self.supervisor.drop_shadow(f"replaced by {target.path}")
         serving = self.serving.worker
         limits = ShadowLimits(
             share=self.config.shadow_share,
