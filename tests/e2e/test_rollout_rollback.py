@@ -15,12 +15,14 @@ from edgefleet import signing
 from edgefleet.cli.client import Operator
 from edgefleet.cli.main import parse_args
 from edgefleet.cli.publish import publish_targets
-from edgefleet.devtools.localfleet import AgentProcess, LocalFleet, wait_for
+from edgefleet.devtools.localfleet import AgentProcess, LocalClient, LocalFleet, wait_for
+from edgefleet.devtools.modelgen import build_digits_model
 from edgefleet.devtools.relay import Relay
-from edgefleet.v1 import operator_pb2
+from edgefleet.v1 import local_pb2, operator_pb2
 
 V1 = "digits/1/float32.tflite"
 V2 = "digits/2/float32.tflite"
+V3 = "digits/3/float32.tflite"
 
 
 @pytest.fixture
@@ -118,11 +120,29 @@ def test_rollout_rollback_with_another_rollouts_or_another_models_permit_is_refu
     refused(fleet, agent, "permits going back from faces sequence 2")
 
 
-def test_rollout_rollback_under_its_signed_permit_goes_back_to_the_incumbent(
-    on_v2: tuple[LocalFleet, Relay, AgentProcess],
+def test_rollout_rollback_under_its_signed_permit_goes_back_to_the_incumbent_and_drops_a_shadow(
+    on_v2: tuple[LocalFleet, Relay, AgentProcess], tmp_path: Path
 ) -> None:
     fleet, relay, agent = on_v2
+    v3, _ = build_digits_model(seed=2)
+    (tmp_path / "v3.tflite").write_bytes(v3)
+    relay.shadow_paths.add(V3)
+    fleet.cli("model", "push", str(tmp_path / "v3.tflite"), "--name", "digits", "--version", "3")
+    fleet.cli("deploy", "digits", "3", "--to", "all")
+    wait_for(lambda: shadow_of(agent) == V3, 60, "v3 in shadow")
+
     sign_permits(fleet, {"ro-1": signing.RolloutPermit("digits", 2, 1)})
     command_id = order_rollback(fleet, relay, "ro-1")
     fleet.wait_running(agent, V1)
     assert agent.state()["rollbacks_done"][-1] == command_id
+    assert shadow_of(agent) == "" and "shadow" not in agent.state()
+
+
+def shadow_of(agent: AgentProcess) -> str:
+    client = LocalClient(agent.socket)
+    try:
+        return str(
+            client.stub.GetAgentStatus(local_pb2.GetAgentStatusRequest(), timeout=5).shadow.target_path
+        )
+    finally:
+        client.close()
