@@ -269,12 +269,12 @@ class LocalModels:
         return worker
 
     def prune(self) -> None:
-        """Deletes model files and downloads that are neither the current model nor the previous one."""
+        """Deletes model files and downloads that are neither the current model, the previous one nor the
+        shadow candidate."""
         state = self.store.state
-        keep = {r.sha256 for r in (state.current, state.previous) if r}
-        for ref in (state.current, state.previous):
-            if ref is None:
-                continue
+        kept = [r for r in (state.current, state.previous, state.shadow) if r]
+        keep = {r.sha256 for r in kept}
+        for ref in kept:
             try:  # their golden files stay too
                 golden = ModelTarget.from_target(self.trust.local_target(ref.target_path)).golden_file
             except UNUSABLE:
