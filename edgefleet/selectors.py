@@ -14,7 +14,9 @@ A selector is one of:
                               !key                  has not the key
 
 e.g. `group:lab,site=berlin,camera!=v1` or `site in (berlin,paris)`. Requirements are ANDed, as in
-kubectl. `str(selector)` is the canonical text the server stores with a deployment (group first, then
+kubectl; `all` stands alone (so a bare `all` is never read as "has the label all"), and a bare word is a
+has-key requirement, as in kubectl: `edgefleet deploy ... --to everything` reaches the devices with that
+label (none, usually, and an empty deployment is refused). `str(selector)` is the canonical text the server stores with a deployment (group first, then
 the requirements in the order given) and parses again when a device enrolls later.
 """
 
@@ -116,6 +118,8 @@ def parse_selector(text: str) -> Selector:
     group = ""
     requirements: list[Requirement] = []
     for part in _split(text):
+        if part.strip() == "all":
+            raise _refuse(text, "'all' stands alone (requirements already narrow every device)")
         found = _GROUP.fullmatch(part)
         if found:
             if group:

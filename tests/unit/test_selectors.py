@@ -80,6 +80,7 @@ def test_group_and_labels_must_both_match() -> None:
         ("group:", "not a group name"),
         ("group:../x", "not a group name"),
         ("group:a,group:b", "more than one group"),
+        ("all,group:lab", "'all' stands alone"),
         ("device:a b", "device:ID takes"),
         ("device:x,site=a", "device:ID takes"),
         ("host:x", "only group: and device:"),
