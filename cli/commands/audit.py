@@ -64,11 +64,10 @@ def _row(e: AuditEntry) -> dict[str, Any]:
 
 
 def _details_text(details: Any) -> str:
-    text = (
-        json.dumps(details, sort_keys=True, separators=(",", ":"))
-        if not isinstance(details, str)
-        else details
-    )
+    if not isinstance(details, str):
+        # JSON writes control characters as \u001b itself; the rest (bidi overrides...) `escape` shows
+        details = json.dumps(details, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    text = details
     return text if len(text) <= 120 else text[:117] + "..."
 
 
