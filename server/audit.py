@@ -7,7 +7,9 @@ operator's certificate name), what, when and the evidence.
 
 Entries are only ever appended: the store offers insert and list, and no RPC changes or removes one.
 Actions are dotted nouns and verbs ("deployment.create", "rollout.abort"); a listing filtered by "rollout"
-shows every "rollout.*". An action is recorded once it has succeeded; a refused one changed nothing.
+shows every "rollout.*". An action is recorded once it has succeeded; a refused one changed nothing. The
+entry is a transaction of its own after the action's: should the database fail between the two, the
+operator is answered UNAVAILABLE for an action that was done (and `edgefleet deployments` shows it).
 """
 
 from __future__ import annotations

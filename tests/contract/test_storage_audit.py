@@ -68,3 +68,33 @@ def test_racing_appends_never_fork_the_chain(store: FleetStore) -> None:
 def test_the_store_offers_only_insert_and_list_for_the_audit_log() -> None:
     audit_methods = {name for name in dir(FleetStore) if "audit" in name}
     assert audit_methods == {"add_audit", "list_audit"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_servers_on_one_database_append_to_one_chain_that_survives_a_restart(
+    backend: str, tmp_path: Path
+) -> None:
+    url = database_url(backend, tmp_path)
+    first, second = open_store(url), open_store(url)
+    try:
+
+        def append(store: FleetStore, worker: int) -> None:
+            for i in range(15):
+                store.add_audit(i, f"op-{worker}", "deployment.create", "dep", "{}")
+
+        threads = [threading.Thread(target=append, args=(s, w)) for w, s in enumerate([first, second] * 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        first.close()
+        second.close()
+    reopened = open_store(url)
+    try:
+        reopened.add_audit(99, "operator", "device.revoke", "dev-x", "{}")
+        page = reopened.list_audit(0, "", 1, 1000)
+        assert len(page.entries) == 61 and page.head_seq == 61
+        assert verify(page.entries, page.head_seq, page.head_sha256) == ""
+    finally:
+        reopened.close()
