@@ -14,6 +14,7 @@ import grpc
 import pytest
 from conftest import database_url
 
+from edgefleet import signing
 from edgefleet.audit_chain import AuditEntry, verify
 from edgefleet.devtools.raw_rpc import OPERATOR_SERVICE, call, rpcs
 from edgefleet.devtools.rpc_harness import Harness, running_harness
@@ -246,3 +247,44 @@ async def test_bad_audit_queries_are_refused(harness: Harness) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await harness.operator_stub.ListAudit(operator_pb2.ListAuditRequest(**fields), timeout=10)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def _publish(harness: Harness) -> Any:
+    current = (
+        await harness.fleet.repository.current_metadata("targets")
+        if harness.fleet.store.repo_versions().targets
+        else None
+    )
+    signed = signing.sign_targets(current, [], signing.load_signer(harness.keys.targets))
+    return await harness.operator_stub.PublishTargets(
+        operator_pb2.PublishTargetsRequest(targets_json=signed), timeout=10
+    )
+
+
+async def test_a_publish_is_audited_with_its_signing_keys_and_a_key_change_is_called_out(
+    harness: Harness,
+) -> None:
+    await _publish(harness)
+    [first] = await _audit(harness, action="targets")
+    evidence = json.loads(first.details_json)
+    assert (
+        first.subject == "targets v1" and evidence["targets_version"] == 1 and evidence["root_version"] == 1
+    )
+    [targets_key] = evidence["signed_by"]
+
+    # What the server would hold after a root rotation gave targets another key: v1 signed by another key
+    # id (root rotation has no RPC yet, so the stored file is rewritten, as a rotation would leave it).
+    store = harness.fleet.store
+    stored = json.loads(store.get_metadata("1.targets"))
+    stored["signatures"][0]["keyid"] = "f" * 64
+    versions = store.repo_versions()
+    store.put_metadata({"1.targets": json.dumps(stored).encode()}, versions, versions)
+    await _publish(harness)
+    change = (await _audit(harness, action="keys"))[-1]
+    assert change.action == "keys.change" and change.subject == "targets v2"
+    assert json.loads(change.details_json) == {
+        "role": "targets",
+        "before": ["f" * 64],
+        "after": [targets_key],
+        "root_version": 1,
+    }
