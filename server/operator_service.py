@@ -105,6 +105,22 @@ def event_info(e: EventRecord) -> operator_pb2.DeviceEvent:
     )
 
 
+AUDIT_ANSWER_BYTES = 4 * 2**20  # well under the server's message limit, whatever the entries hold
+
+
+def _within_budget(entries: list[operator_pb2.AuditEntry], oldest: bool) -> list[operator_pb2.AuditEntry]:
+    """The entries that fit AUDIT_ANSWER_BYTES: the oldest when paging forward, else the newest. The
+    client pages on from the last seq it got."""
+    kept: list[operator_pb2.AuditEntry] = []
+    size = 0
+    for entry in entries if oldest else reversed(entries):
+        size += entry.ByteSize()
+        if size > AUDIT_ANSWER_BYTES and kept:
+            break
+        kept.append(entry)
+    return kept if oldest else kept[::-1]
+
+
 def audit_entry_info(entry: AuditEntry) -> operator_pb2.AuditEntry:
     return operator_pb2.AuditEntry(
         seq=entry.seq,
@@ -347,7 +363,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
                 request.since_unix_ms, request.action, request.from_seq, request.limit
             )
             return operator_pb2.ListAuditResponse(
-                entries=[audit_entry_info(e) for e in page.entries],
+                entries=_within_budget([audit_entry_info(e) for e in page.entries], bool(request.from_seq)),
                 head_seq=page.head_seq,
                 head_sha256=page.head_sha256,
             )

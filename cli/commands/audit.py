@@ -105,10 +105,11 @@ def _verify(args: argparse.Namespace, op: Operator) -> None:
     """Reads the whole log page by page and checks its chain and that it ends at the server's head."""
     entries: list[AuditEntry] = []
     while True:
-        request = operator_pb2.ListAuditRequest(from_seq=len(entries) + 1, limit=PAGE)
-        reply = op.call("ListAudit", request)
+        # From the seq after the last one read (a gap then shows as a missing entry), until the head.
+        after = entries[-1].seq if entries else 0
+        reply = op.call("ListAudit", operator_pb2.ListAuditRequest(from_seq=after + 1, limit=PAGE))
         entries.extend(_entry(e) for e in reply.entries)
-        if len(reply.entries) < PAGE:
+        if not reply.entries or entries[-1].seq >= reply.head_seq:
             break
     problem = verify(entries, reply.head_seq, reply.head_sha256)
     if args.json:

@@ -288,3 +288,23 @@ async def test_a_publish_is_audited_with_its_signing_keys_and_a_key_change_is_ca
         "after": [targets_key],
         "root_version": 1,
     }
+
+
+async def test_large_evidence_is_answered_in_pages_that_fit_a_message(harness: Harness) -> None:
+    for i in range(80):  # the rollout engine's evidence can be large: 80 x 60 KiB is past one answer
+        await harness.fleet.audit.record("engine", "rollout.gate", f"ro-{i}", {"samples": "x" * 60_000})
+    newest = await _audit(harness)
+    assert 0 < len(newest) < 80 and newest[-1].seq == 80  # the newest that fit
+    log, head_seq, head = await _whole_log(harness)
+    assert log[0].seq == 1 and len(log) < 80
+    while log[-1].seq < head_seq:
+        reply = await harness.operator_stub.ListAudit(
+            operator_pb2.ListAuditRequest(from_seq=log[-1].seq + 1, limit=1000), timeout=10
+        )
+        log += [
+            AuditEntry(
+                e.seq, e.at_unix_ms, e.actor, e.action, e.subject, e.details_json, e.previous_sha256, e.sha256
+            )
+            for e in reply.entries
+        ]
+    assert verify(log, head_seq, head) == ""
