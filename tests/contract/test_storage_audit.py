@@ -4,6 +4,7 @@ interface offers nothing that changes or removes one."""
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,3 +99,14 @@ def test_two_servers_on_one_database_append_to_one_chain_that_survives_a_restart
         assert verify(page.entries, page.head_seq, page.head_sha256) == ""
     finally:
         reopened.close()
+
+
+def test_no_server_code_updates_or_deletes_an_audit_entry() -> None:
+    server = Path(__file__).resolve().parents[2] / "server"
+    found = [
+        f"{path.name}: {line.strip()}"
+        for path in server.rglob("*.py")
+        for line in path.read_text().splitlines()
+        if re.search(r"audit_log\.(update|delete)\(|(UPDATE|DELETE FROM)\s+audit_log", line)
+    ]
+    assert found == []
