@@ -92,8 +92,9 @@ def test_label_selectors_are_answered_by_the_store(store: FleetStore) -> None:
     assert names("site=rome") == ""
 
 
-def test_a_version_2_database_gets_labels_and_keeps_its_records(tmp_path: Path) -> None:
-    url = database_url("sqlite", tmp_path)
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_version_2_database_gets_labels_and_keeps_its_records(backend: str, tmp_path: Path) -> None:
+    url = database_url(backend, tmp_path)
     store = open_store(url)
     _enroll(store, "a")
     store.add_enrollment_token("enr_unused", "lab", 3, now_ms() + 60_000)
@@ -101,6 +102,8 @@ def test_a_version_2_database_gets_labels_and_keeps_its_records(tmp_path: Path) 
     engine = sa.create_engine(sqlalchemy_url(url))
     with engine.begin() as conn:  # what version 2 left: no label table, tokens without labels
         conn.execute(sa.text("DROP TABLE device_labels"))
+        conn.execute(sa.text("DROP TABLE audit_log"))
+        conn.execute(sa.text("DROP TABLE audit_head"))
         conn.execute(sa.text("ALTER TABLE enrollment_tokens DROP COLUMN labels"))
         conn.execute(sa.text("UPDATE schema_version SET version = 2"))
     engine.dispose()
@@ -112,6 +115,7 @@ def test_a_version_2_database_gets_labels_and_keeps_its_records(tmp_path: Path) 
         assert token is not None and (token.group, token.uses_left, token.labels) == ("lab", 3, {})
         assert migrated.replace_labels("dev-a", {"site": "berlin"}, {})
         assert [d.name for d in migrated.devices_matching(parse_selector("site=berlin"))] == ["a"]
+        assert migrated.add_audit(1, "operator", "device.label", "dev-a", "{}").seq == 1
     finally:
         migrated.close()
     engine = sa.create_engine(sqlalchemy_url(url))
