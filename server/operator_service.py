@@ -343,6 +343,8 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             check_name("device id", request.device_id)
             if len(request.set) + len(request.remove) > 2 * labels.MAX_LABELS:
                 raise errors.InvalidRequestError(f"at most {2 * labels.MAX_LABELS} label changes at once")
+            for key in [*request.set, *request.remove]:
+                labels.check_key(key)  # before they become words: a key holding '=' is no key
             # The CLI's own words (key=value, key-), so the server refuses exactly what `devices label` would.
             words = [f"{k}={v}" for k, v in request.set.items()] + [f"{k}-" for k in request.remove]
             change = labels.edits(words)

@@ -98,6 +98,8 @@ async def test_devices_carry_their_tokens_labels_and_an_operator_changes_them_as
     [
         ({"device_id": "cam-1"}, "give labels"),
         ({"device_id": "cam-1", "set": {"Bad Key": "x"}}, "bad label key"),
+        ({"device_id": "cam-1", "set": {"a=b": "c"}}, "bad label key 'a=b'"),
+        ({"device_id": "cam-1", "remove": ["a=b1"]}, "bad label key 'a=b1'"),
         ({"device_id": "cam-1", "set": {"site": "a\x1bb"}}, "bad value"),
         ({"device_id": "cam-1", "set": {"site": "x"}, "remove": ["site"]}, "both set and removed"),
         ({"device_id": "cam-1", "set": {f"k{i}": "v" for i in range(65)}}, "at most 64"),
