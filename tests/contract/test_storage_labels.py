@@ -122,3 +122,32 @@ def test_a_version_2_database_gets_labels_and_keeps_its_records(backend: str, tm
     with engine.begin() as conn:
         assert conn.execute(sa.text("SELECT version FROM schema_version")).scalar() == SCHEMA_VERSION
     engine.dispose()
+
+
+_SELECTORS = [
+    "site=berlin", "site!=berlin", "site in (berlin,rome)", "site notin (berlin,rome)", "site", "!site",
+    "camera=v1", "camera!=v2", "tier=", "tier!=", "!tier", "group:lab", "group:field,camera",
+    "site=berlin,camera!=v1,!tier", "site in (paris),camera notin (v1)", "camera in (v1,v2),site",
+]  # fmt: skip
+
+
+def test_the_store_and_the_pure_matcher_agree_on_every_selector(store: FleetStore) -> None:
+    """Deployments ask the store; a device enrolling later is matched by `Selector.matches`: the same
+    answers, or a late joiner would get what its neighbours did not."""
+    label_sets = [
+        {},
+        {"site": "berlin"},
+        {"site": "rome", "camera": "v1"},
+        {"site": "berlin", "camera": "v2", "tier": ""},
+        {"site": "paris", "camera": "v2"},
+        {"camera": "v1", "tier": "gold"},
+        {"site": "berlin", "camera": "v1"},
+        {"tier": ""},
+    ]
+    devices = [
+        _enroll(store, f"d{i}", "lab" if i % 2 else "field", **labels) for i, labels in enumerate(label_sets)
+    ]
+    for text in _SELECTORS:
+        selector = parse_selector(text)
+        expected = sorted(d.name for d in devices if selector.matches(d.id, d.group, d.labels))
+        assert sorted(d.name for d in store.devices_matching(selector)) == expected, text
