@@ -200,7 +200,8 @@ class Deployments:
         whose selector names it last told that selector (`rules.late_joiner_order`)."""
         deployments = await asyncio.to_thread(self.store.list_deployments)
         deployment = late_joiner_order(
-            deployments, lambda d: parse_selector(d.selector).matches(device.id, device.group)
+            deployments,
+            lambda d: parse_selector(d.selector).matches(device.id, device.group, device.labels),
         )
         if deployment is None:
             return
