@@ -89,7 +89,10 @@ class Updater:
                 if self.turn.wanted != path:
                     return  # a newer assignment or a rollback came while this one waited for the lock
                 state = self.store.state
-                if (state.current and state.current.target_path == path) or path in state.bad_targets:
+                if state.current and state.current.target_path == path:
+                    return
+                if path in state.bad_targets:
+                    log.info("not installing %s: it failed here before (listed as bad)", path)
                     return
                 try:
                     await self._install(path)
