@@ -6,10 +6,11 @@ assignments it is given down the device's open control stream, as a compromised 
     with HostileServer(upstream, server_tls, device_tls, folder) as hostile:   # a subprocess on 127.0.0.1:0
         agent = fleet.start_agent("cam", "", "--server", hostile.address)
         hostile.assign([ModelRef(...), ...])     # queued on the device's stream (waits for the relay's word)
+        hostile.serve_metadata({"2.root": b"..."})  # GetMetadata answers these itself from now on
         hostile.downloads()                      # the target paths the device asked to download, in order
 
-The process reads one JSON command a line on stdin ({"assign": [ModelRef fields, ...]}) and answers each
-with one line on stdout; what it relays it logs on stderr.
+The process reads one JSON command a line on stdin ({"assign": [ModelRef fields, ...]} or {"metadata":
+{name: hex}}) and answers each with one line on stdout; what it relays it logs on stderr.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class _Relay:
     def __init__(self, upstream: grpc.aio.Channel):
         self.upstream = upstream
         self.streams: set[asyncio.Queue[bytes | None]] = set()
+        self.metadata: dict[str, bytes] = {}  # GetMetadata names answered here, not by the real server
 
     def handler(self) -> grpc.GenericRpcHandler:
         methods: dict[str, grpc.RpcMethodHandler] = {}
@@ -60,6 +62,11 @@ class _Relay:
 
     def _unary(self, path: str) -> Any:
         async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            if path.endswith("/GetMetadata"):
+                name = device_pb2.GetMetadataRequest.FromString(request).name
+                if name in self.metadata:
+                    log.info("metadata %s served by the relay", name)
+                    return device_pb2.GetMetadataResponse(content=self.metadata[name]).SerializeToString()
             try:
                 reply: bytes = await self.upstream.unary_unary(path)(request, timeout=60)
                 return reply
@@ -142,7 +149,13 @@ async def _serve(args: argparse.Namespace) -> None:
 
     def read_commands() -> None:
         for line in sys.stdin:
-            refs = json.loads(line)["assign"]
+            command = json.loads(line)
+            if "metadata" in command:
+                files = {name: bytes.fromhex(data) for name, data in command["metadata"].items()}
+                relay.metadata.update(files)  # one dict update: atomic for the loop reading it
+                print(json.dumps({"metadata": len(files)}), flush=True)
+                continue
+            refs = command["assign"]
             streams = asyncio.run_coroutine_threadsafe(_assign(relay, refs), loop).result()
             print(json.dumps({"assigned": len(refs), "streams": streams}), flush=True)
 
@@ -213,6 +226,14 @@ class HostileServer:
                 return int(json.loads(self._line())["streams"]) > 0
 
         wait_for(pushed, wait_s, "a device's control stream through the hostile server", interval=0.5)
+
+    def serve_metadata(self, files: dict[str, bytes]) -> None:
+        """GetMetadata for these names is answered by the relay from now on (e.g. "2.root": a rotation)."""
+        assert self.process is not None and self.process.stdin is not None
+        with self._lock:
+            self.process.stdin.write(json.dumps({"metadata": {n: d.hex() for n, d in files.items()}}) + "\n")
+            self.process.stdin.flush()
+            self._line()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from conftest import v1_running
+from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata
 
 from edgefleet import model_targets, signing
@@ -170,3 +171,58 @@ def test_stored_root_and_targets_rewritten_with_an_attackers_own_keys_never_make
 
     wait_for(v2_answers, 60, "v2's own bytes to answer")
     assert agent.state()["current"]["sha256"] == signed[V2]["hashes"]["sha256"]
+
+
+def _rotated_root(fleet: LocalFleet, new_root_key: CryptoSigner) -> bytes:
+    """A real rotation of the fleet's root key: root.json version 2 names `new_root_key` and is signed by the
+    old root key (its threshold) and the new one; the targets and online keys stay."""
+    md = Metadata.from_bytes((fleet.keys / "root.json").read_bytes())
+    root = md.signed
+    for keyid in list(root.roles["root"].keyids):
+        root.revoke_key(keyid, "root")
+    root.add_key(new_root_key.public_key, "root")
+    root.version = 2
+    md.signatures.clear()
+    md.sign(signing.load_signer(fleet.keys / "root.key"))
+    md.sign(new_root_key, append=True)
+    return md.to_bytes()
+
+
+def test_root_rotation_signed_by_the_old_root_is_followed_and_a_rewritten_stored_root_is_never_trusted(
+    fleet: LocalFleet, digits_files: dict, tmp_path: Path
+) -> None:
+    """The server serves root.json v2 (a real rotation of the root key); the agent follows it on its next
+    refresh. Another process then rewrites the stored v2 with a root of its own: the agent says so at start,
+    trusts only the chain from the pinned root, and the next refresh brings the real v2 back."""
+    agent = v1_running(fleet, digits_files)
+    agent.stop()
+    rotated = _rotated_root(fleet, CryptoSigner.generate_ed25519())
+    stored = agent.state_dir / "metadata" / "root_history" / "2.root.json"
+    with HostileServer(
+        fleet.address, fleet.data_dir / "tls", agent.state_dir / "tls", tmp_path / "relay.log"
+    ) as server:
+        server.serve_metadata({"2.root": rotated})
+        agent = fleet.start_agent("cam", "", "--server", server.address)
+        fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
+        fleet.cli("deploy", "digits", "2", "--to", "all")
+        fleet.wait_running(agent, V2)
+        assert stored.read_bytes() == rotated  # followed: verified by the old root's threshold, persisted
+        assert json.loads((agent.state_dir / "metadata" / "root.json").read_bytes())["signed"]["version"] == 2
+        agent.stop()
+
+        evil = signing.init_keys(tmp_path / "evil")
+        forged = Metadata.from_bytes(rotated)
+        forged.signatures.clear()
+        forged.signed.add_key(signing.load_signer(evil.root).public_key, "root")
+        forged.sign(signing.load_signer(evil.root))  # vouches for itself only
+        for path in (stored, agent.state_dir / "metadata" / "root.json"):
+            path.unlink()
+            path.write_bytes(forged.to_bytes())
+        agent = fleet.start_agent("cam", "", "--server", server.address)
+        assert _answer(agent)[1] == V2  # v2 is still signed by the targets key of the pinned root
+        assert "stored root.json version 2 does not chain from the pinned root" in agent.log()
+        # The next refresh walks from the pinned root again and fetches the real v2.
+        fleet.cli("model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "3")
+        fleet.cli("deploy", "digits", "3", "--to", "all")
+        fleet.wait_running(agent, "digits/3/float32.tflite")
+        assert stored.read_bytes() == rotated
