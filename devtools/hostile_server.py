@@ -6,7 +6,7 @@ assignments it is given down the device's open control stream, as a compromised 
     with HostileServer(upstream, server_tls, device_tls, folder) as hostile:   # a subprocess on 127.0.0.1:0
         agent = fleet.start_agent("cam", "", "--server", hostile.address)
         hostile.assign([ModelRef(...), ...])     # queued on the device's stream (waits for the relay's word)
-        hostile.serve_metadata({"2.root": b"..."})  # GetMetadata answers these itself from now on
+        hostile.serve_metadata({"2.root": b"..."})  # GetMetadata answers these itself (until `forget`)
         hostile.downloads()                      # the target paths the device asked to download, in order
 
 The process reads one JSON command a line on stdin ({"assign": [ModelRef fields, ...]} or {"metadata":
@@ -153,7 +153,9 @@ async def _serve(args: argparse.Namespace) -> None:
             if "metadata" in command:
                 files = {name: bytes.fromhex(data) for name, data in command["metadata"].items()}
                 relay.metadata.update(files)  # one dict update: atomic for the loop reading it
-                print(json.dumps({"metadata": len(files)}), flush=True)
+                for name in command.get("forget", ()):
+                    relay.metadata.pop(name, None)
+                print(json.dumps({"metadata": len(relay.metadata)}), flush=True)
                 continue
             refs = command["assign"]
             streams = asyncio.run_coroutine_threadsafe(_assign(relay, refs), loop).result()
@@ -227,11 +229,13 @@ class HostileServer:
 
         wait_for(pushed, wait_s, "a device's control stream through the hostile server", interval=0.5)
 
-    def serve_metadata(self, files: dict[str, bytes]) -> None:
-        """GetMetadata for these names is answered by the relay from now on (e.g. "2.root": a rotation)."""
+    def serve_metadata(self, files: dict[str, bytes], forget: Sequence[str] = ()) -> None:
+        """GetMetadata for these names is answered by the relay from now on (e.g. "2.root": a rotation);
+        the names in `forget` go back to the real server."""
         assert self.process is not None and self.process.stdin is not None
+        command = {"metadata": {n: d.hex() for n, d in files.items()}, "forget": list(forget)}
         with self._lock:
-            self.process.stdin.write(json.dumps({"metadata": {n: d.hex() for n, d in files.items()}}) + "\n")
+            self.process.stdin.write(json.dumps(command) + "\n")
             self.process.stdin.flush()
             self._line()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -51,7 +52,10 @@ def _reference_output(model: Path) -> np.ndarray:
 def _fake(i: int) -> ModelRef:
     name = "digits" if i % 2 else f"m{i % 7}"
     path = f"{name}/{100 + i}/float32.tflite"
-    return ModelRef(path, name, str(100 + i), "float32", hashlib.sha256(path.encode()).hexdigest(), 1000)
+    sha = hashlib.sha256(path.encode()).hexdigest()
+    if i % 500 == 7:  # a few that aim at the device's files: only signed hashes ever name a file there
+        path, sha = f"../../{i}/../state.json", "../../state"
+    return ModelRef(path, name, str(100 + i), "float32", sha, 1000)
 
 
 def test_hostile_server_assigning_thousands_of_fake_targets_cannot_flush_a_bad_version(
@@ -73,6 +77,7 @@ def test_hostile_server_assigning_thousands_of_fake_targets_cannot_flush_a_bad_v
         hostile.assign([_fake(i) for i in range(FAKES)])
         last = _fake(FAKES - 1).target_path
         wait_for(lambda: f"update to {last} interrupted" in agent.log(), 120, "the fakes to be tried")
+        assert json.loads((agent.state_dir / "state.json").read_text())["current"]["target_path"] == V1
         fakes_s = time.monotonic() - started
         refused_before = agent.log().count(f"not installing {V2}")
         hostile.assign([ModelRef(V2, "digits", "2", "float32", bad_sha, 0)])
@@ -226,3 +231,31 @@ def test_root_rotation_signed_by_the_old_root_is_followed_and_a_rewritten_stored
         fleet.cli("deploy", "digits", "3", "--to", "all")
         fleet.wait_running(agent, "digits/3/float32.tflite")
         assert stored.read_bytes() == rotated
+
+
+def test_hostile_server_serving_oversized_or_garbage_metadata_is_refused_retried_and_never_blacklists(
+    fleet: LocalFleet, digits_files: dict, tmp_path: Path
+) -> None:
+    """Metadata past gRPC's message limit, past the device's bound for the role, or garbage, one after the
+    other: each refused and retried while the old model serves; once the server behaves, the version
+    installs, never marked bad."""
+    agent = v1_running(fleet, digits_files)
+    agent.stop()
+    attacks = [b"{" * 12 * 2**20, b" " * 2**20, os.urandom(4096)]
+    with HostileServer(
+        fleet.address, fleet.data_dir / "tls", agent.state_dir / "tls", tmp_path / "hostile.log"
+    ) as hostile:
+        hostile.serve_metadata({"timestamp": attacks[0]})
+        agent = fleet.start_agent("cam", "", "--server", hostile.address)
+        fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
+        fleet.cli("deploy", "digits", "2", "--to", "all")
+        for attack in attacks:
+            hostile.serve_metadata({"timestamp": attack})
+            tries = agent.log().count(f"update to {V2} interrupted")
+            wait_for(lambda t=tries: agent.log().count(f"update to {V2} interrupted") > t, 60, "a refusal")
+            assert _answer(agent)[1] == V1
+        assert V2 not in agent.state()["bad_targets"]
+        hostile.serve_metadata({}, forget=["timestamp"])
+        fleet.wait_running(agent, V2, timeout=90)
+        assert agent.process.poll() is None
+        assert "metadata timestamp served by the relay" in hostile.log()
