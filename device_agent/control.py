@@ -33,6 +33,8 @@ from edgefleet.values import Capabilities, DeviceStatus, ModelRef, UpdateEvent
 log = logging.getLogger("edgefleet.agent")
 
 HELLO_TIMEOUT_S = 5.0  # an older server sends no hello: then the device's own counter goes on alone
+MAX_SEQUENCE = 2**63 - 1  # the highest a server stores (edgefleet.convert refuses more)
+SEQUENCE_ROOM = 2**32  # a hello must leave at least this many messages to go, or it is ignored
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
@@ -179,6 +181,13 @@ class Control:
         """The server's last accepted sequence: a device that lost its state file (or was restored from an
         old backup) continues after it instead of being ignored as stale."""
         state = self.store.state
+        if last_accepted > MAX_SEQUENCE - SEQUENCE_ROOM:
+            # A hostile or broken server: following it would overflow the counter and silence the device
+            # for good, even once a sound server is back (the counter is persisted).
+            log.warning(
+                "ignored the server's last sequence %d: it leaves no room for more messages", last_accepted
+            )
+            return
         if last_accepted > state.status_sequence:
             log.info("continuing the message sequence at %d, after the server's last", last_accepted + 1)
             state.status_sequence = last_accepted

@@ -6,11 +6,13 @@ assignments it is given down the device's open control stream, as a compromised 
     with HostileServer(upstream, server_tls, device_tls, folder) as hostile:   # a subprocess on 127.0.0.1:0
         agent = fleet.start_agent("cam", "", "--server", hostile.address)
         hostile.assign([ModelRef(...), ...])     # queued on the device's stream (waits for the relay's word)
+        hostile.send([device_pb2.ServerMessage(hello=...)])  # any message, as the server would send it
         hostile.serve_metadata({"2.root": b"..."})  # GetMetadata answers these itself (until `forget`)
         hostile.downloads()                      # the target paths the device asked to download, in order
 
-The process reads one JSON command a line on stdin ({"assign": [ModelRef fields, ...]} or {"metadata":
-{name: hex}}) and answers each with one line on stdout; what it relays it logs on stderr.
+The process reads one JSON command a line on stdin ({"send": [serialized ServerMessage as hex, ...]} or
+{"metadata": {name: hex}, "forget": [name, ...]}) and answers each with one line on stdout; what it relays
+it logs on stderr.
 """
 
 from __future__ import annotations
@@ -115,16 +117,11 @@ class _Relay:
 
         return call
 
-    def assign(self, refs: Sequence[dict[str, Any]]) -> int:
-        """Queues one Assignment per ref on every open control stream; returns how many streams."""
+    def send(self, messages: Sequence[bytes]) -> int:
+        """Queues the serialized ServerMessages on every open control stream; returns how many streams."""
         for queue in self.streams:
-            for ref in refs:
-                message = device_pb2.ServerMessage(
-                    assignment=device_pb2.Assignment(
-                        model=common_pb2.ModelRef(**ref), deployment_id="hostile"
-                    )
-                )
-                queue.put_nowait(message.SerializeToString())
+            for message in messages:
+                queue.put_nowait(message)
         return len(self.streams)
 
 
@@ -157,17 +154,17 @@ async def _serve(args: argparse.Namespace) -> None:
                     relay.metadata.pop(name, None)
                 print(json.dumps({"metadata": len(relay.metadata)}), flush=True)
                 continue
-            refs = command["assign"]
-            streams = asyncio.run_coroutine_threadsafe(_assign(relay, refs), loop).result()
-            print(json.dumps({"assigned": len(refs), "streams": streams}), flush=True)
+            messages = [bytes.fromhex(m) for m in command["send"]]
+            streams = asyncio.run_coroutine_threadsafe(_send(relay, messages), loop).result()
+            print(json.dumps({"sent": len(messages), "streams": streams}), flush=True)
 
     print(json.dumps({"port": port}), flush=True)
     await asyncio.to_thread(read_commands)  # until stdin closes
     await grpc_server.stop(1)
 
 
-async def _assign(relay: _Relay, refs: Sequence[dict[str, Any]]) -> int:
-    return relay.assign(refs)
+async def _send(relay: _Relay, messages: Sequence[bytes]) -> int:
+    return relay.send(messages)
 
 
 class HostileServer:
@@ -217,9 +214,21 @@ class HostileServer:
 
     def assign(self, refs: Sequence[ModelRef], wait_s: float = 30) -> None:
         """Pushes the assignments down the device's control stream, once it has one open."""
+        assignments = [
+            device_pb2.ServerMessage(
+                assignment=device_pb2.Assignment(
+                    model=common_pb2.ModelRef(**asdict(r)), deployment_id="hostile"
+                )
+            )
+            for r in refs
+        ]
+        self.send(assignments, wait_s)
+
+    def send(self, messages: Sequence[device_pb2.ServerMessage], wait_s: float = 30) -> None:
+        """Sends the messages down the device's control stream, once it has one open."""
         stdin: IO[str] | None = self.process.stdin if self.process else None
         assert stdin is not None
-        payload = json.dumps({"assign": [asdict(r) for r in refs]}) + "\n"
+        payload = json.dumps({"send": [m.SerializeToString().hex() for m in messages]}) + "\n"
 
         def pushed() -> bool:
             with self._lock:

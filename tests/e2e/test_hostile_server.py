@@ -22,12 +22,14 @@ from edgefleet.cli.publish import push_model
 from edgefleet.devtools.hostile_server import HostileServer
 from edgefleet.devtools.localfleet import AgentProcess, LocalClient, LocalFleet, wait_for
 from edgefleet.modelinfo import Golden
+from edgefleet.v1 import device_pb2
 from edgefleet.values import ModelRef
 
 V1 = "digits/1/float32.tflite"
 V2 = "digits/2/float32.tflite"
 ZEROS = np.zeros((1, 64), np.float32)
 FAKES = 3000
+ABSURD = (2**64 - 1, 2**63 - 1, 2**63 - 2)  # past a uint64 + 1, past what a server stores, at it
 
 
 def _answer(agent: AgentProcess) -> tuple[np.ndarray, str]:
@@ -132,3 +134,25 @@ def test_hostile_server_serving_oversized_or_garbage_metadata_is_refused_retried
         fleet.wait_running(agent, V2, timeout=90)
         assert agent.process.poll() is None
         assert "metadata timestamp served by the relay" in hostile.log()
+
+
+def test_hostile_server_saying_hello_with_an_absurd_sequence_does_not_silence_the_device_for_good(
+    fleet: LocalFleet, digits_files: dict, tmp_path: Path
+) -> None:
+    """Hello tells a device where its sequence must continue; a hostile server names numbers at or past what
+    a server can store (or a uint64 holds). The device ignores them, says so, and goes on reporting: the
+    real server still hears it and its view follows."""
+    agent = v1_running(fleet, digits_files)
+    agent.stop()
+    with HostileServer(
+        fleet.address, fleet.data_dir / "tls", agent.state_dir / "tls", tmp_path / "hostile.log"
+    ) as hostile:
+        agent = fleet.start_agent("cam", "", "--server", hostile.address)
+        before = agent.state()["status_sequence"]
+        hostile.send([device_pb2.ServerMessage(hello=device_pb2.Hello(last_sequence=n)) for n in ABSURD])
+        wait_for(lambda: agent.log().count("leaves no room") >= len(ABSURD), 30, "the hellos to be ignored")
+        fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
+        fleet.cli("deploy", "digits", "2", "--to", "all")
+        fleet.wait_running(agent, V2)  # the real server accepted what the device said after the hellos
+        assert before < agent.state()["status_sequence"] < 2**62
+        assert "Traceback" not in agent.log()
