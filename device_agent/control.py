@@ -118,6 +118,7 @@ class Control:
         assert self.connection is not None
 
         hello = asyncio.Event()
+        ended = asyncio.Event()
 
         async def outgoing() -> AsyncIterator[device_pb2.DeviceMessage]:
             try:
@@ -125,26 +126,59 @@ class Control:
             except TimeoutError:
                 pass
             yield self._stamped(self._status_message())  # the truth first, on every connect
-            while True:
-                yield self._stamped(await self.outbox.get_event())
+            while (message := await self._next_event(ended)) is not None:
+                yield self._stamped(message)
 
         call = self.connection.stub.Connect(outgoing(), metadata=self.connection.metadata)
-        await call.initial_metadata()  # the server sends it once it has accepted the stream
-        if not call.done():
-            self._now_connected(backoff)
-        async for message in call:
-            self._now_connected(backoff)
-            kind = message.WhichOneof("kind")
-            if kind == "hello":
-                self._continue_from(message.hello.last_sequence)
-                hello.set()
-            elif kind == "assignment":
-                self._remember(message.assignment)
-                self.on_assignment(ref_from_proto(message.assignment.model))
-            elif kind == "rollback":
-                self.on_rollback(message.rollback.command_id, message.rollback.reason)
-            await asyncio.sleep(0)
+        try:
+            await call.initial_metadata()  # the server sends it once it has accepted the stream
+            if not call.done():
+                self._now_connected(backoff)
+            async for message in call:
+                self._now_connected(backoff)
+                kind = message.WhichOneof("kind")
+                if kind == "hello":
+                    self._continue_from(message.hello.last_sequence)
+                    hello.set()
+                elif kind == "assignment":
+                    self._on_assignment(message.assignment)
+                elif kind == "rollback":
+                    self.on_rollback(message.rollback.command_id, message.rollback.reason)
+                await asyncio.sleep(0)
+        finally:
+            # However it ended, the stream stops taking messages from the outbox: gRPC does not stop
+            # reading `outgoing` of a call that is over, which took the next event and lost it.
+            ended.set()
+            call.cancel()
         # A stream the server ended cleanly still counts as down: reconnect.
+
+    async def _next_event(self, ended: asyncio.Event) -> device_pb2.DeviceMessage | None:
+        """The next message of the outbox for a stream, or None once that stream has `ended` (a message taken
+        just as it ended goes back to the front, for the next stream)."""
+        getter = asyncio.ensure_future(self.outbox.get_event())
+        ender = asyncio.ensure_future(ended.wait())
+        try:
+            await asyncio.wait({getter, ender}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ender.cancel()
+            if not getter.done():
+                getter.cancel()
+        if not getter.done() or getter.cancelled():
+            return None
+        if ended.is_set():
+            self.outbox.put_event(getter.result(), front=True)
+            return None
+        return getter.result()
+
+    def _on_assignment(self, assignment: device_pb2.Assignment) -> None:
+        try:
+            ref = ref_from_proto(assignment.model)
+        except errors.InvalidRequestError as e:
+            # No real target looks like this: one line, and the stream goes on.
+            log.warning("ignored an assignment from the server: %s", e)
+            return
+        self._remember(assignment)
+        self.on_assignment(ref)
 
     def _now_connected(self, backoff: Backoff) -> None:
         if not self.connected:
@@ -168,8 +202,7 @@ class Control:
         if reply.rollback_pending:
             self.on_rollback(reply.rollback_command_id, "ordered by an operator (periodic check)")
         elif reply.HasField("assignment"):
-            self._remember(reply.assignment)
-            self.on_assignment(ref_from_proto(reply.assignment.model))
+            self._on_assignment(reply.assignment)
 
     # ---- what the agent says ---------------------------------------------------------------------------
 

@@ -156,3 +156,26 @@ def test_hostile_server_saying_hello_with_an_absurd_sequence_does_not_silence_th
         fleet.wait_running(agent, V2)  # the real server accepted what the device said after the hellos
         assert before < agent.state()["status_sequence"] < 2**62
         assert "Traceback" not in agent.log()
+
+
+def test_a_malformed_assignment_is_ignored_and_no_event_the_device_sends_after_it_is_lost(
+    fleet: LocalFleet, digits_files: dict, tmp_path: Path
+) -> None:
+    """An assignment no real target could be (a 100 kB path): ignored with a line that says so; the control
+    stream it came on goes on, and every step of the next update reaches the real server."""
+    agent = v1_running(fleet, digits_files)
+    agent.stop()
+    with HostileServer(
+        fleet.address, fleet.data_dir / "tls", agent.state_dir / "tls", tmp_path / "hostile.log"
+    ) as hostile:
+        agent = fleet.start_agent("cam", "", "--server", hostile.address)
+        hostile.assign([ModelRef("d/" + "x" * 100_000, "d", "1", "v", "ab" * 32, 10)])
+        wait_for(lambda: "ignored an assignment from the server" in agent.log(), 30, "the assignment ignored")
+        fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
+        fleet.cli("deploy", "digits", "2", "--to", "all")
+        fleet.wait_running(agent, V2)
+        stages = [
+            e["stage"] for e in fleet.cli_json("events", "--device", agent.device_id()) if e["target"] == V2
+        ]
+        assert {"downloading", "downloaded", "verified", "activated", "healthy"} <= set(stages), stages
+        assert "connection to" not in agent.log().split("ignored an assignment from the server", 1)[1]
