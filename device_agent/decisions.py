@@ -28,7 +28,8 @@ from edgefleet.values import ModelRef
 MAX_STARTS_IN_PROBATION = 3
 MAX_WORKER_CRASHES = 3  # within WORKER_CRASH_WINDOW_S: the model is bad, go back to the previous one
 WORKER_CRASH_WINDOW_S = 600.0
-MAX_BAD_TARGETS = 256  # the newest kept: the status report carries them all
+MAX_BAD_TARGETS = 256  # the newest kept in all: the status report carries them all
+MAX_BAD_PER_MODEL = 16  # the newest kept per model: only more failed versions of the same model push one out
 MAX_ROLLBACKS_REMEMBERED = 32  # command ids: enough to recognise an order that arrives twice
 
 
@@ -108,10 +109,26 @@ def reports_retry(error: errors.EdgefleetError) -> bool:
     return isinstance(error, (errors.MetadataError, errors.HashMismatchError, errors.UnsignedTargetError))
 
 
+def model_of(target_path: str) -> str:
+    """The model a signed target path belongs to ("digits/2/float32.tflite" -> "digits")."""
+    return target_path.split("/", 1)[0]
+
+
 def with_bad_target(bad_targets: Sequence[str], path: str) -> list[str]:
-    """`bad_targets` with `path` added once, the newest MAX_BAD_TARGETS kept."""
+    """`bad_targets` with `path` added once (as the newest). Only a signed target whose verified bytes failed
+    (golden, tensor contract, a crash or hang, a probation) is ever added (`after_install_error`, the
+    supervisor): a server naming targets nobody signed adds nothing. Bounded per model (the newest
+    MAX_BAD_PER_MODEL of each), so one model's failures never push another model's bad version out, and in
+    all (MAX_BAD_TARGETS)."""
     marked = list(bad_targets) if path in bad_targets else [*bad_targets, path]
-    return marked[-MAX_BAD_TARGETS:]
+    kept: list[str] = []
+    per_model: dict[str, int] = {}
+    for entry in reversed(marked):  # newest first
+        model = model_of(entry)
+        if per_model.get(model, 0) < MAX_BAD_PER_MODEL:
+            per_model[model] = per_model.get(model, 0) + 1
+            kept.append(entry)
+    return list(reversed(kept))[-MAX_BAD_TARGETS:]
 
 
 def with_rollback_done(done: Sequence[str], command_id: str) -> list[str]:

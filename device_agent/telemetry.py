@@ -47,8 +47,12 @@ class Outbox:
         self._events_ready = asyncio.Event()
         self._telemetry_ready = asyncio.Event()
 
-    def put_event(self, message: device_pb2.DeviceMessage) -> None:
-        self.events.append(message)
+    def put_event(self, message: device_pb2.DeviceMessage, *, front: bool = False) -> None:
+        """`front` puts back a message taken for a stream that ended before it could be sent."""
+        if front:
+            self.events.appendleft(message)
+        else:
+            self.events.append(message)
         self._events_ready.set()
 
     def put_telemetry(self, report: device_pb2.TelemetryReport, *, front: bool = False) -> None:

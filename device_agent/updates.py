@@ -97,7 +97,10 @@ class Updater:
 
     def _done(self, path: str, shadow: bool) -> bool:
         state = self.store.state
-        if (state.current and state.current.target_path == path) or path in state.bad_targets:
+        if path in state.bad_targets:
+            log.info("not installing %s: it failed here before (listed as bad)", path)
+            return True
+        if state.current and state.current.target_path == path:
             return True
         running = self.serving.shadow
         return shadow and running is not None and running.ref.target_path == path

@@ -247,7 +247,7 @@ class Devices:
         """One step of an update, as the device reports it. An event not newer than the last message accepted
         from the device (status or event: one counter) is ignored, so a replayed old "healthy" changes
         nothing. It counts for a deployment (the device's last stage) only when it names the deployment the
-        device is assigned now and that deployment's target, or reports a rollback."""
+        device is assigned now, that deployment's target and that target's sha256, or reports a rollback."""
         device = await self.get(device_id)
         if event.sequence <= device.status_sequence or not await asyncio.to_thread(
             self.store.advance_sequence, device_id, event.sequence
@@ -271,15 +271,34 @@ class Devices:
         )
         await asyncio.to_thread(self.store.add_event, record)
         # A rollback (ordered or automatic) is news about what the device runs, whichever assignment it had.
-        about_now = event.target_path == device.desired_target and event.deployment_id in (
-            "",  # sent before the device heard of its assignment (a restart)
-            device.desired_deployment,
+        about_now = (
+            event.target_path == device.desired_target
+            and event.deployment_id in ("", device.desired_deployment)  # "": sent before it heard (a restart)
+            and await self._names_the_desired_bytes(device, event)
         )
         if not device.desired_deployment or about_now or event.stage == "rolled_back":
             await asyncio.to_thread(self.store.record_stage, device_id, event.stage, event.reason, now_ms())
         if event.stage == "rolled_back" and event.command_id:
             await asyncio.to_thread(self.store.clear_rollback, device_id, event.command_id)  # obeyed
         log.info("device %s: %s %s %s", device_id, event.stage, record.target_path, record.reason)
+
+    async def _names_the_desired_bytes(self, device: DeviceRecord, event: UpdateEvent) -> bool:
+        """Whether the event reports on the very file the device was assigned: its target_sha256 is the
+        desired model's. Otherwise it stays in the device's history and counts for no deployment (an
+        event about other bytes at the same path, or one that names none, is never "healthy" for it)."""
+        try:
+            desired = (await self.repository.model(device.desired_target)).sha256
+        except NotFoundError:
+            desired = ""
+        if desired and hmac.compare_digest(event.target_sha256.lower(), desired.lower()):
+            return True
+        log.warning(
+            "device %s reported %s on %s sha256 %r, but was assigned sha256 %r: kept as its report, "
+            "not counted for deployment %s",
+            device.id, event.stage, event.target_path, event.target_sha256[:16], desired[:16],
+            device.desired_deployment,
+        )  # fmt: skip
+        return False
 
     async def handle_telemetry(self, device_id: str, report: TelemetryReport) -> None:
         if not report.at_ms:
