@@ -152,7 +152,9 @@ class Deployments:
         self, selector_text: str, reason: str, *, validate_only: bool = False
     ) -> RollbackResult:
         """Each targeted device goes back to the model it ran before, from its own copy. `validate_only`
-        answers with the plan and writes nothing. Raises InvalidRequestError for a bad selector."""
+        answers with the plan and writes nothing. Raises InvalidRequestError for a bad selector and
+        ConflictError when no device would go back (nothing is recorded: an empty rollback would still become
+        what the selector was last told, and leave a device joining it later with nothing)."""
         selector = await resolve_selector(self.store, parse_selector(selector_text))
         result = RollbackResult("rb-" + secrets.token_hex(4))
         targets: dict[str, str] = {}
@@ -162,6 +164,8 @@ class Deployments:
                 result.skipped.append(f"{device.id}: has no previous model")
                 continue
             targets[device.id] = device.previous.target_path
+        if not targets:
+            raise ConflictError(_empty_rollback_refusal(str(selector), result.skipped))
         if validate_only:
             return dataclasses.replace(result, command_id="", targeted=len(targets))
         # What the selector is sent back to, when that is one version: what a device joining it later gets.
@@ -227,6 +231,12 @@ class Deployments:
         elif action == "assign":
             record = desired or await self.repository.model(device.desired_target)
             self.streams.push(device.id, AssignmentPush(record, device.desired_deployment))
+
+
+def _empty_rollback_refusal(selector: str, skipped: list[str]) -> str:
+    why = f": {'; '.join(skipped[:5])}" if skipped else " (no device matches it)"
+    more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+    return f"{selector} reaches no device that can go back{why}{more}; nothing was ordered or recorded"
 
 
 def _capabilities_dict(capabilities: Capabilities) -> dict[str, Any]:

@@ -33,7 +33,8 @@ devices = sa.Table(
     "devices",
     meta,
     sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("name", sa.String(128), nullable=False),
+    # Indexed: a device's name is accepted wherever its id is (`device:cam-1`, `telemetry cam-1`).
+    sa.Column("name", sa.String(128), nullable=False, index=True),
     sa.Column("group_name", sa.String(128), nullable=False, index=True),
     sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("enrolled_ms", sa.BigInteger, nullable=False),
@@ -132,6 +133,7 @@ def set_up_schema(conn: sa.Connection, shown_url: str) -> None:
             f"(this one knows up to {SCHEMA_VERSION}); run that version or a newer one"
         )
     meta.create_all(conn)  # the tables a new database needs; existing ones are left as they are
+    _create_missing_indexes(conn)
     if found is not None and found < 2:
         _migrate_to_2(conn)
     if found != SCHEMA_VERSION:
@@ -166,3 +168,11 @@ def _migrate_to_2(conn: sa.Connection) -> None:
         conn.execute(
             deployments.update().where(deployments.c.id == deployment_id).values(devices_targeted=count)
         )
+
+
+def _create_missing_indexes(conn: sa.Connection) -> None:
+    """An index added to a table later (devices.name) is created on an existing database at start. It changes
+    no record and an older edgefleet uses the database as it did, so it needs no schema version of its own."""
+    for table in meta.sorted_tables:
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
