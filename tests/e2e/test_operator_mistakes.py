@@ -61,6 +61,20 @@ def test_a_push_interrupted_before_it_is_signed_says_so_and_the_same_push_again_
     fleet.cli("deploy", "digits", "1", "--to", "all", "--allow-empty")
 
 
+def test_a_deploy_with_a_typo_in_the_model_or_version_says_what_there_is(
+    fleet: LocalFleet, digits_files: dict[str, Path]
+) -> None:
+    fleet.cli("model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "1")
+    with pytest.raises(CliError, match=r"no model digts 1; .*; did you mean digits\?$"):
+        fleet.cli("deploy", "digts", "1", "--to", "all")
+    with pytest.raises(CliError, match=r"no model digits 2; .*; digits has version\(s\) 1$"):
+        fleet.cli("deploy", "digits", "2", "--to", "all")
+    with pytest.raises(
+        CliError, match=r"no model zzz 1; push it first \(`edgefleet model push`\) \(not_found\)$"
+    ):
+        fleet.cli("deploy", "zzz", "1", "--to", "all")
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A 2 MiB tmpfs: a real full disk. Needs root (CI and developer machines here run as root)."""
