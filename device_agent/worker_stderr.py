@@ -11,14 +11,12 @@ are DEBUG (shown with -v); anything else (a runtime WARNING or ERROR, a Python t
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from typing import IO
 
-log = logging.getLogger("edgefleet.agent.worker")
+from edgefleet.runtime import routine_runtime_line
 
-# TFLite's minimal logger ("INFO: ", "VERBOSE: ") and absl's info lines ("I1201 12:00:00.000 ...").
-_ROUTINE = re.compile(r"(INFO|VERBOSE): |I\d{4} ")
+log = logging.getLogger("edgefleet.agent.worker")
 _LONGEST_LINE = 4096  # bytes; a longer one is logged in pieces rather than held in memory whole
 
 
@@ -30,7 +28,7 @@ def follow(stream: IO[bytes], pid: int) -> threading.Thread:
 
 
 def level_of(line: str) -> int:
-    return logging.DEBUG if _ROUTINE.match(line) else logging.WARNING
+    return logging.DEBUG if routine_runtime_line(line) else logging.WARNING
 
 
 def _pump(stream: IO[bytes], pid: int) -> None:
