@@ -18,7 +18,7 @@ from edgefleet import signing
 from edgefleet.cli.client import CliError, Operator
 from edgefleet.cli.exits import INTERRUPTED, UNREACHABLE, Interrupted
 from edgefleet.cli.publish import push_model
-from edgefleet.devtools.localfleet import LocalFleet
+from edgefleet.devtools.localfleet import LocalFleet, wait_for
 from edgefleet.devtools.modelgen import build_large_mlp
 
 
@@ -124,3 +124,14 @@ def test_a_cli_aimed_where_no_server_listens_says_unreachable_not_a_busy_databas
     )  # fmt: skip
     assert done.returncode == UNREACHABLE, done.stderr
     assert f"{nowhere} is unreachable" in done.stderr and "database" not in done.stderr, done.stderr
+
+
+def test_an_agent_given_the_enrollment_port_as_its_server_is_told_to_use_the_main_port(
+    fleet: LocalFleet,
+) -> None:
+    agent = fleet.start_agent("cam", fleet.enrollment_token())
+    agent.stop()
+    agent = fleet.start_agent("cam", "", "--server", f"127.0.0.1:{fleet.enroll_port}", wait=False)
+    wait_for(lambda: "serves only Enroll" in agent.log(), 30, "the agent to say which port is wrong")
+    assert "give the agent the main port as --server" in agent.log()
+    assert "Traceback" not in agent.log()
