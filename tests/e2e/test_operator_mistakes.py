@@ -9,10 +9,12 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import v1_running
 
 from edgefleet import signing
 from edgefleet.cli.client import CliError, Operator
@@ -135,3 +137,23 @@ def test_an_agent_given_the_enrollment_port_as_its_server_is_told_to_use_the_mai
     wait_for(lambda: "serves only Enroll" in agent.log(), 30, "the agent to say which port is wrong")
     assert "give the agent the main port as --server" in agent.log()
     assert "Traceback" not in agent.log()
+
+
+def test_a_second_rollback_does_not_send_devices_forward_to_the_version_they_left(
+    fleet: LocalFleet, digits_files: dict[str, Path]
+) -> None:
+    agent = v1_running(fleet, digits_files)
+    fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
+    fleet.cli("deploy", "digits", "2", "--to", "all")
+    fleet.wait_running(agent, "digits/2/float32.tflite")
+    fleet.cli("rollback", "--to", "all")
+    fleet.wait_running(agent, "digits/1/float32.tflite")
+
+    with pytest.raises(CliError) as refused:  # the same command again, from the shell's history
+        fleet.cli("rollback", "--to", "all")
+    assert "already went back" in str(refused.value) and "from digits/2/float32.tflite" in str(refused.value)
+    assert "deploy it" in str(refused.value)
+    time.sleep(2)  # a device told anything would have acted by now
+    assert fleet.device(agent)["running"]["target_path"] == "digits/1/float32.tflite"
+    fleet.cli("deploy", "digits", "2", "--to", "all")  # what an operator who wants v2 back does
+    fleet.wait_running(agent, "digits/2/float32.tflite")
