@@ -107,10 +107,10 @@ def v1_running(fleet: LocalFleet, digits_files: dict[str, Path], *extra: str, **
     return agent
 
 
-# Run alone, after the rest (scripts/test's second pass): the load tests and the benches measure a server's
-# memory, threads and timings (a reconnect stampede's spread, a fan-out's seconds), which tests running beside
-# them on the same cores would distort.
-_ALONE = ("tests/load/", "tests/integration/test_bench_quick.py")
+# Run alone, after the rest (scripts/test's second pass): the load tests assert on a server's memory, threads
+# and timings (a reconnect stampede's spread, a fan-out's seconds), which tests running beside them on the same
+# cores would distort. The benches' quick runs assert only that they run and print figures: they run beside.
+_ALONE = ("tests/load/",)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
