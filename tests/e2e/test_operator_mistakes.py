@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ def test_a_deploy_with_a_typo_in_the_model_or_version_says_what_there_is(
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs: a real full disk. Needs root (CI and developer machines here run as root)."""
     mount = tmp_path / "small-disk"
     mount.mkdir()
