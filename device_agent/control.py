@@ -3,7 +3,8 @@
     connect -> the server's hello (the last sequence it accepted) -> the device's status first (every time)
             -> then queued events and status, in order, each stamped when sent with the next number of one
                persisted counter (continued from the hello, so a device that lost its state is not stale)
-    server  -> assignment: `on_assignment(ref)`; rollback order: `on_rollback(command_id, reason)`
+    server  -> assignment: `on_assignment(ref, shadow)`; rollback order: `on_rollback(command_id, reason,
+               rollout_id)`
     down    -> reconnect with jittered exponential backoff; `periodic_check` asks for the assignment in case
                the stream missed it
     python-tuf, in a worker thread -> `get_metadata_blocking(name)` -> GetMetadata on the event loop
@@ -59,8 +60,8 @@ class Control:
         self.connected = False
         self.loop: asyncio.AbstractEventLoop | None = None
         # Set by the agent: what an assignment or a rollback order sets going.
-        self.on_assignment: Callable[[ModelRef | None], None] = lambda ref: None
-        self.on_rollback: Callable[[str, str], None] = lambda command_id, reason: None
+        self.on_assignment: Callable[[ModelRef | None, bool], None] = lambda ref, shadow: None
+        self.on_rollback: Callable[[str, str, str], None] = lambda command_id, reason, rollout_id: None
         self.assigned: tuple[str, str, str] = (
             "",
             "",
@@ -138,9 +139,10 @@ class Control:
                 hello.set()
             elif kind == "assignment":
                 self._remember(message.assignment)
-                self.on_assignment(ref_from_proto(message.assignment.model))
+                self.on_assignment(ref_from_proto(message.assignment.model), message.assignment.shadow)
             elif kind == "rollback":
-                self.on_rollback(message.rollback.command_id, message.rollback.reason)
+                rollback = message.rollback
+                self.on_rollback(rollback.command_id, rollback.reason, rollback.rollout_id)
             await asyncio.sleep(0)
         # A stream the server ended cleanly still counts as down: reconnect.
 
@@ -164,10 +166,10 @@ class Control:
             log.debug("periodic check failed: %s", e.code().name)
             return
         if reply.rollback_pending:
-            self.on_rollback(reply.rollback_command_id, "ordered by an operator (periodic check)")
+            self.on_rollback(reply.rollback_command_id, "ordered by an operator (periodic check)", "")
         elif reply.HasField("assignment"):
             self._remember(reply.assignment)
-            self.on_assignment(ref_from_proto(reply.assignment.model))
+            self.on_assignment(ref_from_proto(reply.assignment.model), reply.assignment.shadow)
 
     # ---- what the agent says ---------------------------------------------------------------------------
 

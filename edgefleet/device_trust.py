@@ -27,7 +27,14 @@ from edgefleet.errors import (
     TransportError,
     UnsignedTargetError,
 )
-from edgefleet.signing import parse_metadata, rollback_floors, utcnow, verify_role
+from edgefleet.signing import (
+    RolloutPermit,
+    parse_metadata,
+    rollback_floors,
+    rollout_permits,
+    utcnow,
+    verify_role,
+)
 
 # Bounds for metadata a device accepts (bytes); far above what a fleet needs, far below what hurts a device.
 DEVICE_UPDATER_CONFIG = UpdaterConfig(
@@ -73,6 +80,7 @@ class DeviceTrust:
         self.metadata_dir = Path(metadata_dir)
         self._fetcher = CallbackFetcher(get_metadata)
         self.rollback_floors: dict[str, int] = {}  # from the targets metadata verified by the last refresh
+        self.rollout_permits: dict[str, RolloutPermit] = {}  # likewise: rollout id -> signed permit
 
     @staticmethod
     def pin_root(metadata_dir: Path, trust_root: bytes) -> None:
@@ -105,6 +113,7 @@ class DeviceTrust:
             # ngclient persisted exactly what it just verified: read the operator's rollback authorizations.
             verified = Metadata[Targets].from_file(str(self.metadata_dir / "targets.json"))
             self.rollback_floors = rollback_floors(verified.signed)
+            self.rollout_permits = rollout_permits(verified.signed)
         except tuf_exceptions.DownloadError as e:
             raise TransportError(f"metadata download failed: {e}") from e
         except tuf_exceptions.ExpiredMetadataError as e:

@@ -262,7 +262,7 @@ async def _start(config: ServerConfig) -> RunningServer:
     health_servicer = health.aio.HealthServicer()
     main = new_server(build_policy(), message_limits)
     operator_pb2_grpc.add_OperatorServiceServicer_to_server(
-        OperatorServicer(fleet, authenticator.forget), main
+        OperatorServicer(fleet, authenticator.forget, authenticator.principal), main
     )
     servers = [main]
     enroll_port = 0

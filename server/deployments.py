@@ -172,7 +172,7 @@ class Deployments:
             return dataclasses.replace(result, command_id="", targeted=len(targets))
         # What the selector is sent back to, when that is one version: what a device joining it later gets.
         model_name, version = rollback_destination(
-            [device.previous for device in devices if device.previous is not None]
+            [device.previous for device in devices if device.previous is not None and device.id in targets]
         )
         deployment = Deployment(
             result.command_id, model_name, version, str(selector), now_ms(), "rollback", reason[:500]
@@ -206,7 +206,8 @@ class Deployments:
         whose selector names it last told that selector (`rules.late_joiner_order`)."""
         deployments = await asyncio.to_thread(self.store.list_deployments)
         deployment = late_joiner_order(
-            deployments, lambda d: parse_selector(d.selector).matches(device.id, device.group)
+            deployments,
+            lambda d: parse_selector(d.selector).matches(device.id, device.group, device.labels),
         )
         if deployment is None:
             return

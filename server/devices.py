@@ -13,8 +13,9 @@ import hmac
 import logging
 import re
 import secrets
+from collections.abc import Mapping
 
-from edgefleet import pki
+from edgefleet import labels, pki
 from edgefleet.errors import AccessDeniedError, ConflictError, InvalidRequestError, NotFoundError
 from edgefleet.selectors import Selector, check_name, parse_selector
 from edgefleet.server.deployments import Deployments, resolve_selector
@@ -65,13 +66,17 @@ class Devices:
 
     # ---- enrollment and revocation -----------------------------------------------------------------------
 
-    async def create_enrollment_token(self, group: str, uses: int, ttl_seconds: int) -> tuple[str, int]:
+    async def create_enrollment_token(
+        self, group: str, uses: int, ttl_seconds: int, token_labels: Mapping[str, str] | None = None
+    ) -> tuple[str, int]:
+        """Raises InvalidRequestError for a bad group, count, lifetime or label."""
         check_name("group", group)
         if not 1 <= uses <= 100_000 or not 60 <= ttl_seconds <= 365 * 86400:
             raise InvalidRequestError("uses must be 1..100000 and ttl 60 s..365 days")
+        checked = labels.check_labels(token_labels or {})
         expires = now_ms() + ttl_seconds * 1000
         token = "enr_" + secrets.token_urlsafe(32)
-        await asyncio.to_thread(self.store.add_enrollment_token, token, group, uses, expires)
+        await asyncio.to_thread(self.store.add_enrollment_token, token, group, uses, expires, checked)
         return token, expires
 
     async def enroll(
@@ -99,7 +104,12 @@ class Devices:
             raise InvalidRequestError(refusal)
         assert found is not None
         device = DeviceRecord(
-            "dev-" + secrets.token_hex(6), name, found.group, now, capabilities=capabilities
+            "dev-" + secrets.token_hex(6),
+            name,
+            found.group,
+            now,
+            capabilities=capabilities,
+            labels=dict(found.labels),
         )
         secret = "dev_" + secrets.token_urlsafe(32)
         if not await asyncio.to_thread(self.store.enroll_device, token, now, device, secret):
@@ -170,6 +180,24 @@ class Devices:
             except NotFoundError:
                 return None
         return (device.id, device.revoked) if device else None
+
+    # ---- labels ------------------------------------------------------------------------------------------
+
+    async def label(
+        self, device: str, change: labels.LabelEdits, overwrite: bool
+    ) -> tuple[DeviceRecord, dict[str, str]]:
+        """Applies `change` to the labels of the device `device` names (id or name): (the device as it
+        was, its labels now). Raises ConflictError for a changed value without `overwrite`, InvalidRequestError
+        past 64 labels, NotFoundError / ConflictError as `resolve`. Relabelling moves a device into no
+        deployment: a deploy or rollback to a selector decides that, as it always does."""
+        device_id = await self.resolve(device)
+        for _attempt in range(5):  # another operator's change came in between: apply ours to theirs
+            before = await self.get(device_id)
+            after = labels.apply_edits(before.labels, change, overwrite)
+            if await asyncio.to_thread(self.store.replace_labels, device_id, after, before.labels):
+                log.info("labels of %s: %s", device_id, labels.labels_text(after) or "(none)")
+                return before, after
+        raise ConflictError(f"the labels of {device_id} keep changing meanwhile; try again")
 
     # ---- what devices report -----------------------------------------------------------------------------
 
