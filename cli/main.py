@@ -414,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"edgefleet: {escape(str(e))}", file=sys.stderr)
         sys.exit(exits.FAILED)
     except KeyboardInterrupt:
+        print("edgefleet: interrupted", file=sys.stderr)
         sys.exit(exits.INTERRUPTED)
     except BrokenPipeError:
         # `edgefleet devices | head`: the reader left; nothing more to say.

@@ -20,6 +20,7 @@ import grpc
 
 from edgefleet import errors, model_targets, signing
 from edgefleet.cli.client import CliError, Operator, failure
+from edgefleet.cli.exits import Interrupted
 from edgefleet.cli.output import variant_row
 from edgefleet.v1 import operator_pb2
 
@@ -77,11 +78,8 @@ def push_model(
 ) -> dict[str, Any]:
     """Uploads, checks what the server says about the original against this machine's own run of the model,
     then signs every file (original and variants) into targets.json and publishes it.
-    `edit_custom(target_path, custom)` may change what is signed (tests use it to sign bad metadata)."""
-    from edgefleet.errors import ModelError
-    from edgefleet.modelinfo import Golden, run
-    from edgefleet.runtime import default_runtime, make_interpreter
-
+    `edit_custom(target_path, custom)` may change what is signed (tests use it to sign bad metadata).
+    Raises Interrupted on Ctrl-C, saying what was left on the server."""
     header = operator_pb2.UploadModelHeader(
         name=name,
         version=version,
@@ -101,7 +99,34 @@ def push_model(
         reply = op.stub.UploadModel(requests, metadata=op.metadata, timeout=600)
     except grpc.RpcError as e:
         raise failure(e, op.server, op.tls_dir) from e
-    if reply.sha256 != header.sha256:
+    except KeyboardInterrupt:
+        # The upload is one stream: cancelled, the server stores nothing of it.
+        raise Interrupted(f"interrupted during the upload: nothing of {name} {version} was stored") from None
+    try:
+        return _check_and_sign(op, data, name, version, signer, reply, edit_custom)
+    except KeyboardInterrupt:
+        # Uploaded, not (or not surely) signed: an unsigned version is refused by deploy until pushed again.
+        raise Interrupted(
+            f"interrupted while signing: {name} {version} is on the server; while `edgefleet model list` shows "
+            "it not SIGNED, no device can get it: run the same `edgefleet model push` again to sign it"
+        ) from None
+
+
+def _check_and_sign(
+    op: Operator,
+    data: bytes,
+    name: str,
+    version: str,
+    signer: signing.Signer,
+    reply: Any,
+    edit_custom: Callable[[str, dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    from edgefleet.errors import ModelError
+    from edgefleet.modelinfo import Golden, run
+    from edgefleet.runtime import default_runtime, make_interpreter, runtime_chatter_held_back
+
+    header_sha256 = hashlib.sha256(data).hexdigest()
+    if reply.sha256 != header_sha256:
         raise CliError("the server stored different bytes than were sent; not signing")
     variants = list(reply.variants)
     details = {v.target_path: json.loads(v.details_json) for v in variants}
@@ -115,7 +140,8 @@ def push_model(
             golden = Golden.from_npz(npz)
         else:
             golden = Golden.from_json(original["golden"])
-        golden.check(run(make_interpreter(default_runtime(), model_content=data), list(golden.inputs)))
+        with runtime_chatter_held_back():  # XNNPACK's "Created delegate" line is not for the operator
+            golden.check(run(make_interpreter(default_runtime(), model_content=data), list(golden.inputs)))
     except (ModelError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise CliError(
             f"the server's golden data for {reply.target_path} does not match this model: {e}"

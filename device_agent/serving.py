@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgefleet.agent import worker_stderr
 from edgefleet.agent.outputs import OutputTally, Quantization, top_of
 from edgefleet.agent.sealed_model import SealedModel
 from edgefleet.errors import EdgefleetError, InvalidRequestError, ModelError
@@ -86,9 +87,11 @@ class ModelWorker:
             str(int(self._low_priority)),
         ]
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "edgefleet.agent.worker", *args],
+            # faulthandler: a runtime that crashes the worker leaves "Fatal Python error: ..." on its stderr.
+            [sys.executable, "-X", "faulthandler", "-m", "edgefleet.agent.worker", *args],
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,  # into the agent's log, the runtimes' routine lines at DEBUG (worker_stderr)
             env={
                 **os.environ,
                 # numpy's BLAS would start threads the worker never uses (it does no algebra), and each
@@ -98,6 +101,7 @@ class ModelWorker:
             },
         )
         child.close()
+        worker_stderr.follow(self._process.stderr, self._process.pid)
         self._conn = multiprocessing.connection.Connection(parent.detach())
         return self
 

@@ -35,7 +35,8 @@ devices = sa.Table(
     "devices",
     meta,
     sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("name", sa.String(128), nullable=False),
+    # Indexed: a device's name is accepted wherever its id is (`device:cam-1`, `telemetry cam-1`).
+    sa.Column("name", sa.String(128), nullable=False, index=True),
     sa.Column("group_name", sa.String(128), nullable=False, index=True),
     sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("enrolled_ms", sa.BigInteger, nullable=False),
@@ -174,6 +175,7 @@ def set_up_schema(conn: sa.Connection, shown_url: str) -> None:
         _migrate_to_2(conn)
     if found is not None and found < 3:
         _migrate_to_3(conn)
+    _create_missing_indexes(conn)  # after the migrations: an index may be on a column one of them adds
     if found != SCHEMA_VERSION:
         conn.execute(schema.delete())
         conn.execute(schema.insert().values(id=1, version=SCHEMA_VERSION))
@@ -217,3 +219,11 @@ def _migrate_to_3(conn: sa.Connection) -> None:
     columns = {c["name"] for c in sa.inspect(conn).get_columns("enrollment_tokens")}
     if "labels" not in columns:
         conn.execute(sa.text("ALTER TABLE enrollment_tokens ADD COLUMN labels JSON"))
+
+
+def _create_missing_indexes(conn: sa.Connection) -> None:
+    """An index added to a table later (devices.name) is created on an existing database at start. It changes
+    no record and an older edgefleet uses the database as it did, so it needs no schema version of its own."""
+    for table in meta.sorted_tables:
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)

@@ -45,6 +45,8 @@ def two_versions(fleet: LocalFleet, digits_files: dict) -> LocalFleet:
         (("deploy", "digits", "1", "--to", "group:lab", "--variant", "nope"), "no signed variant"),
         (("deploy", "digits", "9", "--to", "group:lab"), "9"),
         (("rollback", "--to", "group:lab,"), "selector"),
+        (("rollback", "--to", "group:nobody"), "reaches no device that can go back"),
+        (("rollback", "--to", "group:lab"), "has no previous model"),  # cam has run nothing yet
     ],
 )
 def test_a_failed_downgrade_command_signs_and_records_nothing(

@@ -16,6 +16,7 @@ from edgefleet.cli.exits import CliError
 from edgefleet.devtools.localfleet import LocalFleet
 
 V1 = "digits/1/float32.tflite"
+V2 = "digits/2/float32.tflite"
 
 
 def test_a_label_selector_deploys_to_matching_devices_and_the_audit_log_records_it(
@@ -42,7 +43,12 @@ def test_a_label_selector_deploys_to_matching_devices_and_the_audit_log_records_
     assert set(listed) == {"cam-1", "cam-3"} and listed["cam-1"]["labels"] == {"site": "berlin"}
     assert fleet.device(other)["desired"] is None
     assert "camera=v2,site=paris" in fleet.cli("devices")
-    fleet.cli("rollback", "--to", "site=paris", "--reason", "bad \x1b[2J frames")
+    # A rollback needs devices that ran a version before this one (one that reaches none is refused).
+    fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
+    fleet.cli("deploy", "digits", "2", "--to", "site=berlin,camera!=v2")
+    fleet.wait_running(first, V2)
+    fleet.wait_running(late, V2)
+    fleet.cli("rollback", "--to", "site=berlin", "--reason", "bad \x1b[2J frames")
 
     entries = fleet.cli_json("audit")
     actions = [e["action"] for e in entries]
@@ -53,6 +59,10 @@ def test_a_label_selector_deploys_to_matching_devices_and_the_audit_log_records_
         "model.push",
         "targets.publish",
         "deployment.create",
+        "model.push",
+        "targets.publish",
+        "deployment.create",
+        "targets.publish",  # the permission to go back to v1, signed by the CLI before it orders the rollback
         "deployment.rollback",
     ]
     assert {e["actor"] for e in entries} == {"operator"}
@@ -61,14 +71,14 @@ def test_a_label_selector_deploys_to_matching_devices_and_the_audit_log_records_
     assert publish["details"]["targets_version"] >= 1 and V1 in publish["details"]["targets"]
     assert len(publish["details"]["signed_by"]) == 1
     assert entries[5]["details"]["selector"] == "site=berlin,camera!=v2"
-    assert entries[6]["details"]["reason"] == "bad \x1b[2J frames"  # JSON keeps it exact
+    assert entries[-1]["details"]["reason"] == "bad \x1b[2J frames"  # JSON keeps it exact
     table = fleet.cli("audit", "--action", "deployment")
     assert "2J frames" in table and "\x1b" not in table and "token.create" not in table
     assert [e["action"] for e in fleet.cli_json("audit", "--since", "1h", "--action", "token")] == [
         "token.create",
         "token.create",
     ]
-    assert "intact: 7 entries" in fleet.cli("audit", "--verify")
+    assert "intact: 11 entries" in fleet.cli("audit", "--verify")
 
     with sqlite3.connect(fleet.data_dir / "fleet.db") as db:  # someone edits the database directly
         db.execute("UPDATE audit_log SET actor = 'nobody' WHERE seq = 3")

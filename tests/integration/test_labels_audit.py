@@ -18,7 +18,9 @@ from edgefleet import signing
 from edgefleet.audit_chain import AuditEntry, verify
 from edgefleet.devtools.raw_rpc import OPERATOR_SERVICE, call, rpcs
 from edgefleet.devtools.rpc_harness import Harness, running_harness
+from edgefleet.server.storage.records import now_ms
 from edgefleet.v1 import operator_pb2
+from edgefleet.values import ModelRef
 
 CONFLICT = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -149,10 +151,13 @@ async def test_deploy_rollback_listing_and_late_joiners_follow_label_selectors(h
     assert devices["b-3"].desired.version == "1" and devices["b-1"].desired.version == "1"
     assert not devices["p-2"].desired.target_path and not devices["b-2"].desired.target_path
 
-    plan = await harness.operator_stub.RollbackDevices(
-        operator_pb2.RollbackDevicesRequest(selector="site notin (paris)", validate_only=True), timeout=10
-    )
-    assert plan.devices_targeted == 0  # none has a previous model yet: a plan over b-1, b-2, b-3
+    with pytest.raises(grpc.aio.AioRpcError) as refused:  # a plan over b-1, b-2, b-3: none can go back yet
+        await harness.operator_stub.RollbackDevices(
+            operator_pb2.RollbackDevicesRequest(selector="site notin (paris)", validate_only=True), timeout=10
+        )
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    skipped = (refused.value.details() or "").count("has no previous model")
+    assert skipped == 3, refused.value.details()
 
 
 async def test_a_bad_selector_is_refused_with_the_valid_forms(harness: Harness) -> None:
@@ -173,6 +178,13 @@ async def test_every_operator_action_is_audited_with_who_what_and_the_evidence(h
     await _label(harness, "cam-2", site="paris")
     await _deploy(harness, "site=berlin", validate_only=True)  # a plan changes nothing: not audited
     deployment = await _deploy(harness, "site=berlin")
+    # What cam-1's report would say after running two versions: a rollback (refused otherwise) can take it back.
+    cam1 = next(d for d in harness.fleet.store.list_devices() if d.name == "cam-1")
+    ran = [ModelRef(f"digits/{v}/float32.tflite", "digits", v, "float32", "a" * 64, 10) for v in ("0", "1")]
+    assert harness.fleet.store.record_status(
+        cam1.id, current=ran[1], previous=ran[0], capabilities=cam1.capabilities, bad_targets=(),
+        sequence=1, clock_skew_ms=0, seen_ms=now_ms(),
+    )  # fmt: skip
     rollback = await harness.operator_stub.RollbackDevices(
         operator_pb2.RollbackDevicesRequest(selector="group:lab", reason="v1 misses cats"), timeout=10
     )
