@@ -181,6 +181,7 @@ async def test_deployments_watch_exits_3_when_devices_failed_and_streams_ndjson(
             reason="does not load",
             at_unix_ms=now_ms(),
             sequence=1,  # devices order what they send; an unordered event is ignored as a replay
+            target_sha256=model.sha256,  # an event counts only for the bytes it was assigned
         )
     )
     await call(device.channel, CONNECT, [failed.SerializeToString()])
