@@ -15,6 +15,8 @@ from edgefleet import pki, signing
 from edgefleet.server.deployments import Deployments
 from edgefleet.server.devices import Devices
 from edgefleet.server.repository import Repository
+from edgefleet.server.rollouts.actions import RolloutActions
+from edgefleet.server.rollouts.engine import AuditRecorder, RolloutEngine
 from edgefleet.server.storage.interfaces import BlobStore, FleetStore
 from edgefleet.server.streams import ControlStreams
 
@@ -32,6 +34,8 @@ class Fleet:
         device_cert_days: float = 365,
         describe_timeout_s: float = 300,
         describe_memory_bytes: int = 8 * 2**30,
+        audit: AuditRecorder | None = None,
+        rollout_tick_s: float = 1.0,
     ):
         self.store = store
         self.blobs = blobs
@@ -51,8 +55,11 @@ class Fleet:
         self.devices = Devices(
             store, self.streams, self.repository, self.deployments, ca=ca, device_cert_days=device_cert_days
         )
+        # Staged rollouts (server.rollouts): the engine's loop starts with the server (app.py).
+        self.rollout_engine = RolloutEngine(store, self.deployments, audit, tick_s=rollout_tick_s)
+        self.rollouts = RolloutActions(self.rollout_engine)
 
     @property
     def parts(self) -> tuple[object, ...]:
         """Every part a handler can call (for tests that watch which ones run)."""
-        return (self.repository, self.deployments, self.devices, self.streams)
+        return (self.repository, self.deployments, self.devices, self.streams, self.rollouts)
