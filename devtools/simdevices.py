@@ -192,7 +192,12 @@ class SimDevice:
         task.add_done_callback(self._work.discard)
 
     def _event(
-        self, target: str, stage: int, deployment_id: str = "", command_id: str = "", reason: str = ""
+        self,
+        target: str,
+        stage: common_pb2.UpdateStage.ValueType,
+        deployment_id: str = "",
+        command_id: str = "",
+        reason: str = "",
     ) -> None:
         self._outbox.put_nowait(
             device_pb2.DeviceMessage(
