@@ -69,6 +69,7 @@ class SimDevice:
     shadow_candidate: common_pb2.ModelRef | None = None
     rollbacks: list[device_pb2.RollbackCommand] = field(default_factory=list)
     received: list[device_pb2.Assignment] = field(default_factory=list)
+    served: list[str] = field(default_factory=list)  # target paths it activated, in order
     step_s: float = 0.02  # between the stages of an install
     calls_per_report: int = 200
 
@@ -236,6 +237,7 @@ class SimDevice:
             self._event(target, stages.UPDATE_STAGE_SHADOW_READY, a.deployment_id)
             return
         self.previous, self.current, self.shadow_candidate = self.current, a.model, None
+        self.served.append(target)
         self._outbox.put_nowait(device_pb2.DeviceMessage(status=self._status()))
         self._event(target, stages.UPDATE_STAGE_ACTIVATED, a.deployment_id)
         await asyncio.sleep(self.step_s)  # probation

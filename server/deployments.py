@@ -60,6 +60,7 @@ class RolloutTag:
 
 NO_TAG = RolloutTag()
 ROLLOUT_KIND = "rollout"  # a wave of a staged rollout: the rollout engine, not the selector, says who gets it
+ROLLOUT_ROLLBACK_KIND = "rollout-rollback"  # an aborted rollout's order back to the incumbent
 
 
 @dataclass
@@ -217,7 +218,8 @@ class Deployments:
         whose selector names it last told that selector (`rules.late_joiner_order`)."""
         deployments = await asyncio.to_thread(self.store.list_deployments)
         deployment = late_joiner_order(
-            [d for d in deployments if d.kind != ROLLOUT_KIND],  # a rollout places its late joiners itself
+            # A rollout places its late joiners itself; its orders name its devices, not a selector.
+            [d for d in deployments if d.kind not in (ROLLOUT_KIND, ROLLOUT_ROLLBACK_KIND)],
             lambda d: parse_selector(d.selector).matches(device.id, device.group),
         )
         if deployment is None:

@@ -26,7 +26,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from edgefleet.selectors import parse_selector
-from edgefleet.server.deployments import ROLLOUT_KIND, Deployments, RolloutTag, _capabilities_dict
+from edgefleet.server.deployments import (
+    ROLLOUT_KIND,
+    ROLLOUT_ROLLBACK_KIND,
+    Deployments,
+    RolloutTag,
+    _capabilities_dict,
+)
 from edgefleet.server.rollouts import evaluate, windows
 from edgefleet.server.rollouts.plan import Ramp, parse_ramp, place_late_joiner
 from edgefleet.server.rollouts.settings import RolloutSettings, build_gates, install_gate
@@ -246,8 +252,10 @@ class RolloutEngine:
         dep_id = wave.deployment_id
 
         def write() -> None:
-            for m, _ in todo:
+            for m, device in todo:
                 self.store.add_deployment_target(dep_id, m.device_id, m.target_path)
+                # What it reported for an earlier deployment (a rollback) says nothing about this one.
+                self.store.record_stage(m.device_id, "", "", device.last_seen_ms)
             self.rollouts.update_members(
                 ro.rollout.id,
                 [(m.device_id, m.role, {"assigned_ms": now, "state": "pending"}) for m, _ in todo],
@@ -367,7 +375,9 @@ class RolloutEngine:
             elif device.current is not None and device.desired_target in candidates:
                 back[device.id] = device.current_target  # still installing (or in shadow): stop it there
         rollback_id = f"{r.id}-rb" if back else ""
-        order = Deployment(rollback_id, r.model_name, "", f"rollout:{r.id}", now, "rollback", reason[:500])
+        order = Deployment(
+            rollback_id, r.model_name, "", f"rollout:{r.id}", now, ROLLOUT_ROLLBACK_KIND, reason[:500]
+        )
 
         def write() -> None:
             if back:
