@@ -297,6 +297,8 @@ class RolloutEngine:
         gates = build_gates(ro.settings.gates, shadow=wave.shadow)
         if not control:
             gates = install_gate(gates)  # nobody is left on the incumbent to compare with
+        if wave.state == "holding" and now - wave.judged_ms < _rejudge_ms(ro.settings.soak_s, self.tick_s):
+            return  # judging a big wave reads every member's telemetry: not on every tick
         soaked = now - wave.started_ms >= ro.settings.soak_s * 1000
         done = sum(1 for m in canary if evaluate.succeeded(m, wave.shadow))
         ready = soaked and done >= min(ro.settings.min_devices, len(canary))
@@ -443,6 +445,11 @@ def matching_ids(selector: str, devices: Iterable[DeviceRecord]) -> list[DeviceR
     """The devices a rollout's (resolved) selector names now, revoked ones left out."""
     chosen = parse_selector(selector)
     return [d for d in devices if not d.revoked and chosen.matches(d.id, d.group)]
+
+
+def _rejudge_ms(soak_s: float, tick_s: float) -> float:
+    """How long a holding wave waits before it is judged again: a tenth of its soak, within [tick, 60 s]."""
+    return 1000 * max(tick_s, min(60.0, soak_s / 10))
 
 
 def _utc(ms: int) -> dt.datetime:

@@ -14,7 +14,16 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 # rollout_gates.py --quick is run by tests/unit/test_rollout_gates.py.
-QUICK = ("deploy_scale", "fleet_load", "model_load", "overhead", "swap_phases", "swap_stall", "variants")
+QUICK = (
+    "deploy_scale",
+    "fleet_load",
+    "model_load",
+    "overhead",
+    "rollout_engine",
+    "swap_phases",
+    "swap_stall",
+    "variants",
+)
 
 
 def test_every_bench_has_a_quick_mode_run_here() -> None:
