@@ -27,7 +27,7 @@ from edgefleet.devtools.modelgen import build_large_mlp
 from edgefleet.devtools.serverprocess import ServerProcess
 from edgefleet.devtools.simbehaviour import ModelBehaviour, by_version
 from edgefleet.devtools.simdevices import SimDevice, close_all, connect_all, enroll
-from edgefleet.v1 import rollout_pb2, rollout_pb2_grpc
+from edgefleet.v1 import operator_pb2, rollout_pb2, rollout_pb2_grpc
 
 MODEL = "detector"
 FAST_SERVER = {
@@ -150,6 +150,14 @@ class RolloutRig:
             return authorize_rollout(op, signer, rollout_id, MODEL, version, selector)
         finally:
             op.channel.close()
+
+    async def permit(self, rollout_id: str) -> signing.RolloutPermit | None:
+        """The rollout permit the published targets metadata carries for `rollout_id`."""
+        reply = await self.server.operator.GetSignedMetadata(
+            operator_pb2.GetSignedMetadataRequest(name="targets"), timeout=30
+        )
+        targets = signing.parse_metadata(reply.content, "targets").signed
+        return signing.rollout_permits(targets).get(rollout_id)
 
     async def start(
         self,

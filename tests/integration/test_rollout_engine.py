@@ -11,7 +11,10 @@ on a good one, so the next starts from a known fleet. Soaks are a second, teleme
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -20,7 +23,7 @@ import pytest
 import pytest_asyncio
 
 from edgefleet import signing
-from edgefleet.devtools.rolloutsim import RolloutRig
+from edgefleet.devtools.rolloutsim import FAST_GATES, RolloutRig
 from edgefleet.devtools.simbehaviour import ModelBehaviour
 from edgefleet.v1 import rollout_pb2
 
@@ -57,6 +60,10 @@ async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rollout
         yield rig
     finally:
         await rig.close()
+
+
+def rig_size(rig: RolloutRig) -> int:
+    return len(rig.devices)
 
 
 def finished(s: rollout_pb2.GetRolloutResponse) -> bool:
@@ -211,3 +218,46 @@ async def test_rollout_requests_are_validated_and_need_the_operator_permit(rig: 
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await rig.rollouts.StartRollout(unsigned, timeout=30)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "permit" in (e.value.details() or "")
+
+
+def cli(rig: RolloutRig, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real `edgefleet` command, as an operator runs it, against the rig's server."""
+    common = [
+        "--server", rig.server.address,
+        "--tls-dir", str(rig.server.data_dir / "operator"),
+        "--keys-dir", str(rig.server.keys.targets.parent),
+    ]  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "edgefleet.cli", *common, *args], capture_output=True, text=True, timeout=120
+    )
+
+
+async def test_the_cli_signs_the_permit_starts_watches_and_lists_a_rollout(rig: RolloutRig) -> None:
+    usage = await asyncio.to_thread(cli, rig, "rollout", "start", "detector", "9", "--to", "all")
+    assert usage.returncode == 2 and "--waves" in usage.stderr
+    refused = await asyncio.to_thread(
+        cli, rig, "rollout", "start", "detector", "9", "--to", "group:nobody", "--waves", "5"
+    )
+    assert refused.returncode == 1 and "reaches no device" in refused.stderr
+    gates = [f"--gate={g}" for g in FAST_GATES]
+    started = await asyncio.to_thread(
+        cli, rig, "rollout", "start", "detector", "9", "--to", "all", "--waves", "10%,100%",
+        "--soak", "1s", "--json", *gates,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    plan = json.loads(started.stdout)
+    rollout_id = plan["rollout_id"]
+    assert plan["started"] and [w["size"] for w in plan["waves"]] == [20, rig_size(rig)]
+    permit = await rig.permit(rollout_id)
+    assert permit is not None and permit.model == "detector"
+    watched = await asyncio.to_thread(
+        cli, rig, "rollout", "status", rollout_id, "--watch", "--json", "--interval", "0.5"
+    )
+    assert watched.returncode == 0, watched.stderr
+    last = json.loads(watched.stdout.splitlines()[-1])
+    assert last["state"] == "completed" and last["waves_status"][0]["devices"]["healthy"] == 20
+    assert isinstance(last["waves_status"][0]["gates"][0]["threshold"], float)
+    listed = json.loads((await asyncio.to_thread(cli, rig, "rollout", "list", "--json")).stdout)
+    assert rollout_id in {r["id"] for r in listed}
+    paused = await asyncio.to_thread(cli, rig, "rollout", "pause", rollout_id)
+    assert paused.returncode == 1 and "completed" in paused.stderr  # nothing to pause any more
