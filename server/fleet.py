@@ -16,7 +16,8 @@ from edgefleet.server.deployments import Deployments
 from edgefleet.server.devices import Devices
 from edgefleet.server.repository import Repository
 from edgefleet.server.rollouts.actions import RolloutActions
-from edgefleet.server.rollouts.engine import AuditRecorder, RolloutEngine
+from edgefleet.server.rollouts.audit_hook import AuditRecorder
+from edgefleet.server.rollouts.engine import RolloutEngine
 from edgefleet.server.storage.interfaces import BlobStore, FleetStore
 from edgefleet.server.streams import ControlStreams
 

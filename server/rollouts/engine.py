@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from edgefleet.selectors import parse_selector
 from edgefleet.server.deployments import (
@@ -34,6 +34,7 @@ from edgefleet.server.deployments import (
     _capabilities_dict,
 )
 from edgefleet.server.rollouts import evaluate, windows
+from edgefleet.server.rollouts.audit_hook import AuditRecorder, LogRecorder
 from edgefleet.server.rollouts.plan import Ramp, parse_ramp, place_late_joiner
 from edgefleet.server.rollouts.settings import RolloutSettings, build_gates, install_gate
 from edgefleet.server.rollouts.verdicts import Outcome
@@ -52,6 +53,7 @@ from edgefleet.server.variants import choose
 log = logging.getLogger("edgefleet.server.rollouts")
 
 ENGINE_ACTOR = "rollout-engine"
+SWEEP_MS = 10 * 60_000  # how long after an abort devices that finish installing the candidate are sent back
 TRACKED = (
     "downloading",
     "verified",
@@ -62,17 +64,6 @@ TRACKED = (
     "deferred",
     "shadow_ready",
 )
-
-
-class AuditRecorder(Protocol):
-    async def record(self, actor: str, action: str, subject: str, details: dict[str, Any]) -> None: ...
-
-
-class LogRecorder:
-    """The audit hook when none is given: the server log."""
-
-    async def record(self, actor: str, action: str, subject: str, details: dict[str, Any]) -> None:
-        log.info("audit: %s %s %s %s", actor, action, subject, json.dumps(details, sort_keys=True)[:2000])
 
 
 def wave_deployment_id(rollout_id: str, index: int) -> str:
@@ -117,8 +108,9 @@ class RolloutEngine:
             for w in await asyncio.to_thread(self.rollouts.waves, r.id):
                 if w.deployment_id:
                     self.tag(w.deployment_id, r.id, w.shadow)
-            if r.rollback_id:
-                self.tag(r.rollback_id, r.id, False)
+        for d in await asyncio.to_thread(self.store.list_deployments):
+            if d.kind == ROLLOUT_ROLLBACK_KIND:
+                self.tag(d.id, d.selector.removeprefix("rollout:"), False)
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -146,7 +138,13 @@ class RolloutEngine:
         started = time.perf_counter()
         async with self.lock:
             rollouts = await asyncio.to_thread(self.rollouts.list_rollouts)
-            live = [r for r in rollouts if r.state in ("running", "completed")]
+            now = self.clock()
+            live = [
+                r
+                for r in rollouts
+                if r.state in ("running", "completed")
+                or (r.state == "aborted" and r.rollback_id and now - r.finished_ms < SWEEP_MS)
+            ]
             if live:
                 devices = {d.id: d for d in await asyncio.to_thread(self.store.list_devices)}
                 for r in live:
@@ -167,6 +165,9 @@ class RolloutEngine:
 
     async def _step(self, ro: Loaded, devices: dict[str, DeviceRecord]) -> None:
         now = self.clock()
+        if ro.rollout.state == "aborted":
+            await self._sweep(ro, devices)
+            return
         await self._late_joiners(ro, devices)
         await self._refresh_states(ro, devices)
         if ro.rollout.state == "completed":
@@ -363,27 +364,10 @@ class RolloutEngine:
         r = ro.rollout
         now = self.clock()
         devices = {d.id: d for d in await asyncio.to_thread(self.store.list_devices)}
-        candidates = {m.target_path for m in ro.members if m.role == "canary" and m.target_path}
-        back: dict[str, str] = {}
-        on_candidate: list[str] = []
-        for m in ro.members:
-            device = devices.get(m.device_id)
-            if m.role != "canary" or not m.assigned_ms or device is None:
-                continue
-            if device.current_target in candidates and device.previous is not None:
-                if rollback:
-                    back[device.id] = device.previous.target_path
-                    on_candidate.append(device.id)
-            elif device.current is not None and device.desired_target in candidates:
-                back[device.id] = device.current_target  # still installing (or in shadow): stop it there
-        rollback_id = f"{r.id}-rb" if back else ""
-        order = Deployment(
-            rollback_id, r.model_name, "", f"rollout:{r.id}", now, ROLLOUT_ROLLBACK_KIND, reason[:500]
-        )
+        rollback_id = f"{r.id}-rb" if rollback else ""
+        on_candidate = await self._order_back(ro, devices, rollback_id, reason, installing_too=True)
 
         def write() -> None:
-            if back:
-                self.store.add_deployment(order, back, rollback_id)
             self.rollouts.update_wave(
                 r.id, r.current_wave, state="failed" if actor == ENGINE_ACTOR else "aborted"
             )
@@ -396,16 +380,61 @@ class RolloutEngine:
                 rollback_id=rollback_id,
             )
 
-        if back:
-            self.tag(rollback_id, r.id, False)
         await asyncio.to_thread(write)
-        r.state, r.reason = "aborted", reason
-        for device_id in on_candidate:
-            self.deployments.streams.push(device_id, RollbackPush(rollback_id, reason[:500], r.id))
+        r.state, r.reason, r.finished_ms, r.rollback_id = "aborted", reason, now, rollback_id
         details = {"reason": reason, "rollback": rollback, "rolled_back_devices": len(on_candidate)}
         await self.note(r, "aborted: " + reason, details)
         await self.recorder.record(actor, "rollout.abort", r.id, details)
         return rollback_id
+
+    async def _order_back(
+        self,
+        ro: Loaded,
+        devices: dict[str, DeviceRecord],
+        order_id: str,
+        reason: str,
+        *,
+        installing_too: bool,
+    ) -> list[str]:
+        """Orders every member on the candidate back to its previous model (none when `order_id` is "")
+        and, with `installing_too`, points members still installing back at what they run. Returns the
+        devices ordered back."""
+        r = ro.rollout
+        candidates = {m.target_path for m in ro.members if m.role == "canary" and m.target_path}
+        back: dict[str, str] = {}
+        on_candidate: list[str] = []
+        for m in ro.members:
+            device = devices.get(m.device_id)
+            if m.role != "canary" or not m.assigned_ms or device is None:
+                continue
+            if device.current_target in candidates and device.previous is not None:
+                if order_id and not device.rollback_command.startswith(f"{r.id}-rb"):
+                    back[device.id] = device.previous.target_path
+                    on_candidate.append(device.id)
+            elif installing_too and device.current is not None and device.desired_target in candidates:
+                back[device.id] = device.current_target  # still installing (or in shadow): stop it there
+        if not back:
+            return []
+        order_id = order_id or f"{r.id}-stop"
+        order = Deployment(
+            order_id, r.model_name, "", f"rollout:{r.id}", self.clock(), ROLLOUT_ROLLBACK_KIND, reason[:500]
+        )
+        self.tag(order_id, r.id, False)
+        await asyncio.to_thread(self.store.add_deployment, order, back, order_id if on_candidate else "")
+        for device_id in on_candidate:
+            self.deployments.streams.push(device_id, RollbackPush(order_id, reason[:500], r.id))
+        return on_candidate
+
+    async def _sweep(self, ro: Loaded, devices: dict[str, DeviceRecord]) -> None:
+        """After an abort with rollback, a device that finished installing the candidate anyway (it was
+        mid-install) is ordered back too, by an order of its own."""
+        r = ro.rollout
+        order_id = f"{r.id}-rb{self.clock()}"
+        ordered = await self._order_back(ro, devices, order_id, r.reason, installing_too=False)
+        if ordered:
+            await self.note(
+                r, f"{len(ordered)} devices that finished installing after the abort ordered back", {}
+            )
 
     async def _late_joiners(self, ro: Loaded, devices: dict[str, DeviceRecord]) -> None:
         """Devices that match the selector now but were not there at the start join the first wave that has

@@ -40,6 +40,7 @@ BEHAVIOURS = {
     "9": GOOD,
     "10": GOOD,
     "11": GOOD,
+    "12": GOOD,
 }
 DEVICES = 200
 
@@ -179,6 +180,30 @@ async def test_late_joiners_and_a_killed_server_resume_the_rollout_where_it_was(
     assert any("late joiners" in e.what for e in s.timeline)
 
 
+async def test_pause_holds_resume_carries_on_and_next_promotes_a_held_wave(rig: RolloutRig) -> None:
+    rollout_id = await rig.start("12", waves="10%,50%,100%", gates=["latency.min_calls=100000000"])
+    request = {"rollout_id": rollout_id}
+    await rig.wait(rollout_id, lambda s: s.waves[0].state == "holding")
+    await rig.rollouts.PauseRollout(rollout_pb2.PauseRolloutRequest(**request), timeout=30)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await rig.rollouts.PauseRollout(rollout_pb2.PauseRolloutRequest(**request), timeout=30)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "paused" in (e.value.details() or "")
+    reply = await rig.rollouts.NextWave(rollout_pb2.NextWaveRequest(**request), timeout=30)
+    assert reply.current_wave == 1
+    await asyncio.sleep(1)
+    s = await rig.status(rollout_id)
+    assert s.rollout.state == "paused" and s.waves[0].state == "promoted" and s.waves[1].state == "pending"
+    await rig.rollouts.ResumeRollout(rollout_pb2.ResumeRolloutRequest(**request), timeout=30)
+    s = await rig.wait(rollout_id, lambda s: s.waves[1].state == "holding")
+    retried = await rig.rollouts.RetryFailed(rollout_pb2.RetryFailedRequest(**request), timeout=30)
+    assert retried.devices == 0  # nothing failed
+    await rig.rollouts.AbortRollout(rollout_pb2.AbortRolloutRequest(**request, no_rollback=True), timeout=30)
+    s = await rig.status(rollout_id)
+    assert s.rollout.state == "aborted" and len(rig.on("12")) >= 20  # --no-rollback leaves them there
+    for action in ("pause", "next", "resume", "retry-failed", "abort"):
+        assert f"rollout.{action} {rollout_id}" in rig.log(), action
+
+
 async def test_rollout_requests_are_validated_and_need_the_operator_permit(rig: RolloutRig) -> None:
     bad = [
         dict(rollout_id="nope", model_name="detector", version="2", selector="all", waves="10%"),
@@ -247,7 +272,7 @@ async def test_the_cli_signs_the_permit_starts_watches_and_lists_a_rollout(rig: 
     assert started.returncode == 0, started.stderr
     plan = json.loads(started.stdout)
     rollout_id = plan["rollout_id"]
-    assert plan["started"] and [w["size"] for w in plan["waves"]] == [20, rig_size(rig)]
+    assert plan["started"] and [w["size"] for w in plan["waves"]] == [-(-rig_size(rig) // 10), rig_size(rig)]
     permit = await rig.permit(rollout_id)
     assert permit is not None and permit.model == "detector"
     watched = await asyncio.to_thread(
@@ -255,7 +280,10 @@ async def test_the_cli_signs_the_permit_starts_watches_and_lists_a_rollout(rig: 
     )
     assert watched.returncode == 0, watched.stderr
     last = json.loads(watched.stdout.splitlines()[-1])
-    assert last["state"] == "completed" and last["waves_status"][0]["devices"]["healthy"] == 20
+    assert (
+        last["state"] == "completed"
+        and last["waves_status"][0]["devices"]["healthy"] == plan["waves"][0]["size"]
+    )
     assert isinstance(last["waves_status"][0]["gates"][0]["threshold"], float)
     listed = json.loads((await asyncio.to_thread(cli, rig, "rollout", "list", "--json")).stdout)
     assert rollout_id in {r["id"] for r in listed}
