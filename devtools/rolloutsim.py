@@ -82,8 +82,8 @@ class RolloutRig:
         await rig.wait_running(versions[0], rig.devices)
         return rig
 
-    async def add_devices(self, count: int, prefix: str) -> list[SimDevice]:
-        new = await enroll(self.server, count, prefix=prefix)
+    async def add_devices(self, count: int, prefix: str, group: str = "load") -> list[SimDevice]:
+        new = await enroll(self.server, count, prefix=prefix, group=group)
         for d in new:
             d.behave = by_version(self.behaviours)
             d.step_s = 0.02

@@ -319,13 +319,13 @@ class SimDevice:
 
 
 async def enroll(
-    server: ServerProcess, count: int, *, prefix: str = "sim", concurrency: int = 16
+    server: ServerProcess, count: int, *, prefix: str = "sim", concurrency: int = 16, group: str = "load"
 ) -> list[SimDevice]:
     """Enrolls `count` devices for real: one token with `count` uses, then Enroll with a fresh key's CSR
     per device over the enrollment port (server-authenticated TLS), `concurrency` at a time."""
     token = (
         await server.operator.CreateEnrollmentToken(
-            operator_pb2.CreateEnrollmentTokenRequest(group="load", uses=count),
+            operator_pb2.CreateEnrollmentTokenRequest(group=group, uses=count),
             timeout=30,
             wait_for_ready=True,
         )

@@ -102,8 +102,7 @@ class RolloutEngine:
     # ---- the loop ----------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Tags every recorded rollout's deployments (devices that ask are told their rollout id), then
-        runs the loop."""
+        """Tags every recorded rollout's deployments (for devices that ask), then runs the loop."""
         for r in await asyncio.to_thread(self.rollouts.list_rollouts):
             for w in await asyncio.to_thread(self.rollouts.waves, r.id):
                 if w.deployment_id:
@@ -199,7 +198,7 @@ class RolloutEngine:
         changes = []
         if not wave.shadow:  # devices that passed a shadow wave now serve the candidate with this wave
             for m in ro.members:
-                if m.role == "canary" and m.wave_index < wave.index and _wave(ro, m.wave_index).shadow:
+                if m.role == "canary" and m.wave_index < wave.index and ro.waves[m.wave_index].shadow:
                     changes.append((m.device_id, m.role, {"wave_index": wave.index, "assigned_ms": 0}))
                     m.wave_index, m.assigned_ms = wave.index, 0
         self.tag(deployment.id, r.id, wave.shadow)
@@ -252,21 +251,30 @@ class RolloutEngine:
         models = {m.target_path: await self.deployments.repository.model(m.target_path) for m, _ in todo}
         dep_id = wave.deployment_id
 
+        # A device that already serves the candidate (it kept it after an earlier rollout) passed its
+        # probation then: it counts as healthy at once, with nothing to install.
+        there = {m.device_id for m, d in todo if not wave.shadow and d.current_target == m.target_path}
+
+        def state(m: MemberRecord) -> dict[str, Any]:
+            if m.device_id in there:
+                return {"assigned_ms": now, "state": "healthy", "healthy_ms": now, "updated_ms": now}
+            return {"assigned_ms": now, "state": "pending"}
+
         def write() -> None:
             for m, device in todo:
                 self.store.add_deployment_target(dep_id, m.device_id, m.target_path)
                 # What it reported for an earlier deployment (a rollback) says nothing about this one.
-                self.store.record_stage(m.device_id, "", "", device.last_seen_ms)
-            self.rollouts.update_members(
-                ro.rollout.id,
-                [(m.device_id, m.role, {"assigned_ms": now, "state": "pending"}) for m, _ in todo],
-            )
+                self.store.record_stage(
+                    m.device_id, "healthy" if m.device_id in there else "", "", device.last_seen_ms
+                )
+            self.rollouts.update_members(ro.rollout.id, [(m.device_id, m.role, state(m)) for m, _ in todo])
 
         await asyncio.to_thread(write)
         for m, _ in todo:
-            m.assigned_ms, m.state = now, "pending"
-            push = AssignmentPush(models[m.target_path], dep_id, wave.shadow, ro.rollout.id)
-            self.deployments.streams.push(m.device_id, push)
+            m.assigned_ms, m.state = now, str(state(m)["state"])
+            if m.device_id not in there:
+                push = AssignmentPush(models[m.target_path], dep_id, wave.shadow, ro.rollout.id)
+                self.deployments.streams.push(m.device_id, push)
 
     async def _refresh_states(self, ro: Loaded, devices: dict[str, DeviceRecord]) -> None:
         """Each assigned member's state from what its device reported about this rollout's wave."""
@@ -283,6 +291,8 @@ class RolloutEngine:
             state = device.last_stage
             if state == "healthy" and device.current_target != m.target_path:
                 continue  # healthy on something else (a rollback to it): not yet
+            if m.state == "healthy" and state in ("downloading", "verified", "activated"):
+                continue  # a late report of an earlier install step: healthy stays
             if state != m.state:
                 values: dict[str, Any] = {"state": state, "updated_ms": now}
                 if state in ("healthy", "shadow_ready"):
@@ -309,7 +319,9 @@ class RolloutEngine:
         if ready:
             ids = [m.device_id for m in canary + control]
             telemetry = await asyncio.to_thread(self.rollouts.telemetry_since, ids, wave.started_ms)
-        judgement = evaluate.judge_wave(gates, canary, control, telemetry, wave.shadow)
+        judgement = evaluate.with_completion(
+            evaluate.judge_wave(gates, canary, control, telemetry, wave.shadow), canary, wave.shadow
+        )
         if not ready and judgement.outcome is not Outcome.FAIL:
             return
         verdicts = json.loads(evaluate.judgement_json(judgement))
@@ -472,8 +484,7 @@ class RolloutEngine:
 
 def matching_ids(selector: str, devices: Iterable[DeviceRecord]) -> list[DeviceRecord]:
     """The devices a rollout's (resolved) selector names now, revoked ones left out."""
-    chosen = parse_selector(selector)
-    return [d for d in devices if not d.revoked and chosen.matches(d.id, d.group)]
+    return [d for d in devices if not d.revoked and parse_selector(selector).matches(d.id, d.group)]
 
 
 def _rejudge_ms(soak_s: float, tick_s: float) -> float:
@@ -483,10 +494,6 @@ def _rejudge_ms(soak_s: float, tick_s: float) -> float:
 
 def _utc(ms: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc)
-
-
-def _wave(ro: Loaded, index: int) -> WaveRecord:
-    return ro.waves[index]
 
 
 def _canary(ro: Loaded, index: int) -> list[MemberRecord]:

@@ -17,7 +17,7 @@ import numpy as np
 from edgefleet.server.rollouts.cohorts import DeviceWindow, FleetColumns, InstallState, aggregate
 from edgefleet.server.rollouts.gates import Gate, judge
 from edgefleet.server.rollouts.samples import device_window
-from edgefleet.server.rollouts.verdicts import Outcome, Verdict, WaveJudgement
+from edgefleet.server.rollouts.verdicts import Evidence, Outcome, Verdict, WaveJudgement, combine
 from edgefleet.server.storage.rollout_records import MemberRecord
 from edgefleet.values import TelemetryReport
 
@@ -88,6 +88,23 @@ def judge_wave(
     columns = FleetColumns.from_windows(wave_windows(canary, control, telemetry, shadow))
     rows = np.arange(len(columns))
     return judge(gates, aggregate(columns, rows[: len(canary)]), aggregate(columns, rows[len(canary) :]))
+
+
+def completion_verdict(canary: Sequence[MemberRecord], shadow: bool) -> Verdict:
+    """A wave passes only once every one of its devices has finished (healthy, or failed and counted by the
+    install gate): a device still installing, offline, or outside its maintenance window holds the wave
+    (the operator can promote it with `rollout next`)."""
+    pending = sum(1 for m in canary if install_state(m, shadow) == "pending")
+    outcome = Outcome.INCONCLUSIVE if pending else Outcome.PASS
+    why = f"{pending} of {len(canary)} devices have not finished" if pending else "every device finished"
+    evidence = Evidence(
+        float(len(canary) - pending), 0.0, "devices", "devices_pending", float(pending), 0.0, why
+    )
+    return Verdict("installs-finished", outcome, evidence)
+
+
+def with_completion(judgement: WaveJudgement, canary: Sequence[MemberRecord], shadow: bool) -> WaveJudgement:
+    return combine((*judgement.verdicts, completion_verdict(canary, shadow)))
 
 
 def _number(value: float | None) -> float | None:

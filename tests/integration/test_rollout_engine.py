@@ -63,10 +63,6 @@ async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rollout
         await rig.close()
 
 
-def rig_size(rig: RolloutRig) -> int:
-    return len(rig.devices)
-
-
 def finished(s: rollout_pb2.GetRolloutResponse) -> bool:
     return s.rollout.state in ("completed", "aborted")
 
@@ -103,7 +99,10 @@ async def test_a_good_version_advances_wave_by_wave_only_on_healthy_devices(rig:
     assert s.waves[0].device_states["healthy"] == 20 and s.waves[0].control_devices == 20
     assert {g.gate for g in s.waves[0].gates} >= {"latency", "drift-top-class", "error-rate", "crash-rate"}
     assert all(g.outcome == "pass" for g in s.waves[0].gates)
-    assert [g.gate for g in s.waves[2].gates] == ["install-failures"]  # nobody left on v1 to compare with
+    assert [g.gate for g in s.waves[2].gates] == [
+        "install-failures",
+        "installs-finished",
+    ]  # nobody left on v1 to compare with
     await rig.wait_running("2", rig.devices)
     log = rig.log()
     assert f"rollout.start {rollout_id}" in log and f"rollout.gate {rollout_id}" in log
@@ -258,6 +257,9 @@ def cli(rig: RolloutRig, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_the_cli_signs_the_permit_starts_watches_and_lists_a_rollout(rig: RolloutRig) -> None:
+    fresh = await rig.add_devices(60, "cli", group="cli")  # a group of its own, on v1
+    await rig.server.deploy("detector", "1", "group:cli")
+    await rig.wait_running("1", fresh)
     usage = await asyncio.to_thread(cli, rig, "rollout", "start", "detector", "9", "--to", "all")
     assert usage.returncode == 2 and "--waves" in usage.stderr
     refused = await asyncio.to_thread(
@@ -266,13 +268,13 @@ async def test_the_cli_signs_the_permit_starts_watches_and_lists_a_rollout(rig: 
     assert refused.returncode == 1 and "reaches no device" in refused.stderr
     gates = [f"--gate={g}" for g in FAST_GATES]
     started = await asyncio.to_thread(
-        cli, rig, "rollout", "start", "detector", "9", "--to", "all", "--waves", "10%,100%",
+        cli, rig, "rollout", "start", "detector", "9", "--to", "group:cli", "--waves", "20,100%",
         "--soak", "1s", "--json", *gates,
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     plan = json.loads(started.stdout)
     rollout_id = plan["rollout_id"]
-    assert plan["started"] and [w["size"] for w in plan["waves"]] == [-(-rig_size(rig) // 10), rig_size(rig)]
+    assert plan["started"] and [w["size"] for w in plan["waves"]] == [20, 60]
     permit = await rig.permit(rollout_id)
     assert permit is not None and permit.model == "detector"
     watched = await asyncio.to_thread(
