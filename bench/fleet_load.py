@@ -188,9 +188,11 @@ async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
         table.add("deploy", "server peak during fan-out", usage_text(sampler.peak))
 
         # ---- telemetry ----
-        agent_rate = 1 / AgentConfig().telemetry_interval_s
-        await telemetry(server, devices, agent_rate, args.telemetry_s, "agent's rate", table, flood=False)
-        await telemetry(server, devices, agent_rate, args.telemetry_s, "agent's rate + 1 flooding", table)
+        # --quick: 10 times the agent's rate, so that each phase (one report per device at least) lasts 1 s, not 10.
+        agent_rate = (10 if args.quick else 1) / AgentConfig().telemetry_interval_s
+        rate = "10x the agent's rate" if args.quick else "agent's rate"
+        await telemetry(server, devices, agent_rate, args.telemetry_s, rate, table, flood=False)
+        await telemetry(server, devices, agent_rate, args.telemetry_s, f"{rate} + 1 flooding", table)
         await telemetry(
             server,
             devices,

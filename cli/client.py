@@ -124,9 +124,14 @@ def failure(e: grpc.RpcError, server: str, tls_dir: str = "") -> CliError:
                 f"{tls_dir}/ca.crt, or it refused the operator certificate in {tls_dir}; copy "
                 f"<data dir>/operator/ of this server to {tls_dir} ({details})"
             )
+        if details.startswith("database unavailable"):  # the server answered: its storage did not
+            return ServerUnreachable(
+                f"the server at {server} answered, but its database did not ({details}); try again, and see "
+                "the server's log if it lasts"
+            )
         return ServerUnreachable(
-            f"the server at {server} is unreachable or its database is busy; check --server (or "
-            f"EDGEFLEET_SERVER, or the context) and try again ({details})"
+            f"the server at {server} is unreachable; check --server (or EDGEFLEET_SERVER, or the context) "
+            f"and that the server runs, then try again ({details})"
         )
     hint = {
         grpc.StatusCode.UNAUTHENTICATED: "the operator credentials were refused: check --tls-dir (or --token-file).",

@@ -40,6 +40,12 @@ class DevicesFailed(CliError):
     exit_code = DEVICES_FAILED
 
 
+class Interrupted(CliError):
+    """Ctrl-C, with what the interrupted command left behind and how to finish it."""
+
+    exit_code = INTERRUPTED
+
+
 class ServerUnreachable(CliError):
     """No answer from the server (down, wrong address, or its database too busy to answer)."""
 

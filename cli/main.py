@@ -9,7 +9,9 @@
     edgefleet deployments [--watch]            rollout progress (exit 3 when devices failed)
     edgefleet rollback --to all|group:G|device:ID
     edgefleet rollout start N V --to SEL --waves 5,10%,100% | list | status ID [--watch] | pause | abort ...
-    edgefleet devices | telemetry DEVICE | events
+    edgefleet devices [--to SELECTOR] | devices label DEVICE site=berlin camera- [--overwrite]
+    edgefleet telemetry DEVICE | events
+    edgefleet audit [--since 1h] [--action A] [--verify]
     edgefleet config get-contexts | use-context N | set-context N --server ... | view
     edgefleet completion bash|zsh
 
@@ -193,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--group", default="default")
     sp.add_argument("--uses", type=int, default=1, help="how many devices may enroll with it")
     sp.add_argument("--ttl", type=int, default=7 * 86400, help="seconds it stays valid")
+    sp.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label its devices get (repeatable)",
+    )
 
     model = group("model", "model versions")
     sp = add(
@@ -209,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--calibration", default="", help=".npz with x: also builds a static int8 variant")
     sp.add_argument("--tolerance", type=float, default=1.0, help="accuracy drop (points) a variant may have")
+    sp.add_argument(
+        "--measure", action="store_true",
+        help="without --eval: build variants anyway, measured against the model's own outputs on generated inputs",
+    )  # fmt: skip
     targets_key(sp, "signs the version")
     sp = add(
         "list", "models:cmd_model_list", "list model versions and their variants",
@@ -229,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sp.add_argument("name")
     sp.add_argument("version")
-    sp.add_argument("--to", required=True, help="all, group:NAME or device:ID")
+    sp.add_argument("--to", required=True, help=SELECTORS)
     sp.add_argument("--variant", default="", help="pin one variant instead of the per-device choice")
     targets_key(sp, "signs the permission to go back when the version is older than the newest")
     sp.add_argument(
@@ -256,15 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
         "rollback", "deployments:cmd_rollback", "send devices back to their previous model",
         'edgefleet rollback --to group:lab --reason "v3 misses cats"', listing=True,
     )  # fmt: skip
-    sp.add_argument("--to", required=True, help="all, group:NAME or device:ID")
+    sp.add_argument("--to", required=True, help=SELECTORS)
     sp.add_argument("--reason", default="ordered by an operator")
     targets_key(sp, "signs the devices' permission to go back")
 
     sp = add(
         "devices", "devices:cmd_devices", "devices and what they run",
-        "edgefleet devices --to group:lab\nedgefleet devices --json", listing=True,
+        "edgefleet devices --to group:lab\nedgefleet devices --to 'site in (berlin,paris),camera!=v1'\n"
+        "edgefleet devices --json\nedgefleet devices label cam-17 site=berlin camera=v2", listing=True,
     )  # fmt: skip
-    sp.add_argument("--to", default="", help="only these: all, group:NAME or device:ID")
+    sp.add_argument("--to", default="", help=f"only these: {SELECTORS}")
+    add_labels_and_audit(sp, add, sub)
 
     sp = add(
         "revoke", "devices:cmd_revoke", "refuse a device's credentials from now on",
@@ -322,6 +337,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ---- labels and the audit log ------------------------------------------------------------------------------
+
+SELECTORS = "all, device:ID, or group:NAME and/or labels (site=berlin,camera!=v1, 'site in (a,b)', !site)"
+
+
+def add_labels_and_audit(devices: Any, add: Any, top: Any) -> None:
+    """`devices label` under the `devices` listing, and `audit` among the commands (`top`)."""
+    sub = devices.add_subparsers(dest="devices_command", required=False, metavar="label")
+    sp = add(
+        "label", "devices:cmd_label", "set (key=value) or remove (key-) a device's labels",
+        "edgefleet devices label cam-17 site=berlin camera=v2\n"
+        "edgefleet devices label cam-17 camera-              # removes camera\n"
+        "edgefleet devices label cam-17 site=paris --overwrite", sub, listing=True,
+    )  # fmt: skip
+    sp.add_argument("device", help="the device's id or name")
+    sp.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-")
+    sp.add_argument("--overwrite", action="store_true", help="allow changing the value of a label it has")
+    sp = add(
+        "audit", "audit:cmd_audit", "who did what, when: the append-only log of operator actions",
+        "edgefleet audit --since 1h\nedgefleet audit --action deployment --json\n"
+        "edgefleet audit --verify      # checks the log's hash chain; exit 1 when it was tampered with",
+        top, listing=True,
+    )  # fmt: skip
+    sp.add_argument(
+        "--since", default="", help="a duration ago (30m, 1h, 2d) or an ISO time (UTC if no offset)"
+    )
+    sp.add_argument("--action", default="", help="only this action, or all of a kind (deployment, rollout)")
+    sp.add_argument("--limit", type=int, default=100, help="the newest this many (1..1000)")
+    sp.add_argument("--verify", action="store_true", help="check the whole log's hash chain")
+
+
 def _resolve_settings(args: argparse.Namespace) -> None:
     """Fills the global settings by flag > environment > context > default (edgefleet.cli.config)."""
     env = dict(os.environ)
@@ -373,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"edgefleet: {escape(str(e))}", file=sys.stderr)
         sys.exit(exits.FAILED)
     except KeyboardInterrupt:
+        print("edgefleet: interrupted", file=sys.stderr)
         sys.exit(exits.INTERRUPTED)
     except BrokenPipeError:
         # `edgefleet devices | head`: the reader left; nothing more to say.

@@ -78,10 +78,34 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         help="memory models may use (reported instead of the OS's figure)",
     )
     p.add_argument(
+        "--timezone",
+        default=env("EDGEFLEET_TIMEZONE", ""),
+        help="the device's IANA time zone for maintenance windows (default: TZ, /etc/timezone, /etc/localtime)",
+    )
+    p.add_argument(
+        "--shadow-max-per-s", type=float, default=10.0, help="shadow candidate calls per second, at most"
+    )
+    p.add_argument(
+        "--shadow-cpu-budget",
+        type=float,
+        default=0.2,
+        help="shadow candidate busy seconds per wall second, at most (1.0 = one core)",
+    )
+    p.add_argument(
+        "--max-deferral",
+        type=int,
+        default=3600,
+        help="seconds an application may defer installs, per request",
+    )
+    p.add_argument(
         "-v", "--verbose", action="store_true", help="debug lines, and the libraries' own INFO lines"
     )
     p.add_argument("--log-format", choices=FORMATS, default=env("EDGEFLEET_LOG_FORMAT", "text"))
     a = p.parse_args(argv)
+    if not 0 < a.shadow_max_per_s <= 1000 or not 0 < a.shadow_cpu_budget <= 1:
+        p.error("--shadow-max-per-s must be in (0, 1000] and --shadow-cpu-budget in (0, 1]")
+    if not 0 <= a.max_deferral <= 86_400:
+        p.error("--max-deferral must be 0 to 86400 seconds (0 = applications cannot defer installs)")
     if a.reset_trust_root and a.trust_root is None:
         p.error("--reset-trust-root needs --trust-root (the root.json to pin instead)")
     setup_logging(a.verbose, a.log_format)
@@ -107,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         accelerators=tuple(a.accelerator),
         latency_budget_ms=a.latency_budget_ms,
         memory_available_override_bytes=a.memory_limit_mb * 2**20,
+        timezone=a.timezone,
+        shadow_max_per_s=a.shadow_max_per_s,
+        shadow_cpu_budget=a.shadow_cpu_budget,
+        max_deferral_s=a.max_deferral,
     )
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from edgefleet import pki
+from edgefleet.agent import decisions
 from edgefleet.agent.certificates import CertificateRenewer
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.connection import connect
@@ -37,7 +38,7 @@ from edgefleet.agent.faults import Faults
 from edgefleet.agent.local_api import LocalStatus, start_local_service
 from edgefleet.agent.local_models import LocalModels
 from edgefleet.agent.serving import Result, Serving
-from edgefleet.agent.state import AgentState, StateStore
+from edgefleet.agent.state import AgentState, StateStore, now_ms
 from edgefleet.agent.supervision import Supervisor, UpdateTurn
 from edgefleet.agent.telemetry import Outbox, Telemetry, read_capabilities
 from edgefleet.agent.updates import Updater
@@ -226,11 +227,11 @@ class Agent:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed: %r", task.exception(), exc_info=task.exception())
 
-    def _on_assignment(self, ref: ModelRef | None) -> None:
-        self._spawn(self.updater.apply_assignment(ref))
+    def _on_assignment(self, ref: ModelRef | None, shadow: bool) -> None:
+        self._spawn(self.updater.apply_assignment(ref, shadow))
 
-    def _on_rollback(self, command_id: str, reason: str) -> None:
-        self._spawn(self.supervisor.rollback(command_id, reason))
+    def _on_rollback(self, command_id: str, reason: str, rollout_id: str) -> None:
+        self._spawn(self.supervisor.rollback(command_id, reason, rollout_id))
 
     # ---- what applications and the server see ----------------------------------------------------------
 
@@ -245,7 +246,26 @@ class Agent:
             runtime=self.runtime,
             runtime_version=runtime_version(self.runtime),
             connected=self.connected,
+            shadow=self.serving.shadow.ref if self.serving.shadow else None,
+            deferred_until_ms=self.state.deferred_until_ms if self.state.deferred_until_ms > now_ms() else 0,
         )
+
+    def defer_updates(self, seconds: int, reason: str) -> decisions.Deferral:
+        """An application on the device is busy: no install starts for up to `seconds` (bounded by the
+        config), persisted before it is answered. Raises InvalidRequestError for a negative request."""
+        state = self.state
+        deferral = decisions.grant_deferral(
+            seconds,
+            now_ms(),
+            until_ms=state.deferred_until_ms,
+            used_s=state.deferred_used_s,
+            max_per_request_s=self.config.max_deferral_s,
+            max_total_s=self.config.max_deferral_total_s,
+        )
+        state.deferred_until_ms, state.deferred_used_s = deferral.until_ms, deferral.used_s
+        self.store.save()
+        log.info("installs deferred for %d s (asked %d s): %s", deferral.granted_s, seconds, reason[:200])
+        return deferral
 
     def _capabilities(self) -> Capabilities:
         return read_capabilities(self.config, self.runtime, self.store.folder)

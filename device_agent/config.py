@@ -42,6 +42,14 @@ class AgentConfig:
     latency_budget_ms: float = 0.0
     memory_available_override_bytes: int = 0  # report less memory than the OS sees (a shared device)
     extra_labels: dict[str, str] = field(default_factory=dict)
+    timezone: str = ""  # IANA name reported for maintenance windows; "" = discover it (TZ, /etc/timezone)
+    # A shadow candidate (edgefleet.agent.shadow): what it may take from the served path.
+    shadow_share: float = 1.0  # of served calls considered for the candidate
+    shadow_max_per_s: float = 10.0  # candidate calls per second, at most
+    shadow_cpu_budget: float = 0.2  # candidate busy seconds per wall second, at most
+    # Install deferral asked by an application (local API DeferUpdates); a rollback is never deferred.
+    max_deferral_s: int = 3600  # per request
+    max_deferral_total_s: int = 4 * 3600  # per assignment: the sum of what is granted before it installs
 
     @property
     def enroll_address(self) -> str:

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,7 @@ def reset_trust_root(metadata_dir: Path, trust_root: bytes) -> None:
     for cached in metadata_dir.glob("*.json"):
         if cached.name != PINNED_ROOT:
             cached.unlink()
+    shutil.rmtree(metadata_dir / "root_history", ignore_errors=True)  # the old chain of roots goes too
     log.warning("re-pinned the trust root (sha256 %s) and cleared the metadata cache", _sha256(trust_root))
 
 

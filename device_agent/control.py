@@ -3,7 +3,8 @@
     connect -> the server's hello (the last sequence it accepted) -> the device's status first (every time)
             -> then queued events and status, in order, each stamped when sent with the next number of one
                persisted counter (continued from the hello, so a device that lost its state is not stale)
-    server  -> assignment: `on_assignment(ref)`; rollback order: `on_rollback(command_id, reason)`
+    server  -> assignment: `on_assignment(ref, shadow)`; rollback order: `on_rollback(command_id, reason,
+               rollout_id)`
     down    -> reconnect with jittered exponential backoff; `periodic_check` asks for the assignment in case
                the stream missed it
     python-tuf, in a worker thread -> `get_metadata_blocking(name)` -> GetMetadata on the event loop
@@ -33,6 +34,8 @@ from edgefleet.values import Capabilities, DeviceStatus, ModelRef, UpdateEvent
 log = logging.getLogger("edgefleet.agent")
 
 HELLO_TIMEOUT_S = 5.0  # an older server sends no hello: then the device's own counter goes on alone
+MAX_SEQUENCE = 2**63 - 1  # the highest a server stores (edgefleet.convert refuses more)
+SEQUENCE_ROOM = 2**32  # a hello must leave at least this many messages to go, or it is ignored
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
@@ -59,8 +62,8 @@ class Control:
         self.connected = False
         self.loop: asyncio.AbstractEventLoop | None = None
         # Set by the agent: what an assignment or a rollback order sets going.
-        self.on_assignment: Callable[[ModelRef | None], None] = lambda ref: None
-        self.on_rollback: Callable[[str, str], None] = lambda command_id, reason: None
+        self.on_assignment: Callable[[ModelRef | None, bool], None] = lambda ref, shadow: None
+        self.on_rollback: Callable[[str, str, str], None] = lambda command_id, reason, rollout_id: None
         self.assigned: tuple[str, str, str] = (
             "",
             "",
@@ -116,6 +119,7 @@ class Control:
         assert self.connection is not None
 
         hello = asyncio.Event()
+        ended = asyncio.Event()
 
         async def outgoing() -> AsyncIterator[device_pb2.DeviceMessage]:
             try:
@@ -123,26 +127,60 @@ class Control:
             except TimeoutError:
                 pass
             yield self._stamped(self._status_message())  # the truth first, on every connect
-            while True:
-                yield self._stamped(await self.outbox.get_event())
+            while (message := await self._next_event(ended)) is not None:
+                yield self._stamped(message)
 
         call = self.connection.stub.Connect(outgoing(), metadata=self.connection.metadata)
-        await call.initial_metadata()  # the server sends it once it has accepted the stream
-        if not call.done():
-            self._now_connected(backoff)
-        async for message in call:
-            self._now_connected(backoff)
-            kind = message.WhichOneof("kind")
-            if kind == "hello":
-                self._continue_from(message.hello.last_sequence)
-                hello.set()
-            elif kind == "assignment":
-                self._remember(message.assignment)
-                self.on_assignment(ref_from_proto(message.assignment.model))
-            elif kind == "rollback":
-                self.on_rollback(message.rollback.command_id, message.rollback.reason)
-            await asyncio.sleep(0)
+        try:
+            await call.initial_metadata()  # the server sends it once it has accepted the stream
+            if not call.done():
+                self._now_connected(backoff)
+            async for message in call:
+                self._now_connected(backoff)
+                kind = message.WhichOneof("kind")
+                if kind == "hello":
+                    self._continue_from(message.hello.last_sequence)
+                    hello.set()
+                elif kind == "assignment":
+                    self._on_assignment(message.assignment)
+                elif kind == "rollback":
+                    rollback = message.rollback
+                    self.on_rollback(rollback.command_id, rollback.reason, rollback.rollout_id)
+                await asyncio.sleep(0)
+        finally:
+            # However it ended, the stream stops taking messages from the outbox: gRPC does not stop
+            # reading `outgoing` of a call that is over, which took the next event and lost it.
+            ended.set()
+            call.cancel()
         # A stream the server ended cleanly still counts as down: reconnect.
+
+    async def _next_event(self, ended: asyncio.Event) -> device_pb2.DeviceMessage | None:
+        """The next message of the outbox for a stream, or None once that stream has `ended` (a message taken
+        just as it ended goes back to the front, for the next stream)."""
+        getter = asyncio.ensure_future(self.outbox.get_event())
+        ender = asyncio.ensure_future(ended.wait())
+        try:
+            await asyncio.wait({getter, ender}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ender.cancel()
+            if not getter.done():
+                getter.cancel()
+        if not getter.done() or getter.cancelled():
+            return None
+        if ended.is_set():
+            self.outbox.put_event(getter.result(), front=True)
+            return None
+        return getter.result()
+
+    def _on_assignment(self, assignment: device_pb2.Assignment) -> None:
+        try:
+            ref = ref_from_proto(assignment.model)
+        except errors.InvalidRequestError as e:
+            # No real target looks like this: one line, and the stream goes on.
+            log.warning("ignored an assignment from the server: %s", e)
+            return
+        self._remember(assignment)
+        self.on_assignment(ref, assignment.shadow)
 
     def _now_connected(self, backoff: Backoff) -> None:
         if not self.connected:
@@ -164,10 +202,9 @@ class Control:
             log.debug("periodic check failed: %s", e.code().name)
             return
         if reply.rollback_pending:
-            self.on_rollback(reply.rollback_command_id, "ordered by an operator (periodic check)")
+            self.on_rollback(reply.rollback_command_id, "ordered by an operator (periodic check)", "")
         elif reply.HasField("assignment"):
-            self._remember(reply.assignment)
-            self.on_assignment(ref_from_proto(reply.assignment.model))
+            self._on_assignment(reply.assignment)
 
     # ---- what the agent says ---------------------------------------------------------------------------
 
@@ -179,6 +216,13 @@ class Control:
         """The server's last accepted sequence: a device that lost its state file (or was restored from an
         old backup) continues after it instead of being ignored as stale."""
         state = self.store.state
+        if last_accepted > MAX_SEQUENCE - SEQUENCE_ROOM:
+            # A hostile or broken server: following it would overflow the counter and silence the device
+            # for good, even once a sound server is back (the counter is persisted).
+            log.warning(
+                "ignored the server's last sequence %d: it leaves no room for more messages", last_accepted
+            )
+            return
         if last_accepted > state.status_sequence:
             log.info("continuing the message sequence at %d, after the server's last", last_accepted + 1)
             state.status_sequence = last_accepted

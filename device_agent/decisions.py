@@ -9,6 +9,8 @@ As python-tuf keeps `TrustedMetadataSet` apart from its updater, the agent's asy
     did probation pass?                probation_problem, golden_problem
     restarted too often in probation?  gives_up_at_start    (MAX_STARTS_IN_PROBATION)
     does its worker keep dying?        recent_crashes, crashes_mean_rollback
+    may an aborted rollout send it back?  check_rollout_rollback (the operator's signed rollout permit)
+    how long may an application defer?   grant_deferral        (per request and per assignment bounds)
 
 Functions that refuse raise the `edgefleet.errors` class that says why; the others return a value.
 """
@@ -20,12 +22,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from edgefleet import errors
+from edgefleet.signing import RolloutPermit
 from edgefleet.values import ModelRef
 
 MAX_STARTS_IN_PROBATION = 3
 MAX_WORKER_CRASHES = 3  # within WORKER_CRASH_WINDOW_S: the model is bad, go back to the previous one
 WORKER_CRASH_WINDOW_S = 600.0
-MAX_BAD_TARGETS = 256  # the newest kept: the status report carries them all
+MAX_BAD_TARGETS = 256  # the newest kept in all: the status report carries them all
+MAX_BAD_PER_MODEL = 16  # the newest kept per model: only more failed versions of the same model push one out
 MAX_ROLLBACKS_REMEMBERED = 32  # command ids: enough to recognise an order that arrives twice
 
 
@@ -105,10 +109,26 @@ def reports_retry(error: errors.EdgefleetError) -> bool:
     return isinstance(error, (errors.MetadataError, errors.HashMismatchError, errors.UnsignedTargetError))
 
 
+def model_of(target_path: str) -> str:
+    """The model a signed target path belongs to ("digits/2/float32.tflite" -> "digits")."""
+    return target_path.split("/", 1)[0]
+
+
 def with_bad_target(bad_targets: Sequence[str], path: str) -> list[str]:
-    """`bad_targets` with `path` added once, the newest MAX_BAD_TARGETS kept."""
+    """`bad_targets` with `path` added once (as the newest). Only a signed target whose verified bytes failed
+    (golden, tensor contract, a crash or hang, a probation) is ever added (`after_install_error`, the
+    supervisor): a server naming targets nobody signed adds nothing. Bounded per model (the newest
+    MAX_BAD_PER_MODEL of each), so one model's failures never push another model's bad version out, and in
+    all (MAX_BAD_TARGETS)."""
     marked = list(bad_targets) if path in bad_targets else [*bad_targets, path]
-    return marked[-MAX_BAD_TARGETS:]
+    kept: list[str] = []
+    per_model: dict[str, int] = {}
+    for entry in reversed(marked):  # newest first
+        model = model_of(entry)
+        if per_model.get(model, 0) < MAX_BAD_PER_MODEL:
+            per_model[model] = per_model.get(model, 0) + 1
+            kept.append(entry)
+    return list(reversed(kept))[-MAX_BAD_TARGETS:]
 
 
 def with_rollback_done(done: Sequence[str], command_id: str) -> list[str]:
@@ -179,3 +199,72 @@ def crashes_mean_rollback(crash_count: int, has_previous: bool) -> bool:
     """A worker that died MAX_WORKER_CRASHES times in the window means a bad model, when there is a previous
     one to go back to; otherwise it is restarted again."""
     return crash_count >= MAX_WORKER_CRASHES and has_previous
+
+
+# ---- rollout-scoped rollback -------------------------------------------------------------------------------
+
+
+def check_rollout_rollback(
+    rollout_id: str,
+    permits: Mapping[str, RolloutPermit],
+    *,
+    current_name: str,
+    current_sequence: int,
+    previous_name: str,
+    previous_sequence: int,
+) -> None:
+    """An order naming rollout `rollout_id` sends this device back only when the operator signed a permit for
+    that rollout (`permits`, from the verified targets metadata) and the device runs the permit's model at its
+    candidate sequence, with a previous version of that model at `min_sequence` or newer. Nothing else: not
+    another rollout's order, not another model, not an older incumbent. Raises DowngradeRefusedError."""
+    permit = permits.get(rollout_id)
+    if permit is None:
+        raise errors.DowngradeRefusedError(
+            f"no operator signature permits going back for rollout {rollout_id!r}"
+        )
+    if current_name != permit.model or current_sequence != permit.candidate_sequence:
+        raise errors.DowngradeRefusedError(
+            f"rollout {rollout_id!r} permits going back from {permit.model} sequence "
+            f"{permit.candidate_sequence}; this device runs {current_name} sequence {current_sequence}"
+        )
+    if previous_name != permit.model or previous_sequence < permit.min_sequence:
+        raise errors.DowngradeRefusedError(
+            f"rollout {rollout_id!r} permits going back to {permit.model} sequence {permit.min_sequence} "
+            f"or newer; the previous model here is {previous_name} sequence {previous_sequence}"
+        )
+
+
+# ---- install deferral ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Deferral:
+    until_ms: int  # 0 = not deferred
+    granted_s: int
+    used_s: int  # granted since the last install started
+
+
+def grant_deferral(
+    asked_s: int,
+    now_ms: int,
+    *,
+    until_ms: int,
+    used_s: int,
+    max_per_request_s: int,
+    max_total_s: int,
+) -> Deferral:
+    """An application asks that no install start for `asked_s` seconds from now (0 cancels). Granted at most
+    `max_per_request_s`, and at most what is left of `max_total_s` for the assignment waiting (`used_s` so
+    far): an application cannot hold an update off for good. A deferral already running is replaced, and
+    only the seconds that extend it count. Raises InvalidRequestError for a negative request."""
+    if asked_s < 0:
+        raise errors.InvalidRequestError("seconds must be 0 (cancel) or more")
+    if asked_s == 0:
+        return Deferral(0, 0, used_s)
+    left_ms = max(0, until_ms - now_ms)
+    wanted_s = min(asked_s, max_per_request_s)
+    extra_s = max(0, min(wanted_s - left_ms // 1000, max_total_s - used_s))
+    granted_s = min(wanted_s, left_ms // 1000 + extra_s)
+    if granted_s <= 0:
+        return Deferral(until_ms if left_ms else 0, 0, used_s)
+    return Deferral(now_ms + granted_s * 1000, granted_s, used_s + extra_s)

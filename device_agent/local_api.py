@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 
 from edgefleet import errors
+from edgefleet.agent.decisions import Deferral
 from edgefleet.agent.serving import NoModelError, Result
 from edgefleet.convert import ref_to_proto
 from edgefleet.tensors import from_proto, to_proto
@@ -31,6 +32,8 @@ class LocalStatus:
     runtime: str
     runtime_version: str
     connected: bool  # to the fleet server
+    shadow: ModelRef | None = None  # a candidate compared in shadow beside `current`
+    deferred_until_ms: int = 0  # installs wait until then (an application asked); 0 = not deferred
 
 
 class LocalAgent(Protocol):
@@ -41,6 +44,10 @@ class LocalAgent(Protocol):
         ...
 
     def local_status(self) -> LocalStatus: ...
+
+    def defer_updates(self, seconds: int, reason: str) -> Deferral:
+        """Raises InvalidRequestError for a negative request."""
+        ...
 
 
 class InferenceServicer(local_pb2_grpc.InferenceServiceServicer):
@@ -75,11 +82,21 @@ class InferenceServicer(local_pb2_grpc.InferenceServiceServicer):
             runtime=status.runtime,
             runtime_version=status.runtime_version,
             connected=status.connected,
+            shadow=ref_to_proto(status.shadow) if status.shadow else None,
+            deferred_until_unix_ms=status.deferred_until_ms,
         )
 
     async def DeferUpdates(self, request: local_pb2.DeferUpdatesRequest, context: Any) -> Any:
-        # Declared in local.proto for staged rollouts; answered UNIMPLEMENTED until the agent keeps deferrals.
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this agent does not defer updates yet")
+        """Bounded by the agent's config (the answer says what was granted); 0 seconds cancels."""
+        if len(request.reason) > 1000:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "reason is longer than 1000 characters")
+        try:
+            deferral = await asyncio.to_thread(self.agent.defer_updates, request.seconds, request.reason)
+        except errors.InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e}; ask 0 to cancel a deferral")
+        return local_pb2.DeferUpdatesResponse(
+            deferred_until_unix_ms=deferral.until_ms, granted_seconds=deferral.granted_s
+        )
 
 
 async def start_local_service(agent: LocalAgent, socket_path: str, port: int) -> grpc.aio.Server:

@@ -8,6 +8,9 @@ All blocking (hashing, decoding, starting a process): the async code calls these
                   (never a description kept beside the file: anyone who can write the folder could plant one)
     `test_candidate`: the file read once into sealed memory and checked (`sealed_model`), loaded from exactly
                   those bytes in its own process (time and memory limited), signed tensors, signed golden output
+    golden data too large to sign inline is a signed target file of its own, downloaded beside the model
+                  (downloads/<sha>.part -> `finish_golden` -> models/<sha>.npz) and read once per use,
+                  its bytes checked against the model target's signed sha256 and length (`with_golden`)
 
 Every load (an update's candidate, the model at start, a rollback, a worker restart) goes through
 `test_candidate`, so nothing runs that was not checked against the signed metadata in the same breath.
@@ -18,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+
+from tuf.api.metadata import TargetFile
 
 from edgefleet import errors, wire
 from edgefleet.agent.config import AgentConfig
@@ -64,7 +69,67 @@ class LocalModels:
             raise errors.HashMismatchError(
                 f"{ref.target_path}: the signed target is not the version kept here"
             )
-        return target
+        return self.with_golden(target)
+
+    # ---- golden files ------------------------------------------------------------------------------------
+
+    def golden_path(self, target: ModelTarget) -> Path:
+        assert target.golden_file is not None
+        return self.store.folder / "models" / f"{target.golden_file.sha256}.npz"
+
+    def with_golden(self, target: ModelTarget) -> ModelTarget:
+        """`target` with its golden data, read from the local golden file when it is not inline: the bytes
+        are read once, and those bytes are hashed and parsed. Raises HashMismatchError (missing, or not the
+        signed bytes), ModelError (signed bytes that do not parse)."""
+        if target.golden is not None or target.golden_file is None:
+            return target
+        path = self.golden_path(target)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(target.golden_file.length + 1)
+        except FileNotFoundError:
+            raise errors.HashMismatchError(f"{target.golden_file.path}: the local copy is missing") from None
+        return target.with_golden(data)
+
+    def has_golden(self, target: ModelTarget) -> bool:
+        """Whether the signed golden file is already here (a file that is not the signed one is deleted)."""
+        if target.golden_file is None:
+            return True
+        try:
+            self.with_golden(target)
+            return True
+        except errors.HashMismatchError:
+            self.golden_path(target).unlink(missing_ok=True)
+            return False
+
+    def check_golden_target(self, target: ModelTarget, signed: TargetFile) -> None:
+        """The golden file's own signed target must be what the model's signed fields name."""
+        assert target.golden_file is not None
+        if (
+            signed.length != target.golden_file.length
+            or signed.hashes.get("sha256") != target.golden_file.sha256
+        ):
+            raise errors.HashMismatchError(
+                f"{target.golden_file.path}: its signed target differs from what {target.path} names"
+            )
+
+    def finish_golden(self, target: ModelTarget) -> None:
+        """Checks the downloaded golden file against the signed sha256 and length and moves it into place
+        durably; deletes the partial file when it is not the signed bytes."""
+        assert target.golden_file is not None
+        part = self.store.download_path(target.golden_file.sha256)
+        final = self.golden_path(target)
+        try:
+            data = part.read_bytes()
+            target.with_golden(data)  # hashed and parsed: the bytes that go into place are the signed ones
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        tmp = final.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        commit_file(tmp, final)
+        part.unlink(missing_ok=True)
+        fsync_dir(part.parent)
 
     def usable(self, ref: ModelRef) -> bool:
         """Whether the local copy verifies; one that does not is deleted (it is fetched again if needed)."""
@@ -185,6 +250,7 @@ class LocalModels:
         verified bytes do not load or their output is wrong."""
         worker = worker or self.new_worker(target.length)
         try:
+            target = self.with_golden(target)
             with SealedModel.verified(
                 self.store.model_path(target.sha256), target.path, target.length, target.sha256
             ) as sealed:
@@ -203,6 +269,16 @@ class LocalModels:
         return worker
 
     def prune(self) -> None:
-        """Deletes model files and downloads that are neither the current model nor the previous one."""
+        """Deletes model files and downloads that are neither the current model, the previous one nor the
+        shadow candidate."""
         state = self.store.state
-        self.store.prune_models({r.sha256 for r in (state.current, state.previous) if r})
+        kept = [r for r in (state.current, state.previous, state.shadow) if r]
+        keep = {r.sha256 for r in kept}
+        for ref in kept:
+            try:  # their golden files stay too
+                golden = ModelTarget.from_target(self.trust.local_target(ref.target_path)).golden_file
+            except UNUSABLE:
+                continue
+            if golden is not None:
+                keep.add(golden.sha256)
+        self.store.prune_models(keep)

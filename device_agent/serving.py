@@ -23,14 +23,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.reduction import send_handle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgefleet.agent import worker_stderr
+from edgefleet.agent.outputs import OutputTally, Quantization, top_of
 from edgefleet.agent.sealed_model import SealedModel
 from edgefleet.errors import EdgefleetError, InvalidRequestError, ModelError
 from edgefleet.modelinfo import ModelSignature
 from edgefleet.values import LATENCY_BOUNDS_MS, ModelRef
+
+if TYPE_CHECKING:
+    from edgefleet.agent.shadow import Shadow
 
 
 class WorkerGone(EdgefleetError):
@@ -66,6 +71,7 @@ class ModelWorker:
         self.signature: ModelSignature | None = None
         self.warm_outputs: list[np.ndarray] | None = None  # of the warm-up inputs given to `load`
         self.warm_error: str | None = None  # why those inputs failed, when they did
+        self.quantization = Quantization()  # of the first output, for output summaries
         self._process: Any = None
         self._conn: multiprocessing.connection.Connection | None = None
 
@@ -81,9 +87,11 @@ class ModelWorker:
             str(int(self._low_priority)),
         ]
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "edgefleet.agent.worker", *args],
+            # faulthandler: a runtime that crashes the worker leaves "Fatal Python error: ..." on its stderr.
+            [sys.executable, "-X", "faulthandler", "-m", "edgefleet.agent.worker", *args],
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,  # into the agent's log, the runtimes' routine lines at DEBUG (worker_stderr)
             env={
                 **os.environ,
                 # numpy's BLAS would start threads the worker never uses (it does no algebra), and each
@@ -93,6 +101,7 @@ class ModelWorker:
             },
         )
         child.close()
+        worker_stderr.follow(self._process.stderr, self._process.pid)
         self._conn = multiprocessing.connection.Connection(parent.detach())
         return self
 
@@ -126,6 +135,8 @@ class ModelWorker:
             raise ModelError(f"model does not load: {reply[1]}")
         self.signature = ModelSignature.from_json(reply[1])
         self.warm_outputs, self.warm_error = reply[2], reply[3]
+        if len(reply) > 4:
+            self.quantization = Quantization(*reply[4])
         return self.signature
 
     def start(self, timeout: float = 30.0) -> ModelSignature:
@@ -200,12 +211,15 @@ class ModelWorker:
 
 
 @dataclass
-class _Stats:
+class VersionStats:
     count: int = 0
     errors: int = 0
     latency_sum_ms: float = 0.0
     latency_max_ms: float = 0.0
     buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_MS) + 1))
+    outputs: OutputTally = field(default_factory=OutputTally)
+    worker_crashes: int = 0  # unexpected deaths of this version's worker (never a swap's retirement)
+    worker_restarts: int = 0
 
     def add(self, ms: float, ok: bool) -> None:
         self.count += 1
@@ -235,9 +249,12 @@ class Serving:
         # another model's name.
         self._slot: tuple[ModelWorker, ModelRef] | None = None
         self._call_timeout = call_timeout
-        self._stats: dict[str, _Stats] = {}
+        self._stats: dict[str, VersionStats] = {}
         self._totals: dict[str, list[int]] = {}  # target -> [calls, failures] since start (for probation)
         self._stats_lock = threading.Lock()
+        # A shadow candidate beside the serving model (`edgefleet.agent.shadow`): sampled inputs are
+        # offered to it after the caller's answer is in; it never answers a caller.
+        self.shadow: Shadow | None = None
 
     @property
     def ref(self) -> ModelRef | None:
@@ -267,13 +284,19 @@ class Serving:
             except ModelError:
                 self._record(ref.target_path, time.perf_counter() - started, ok=False)
                 raise
-            self._record(ref.target_path, time.perf_counter() - started, ok=True)
+            self._record(ref.target_path, time.perf_counter() - started, ok=True, top=_top(outputs, worker))
+            shadow = self.shadow
+            if shadow is not None:
+                shadow.offer(inputs, outputs)  # never waits: a full queue or the rate limit skips it
             names = tuple(t.name for t in worker.signature.outputs) if worker.signature else ()
             return Result(outputs, ref.target_path, ref.version, names)
 
-    def _record(self, target: str, seconds: float, ok: bool) -> None:
+    def _record(self, target: str, seconds: float, ok: bool, top: tuple[int, float] | None = None) -> None:
         with self._stats_lock:
-            self._stats.setdefault(target, _Stats()).add(seconds * 1000, ok)
+            stats = self._stats.setdefault(target, VersionStats())
+            stats.add(seconds * 1000, ok)
+            if top is not None:
+                stats.outputs.add(*top)
             totals = self._totals.setdefault(target, [0, 0])
             totals[0] += 1
             totals[1] += not ok
@@ -284,7 +307,14 @@ class Serving:
         self._slot = (worker, ref)
         return old[0] if old else None
 
-    def take_stats(self) -> dict[str, _Stats]:
+    def count_worker(self, target: str, *, crashed: bool = False, restarted: bool = False) -> None:
+        """A worker of `target` died unexpectedly (`crashed`) or was started again after that (`restarted`)."""
+        with self._stats_lock:
+            stats = self._stats.setdefault(target, VersionStats())
+            stats.worker_crashes += crashed
+            stats.worker_restarts += restarted
+
+    def take_stats(self) -> dict[str, VersionStats]:
         """Counters since the last call (for one telemetry report)."""
         with self._stats_lock:
             stats, self._stats = self._stats, {}
@@ -297,9 +327,18 @@ class Serving:
             return calls, failures
 
     def stop(self) -> None:
+        shadow, self.shadow = self.shadow, None
+        if shadow is not None:
+            shadow.stop()
         slot, self._slot = self._slot, None
         if slot is not None:
             slot[0].retire()
+
+
+def _top(outputs: Sequence[np.ndarray], worker: ModelWorker) -> tuple[int, float] | None:
+    if not outputs or not isinstance(outputs[0], np.ndarray):
+        return None
+    return top_of(outputs[0], worker.quantization)
 
 
 def _check_inputs(signature: ModelSignature | None, inputs: Sequence[np.ndarray]) -> None:

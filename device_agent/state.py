@@ -66,10 +66,16 @@ class AgentState:
     rollbacks_done: list[str] = field(
         default_factory=list
     )  # command ids carried out (an order can arrive twice)
+    # A shadow candidate's verified copy, kept by prune; never loaded at start (a shadow survives nothing:
+    # it comes back only when the server still assigns it).
+    shadow: ModelRef | None = None
+    deferred_until_ms: int = 0  # an application asked: no install starts before this (local API)
+    deferred_used_s: int = 0  # granted since the last install started (bounded per assignment)
 
     def to_json(self) -> dict[str, Any]:
-        """The state file's shape: the same keys as every earlier version wrote."""
-        return {
+        """The state file's shape: the same keys as every earlier version wrote, and the newer ones only
+        when set."""
+        data: dict[str, Any] = {
             "current": self.current.to_json() if self.current else None,
             "previous": self.previous.to_json() if self.previous else None,
             "bad_targets": list(self.bad_targets),
@@ -78,6 +84,12 @@ class AgentState:
             "floors": dict(self.floors),
             "rollbacks_done": list(self.rollbacks_done),
         }
+        if self.shadow:
+            data["shadow"] = self.shadow.to_json()
+        if self.deferred_until_ms or self.deferred_used_s:
+            data["deferred_until_ms"] = self.deferred_until_ms
+            data["deferred_used_s"] = self.deferred_used_s
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> AgentState:
@@ -92,6 +104,9 @@ class AgentState:
             status_sequence=_count(data.get("status_sequence", 0), "status_sequence"),
             floors=_floors(data.get("floors", {})),
             rollbacks_done=_strings(data, "rollbacks_done"),
+            shadow=ModelRef.optional(data.get("shadow")),
+            deferred_until_ms=_count(data.get("deferred_until_ms", 0), "deferred_until_ms"),
+            deferred_used_s=_count(data.get("deferred_used_s", 0), "deferred_used_s"),
         )
 
 

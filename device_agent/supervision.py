@@ -5,7 +5,9 @@
     probation  -> healthy after `probation_s` with no failed inference and the golden output still right,
                   otherwise back to the previous model and the version marked bad
     rollback   -> the previous model from its local copy, no download; an operator's order only when
-                  signed metadata allows that version
+                  signed metadata allows that version (rollback floors), or, for an order naming a rollout,
+                  when the operator's permit for that rollout covers this device's candidate and previous
+    shadow     -> dropped by a rollback (and by a new assignment, in `updates`)
     every 1 s  -> a model worker that died is restarted; one that keeps dying means the model goes back
 
 What to do is decided in `edgefleet.agent.decisions`; this module fetches, persists and acts.
@@ -193,6 +195,8 @@ class Supervisor:
                 decisions.Totals(*self.serving.totals(path)),
                 worker_alive=worker is None or worker.alive(),
             )
+            if problem and worker is not None and not worker.alive():
+                self.serving.count_worker(path, crashed=True)
         after = decisions.Totals(*self.serving.totals(path))
         if not problem:
             golden_error = None
@@ -220,14 +224,45 @@ class Supervisor:
 
     # ---- rollback --------------------------------------------------------------------------------------
 
-    async def rollback(self, command_id: str, reason: str) -> None:
+    async def rollback(self, command_id: str, reason: str, rollout_id: str = "") -> None:
         """An operator's order: back to the previous model from its local copy (no download) and report it.
-        Obeyed only when signed metadata allows the previous version (`decisions.check_not_downgrade`)."""
+        Obeyed only when signed metadata allows the previous version (`decisions.check_not_downgrade`), or,
+        naming a rollout, when its signed permit does (`decisions.check_rollout_rollback`). Never deferred;
+        a shadow candidate is dropped."""
         async with self.turn.lock:
+            # Under the lock: a shadow that finished loading while the order waited goes too.
+            await self.drop_shadow("a rollback was ordered")
             if command_id and command_id in self.store.state.rollbacks_done:
                 self.control.queue_status()  # already obeyed: say so again, do not go back twice
                 return
-            await self._switch_to_previous(command_id, reason, ordered=True)
+            await self._switch_to_previous(command_id, reason, ordered=True, rollout_id=rollout_id)
+
+    async def drop_shadow(self, why: str) -> None:
+        """Stops comparing with the shadow candidate and stops its worker; its local copy goes at the next
+        prune. Nothing happens when there is none."""
+        shadow, self.serving.shadow = self.serving.shadow, None
+        state = self.store.state
+        if state.shadow is not None:
+            state.shadow = None
+            self.store.save()
+        if shadow is not None:
+            log.info("shadow %s dropped: %s", shadow.ref.target_path, why)
+            await asyncio.to_thread(shadow.stop)
+            self.control.queue_status()
+
+    def _check_rollout_permit(self, rollout_id: str, current: ModelRef | None, previous: ModelTarget) -> None:
+        """Raises DowngradeRefusedError unless the verified targets metadata permits this return."""
+        if current is None:
+            raise errors.DowngradeRefusedError("no model runs here to go back from")
+        running = self.models.local_target(current)
+        decisions.check_rollout_rollback(
+            rollout_id,
+            self.trust.rollout_permits,
+            current_name=running.name,
+            current_sequence=running.sequence,
+            previous_name=previous.name,
+            previous_sequence=previous.sequence,
+        )
 
     def check_not_downgrade(self, target: ModelTarget) -> None:
         """Raises DowngradeRefusedError for an older version the operator's signature does not allow."""
@@ -239,7 +274,9 @@ class Supervisor:
             rollback_floors=self.trust.rollback_floors,
         )
 
-    async def _switch_to_previous(self, command_id: str, reason: str, *, ordered: bool) -> None:
+    async def _switch_to_previous(
+        self, command_id: str, reason: str, *, ordered: bool, rollout_id: str = ""
+    ) -> None:
         state = self.store.state
         previous, current = state.previous, state.current
         if previous is None:
@@ -255,7 +292,10 @@ class Supervisor:
             if ordered:
                 # The order came through the server; the permission must come from the operator's key.
                 await asyncio.to_thread(self.trust.target, target.path)
-                self.check_not_downgrade(target)
+                if rollout_id:
+                    self._check_rollout_permit(rollout_id, current, target)
+                else:
+                    self.check_not_downgrade(target)
             worker = await asyncio.to_thread(self.models.test_candidate, target)
         except errors.EdgefleetError as e:
             self.control.queue_event(previous.target_path, "failed", f"rollback refused: {e}", command_id)
@@ -284,6 +324,7 @@ class Supervisor:
         if current is None or current.target_path != ref.target_path:
             return  # its local copy was refused: an update brings the model back
         path = ref.target_path
+        self.serving.count_worker(path, crashed=True)
         crashes = decisions.recent_crashes(self._worker_crashes.get(path, []), time.monotonic())
         self._worker_crashes[path] = crashes
         log.error(
@@ -308,3 +349,4 @@ class Supervisor:
                     await self._lost_local_copy(ref, e)
                 return
             self.serving.swap(fresh, ref)
+            self.serving.count_worker(path, restarted=True)

@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import platform
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,7 +24,7 @@ import psutil
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.connection import RETRYABLE, Backoff, Connection
-from edgefleet.agent.serving import LATENCY_BOUNDS_MS, Serving
+from edgefleet.agent.serving import LATENCY_BOUNDS_MS, Serving, VersionStats
 from edgefleet.agent.state import now_ms
 from edgefleet.convert import telemetry_to_proto
 from edgefleet.runtime import runtime_version
@@ -30,6 +32,8 @@ from edgefleet.v1 import device_pb2
 from edgefleet.values import Capabilities, HealthSample, InferenceStats, TelemetryReport
 
 log = logging.getLogger("edgefleet.agent")
+
+_ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+){0,2}")
 
 
 class Outbox:
@@ -43,8 +47,12 @@ class Outbox:
         self._events_ready = asyncio.Event()
         self._telemetry_ready = asyncio.Event()
 
-    def put_event(self, message: device_pb2.DeviceMessage) -> None:
-        self.events.append(message)
+    def put_event(self, message: device_pb2.DeviceMessage, *, front: bool = False) -> None:
+        """`front` puts back a message taken for a stream that ended before it could be sent."""
+        if front:
+            self.events.appendleft(message)
+        else:
+            self.events.append(message)
         self._events_ready.set()
 
     def put_telemetry(self, report: device_pb2.TelemetryReport, *, front: bool = False) -> None:
@@ -86,7 +94,29 @@ def read_capabilities(config: AgentConfig, runtime: str, folder: Path) -> Capabi
         accelerators=tuple(config.accelerators),
         hardware_class=config.hardware_class,
         latency_budget_ms=config.latency_budget_ms,
+        timezone=config.timezone or device_timezone(),
     )
+
+
+def device_timezone(
+    env: dict[str, str] | None = None,
+    timezone_file: Path = Path("/etc/timezone"),
+    localtime: Path = Path("/etc/localtime"),
+) -> str:
+    """The device's IANA time zone: TZ, else /etc/timezone (Debian), else the zone /etc/localtime links to;
+    "" (UTC) when none says. Only names that look like a zone are reported (it goes into a signed-off
+    schedule's evaluation, not a shell)."""
+    tz = (os.environ if env is None else env).get("TZ", "").lstrip(":")
+    if not tz:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            tz = timezone_file.read_text().strip()
+    if not tz:
+        with contextlib.suppress(OSError):
+            link = os.readlink(localtime)
+            tz = link.partition("zoneinfo/")[2]
+    if tz.startswith("/"):  # TZ=/usr/share/zoneinfo/Europe/Berlin
+        tz = tz.partition("zoneinfo/")[2]
+    return tz if _ZONE.fullmatch(tz) and tz not in ("UTC", "Etc/UTC") else ""
 
 
 class Telemetry:
@@ -135,7 +165,16 @@ class Telemetry:
             temperature_celsius=_temperature(),
             uptime_seconds=time.time() - psutil.boot_time(),
         )
-        inference = tuple(
+        self.outbox.put_telemetry(telemetry_to_proto(TelemetryReport(now_ms(), health, self.inference())))
+
+    def inference(self) -> tuple[InferenceStats, ...]:
+        """Per model version since the last report: latency, output summary, worker counters; the shadow
+        comparison goes inside the serving model's entry (there is one while a shadow runs, even idle)."""
+        taken = self.serving.take_stats()
+        shadow, serving = self.serving.shadow, self.serving.ref
+        if shadow is not None and serving is not None:
+            taken.setdefault(serving.target_path, VersionStats())
+        return tuple(
             InferenceStats(
                 target_path=target,
                 count=stats.count,
@@ -144,10 +183,15 @@ class Telemetry:
                 latency_counts=tuple(stats.buckets),
                 latency_sum_ms=stats.latency_sum_ms,
                 latency_max_ms=stats.latency_max_ms,
+                outputs=stats.outputs.summary(),
+                shadow=shadow.take_stats()
+                if shadow is not None and serving is not None and target == serving.target_path
+                else None,
+                worker_crashes=stats.worker_crashes,
+                worker_restarts=stats.worker_restarts,
             )
-            for target, stats in self.serving.take_stats().items()
+            for target, stats in taken.items()
         )
-        self.outbox.put_telemetry(telemetry_to_proto(TelemetryReport(now_ms(), health, inference)))
 
 
 def _temperature() -> float | None:

@@ -74,7 +74,7 @@ def _load(
     if low_priority and num_threads == 1:
         _lower_priority_of_this_thread()
     try:
-        from edgefleet.modelinfo import signature_of
+        from edgefleet.modelinfo import quantization_of, signature_of
         from edgefleet.runtime import make_interpreter
 
         import_runtime(runtime)
@@ -86,7 +86,10 @@ def _load(
         )
         signature = signature_of(interpreter).to_json()
         inputs = [d["index"] for d in interpreter.get_input_details()]
-        outputs = [d["index"] for d in interpreter.get_output_details()]
+        output_details = interpreter.get_output_details()
+        outputs = [d["index"] for d in output_details]
+        # The first output's (scale, zero point), for the agent's output summaries of int8/uint8 models.
+        quantization = quantization_of(output_details[:1])[0] if output_details else (0.0, 0)
     except BaseException as e:  # anything: a bad model, no memory, a missing runtime, the parent gone
         _reply(conn, ("error", f"{type(e).__name__}: {e}"))
         return
@@ -96,7 +99,7 @@ def _load(
             warm_outputs = _run(interpreter, inputs, outputs, warm_inputs)
         except Exception as e:
             warm_error = f"{type(e).__name__}: {e}"
-    if _reply(conn, ("ready", signature, warm_outputs, warm_error)):
+    if _reply(conn, ("ready", signature, warm_outputs, warm_error, quantization)):
         loaded.extend((interpreter, inputs, outputs))
 
 

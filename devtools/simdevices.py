@@ -199,6 +199,7 @@ class SimDevice:
         deployment_id: str = "",
         command_id: str = "",
         reason: str = "",
+        sha256: str = "",
     ) -> None:
         self._outbox.put_nowait(
             device_pb2.DeviceMessage(
@@ -209,6 +210,7 @@ class SimDevice:
                     at_unix_ms=now_ms(),
                     command_id=command_id,
                     deployment_id=deployment_id,
+                    target_sha256=sha256,
                 )
             )
         )
@@ -223,25 +225,31 @@ class SimDevice:
         if target in self.bad_targets:
             return
         stages = common_pb2.UpdateStage
-        self._event(target, stages.UPDATE_STAGE_DOWNLOADING, a.deployment_id)
+        self._event(target, stages.UPDATE_STAGE_DOWNLOADING, a.deployment_id, sha256=a.model.sha256)
         await asyncio.sleep(self.step_s)
         if self.rng.random() < self.behave(target).install_failure_rate:
             self.bad_targets.append(target)
-            self._event(target, stages.UPDATE_STAGE_FAILED, a.deployment_id, reason="simulated failure")
+            self._event(
+                target,
+                stages.UPDATE_STAGE_FAILED,
+                a.deployment_id,
+                reason="simulated failure",
+                sha256=a.model.sha256,
+            )
             self._outbox.put_nowait(device_pb2.DeviceMessage(status=self._status()))
             return
-        self._event(target, stages.UPDATE_STAGE_VERIFIED, a.deployment_id)
+        self._event(target, stages.UPDATE_STAGE_VERIFIED, a.deployment_id, sha256=a.model.sha256)
         await asyncio.sleep(self.step_s)
         if a.shadow:
             self.shadow_candidate = a.model
-            self._event(target, stages.UPDATE_STAGE_SHADOW_READY, a.deployment_id)
+            self._event(target, stages.UPDATE_STAGE_SHADOW_READY, a.deployment_id, sha256=a.model.sha256)
             return
         self.previous, self.current, self.shadow_candidate = self.current, a.model, None
         self.served.append(target)
         self._outbox.put_nowait(device_pb2.DeviceMessage(status=self._status()))
-        self._event(target, stages.UPDATE_STAGE_ACTIVATED, a.deployment_id)
+        self._event(target, stages.UPDATE_STAGE_ACTIVATED, a.deployment_id, sha256=a.model.sha256)
         await asyncio.sleep(self.step_s)  # probation
-        self._event(target, stages.UPDATE_STAGE_HEALTHY, a.deployment_id)
+        self._event(target, stages.UPDATE_STAGE_HEALTHY, a.deployment_id, sha256=a.model.sha256)
 
     async def _roll_back(self, command: device_pb2.RollbackCommand) -> None:
         self.rollbacks.append(command)
@@ -254,6 +262,7 @@ class SimDevice:
             self.current.target_path,
             common_pb2.UpdateStage.UPDATE_STAGE_ROLLED_BACK,
             command_id=command.command_id,
+            sha256=self.current.sha256,
         )
 
     def start_telemetry(self, interval_s: float) -> None:

@@ -3,7 +3,7 @@
 EdgefleetError                      retryable  marks_bad
 ├── ArtifactError                   no         yes   the signed artifact itself is bad
 │   ├── ModelError                  no         yes   does not load, tensors differ, wrong golden output
-│   ├── IncompatibleError           no         yes   built for another runtime or hardware class
+│   ├── IncompatibleError           no         no    built for another runtime or hardware class
 │   └── SignatureError              no         yes   its signed fields are malformed
 │       ├── UnsignedTargetError     yes        no    not in the signed metadata: the assignment is wrong, not it
 │       └── DowngradeRefusedError   no         no    older than what ran; needs an operator's signed permission
@@ -22,9 +22,11 @@ property of the signed artifact, so the version is never tried again. Callers de
 properties, never by the order of `except` clauses.
 
 Only what verified bytes do marks a version bad (they fail their golden check or tensor contract, crash or
-hang the interpreter, or the signed fields say they cannot run here). Bytes that do not hash, and a target
-the server assigns but nobody signed, say that the server or the network is wrong: if they marked the
-version bad, a compromised server or network could make devices refuse legitimate versions for good.
+hang the interpreter). Bytes that do not hash, and a target the server assigns but nobody signed, say that
+the server or the network is wrong: if they marked the version bad, a compromised server or network could
+make devices refuse legitimate versions for good. A target whose signed fields say it cannot run here is
+refused each time from those fields, not remembered: a server assigning many such variants must not push a
+version that really failed off the device's bounded list of bad ones.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ class ModelError(ArtifactError):
 
 
 class IncompatibleError(ArtifactError):
-    pass
+    """Not for this runtime or hardware: refused every time from what is signed, never listed as bad."""
+
+    marks_bad = False
 
 
 class SignatureError(ArtifactError):

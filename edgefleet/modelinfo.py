@@ -7,6 +7,7 @@ differ from what the operator signed, or whose output on the signed golden input
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import zipfile
@@ -18,9 +19,13 @@ import numpy as np
 from edgefleet.errors import IncompatibleError, ModelError
 from edgefleet.runtime import make_interpreter
 
-# Inline golden tensors ride inside signed JSON metadata; keep them small. Larger ones travel as a file.
+# Golden tensors up to INLINE_GOLDEN_BYTES ride inside the signed JSON metadata (which every device fetches
+# whole, for every version); larger ones travel as a signed target file of their own (`to_npz`). Readers
+# accept inline data up to MAX_GOLDEN_BYTES: targets signed before the golden file existed carry that much.
+INLINE_GOLDEN_BYTES = 16 * 1024
 MAX_GOLDEN_BYTES = 256 * 1024
-MAX_GOLDEN_NPZ_BYTES = 64 * 2**20
+# A golden file comes back to the CLI inside one gRPC reply (to be checked before it is signed).
+MAX_GOLDEN_NPZ_BYTES = 12 * 2**20
 GOLDEN_CASES = 1  # the agent runs one invoke per golden check
 QUANTIZED_STEPS = 3  # quantization steps two correct runtimes may differ by on a quantized output
 GOLDEN_DTYPES = frozenset({"float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"})
@@ -188,11 +193,11 @@ class Golden:
 
     @property
     def fits_inline(self) -> bool:
-        return self.size_bytes <= MAX_GOLDEN_BYTES
+        return self.size_bytes <= INLINE_GOLDEN_BYTES
 
     def to_json(self) -> dict[str, Any]:
         """Raises ModelError when the tensors are over MAX_GOLDEN_BYTES (use `to_npz`)."""
-        if not self.fits_inline:
+        if self.size_bytes > MAX_GOLDEN_BYTES:
             raise ModelError(
                 f"golden tensors are {self.size_bytes} bytes; the limit inline is {MAX_GOLDEN_BYTES}"
             )
@@ -309,13 +314,21 @@ def _checked(array: np.ndarray) -> np.ndarray:
 
 
 def make_golden(
-    content: bytes, runtime: str, atol: float = 1e-4, rtol: float = 1e-3
+    content: bytes,
+    runtime: str,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    inputs: list[np.ndarray] | None = None,
 ) -> tuple[ModelSignature, Golden]:
-    """Inspects the model and records its outputs on deterministic inputs of its own shapes and dtypes (a
-    dynamic batch dimension runs as 1). Raises ModelError / IncompatibleError."""
+    """Inspects the model and records its outputs on `inputs` (what the operator gave: an eval set's first
+    row), else on deterministic inputs of its own shapes and dtypes (a dynamic batch dimension runs as 1).
+    Raises ModelError / IncompatibleError."""
     interpreter = _load(content, runtime)
     signature = signature_of(interpreter)
-    inputs = make_golden_inputs(signature, hashlib.sha256(content).digest())
+    if inputs is None:
+        inputs = make_golden_inputs(signature, hashlib.sha256(content).digest())
+    else:
+        _check_golden_inputs(signature, inputs)
     outputs = run(interpreter, inputs)
     for spec, o in zip(signature.outputs, outputs, strict=True):
         if o.dtype.kind == "f" and not np.all(np.isfinite(o)):
@@ -333,6 +346,18 @@ def make_golden(
     return signature, golden
 
 
+def _check_golden_inputs(signature: ModelSignature, inputs: list[np.ndarray]) -> None:
+    if len(inputs) != len(signature.inputs):
+        raise ModelError(f"golden input has {len(inputs)} tensors; the model takes {len(signature.inputs)}")
+    for spec, x in zip(signature.inputs, inputs, strict=True):
+        shape = tuple(1 if d < 0 else d for d in spec.shape)  # a dynamic batch runs as 1
+        if x.dtype.name != spec.dtype or x.shape != shape:
+            raise ModelError(
+                f"golden input {spec.name!r} is {x.dtype.name}{list(x.shape)}; the model takes "
+                f"{spec.dtype}{list(shape)}"
+            )
+
+
 @dataclass(frozen=True, eq=False)
 class FileDescription:
     """What the operator signs about one model file besides its hash (see `describe_model_file`)."""
@@ -343,16 +368,29 @@ class FileDescription:
     runtimes_failed: dict[str, str] = field(default_factory=dict)
     original: bool = True  # the pushed file itself, not a variant made of it
 
+    @functools.cached_property
+    def golden_npz(self) -> bytes:
+        """The golden file's bytes (b"" when the golden data fits inline); made once, since an .npz records
+        when it was written. Raises ModelError when it is over MAX_GOLDEN_NPZ_BYTES."""
+        if self.golden.fits_inline:
+            return b""
+        npz = self.golden.to_npz()
+        if len(npz) > MAX_GOLDEN_NPZ_BYTES:
+            raise ModelError(
+                f"the golden input and output are {len(npz)} bytes, over the {MAX_GOLDEN_NPZ_BYTES}-byte "
+                "limit of a golden file"
+            )
+        return npz
+
     def to_details(self) -> dict[str, Any]:
-        """The details dict the server stores: golden data inline when it fits; otherwise its size and
-        sha256 of `golden.to_npz()`, which then has to travel as a file of its own."""
+        """The details dict the server stores: golden data inline when it fits; otherwise the size and
+        sha256 of `golden_npz`, which travels as a file of its own."""
         details: dict[str, Any] = {"signature": self.signature.to_json()}
         if self.golden.fits_inline:
             details["golden"] = self.golden.to_json()
         else:
-            npz = self.golden.to_npz()
-            details["golden_npz_bytes"] = len(npz)
-            details["golden_npz_sha256"] = hashlib.sha256(npz).hexdigest()
+            details["golden_npz_bytes"] = len(self.golden_npz)
+            details["golden_npz_sha256"] = hashlib.sha256(self.golden_npz).hexdigest()
         if self.original:
             # Without an eval set the only check is "same output as the reference runtime on the golden input".
             details["runtimes_ok"] = self.runtimes_ok
@@ -360,14 +398,19 @@ class FileDescription:
         return details
 
 
-def describe_model_file(content: bytes, original: bytes | None) -> FileDescription:
-    """Golden data computed on the reference runtime, and which installed runtimes reproduce it. `original`
-    is the model a variant came from (None for the pushed file). Raises ModelError / IncompatibleError."""
+def describe_model_file(
+    content: bytes, original: bytes | None, golden_inputs: list[np.ndarray] | None = None
+) -> FileDescription:
+    """Golden data computed on the reference runtime (on `golden_inputs`, else generated ones), and which
+    installed runtimes reproduce it. `original` is the model a variant came from (None for the pushed file).
+    Raises ModelError / IncompatibleError."""
     from edgefleet.runtime import LITERT, available_runtimes
 
     # A variant's golden output is its own on the reference runtime; other correct runtimes differ from it
     # by rounding in quantized kernels, far less than a wrong kernel does (that gives another class).
-    signature, golden = make_golden(content, LITERT, atol=1e-4 if original is None else 2e-2)
+    signature, golden = make_golden(
+        content, LITERT, atol=1e-4 if original is None else 2e-2, inputs=golden_inputs
+    )
     reproduced, failed = [], {}
     for runtime in available_runtimes():
         try:

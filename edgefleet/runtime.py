@@ -5,9 +5,14 @@ the rest of the code never imports either directly.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from edgefleet.errors import IncompatibleError
@@ -66,3 +71,35 @@ def make_interpreter(
     )
     interpreter.allocate_tensors()
     return interpreter
+
+
+# ---- what the runtimes print on fd 2 ---------------------------------------------------------------------
+# Their C++ code writes to fd 2 directly ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.", once per
+# interpreter) and neither has a log level to set for it: TFLite's minimal logger ignores TF_CPP_MIN_LOG_LEVEL.
+# TFLite's minimal logger ("INFO: ", "VERBOSE: ") and absl's info lines ("I1201 12:00:00.000 ...").
+_ROUTINE = re.compile(r"(INFO|VERBOSE): |I\d{4} ")
+
+
+def routine_runtime_line(line: str) -> bool:
+    """A runtime's routine line, for debug logs only; anything else (WARNING, ERROR, a crash) is not."""
+    return _ROUTINE.match(line) is not None
+
+
+@contextlib.contextmanager
+def runtime_chatter_held_back() -> Iterator[None]:
+    """For a command-line tool running an interpreter in its own process: fd 2 goes to a temp file meanwhile,
+    and its lines are written back to stderr afterwards, all but the routine ones."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for raw in held:
+                line = raw.decode(errors="replace").rstrip()
+                if line and not routine_runtime_line(line):
+                    print(line, file=sys.stderr)

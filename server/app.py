@@ -252,9 +252,9 @@ async def _start(config: ServerConfig) -> RunningServer:
         ("grpc.max_send_message_length", config.max_message_bytes),
     ]
 
-    def new_server(policy: dict[str, str], limits: list[tuple[str, int]]) -> grpc.aio.Server:
+    def new_server(policy: dict[str, str], limits: list[tuple[str, int]], *closed: str) -> grpc.aio.Server:
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(authenticator, policy)],
+            interceptors=[AuthInterceptor(authenticator, policy, *closed)],
             # Control streams hold a slot each: leave room for everything else above them.
             maximum_concurrent_rpcs=config.max_connected_devices + config.rpc_headroom,
             options=[*_SERVER_OPTIONS, ("grpc.so_reuseport", int(config.reuse_port)), *limits],
@@ -266,7 +266,7 @@ async def _start(config: ServerConfig) -> RunningServer:
     health_servicer = health.aio.HealthServicer()
     main = new_server(build_policy(), message_limits)
     operator_pb2_grpc.add_OperatorServiceServicer_to_server(
-        OperatorServicer(fleet, authenticator.forget), main
+        OperatorServicer(fleet, authenticator.forget, authenticator.principal), main
     )
     rollout_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(fleet, authenticator), main)
     servers = [main]
@@ -288,7 +288,13 @@ async def _start(config: ServerConfig) -> RunningServer:
             "",
         )
         # Devices without a certificate yet reach only Enroll, on a port of its own with small messages.
-        enroller = new_server(enrollment_policy(), [("grpc.max_receive_message_length", 64 * 1024)])
+        enroller = new_server(
+            enrollment_policy(),
+            [("grpc.max_receive_message_length", 64 * 1024)],
+            # An agent given this port as --server: say where it should connect instead.
+            "this is the server's enrollment port, which serves only Enroll: give the agent the main port as "
+            "--server (7443 by default; the enrollment port is the next one)",
+        )
         enroll_port = _bind(
             enroller, config.enroll_listen, grpc.ssl_server_credentials(key_cert), " for enrollment"
         )

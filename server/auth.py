@@ -172,9 +172,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     The gate sits inside the handler (not in the interceptor itself) because only the call's context knows
     the TLS peer certificate."""
 
-    def __init__(self, authenticator: Authenticator, policy: dict[str, str]):
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        policy: dict[str, str],
+        closed: str = "this method is not open to anyone",
+    ):
         self.authenticator = authenticator
         self.policy = policy
+        self.closed = closed  # what a caller of a method outside the policy is told
 
     async def intercept_service(
         self,
@@ -186,12 +192,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         role = self.policy.get(details.method)
         authenticator = self.authenticator
+        closed = self.closed
 
         async def gate(context: grpc.aio.ServicerContext) -> None:
             if role == PUBLIC:
                 return
             if role is None:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this method is not open to anyone")
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, closed)
             principal = await authenticator.checked(context)
             if principal is None:
                 await context.abort(

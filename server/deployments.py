@@ -35,6 +35,7 @@ from edgefleet.values import Capabilities
 log = logging.getLogger("edgefleet.server")
 
 OPERATOR_ORDER = "ordered by an operator"
+ROLLBACK_ID_PREFIX = "rb-"  # a rollback's id (its record in deployments, and the order devices obey)
 
 
 @dataclass
@@ -170,21 +171,26 @@ class Deployments:
         self, selector_text: str, reason: str, *, validate_only: bool = False
     ) -> RollbackResult:
         """Each targeted device goes back to the model it ran before, from its own copy. `validate_only`
-        answers with the plan and writes nothing. Raises InvalidRequestError for a bad selector."""
+        answers with the plan and writes nothing. Raises InvalidRequestError for a bad selector and
+        ConflictError when no device would go back (nothing is recorded: an empty rollback would still become
+        what the selector was last told, and leave a device joining it later with nothing)."""
         selector = await resolve_selector(self.store, parse_selector(selector_text))
-        result = RollbackResult("rb-" + secrets.token_hex(4))
+        result = RollbackResult(ROLLBACK_ID_PREFIX + secrets.token_hex(4))
         targets: dict[str, str] = {}
         devices = await asyncio.to_thread(self.store.devices_matching, selector)
         for device in devices:
-            if device.previous is None:
-                result.skipped.append(f"{device.id}: has no previous model")
+            why_not = _cannot_go_back(device)
+            if why_not or device.previous is None:
+                result.skipped.append(f"{device.id}: {why_not}")
                 continue
             targets[device.id] = device.previous.target_path
+        if not targets:
+            raise ConflictError(_empty_rollback_refusal(str(selector), result.skipped))
         if validate_only:
             return dataclasses.replace(result, command_id="", targeted=len(targets))
         # What the selector is sent back to, when that is one version: what a device joining it later gets.
         model_name, version = rollback_destination(
-            [device.previous for device in devices if device.previous is not None]
+            [device.previous for device in devices if device.previous is not None and device.id in targets]
         )
         deployment = Deployment(
             result.command_id, model_name, version, str(selector), now_ms(), "rollback", reason[:500]
@@ -220,7 +226,7 @@ class Deployments:
         deployment = late_joiner_order(
             # A rollout places its late joiners itself; its orders name its devices, not a selector.
             [d for d in deployments if d.kind not in (ROLLOUT_KIND, ROLLOUT_ROLLBACK_KIND)],
-            lambda d: parse_selector(d.selector).matches(device.id, device.group),
+            lambda d: parse_selector(d.selector).matches(device.id, device.group, device.labels),
         )
         if deployment is None:
             return
@@ -253,6 +259,29 @@ class Deployments:
             self.streams.push(
                 device.id, AssignmentPush(record, device.desired_deployment, tag.shadow, tag.rollout_id)
             )
+
+
+def _cannot_go_back(device: DeviceRecord) -> str:
+    """Why a rollback skips this device ("" when it can go back). Its "previous model" after a rollback is the
+    version it was just sent back from: a second rollback would send it forward again, to what the operator
+    wanted gone; a deploy says that on purpose."""
+    if device.previous is None:
+        return "has no previous model"
+    went_back = device.desired_deployment.startswith(ROLLBACK_ID_PREFIX)  # what it was last told: a rollback
+    if went_back and device.current_target and device.current_target == device.desired_target:
+        return (
+            f"already went back ({device.desired_deployment}) from {device.previous.target_path}; to run that "
+            "again, deploy it"
+        )
+    if device.previous.target_path in device.bad_targets:
+        return f"its previous model {device.previous.target_path} failed on it"
+    return ""
+
+
+def _empty_rollback_refusal(selector: str, skipped: list[str]) -> str:
+    why = f": {'; '.join(skipped[:5])}" if skipped else " (no device matches it)"
+    more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+    return f"{selector} reaches no device that can go back{why}{more}; nothing was ordered or recorded"
 
 
 def _capabilities_dict(capabilities: Capabilities) -> dict[str, Any]:

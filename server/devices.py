@@ -13,8 +13,9 @@ import hmac
 import logging
 import re
 import secrets
+from collections.abc import Mapping
 
-from edgefleet import pki
+from edgefleet import labels, pki
 from edgefleet.errors import AccessDeniedError, ConflictError, InvalidRequestError, NotFoundError
 from edgefleet.selectors import Selector, check_name, parse_selector
 from edgefleet.server.deployments import Deployments, resolve_selector
@@ -65,13 +66,17 @@ class Devices:
 
     # ---- enrollment and revocation -----------------------------------------------------------------------
 
-    async def create_enrollment_token(self, group: str, uses: int, ttl_seconds: int) -> tuple[str, int]:
+    async def create_enrollment_token(
+        self, group: str, uses: int, ttl_seconds: int, token_labels: Mapping[str, str] | None = None
+    ) -> tuple[str, int]:
+        """Raises InvalidRequestError for a bad group, count, lifetime or label."""
         check_name("group", group)
         if not 1 <= uses <= 100_000 or not 60 <= ttl_seconds <= 365 * 86400:
             raise InvalidRequestError("uses must be 1..100000 and ttl 60 s..365 days")
+        checked = labels.check_labels(token_labels or {})
         expires = now_ms() + ttl_seconds * 1000
         token = "enr_" + secrets.token_urlsafe(32)
-        await asyncio.to_thread(self.store.add_enrollment_token, token, group, uses, expires)
+        await asyncio.to_thread(self.store.add_enrollment_token, token, group, uses, expires, checked)
         return token, expires
 
     async def enroll(
@@ -99,7 +104,12 @@ class Devices:
             raise InvalidRequestError(refusal)
         assert found is not None
         device = DeviceRecord(
-            "dev-" + secrets.token_hex(6), name, found.group, now, capabilities=capabilities
+            "dev-" + secrets.token_hex(6),
+            name,
+            found.group,
+            now,
+            capabilities=capabilities,
+            labels=dict(found.labels),
         )
         secret = "dev_" + secrets.token_urlsafe(32)
         if not await asyncio.to_thread(self.store.enroll_device, token, now, device, secret):
@@ -171,6 +181,24 @@ class Devices:
                 return None
         return (device.id, device.revoked) if device else None
 
+    # ---- labels ------------------------------------------------------------------------------------------
+
+    async def label(
+        self, device: str, change: labels.LabelEdits, overwrite: bool
+    ) -> tuple[DeviceRecord, dict[str, str]]:
+        """Applies `change` to the labels of the device `device` names (id or name): (the device as it
+        was, its labels now). Raises ConflictError for a changed value without `overwrite`, InvalidRequestError
+        past 64 labels, NotFoundError / ConflictError as `resolve`. Relabelling moves a device into no
+        deployment: a deploy or rollback to a selector decides that, as it always does."""
+        device_id = await self.resolve(device)
+        for _attempt in range(5):  # another operator's change came in between: apply ours to theirs
+            before = await self.get(device_id)
+            after = labels.apply_edits(before.labels, change, overwrite)
+            if await asyncio.to_thread(self.store.replace_labels, device_id, after, before.labels):
+                log.info("labels of %s: %s", device_id, labels.labels_text(after) or "(none)")
+                return before, after
+        raise ConflictError(f"the labels of {device_id} keep changing meanwhile; try again")
+
     # ---- what devices report -----------------------------------------------------------------------------
 
     async def handle_status(self, device_id: str, status: DeviceStatus) -> None:
@@ -219,7 +247,7 @@ class Devices:
         """One step of an update, as the device reports it. An event not newer than the last message accepted
         from the device (status or event: one counter) is ignored, so a replayed old "healthy" changes
         nothing. It counts for a deployment (the device's last stage) only when it names the deployment the
-        device is assigned now and that deployment's target, or reports a rollback."""
+        device is assigned now, that deployment's target and that target's sha256, or reports a rollback."""
         device = await self.get(device_id)
         if event.sequence <= device.status_sequence or not await asyncio.to_thread(
             self.store.advance_sequence, device_id, event.sequence
@@ -243,15 +271,34 @@ class Devices:
         )
         await asyncio.to_thread(self.store.add_event, record)
         # A rollback (ordered or automatic) is news about what the device runs, whichever assignment it had.
-        about_now = event.target_path == device.desired_target and event.deployment_id in (
-            "",  # sent before the device heard of its assignment (a restart)
-            device.desired_deployment,
+        about_now = (
+            event.target_path == device.desired_target
+            and event.deployment_id in ("", device.desired_deployment)  # "": sent before it heard (a restart)
+            and await self._names_the_desired_bytes(device, event)
         )
         if not device.desired_deployment or about_now or event.stage == "rolled_back":
             await asyncio.to_thread(self.store.record_stage, device_id, event.stage, event.reason, now_ms())
         if event.stage == "rolled_back" and event.command_id:
             await asyncio.to_thread(self.store.clear_rollback, device_id, event.command_id)  # obeyed
         log.info("device %s: %s %s %s", device_id, event.stage, record.target_path, record.reason)
+
+    async def _names_the_desired_bytes(self, device: DeviceRecord, event: UpdateEvent) -> bool:
+        """Whether the event reports on the very file the device was assigned: its target_sha256 is the
+        desired model's. Otherwise it stays in the device's history and counts for no deployment (an
+        event about other bytes at the same path, or one that names none, is never "healthy" for it)."""
+        try:
+            desired = (await self.repository.model(device.desired_target)).sha256
+        except NotFoundError:
+            desired = ""
+        if desired and hmac.compare_digest(event.target_sha256.lower(), desired.lower()):
+            return True
+        log.warning(
+            "device %s reported %s on %s sha256 %r, but was assigned sha256 %r: kept as its report, "
+            "not counted for deployment %s",
+            device.id, event.stage, event.target_path, event.target_sha256[:16], desired[:16],
+            device.desired_deployment,
+        )  # fmt: skip
+        return False
 
     async def handle_telemetry(self, device_id: str, report: TelemetryReport) -> None:
         if not report.at_ms:

@@ -3,7 +3,8 @@
 - `repository` (server.repository): uploads, signed metadata, publishing;
 - `deployments` (server.deployments): deploy, rollback, what each rollout reached;
 - `devices` (server.devices): enrollment, revocation, status, events, telemetry;
-- `streams` (server.streams): the devices' open control streams.
+- `streams` (server.streams): the devices' open control streams;
+- `audit` (server.audit): the append-only log of operator actions and rollout decisions.
 
 None of it imports grpc: the servicers translate protobuf to calls on these parts, and the errors raised
 here (edgefleet.errors) to status codes. Storage calls are blocking and run in threads.
@@ -12,6 +13,7 @@ here (edgefleet.errors) to status codes. Storage calls are blocking and run in t
 from __future__ import annotations
 
 from edgefleet import pki, signing
+from edgefleet.server.audit import AuditLog
 from edgefleet.server.deployments import Deployments
 from edgefleet.server.devices import Devices
 from edgefleet.server.repository import Repository
@@ -56,11 +58,14 @@ class Fleet:
         self.devices = Devices(
             store, self.streams, self.repository, self.deployments, ca=ca, device_cert_days=device_cert_days
         )
+        self.audit = AuditLog(store)
         # Staged rollouts (server.rollouts): the engine's loop starts with the server (app.py).
-        self.rollout_engine = RolloutEngine(store, self.deployments, audit, tick_s=rollout_tick_s)
+        self.rollout_engine = RolloutEngine(
+            store, self.deployments, audit or self.audit, tick_s=rollout_tick_s
+        )
         self.rollouts = RolloutActions(self.rollout_engine)
 
     @property
     def parts(self) -> tuple[object, ...]:
         """Every part a handler can call (for tests that watch which ones run)."""
-        return (self.repository, self.deployments, self.devices, self.streams, self.rollouts)
+        return (self.repository, self.deployments, self.devices, self.streams, self.audit, self.rollouts)

@@ -18,9 +18,12 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
+
 from edgefleet import sandbox, signing
 from edgefleet.errors import ConflictError, InvalidRequestError, ModelError, NotFoundError, SignatureError
-from edgefleet.modelinfo import MAX_GOLDEN_BYTES, describe_file, inspect_model
+from edgefleet.model_targets import GoldenFile, golden_path, is_golden_path
+from edgefleet.modelinfo import describe_model_file, inspect_model
 from edgefleet.selectors import check_name
 from edgefleet.server.storage.interfaces import BlobStore, FleetStore
 from edgefleet.server.storage.records import ModelRecord, RepoVersions, now_ms
@@ -35,33 +38,52 @@ def target_path(name: str, version: str, variant: str = ORIGINAL_VARIANT) -> str
     return f"{name}/{version}/{variant}.tflite"
 
 
+NO_EVAL_NOTE = "generated inputs, no labels given: judged against the float model's own outputs"
+Described = tuple[str, bytes, dict[str, Any], dict[str, Any], bytes, bytes]
+
+
 def describe_upload(
-    content: bytes, eval_npz: bytes, calibration_npz: bytes, tolerance: float, validate_runtime: str
-) -> list[tuple[str, bytes, dict[str, Any], dict[str, Any], bytes]]:
-    """In the sandbox: (variant, model bytes, tensor signature, measured details, wire bytes) for the upload
-    and, with an eval set, each compressed variant. Raises ModelError / InvalidRequestError."""
+    content: bytes,
+    eval_npz: bytes,
+    calibration_npz: bytes,
+    tolerance: float,
+    validate_runtime: str,
+    measure_without_eval: bool = False,
+) -> list[Described]:
+    """In the sandbox: (variant, model bytes, tensor signature, measured details, wire bytes, golden file
+    bytes or b"" when the golden data is inline) for the upload and, with an eval set, each compressed
+    variant (or, with `measure_without_eval`, each variant measured on generated inputs against the float
+    model's own outputs). Every file's golden input is the same: the eval set's first row, else generated
+    from the pushed model. Raises ModelError / InvalidRequestError."""
     signature = inspect_model(content, validate_runtime)
-    if not eval_npz:
+    if not eval_npz and not measure_without_eval:
+        original = describe_model_file(content, original=None)
         return [
             (
                 ORIGINAL_VARIANT,
                 content,
                 signature.to_json(),
-                _with_inline_golden(describe_file(content, original=None)),
+                original.to_details(),
                 content,
+                original.golden_npz,
             )
         ]
     from edgefleet.server import compression  # heavy (ai-edge-quantizer): only when compressing
 
-    eval_set = compression.load_eval_npz(eval_npz)
+    eval_set = compression.load_eval_npz(eval_npz) if eval_npz else None
     calibration = compression.load_eval_npz(calibration_npz).x if calibration_npz else None
-    described = []
+    golden_inputs = _first_rows(eval_set, content) if eval_set is not None else None
+    described: list[Described] = []
     for variant in compression.build_variants(
         content, eval_set, tolerance_points=tolerance, calibration=calibration
     ):
         details = dict(variant.details)
+        if eval_set is None:
+            details["measured_on"] = NO_EVAL_NOTE
         try:
-            details.update(_with_inline_golden(describe_file(variant.model, original=content)))
+            description = describe_model_file(variant.model, original=content, golden_inputs=golden_inputs)
+            details.update(description.to_details())
+            golden_npz = description.golden_npz
         except ModelError as e:
             if variant.name == ORIGINAL_VARIANT:
                 raise
@@ -76,30 +98,37 @@ def describe_upload(
                 inspect_model(variant.model, validate_runtime).to_json(),
                 details,
                 variant.wire,
+                golden_npz,
             )
         )
     return described
 
 
-def _with_inline_golden(details: dict[str, Any]) -> dict[str, Any]:
-    """Golden data rides inside the signed metadata, which stays small; larger golden data (a camera-sized
-    input) must travel as a signed target file of its own, which this version does not do yet: say so."""
-    if "golden" not in details:
-        size = details.get("golden_npz_bytes", 0)
-        raise InvalidRequestError(
-            f"this model's golden input and output are {size} bytes, over the {MAX_GOLDEN_BYTES}-byte limit of "
-            "golden data inside signed metadata; models with camera-sized inputs are not supported yet"
-        )
-    return details
+def _first_rows(eval_set: Any, content: bytes) -> list[np.ndarray]:
+    """The operator's own first eval example, one tensor per model input, as the golden input."""
+    from edgefleet.runtime import LITERT
+    from edgefleet.server.compression.build import describe_io
+
+    io_ = describe_io(content, LITERT)
+    bound = eval_set.bind(io_)
+    return [
+        np.ascontiguousarray(bound.inputs[t.name][:1]).astype(t.dtype).reshape((1, *t.shape[1:]))
+        for t in io_.inputs
+    ]
 
 
-def pushed_with(eval_npz: bytes, calibration_npz: bytes, tolerance_points: float) -> dict[str, Any]:
+def pushed_with(
+    eval_npz: bytes, calibration_npz: bytes, tolerance_points: float, measure_without_eval: bool = False
+) -> dict[str, Any]:
     """What besides the model's bytes decides a version's variants: a re-push must bring the same."""
-    return {
+    inputs: dict[str, Any] = {
         "eval_sha256": hashlib.sha256(eval_npz).hexdigest() if eval_npz else "",
         "calibration_sha256": hashlib.sha256(calibration_npz).hexdigest() if calibration_npz else "",
         "tolerance_points": float(tolerance_points),
     }
+    if measure_without_eval and not eval_npz:  # only when set: records from before compare equal
+        inputs["measure_without_eval"] = True
+    return inputs
 
 
 class Repository:
@@ -179,7 +208,7 @@ class Repository:
         versions = await asyncio.to_thread(self.store.repo_versions)
         md = self.online.check_targets(data, versions.targets)
         for path, target in md.signed.targets.items():
-            record = await self.model(path)
+            record = await self.golden_file(path) if is_golden_path(path) else await self.model(path)
             if target.length != record.length or target.hashes.get("sha256") != record.sha256:
                 raise InvalidRequestError(f"{path}: signed hash or length differs from the uploaded file")
         release = self.online.release(
@@ -215,6 +244,7 @@ class Repository:
         eval_npz: bytes = b"",
         calibration_npz: bytes = b"",
         tolerance_points: float = 1.0,
+        measure_without_eval: bool = False,
     ) -> list[ModelRecord]:
         """Streams the file to the blob store, checks it against the header and that it loads, and (with an
         eval set) builds the compressed variants. Returns the original first, then the variants."""
@@ -226,7 +256,7 @@ class Repository:
             raise InvalidRequestError("header sha256 must be 64 lowercase hex digits")
         if not (0 < tolerance_points <= 100):
             raise InvalidRequestError("tolerance_points must be in (0, 100]")
-        inputs = pushed_with(eval_npz, calibration_npz, tolerance_points)
+        inputs = pushed_with(eval_npz, calibration_npz, tolerance_points, measure_without_eval)
         existing = sorted(
             (m for m in await self.list_models(name) if m.version == version),
             key=lambda m: m.variant != ORIGINAL_VARIANT,
@@ -260,7 +290,14 @@ class Repository:
             raise
         content = await asyncio.to_thread(self.blobs.path(digest).read_bytes)
         records = await asyncio.to_thread(
-            self._describe, name, version, content, eval_npz, calibration_npz, tolerance_points
+            self._describe,
+            name,
+            version,
+            content,
+            eval_npz,
+            calibration_npz,
+            tolerance_points,
+            measure_without_eval,
         )
         records[0].details["pushed_with"] = inputs  # what a re-push of this version is compared with
         for record in records:
@@ -280,6 +317,7 @@ class Repository:
         eval_npz: bytes,
         calibration_npz: bytes,
         tolerance: float,
+        measure_without_eval: bool = False,
     ) -> list[ModelRecord]:
         """Blocking: validates and measures the upload (and builds its variants) in a sandboxed child
         process, since the interpreter must not see untrusted bytes inside the server. Runs in a thread."""
@@ -290,12 +328,13 @@ class Repository:
             calibration_npz,
             tolerance,
             self.validate_runtime,
+            measure_without_eval,
             timeout=self.describe_timeout_s,
             memory_limit=self.describe_memory_bytes,
         )
         records = [
-            self._record(name, version, variant, model, signature, details, wire)
-            for variant, model, signature, details, wire in described
+            self._record(name, version, variant, model, signature, details, wire, golden_npz)
+            for variant, model, signature, details, wire, golden_npz in described
         ]
         records.sort(key=lambda r: r.variant != ORIGINAL_VARIANT)
         return records
@@ -309,8 +348,17 @@ class Repository:
         signature: dict[str, Any],
         details: dict[str, Any],
         wire: bytes,
+        golden_npz: bytes = b"",
     ) -> ModelRecord:
         sha = self.blobs.put_bytes(model)
+        if golden_npz:
+            # Golden data too large to ride inline: a content-addressed file signed with the model.
+            golden_sha = self.blobs.put_bytes(golden_npz)
+            details.pop("golden_npz_bytes", None)
+            details.pop("golden_npz_sha256", None)
+            details["golden_file"] = GoldenFile(
+                golden_path(name, version, golden_sha), golden_sha, len(golden_npz)
+            ).to_json()
         if wire != model:
             details["wire_sha256"] = self.blobs.put_bytes(wire)
         else:
@@ -354,7 +402,28 @@ class Repository:
         """The bytes a device downloads (compressed when the signed metadata says so), from `offset`."""
         return self.blobs.read(record.details.get("wire_sha256") or record.sha256, offset, chunk_size)
 
+    async def golden_file(self, path: str, signed_only: bool = False) -> ModelRecord:
+        """A golden file as the record of a downloadable file (it is served like a model's identity wire
+        bytes), from the model file whose details name it. Raises NotFoundError."""
+        name, version, _ = path.split("/")
+        for m in await self.list_models(name):
+            golden = m.details.get("golden_file")
+            if m.version == version and golden and golden["path"] == path and (m.signed or not signed_only):
+                sha, length = str(golden["sha256"]), int(golden["length"])
+                details = {"wire_sha256": sha, "wire_bytes": length, "wire_encoding": "identity"}
+                return ModelRecord(
+                    path, name, version, "golden", sha, length, {}, m.created_ms, m.signed, details
+                )
+        raise NotFoundError(f"no golden file {path!r}; see `edgefleet model show`")
+
+    def read_golden(self, record: ModelRecord) -> bytes:
+        """The golden file a model record names (b"" when its golden data is inline)."""
+        golden = record.details.get("golden_file")
+        return self.blobs.path(golden["sha256"]).read_bytes() if golden else b""
+
     async def model_for_download(self, path: str) -> ModelRecord:
+        if is_golden_path(path):
+            return await self.golden_file(path, signed_only=True)
         record = await self.model(path)
         if not record.signed:
             raise NotFoundError(f"{path} is not published")

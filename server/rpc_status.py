@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import AsyncIterator
 
@@ -31,6 +32,11 @@ _STATUS = (
     (errors.HashMismatchError, grpc.StatusCode.INVALID_ARGUMENT),  # an upload: the caller's bytes are wrong
     (errors.TransportError, grpc.StatusCode.UNAVAILABLE),
 )
+
+# A full disk (or quota, or the process's file-size limit) while writing: the write is abandoned and nothing is
+# recorded; the caller may try again once there is room.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+DISK_FULL = "the server is out of disk space for its data folder; nothing was recorded: free space there, then try again"
 
 # Error messages quote what the caller sent; unbounded, one can exceed the caller's metadata limit (8 KiB by
 # default) and turn a clear INVALID_ARGUMENT into a client-side RESOURCE_EXHAUSTED.
@@ -56,6 +62,13 @@ async def status_for_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[
         await context.abort(grpc.StatusCode.INTERNAL, details)
     except (asyncio.CancelledError, GeneratorExit):
         raise
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            log.exception("unexpected error")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
+        # Not the caller's fault and not a bug: the operator can act on it, so say it (without the path).
+        log.error("out of disk space: %s", e)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, DISK_FULL)
     except Exception:
         log.exception("unexpected error")
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,36 @@ def database_url(backend: str, tmp_path: Path) -> str:
     url = os.environ.get("EDGEFLEET_TEST_POSTGRES_URL", "")
     if not url:
         pytest.skip("no PostgreSQL: scripts/test starts one (scripts/test-postgres)")
+    url = _database_of_this_worker(url)
     engine = sa.create_engine(sqlalchemy_url(url))
     with engine.begin() as conn:
         conn.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
     engine.dispose()
     return url
+
+
+_created: set[str] = set()
+
+
+def _database_of_this_worker(url: str) -> str:
+    """Under pytest-xdist each worker has a database of its own on the one PostgreSQL server (`<db>_gw0`, ...),
+    created on first use: a worker runs one test at a time, so emptying it per test stays safe."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    name = f"{parts.path.lstrip('/')}_{worker}"
+    if name not in _created:
+        engine = sa.create_engine(sqlalchemy_url(url), isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                found = conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name})
+                if found.first() is None:
+                    conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        finally:
+            engine.dispose()
+        _created.add(name)
+    return parts._replace(path="/" + name).geturl()
 
 
 @pytest.fixture
@@ -79,3 +105,16 @@ def v1_running(fleet: LocalFleet, digits_files: dict[str, Path], *extra: str, **
     fleet.cli("deploy", "digits", "1", "--to", "all")
     fleet.wait_running(agent, "digits/1/float32.tflite")
     return agent
+
+
+# Run alone, after the rest (scripts/test's second pass): the load tests assert on a server's memory, threads
+# and timings (a reconnect stampede's spread, a fan-out's seconds), which tests running beside them on the same
+# cores would distort. The benches' quick runs assert only that they run and print figures: they run beside.
+_ALONE = ("tests/load/",)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(str(config.rootpath))
+    for item in items:
+        if Path(str(item.path)).relative_to(root).as_posix().startswith(_ALONE):
+            item.add_marker(pytest.mark.alone)

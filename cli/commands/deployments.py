@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import time
 from typing import Any
 
-from edgefleet.cli.client import DevicesFailed, Operator
+import grpc
+
+from edgefleet.cli.client import CliError, DevicesFailed, Operator
 from edgefleet.cli.output import Column, emit, escape, print_json, print_json_line, rfc3339, wants_json
 from edgefleet.cli.publish import authorize_rollback, targets_signer
 from edgefleet.v1 import operator_pb2
@@ -23,7 +26,12 @@ def cmd_deploy(args: argparse.Namespace) -> None:
         variant=args.variant,
         allow_empty=args.allow_empty,
     )
-    plan = op.call("CreateDeployment", _validate_only(request)).deployment
+    try:
+        plan = op.call("CreateDeployment", _validate_only(request)).deployment
+    except CliError as e:
+        if isinstance(e.__cause__, grpc.RpcError) and e.__cause__.code() == grpc.StatusCode.NOT_FOUND:
+            raise CliError(f"{e}{_what_there_is(op, args.name, args.version)}") from e
+        raise
     if plan.devices_targeted == 0 and not args.json:
         print(
             f"{args.to} reaches no device yet: devices that enroll into it later get {args.name} {args.version}"
@@ -46,6 +54,17 @@ def cmd_deploy(args: argparse.Namespace) -> None:
         print(f"  {escape(line)}")
     for line in d.unassigned:
         print(f"  not assigned: {escape(line)}")
+
+
+def _what_there_is(op: Operator, name: str, version: str) -> str:
+    """For a deploy of a model or version the server does not have (a typo): the versions that model has,
+    or the model names close to the one given."""
+    models = op.call("ListModels", operator_pb2.ListModelsRequest()).models
+    versions = sorted({m.version for m in models if m.name == name} - {version})
+    if versions:
+        return f"; {name} has version(s) {', '.join(versions[-10:])}"
+    close = difflib.get_close_matches(name, sorted({m.name for m in models}), n=3)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 def _validate_only(request: Any) -> Any:

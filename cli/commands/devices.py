@@ -1,13 +1,28 @@
-"""`edgefleet devices | revoke | telemetry | events`: what devices run, revoking one, what they reported."""
+"""`edgefleet devices [label] | revoke | telemetry | events`: what devices run, their labels, revoking one,
+what they reported."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from edgefleet import labels
 from edgefleet.cli.client import Operator
-from edgefleet.cli.output import Column, columns, emit, human_bytes, ref_text, ref_value, rfc3339, when
+from edgefleet.cli.exits import UsageError
+from edgefleet.cli.output import (
+    Column,
+    columns,
+    emit,
+    human_bytes,
+    print_json,
+    ref_text,
+    ref_value,
+    rfc3339,
+    when,
+)
+from edgefleet.errors import InvalidRequestError
 from edgefleet.names import check_name
+from edgefleet.selectors import parse_selector
 from edgefleet.v1 import operator_pb2
 
 
@@ -16,6 +31,7 @@ def _device_row(d: Any) -> dict[str, Any]:
         "id": d.id,
         "name": d.name,
         "group": d.group,
+        "labels": dict(sorted(d.labels.items())),
         "connected": d.connected,
         "runtime": d.capabilities.runtime,
         "running": ref_value(d.current),
@@ -30,6 +46,8 @@ def _device_row(d: Any) -> dict[str, Any]:
 
 
 def cmd_devices(args: argparse.Namespace) -> None:
+    if args.to:
+        _selector(args.to)
     reply = Operator(args).call("ListDevices", operator_pb2.ListDevicesRequest(selector=args.to))
     emit(
         args,
@@ -38,6 +56,7 @@ def cmd_devices(args: argparse.Namespace) -> None:
             "id",
             "name",
             "group",
+            Column("labels", show=lambda v: labels.labels_text(v) or "-"),
             "connected",
             "runtime",
             Column("running", show=ref_text),
@@ -46,6 +65,33 @@ def cmd_devices(args: argparse.Namespace) -> None:
             Column("last_seen", show=when),
         ),
     )
+
+
+def _selector(text: str) -> None:
+    """A bad selector is a usage error, with the forms, before any request."""
+    try:
+        parse_selector(text)
+    except InvalidRequestError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_label(args: argparse.Namespace) -> None:
+    check_name("device", args.device)
+    try:
+        change = labels.edits(args.labels)
+    except InvalidRequestError as e:
+        raise UsageError(str(e)) from None
+    reply = Operator(args).call(
+        "LabelDevice",
+        operator_pb2.LabelDeviceRequest(
+            device_id=args.device, set=dict(change.set), remove=list(change.remove), overwrite=args.overwrite
+        ),
+    )
+    now = dict(sorted(reply.labels.items()))
+    if args.json:
+        print_json({"device": reply.device_id, "labels": now})
+    else:
+        print(f"{reply.device_id} labeled: {labels.labels_text(now) or '(no labels)'}")
 
 
 def cmd_revoke(args: argparse.Namespace) -> None:

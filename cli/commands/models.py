@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from edgefleet.cli.client import CliError, Operator
 from edgefleet.cli.output import Column, columns, emit, print_json, print_variants, rfc3339, variant_row, when
@@ -33,6 +34,7 @@ def cmd_model_push(args: argparse.Namespace) -> None:
         eval_npz=Path(args.eval).read_bytes() if args.eval else b"",
         calibration_npz=Path(args.calibration).read_bytes() if args.calibration else b"",
         tolerance=args.tolerance,
+        measure_without_eval=args.measure,
         quiet=args.json or not sys.stderr.isatty(),
     )
     if args.json:
@@ -43,6 +45,13 @@ def cmd_model_push(args: argparse.Namespace) -> None:
         f"({len(pushed['variants'])} file(s), targets v{pushed['targets_version']})"
     )
     print_variants(pushed["variants"])
+    _say_how_measured(pushed["variants"])
+
+
+def _say_how_measured(rows: list[dict[str, Any]]) -> None:
+    notes = {r["measured_on"] for r in rows if r.get("measured_on")}
+    for note in sorted(notes):
+        print(f"variants measured on {note}")
 
 
 def cmd_model_list(args: argparse.Namespace) -> None:
@@ -75,8 +84,14 @@ def cmd_model_show(args: argparse.Namespace) -> None:
     models = [m for m in reply.models if m.version == args.version]
     if not models:
         raise CliError(f"no model {args.name} {args.version}; see `edgefleet model list`")
-    rows = [variant_row(m.variant, m.length, json.loads(m.details_json or "{}")) for m in models]
+    rows = [_row(m.variant, m.length, json.loads(m.details_json or "{}")) for m in models]
     if args.json:
         print_json(rows)
     else:
         print_variants(rows)
+        _say_how_measured(rows)
+
+
+def _row(variant: str, length: int, details: dict[str, Any]) -> dict[str, Any]:
+    """`variant_row` and, for variants measured without an eval set, on what (no labels were given)."""
+    return {**variant_row(variant, length, details), "measured_on": details.get("measured_on")}

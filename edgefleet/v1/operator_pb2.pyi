@@ -57,23 +57,49 @@ Global___RevokeDeviceResponse: _TypeAlias = RevokeDeviceResponse  # noqa: Y015
 class CreateEnrollmentTokenRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     GROUP_FIELD_NUMBER: _builtins.int
     USES_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     group: _builtins.str
     uses: _builtins.int
     """how many devices may enroll with it"""
     ttl_seconds: _builtins.int
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """every device enrolled with it carries them (edgefleet.labels rules)"""
+
     def __init__(
         self,
         *,
         group: _builtins.str = ...,
         uses: _builtins.int = ...,
         ttl_seconds: _builtins.int = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "ttl_seconds", b"ttl_seconds", "uses", b"uses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "labels", b"labels", "ttl_seconds", b"ttl_seconds", "uses", b"uses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -112,6 +138,9 @@ class UploadModelHeader(_message.Message):
     EVAL_NPZ_FIELD_NUMBER: _builtins.int
     CALIBRATION_NPZ_FIELD_NUMBER: _builtins.int
     TOLERANCE_POINTS_FIELD_NUMBER: _builtins.int
+    EVAL_LENGTH_FIELD_NUMBER: _builtins.int
+    CALIBRATION_LENGTH_FIELD_NUMBER: _builtins.int
+    MEASURE_WITHOUT_EVAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     length: _builtins.int
@@ -124,6 +153,16 @@ class UploadModelHeader(_message.Message):
     """optional inputs ("x") for static int8 quantization"""
     tolerance_points: _builtins.float
     """accuracy drop that keeps a variant out of assignment; 0 = default 1.0"""
+    eval_length: _builtins.int
+    """Eval and calibration sets of any size (up to the server's limit): their lengths here, their bytes in
+    eval_chunk / calibration_chunk messages right after the header, before the model's chunks. Set either
+    these or eval_npz / calibration_npz (inline, for small sets), not both.
+    """
+    calibration_length: _builtins.int
+    measure_without_eval: _builtins.bool
+    """Without an eval set: build and measure compressed variants anyway, against the float model's own
+    outputs on generated inputs (no labels). Off: only the original is kept.
+    """
     def __init__(
         self,
         *,
@@ -134,10 +173,13 @@ class UploadModelHeader(_message.Message):
         eval_npz: _builtins.bytes = ...,
         calibration_npz: _builtins.bytes = ...,
         tolerance_points: _builtins.float = ...,
+        eval_length: _builtins.int = ...,
+        calibration_length: _builtins.int = ...,
+        measure_without_eval: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration_npz", b"calibration_npz", "eval_npz", b"eval_npz", "length", b"length", "name", b"name", "sha256", b"sha256", "tolerance_points", b"tolerance_points", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration_length", b"calibration_length", "calibration_npz", b"calibration_npz", "eval_length", b"eval_length", "eval_npz", b"eval_npz", "length", b"length", "measure_without_eval", b"measure_without_eval", "name", b"name", "sha256", b"sha256", "tolerance_points", b"tolerance_points", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -149,7 +191,14 @@ class UploadModelRequest(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    EVAL_CHUNK_FIELD_NUMBER: _builtins.int
+    CALIBRATION_CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    """the model's bytes"""
+    eval_chunk: _builtins.bytes
+    """the eval set's bytes (header.eval_length in all)"""
+    calibration_chunk: _builtins.bytes
+    """the calibration set's bytes (header.calibration_length in all)"""
     @_builtins.property
     def header(self) -> Global___UploadModelHeader: ...
     def __init__(
@@ -157,12 +206,14 @@ class UploadModelRequest(_message.Message):
         *,
         header: Global___UploadModelHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        eval_chunk: _builtins.bytes = ...,
+        calibration_chunk: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration_chunk", b"calibration_chunk", "chunk", b"chunk", "eval_chunk", b"eval_chunk", "header", b"header", "kind", b"kind"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration_chunk", b"calibration_chunk", "chunk", b"chunk", "eval_chunk", b"eval_chunk", "header", b"header", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["header", "chunk", "eval_chunk", "calibration_chunk"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -206,6 +257,7 @@ class UploadModelResponse(_message.Message):
     VALIDATED_WITH_FIELD_NUMBER: _builtins.int
     VARIANTS_FIELD_NUMBER: _builtins.int
     ALREADY_PUSHED_FIELD_NUMBER: _builtins.int
+    ORIGINAL_GOLDEN_NPZ_FIELD_NUMBER: _builtins.int
     target_path: _builtins.str
     sha256: _builtins.str
     length: _builtins.int
@@ -213,6 +265,10 @@ class UploadModelResponse(_message.Message):
     """runtime that loaded it on the server"""
     already_pushed: _builtins.bool
     """the same bytes and inputs were pushed before: nothing changed"""
+    original_golden_npz: _builtins.bytes
+    """The original's golden file (when its details name a golden_file, i.e. the golden data is too large to
+    sign inline): the CLI checks it against its own run of the model before signing it.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
@@ -230,10 +286,11 @@ class UploadModelResponse(_message.Message):
         validated_with: _builtins.str = ...,
         variants: _abc.Iterable[Global___VariantInfo] | None = ...,
         already_pushed: _builtins.bool = ...,
+        original_golden_npz: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_pushed", b"already_pushed", "inputs", b"inputs", "length", b"length", "outputs", b"outputs", "sha256", b"sha256", "target_path", b"target_path", "validated_with", b"validated_with", "variants", b"variants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_pushed", b"already_pushed", "inputs", b"inputs", "length", b"length", "original_golden_npz", b"original_golden_npz", "outputs", b"outputs", "sha256", b"sha256", "target_path", b"target_path", "validated_with", b"validated_with", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -452,7 +509,7 @@ class CreateDeploymentRequest(_message.Message):
     model_name: _builtins.str
     version: _builtins.str
     selector: _builtins.str
-    """"all", "group:NAME" or "device:ID" """
+    """"all", "device:ID", or "group:NAME" and/or label requirements: "group:lab,site in (berlin,paris)" """
     variant: _builtins.str
     """optional: pin one variant instead of the per-device choice"""
     validate_only: _builtins.bool
@@ -665,6 +722,26 @@ Global___RollbackDevicesResponse: _TypeAlias = RollbackDevicesResponse  # noqa: 
 class DeviceInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
@@ -678,6 +755,7 @@ class DeviceInfo(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
     CLOCK_SKEW_MS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     group: _builtins.str
@@ -696,6 +774,8 @@ class DeviceInfo(_message.Message):
     def desired(self) -> _common_pb2.ModelRef: ...
     @_builtins.property
     def capabilities(self) -> _common_pb2.Capabilities: ...
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
         self,
         *,
@@ -712,10 +792,11 @@ class DeviceInfo(_message.Message):
         capabilities: _common_pb2.Capabilities | None = ...,
         revoked: _builtins.bool = ...,
         clock_skew_ms: _builtins.int = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "current", b"current", "desired", b"desired", "previous", b"previous"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "clock_skew_ms", b"clock_skew_ms", "connected", b"connected", "current", b"current", "desired", b"desired", "group", b"group", "id", b"id", "last_reason", b"last_reason", "last_seen_unix_ms", b"last_seen_unix_ms", "last_stage", b"last_stage", "name", b"name", "previous", b"previous", "revoked", b"revoked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "clock_skew_ms", b"clock_skew_ms", "connected", b"connected", "current", b"current", "desired", b"desired", "group", b"group", "id", b"id", "labels", b"labels", "last_reason", b"last_reason", "last_seen_unix_ms", b"last_seen_unix_ms", "last_stage", b"last_stage", "name", b"name", "previous", b"previous", "revoked", b"revoked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -727,7 +808,7 @@ class ListDevicesRequest(_message.Message):
 
     SELECTOR_FIELD_NUMBER: _builtins.int
     selector: _builtins.str
-    """optional, like deployments"""
+    """optional, like deployments (labels too: "group:lab,site=berlin")"""
     def __init__(
         self,
         *,
@@ -906,3 +987,216 @@ class ListEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListEventsResponse: _TypeAlias = ListEventsResponse  # noqa: Y015
+
+@_typing.final
+class LabelDeviceRequest(_message.Message):
+    """---- labels -----------------------------------------------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SetEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    SET_FIELD_NUMBER: _builtins.int
+    REMOVE_FIELD_NUMBER: _builtins.int
+    OVERWRITE_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """an id, or a name one device has"""
+    overwrite: _builtins.bool
+    """allow changing the value of a key the device has"""
+    @_builtins.property
+    def set(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """keys to set to these values"""
+
+    @_builtins.property
+    def remove(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """keys to remove (a missing key is no error)"""
+
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        set: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        remove: _abc.Iterable[_builtins.str] | None = ...,
+        overwrite: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "overwrite", b"overwrite", "remove", b"remove", "set", b"set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelDeviceRequest: _TypeAlias = LabelDeviceRequest  # noqa: Y015
+
+@_typing.final
+class LabelDeviceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """the device's labels now"""
+
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "labels", b"labels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelDeviceResponse: _TypeAlias = LabelDeviceResponse  # noqa: Y015
+
+@_typing.final
+class AuditEntry(_message.Message):
+    """---- the audit log ------------------------------------------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    DETAILS_JSON_FIELD_NUMBER: _builtins.int
+    PREVIOUS_SHA256_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """1, 2, 3, ... with no gaps"""
+    at_unix_ms: _builtins.int
+    actor: _builtins.str
+    """the operator's certificate name"""
+    action: _builtins.str
+    """e.g. "deployment.create", "device.label", "rollout.abort" """
+    subject: _builtins.str
+    """what it acted on: a deployment id, a device id, a target path"""
+    details_json: _builtins.str
+    """the evidence, canonical JSON (sorted keys, no spaces)"""
+    previous_sha256: _builtins.str
+    """the entry before's sha256 (64 zeros for the first)"""
+    sha256: _builtins.str
+    """sha256 over previous_sha256 and this entry (edgefleet.audit_chain)"""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        at_unix_ms: _builtins.int = ...,
+        actor: _builtins.str = ...,
+        action: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        details_json: _builtins.str = ...,
+        previous_sha256: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "at_unix_ms", b"at_unix_ms", "details_json", b"details_json", "previous_sha256", b"previous_sha256", "seq", b"seq", "sha256", b"sha256", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEntry: _TypeAlias = AuditEntry  # noqa: Y015
+
+@_typing.final
+class ListAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    FROM_SEQ_FIELD_NUMBER: _builtins.int
+    since_unix_ms: _builtins.int
+    """only entries from then on; 0 = any time"""
+    limit: _builtins.int
+    """at most this many (default 100, at most 1000)"""
+    action: _builtins.str
+    """only this action, or with "rollout" every "rollout.*"; "" = all"""
+    from_seq: _builtins.int
+    """0: the newest entries; N: the first entries with seq >= N (to page through all)"""
+    def __init__(
+        self,
+        *,
+        since_unix_ms: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        action: _builtins.str = ...,
+        from_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "from_seq", b"from_seq", "limit", b"limit", "since_unix_ms", b"since_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditRequest: _TypeAlias = ListAuditRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    HEAD_SEQ_FIELD_NUMBER: _builtins.int
+    HEAD_SHA256_FIELD_NUMBER: _builtins.int
+    head_seq: _builtins.int
+    """the newest entry's seq and sha256, read with the entries"""
+    head_sha256: _builtins.str
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]:
+        """oldest first"""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___AuditEntry] | None = ...,
+        head_seq: _builtins.int = ...,
+        head_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "head_seq", b"head_seq", "head_sha256", b"head_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditResponse: _TypeAlias = ListAuditResponse  # noqa: Y015

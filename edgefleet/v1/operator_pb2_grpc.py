@@ -95,6 +95,16 @@ class OperatorServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceResponse.FromString,
                 _registered_method=True)
+        self.LabelDevice = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/LabelDevice',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.LabelDeviceRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.LabelDeviceResponse.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/ListAudit',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -176,6 +186,21 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LabelDevice(self, request, context):
+        """Sets and removes a device's labels (kubectl label: changing a value needs overwrite).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """Reads the audit log: every operator action, who did it, when, with its evidence. Entries are only ever
+        appended; no RPC changes or removes one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -238,6 +263,16 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.RevokeDevice,
                     request_deserializer=edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceResponse.SerializeToString,
+            ),
+            'LabelDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.LabelDevice,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.LabelDeviceRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.LabelDeviceResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListAuditRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.ListAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -565,6 +600,60 @@ class OperatorService:
             '/edgefleet.v1.OperatorService/RevokeDevice',
             edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceRequest.SerializeToString,
             edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LabelDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/LabelDevice',
+            edgefleet_dot_v1_dot_operator__pb2.LabelDeviceRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.LabelDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/ListAudit',
+            edgefleet_dot_v1_dot_operator__pb2.ListAuditRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,12 @@ class OperatorServiceStub:
     ListEvents: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListEventsRequest, _operator_pb2.ListEventsResponse]
     RevokeDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RevokeDeviceRequest, _operator_pb2.RevokeDeviceResponse]
     """Refuses the device's credentials from now on (its certificate or token)."""
+    LabelDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.LabelDeviceRequest, _operator_pb2.LabelDeviceResponse]
+    """Sets and removes a device's labels (kubectl label: changing a value needs overwrite)."""
+    ListAudit: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListAuditRequest, _operator_pb2.ListAuditResponse]
+    """Reads the audit log: every operator action, who did it, when, with its evidence. Entries are only ever
+    appended; no RPC changes or removes one.
+    """
 
 @_typing.type_check_only
 class OperatorServiceAsyncStub(OperatorServiceStub):
@@ -69,6 +75,12 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     ListEvents: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListEventsRequest, _operator_pb2.ListEventsResponse]  # type: ignore[assignment]
     RevokeDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.RevokeDeviceRequest, _operator_pb2.RevokeDeviceResponse]  # type: ignore[assignment]
     """Refuses the device's credentials from now on (its certificate or token)."""
+    LabelDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.LabelDeviceRequest, _operator_pb2.LabelDeviceResponse]  # type: ignore[assignment]
+    """Sets and removes a device's labels (kubectl label: changing a value needs overwrite)."""
+    ListAudit: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListAuditRequest, _operator_pb2.ListAuditResponse]  # type: ignore[assignment]
+    """Reads the audit log: every operator action, who did it, when, with its evidence. Entries are only ever
+    appended; no RPC changes or removes one.
+    """
 
 class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """What operators call: models, deployments, rollbacks, the fleet's state."""
@@ -159,5 +171,23 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.RevokeDeviceResponse, _abc.Awaitable[_operator_pb2.RevokeDeviceResponse]]:
         """Refuses the device's credentials from now on (its certificate or token)."""
+
+    @_abc_1.abstractmethod
+    def LabelDevice(
+        self,
+        request: _operator_pb2.LabelDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.LabelDeviceResponse, _abc.Awaitable[_operator_pb2.LabelDeviceResponse]]:
+        """Sets and removes a device's labels (kubectl label: changing a value needs overwrite)."""
+
+    @_abc_1.abstractmethod
+    def ListAudit(
+        self,
+        request: _operator_pb2.ListAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.ListAuditResponse, _abc.Awaitable[_operator_pb2.ListAuditResponse]]:
+        """Reads the audit log: every operator action, who did it, when, with its evidence. Entries are only ever
+        appended; no RPC changes or removes one.
+        """
 
 def add_OperatorServiceServicer_to_server(servicer: OperatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

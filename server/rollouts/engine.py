@@ -484,7 +484,7 @@ class RolloutEngine:
 
 def matching_ids(selector: str, devices: Iterable[DeviceRecord]) -> list[DeviceRecord]:
     """The devices a rollout's (resolved) selector names now, revoked ones left out."""
-    return [d for d in devices if not d.revoked and parse_selector(selector).matches(d.id, d.group)]
+    return [d for d in devices if not d.revoked and parse_selector(selector).matches(d.id, d.group, d.labels)]
 
 
 def _rejudge_ms(soak_s: float, tick_s: float) -> float:

@@ -2,7 +2,8 @@
 
 - `records`: the records, as dataclasses with typed values;
 - `interfaces`: `FleetStore` (records) and `BlobStore` (model files), the only names the logic layer uses;
-- `sql` + `schema`: `SqlFleetStore`, SQLite or PostgreSQL through SQLAlchemy Core, with schema migrations;
+- `sql` + `schema`: `SqlFleetStore`, SQLite or PostgreSQL through SQLAlchemy Core, with schema migrations
+  (`sql_labels`: label selectors as queries; `sql_audit`: the append-only audit log);
 - `memory`: `MemoryFleetStore`, the same contract in this process's memory;
 - `blobs`: `FilesystemBlobStore`, model files content-addressed by sha256.
 

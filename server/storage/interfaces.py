@@ -12,11 +12,13 @@ UNAVAILABLE, retryable), and NotFoundError / ConflictError where named.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from edgefleet.audit_chain import AuditEntry
 from edgefleet.selectors import Selector
 from edgefleet.server.storage.records import (
+    AuditPage,
     Deployment,
     DeploymentCounts,
     DeviceRecord,
@@ -35,8 +37,10 @@ class FleetStore(abc.ABC):
     # ---- enrollment --------------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def add_enrollment_token(self, token: str, group: str, uses: int, expires_ms: int) -> None:
-        """Keeps only a hash of `token`."""
+    def add_enrollment_token(
+        self, token: str, group: str, uses: int, expires_ms: int, labels: Mapping[str, str] | None = None
+    ) -> None:
+        """Keeps only a hash of `token`; `labels` go to every device enrolled with it."""
 
     @abc.abstractmethod
     def enrollment_token(self, token: str) -> EnrollmentToken | None: ...
@@ -44,7 +48,7 @@ class FleetStore(abc.ABC):
     @abc.abstractmethod
     def enroll_device(self, token: str, now_ms: int, device: DeviceRecord, credential: str) -> bool:
         """In one transaction: takes one use of `token` if one is left and it has not expired at `now_ms`,
-        and adds `device` with its secret `credential` (kept as a hash). False, writing nothing, when no use
+        and adds `device` (with its labels) and its secret `credential` (kept as a hash). False, writing nothing, when no use
         was taken (two devices racing on the last use cannot both succeed)."""
 
     # ---- devices -----------------------------------------------------------------------------------------
@@ -66,7 +70,8 @@ class FleetStore(abc.ABC):
 
     @abc.abstractmethod
     def devices_matching(self, selector: Selector) -> list[DeviceRecord]:
-        """The devices `selector` names, ordered as `list_devices`, read by a query rather than a scan."""
+        """The devices `selector` names (group, id and label requirements), ordered as `list_devices`,
+        read by a query rather than a scan."""
 
     @abc.abstractmethod
     def record_status(
@@ -104,6 +109,13 @@ class FleetStore(abc.ABC):
     @abc.abstractmethod
     def set_revoked(self, device_id: str) -> None:
         """Raises NotFoundError for an unknown id."""
+
+    # ---- labels ----------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def replace_labels(self, device_id: str, labels: Mapping[str, str], expected: Mapping[str, str]) -> bool:
+        """Sets the device's labels to `labels`, only if they still are `expected` (compare and swap: the
+        caller read them, applied its rules, and retries on False). Raises NotFoundError for an unknown id."""
 
     # ---- models and signed metadata ----------------------------------------------------------------------
 
@@ -175,6 +187,18 @@ class FleetStore(abc.ABC):
     @abc.abstractmethod
     def list_telemetry(self, device_id: str, limit: int) -> list[TelemetryReport]:
         """The newest `limit` reports of the device, oldest first."""
+
+    # ---- the audit log: insert and list, nothing else ------------------------------------------------
+
+    @abc.abstractmethod
+    def add_audit(self, at_ms: int, actor: str, action: str, subject: str, details_json: str) -> AuditEntry:
+        """Appends one entry after the newest, in one transaction with it: the next seq, sealed onto the
+        newest entry's hash (`edgefleet.audit_chain.seal`), and the head moved to it. Returns the entry."""
+
+    @abc.abstractmethod
+    def list_audit(self, since_ms: int, action: str, from_seq: int, limit: int) -> AuditPage:
+        """Entries at or after `since_ms` whose action is `action` or starts with `action` + "." ("" = any):
+        the first `limit` with seq >= `from_seq`, or the newest `limit` when `from_seq` is 0; oldest first."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -11,13 +11,16 @@ import copy
 import dataclasses
 import hashlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from edgefleet import audit_chain
+from edgefleet.audit_chain import AuditEntry
 from edgefleet.errors import ConflictError, NotFoundError
 from edgefleet.selectors import Selector
 from edgefleet.server.storage.interfaces import FleetStore
 from edgefleet.server.storage.records import (
+    AuditPage,
     Deployment,
     DeploymentCounts,
     DeviceRecord,
@@ -35,6 +38,8 @@ def _hash(secret: str) -> str:
 
 
 def _copy(record: Any) -> Any:
+    if isinstance(record, DeviceRecord):  # labels are a mapping: the copy gets its own
+        return dataclasses.replace(record, labels=dict(record.labels))
     return dataclasses.replace(record)
 
 
@@ -51,6 +56,7 @@ class MemoryFleetStore(FleetStore):
         self._events: list[EventRecord] = []
         self._telemetry: list[tuple[str, TelemetryReport]] = []
         self._rollouts: RolloutStore | None = None
+        self._audit: list[AuditEntry] = []
 
     def close(self) -> None:
         pass
@@ -73,9 +79,11 @@ class MemoryFleetStore(FleetStore):
 
     # ---- enrollment --------------------------------------------------------------------------------------
 
-    def add_enrollment_token(self, token: str, group: str, uses: int, expires_ms: int) -> None:
+    def add_enrollment_token(
+        self, token: str, group: str, uses: int, expires_ms: int, labels: Mapping[str, str] | None = None
+    ) -> None:
         with self._lock:
-            self._tokens[_hash(token)] = EnrollmentToken(group, uses, expires_ms)
+            self._tokens[_hash(token)] = EnrollmentToken(group, uses, expires_ms, dict(labels or {}))
 
     def enrollment_token(self, token: str) -> EnrollmentToken | None:
         with self._lock:
@@ -121,7 +129,7 @@ class MemoryFleetStore(FleetStore):
                 found = self._devices.get(selector.value)
                 matching = [found] if found else []
             else:
-                matching = [d for d in self._devices.values() if selector.matches(d.id, d.group)]
+                matching = [d for d in self._devices.values() if selector.matches(d.id, d.group, d.labels)]
             return [_copy(d) for d in sorted(matching, key=lambda d: (d.name, d.id))]
 
     def record_status(
@@ -176,6 +184,16 @@ class MemoryFleetStore(FleetStore):
     def set_revoked(self, device_id: str) -> None:
         with self._lock:
             self._device(device_id).revoked = True
+
+    # ---- labels ----------------------------------------------------------------------------------------
+
+    def replace_labels(self, device_id: str, labels: Mapping[str, str], expected: Mapping[str, str]) -> bool:
+        with self._lock:
+            device = self._device(device_id)
+            if dict(device.labels) != dict(expected):
+                return False
+            device.labels = dict(labels)
+            return True
 
     # ---- models and signed metadata ----------------------------------------------------------------------
 
@@ -296,6 +314,30 @@ class MemoryFleetStore(FleetStore):
         with self._lock:
             chosen = [report for owner, report in self._telemetry if owner == device_id]
             return chosen[-limit:] if limit > 0 else []
+
+    # ---- the audit log ---------------------------------------------------------------------------------
+
+    def add_audit(self, at_ms: int, actor: str, action: str, subject: str, details_json: str) -> AuditEntry:
+        with self._lock:
+            previous = self._audit[-1].sha256 if self._audit else audit_chain.GENESIS
+            entry = audit_chain.seal(
+                previous, len(self._audit) + 1, at_ms, actor, action, subject, details_json
+            )
+            self._audit.append(entry)  # frozen: no copy needed
+            return entry
+
+    def list_audit(self, since_ms: int, action: str, from_seq: int, limit: int) -> AuditPage:
+        with self._lock:
+            chosen = [
+                e
+                for e in self._audit
+                if e.at_ms >= since_ms
+                and (not action or e.action == action or e.action.startswith(action + "."))
+                and e.seq >= from_seq
+            ]
+            head = self._audit[-1] if self._audit else None
+        page = (chosen[:limit] if from_seq else chosen[-limit:]) if limit > 0 else []
+        return AuditPage(page, head.seq if head else 0, head.sha256 if head else audit_chain.GENESIS)
 
 
 def _model_copy(record: ModelRecord) -> ModelRecord:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgefleet.audit_chain import AuditEntry
 from edgefleet.values import Capabilities, ModelRef
 from edgefleet.variant_metrics import VariantMetrics
 
@@ -58,6 +60,9 @@ class DeviceRecord:
     revoked: bool = False
     status_sequence: int = 0
     clock_skew_ms: int = 0
+    labels: Mapping[str, str] = field(
+        default_factory=dict
+    )  # edgefleet.labels rules; replaced whole, never edited
 
     @property
     def current_target(self) -> str:
@@ -69,6 +74,7 @@ class EnrollmentToken:
     group: str
     uses_left: int
     expires_ms: int
+    labels: Mapping[str, str] = field(default_factory=dict)  # what each device enrolled with it carries
 
 
 @dataclass
@@ -113,3 +119,12 @@ class RepoVersions:
     targets: int = 0
     snapshot: int = 0
     timestamp: int = 0
+
+
+@dataclass(frozen=True)
+class AuditPage:
+    """Audit entries (oldest first) and the log's head (newest seq and hash), read together."""
+
+    entries: list[AuditEntry]
+    head_seq: int
+    head_sha256: str

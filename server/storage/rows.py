@@ -5,6 +5,7 @@ also read what was stored before typed values (protobuf's JSON form)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -20,7 +21,8 @@ from edgefleet.values import (
 )
 
 
-def to_device(row: Any) -> DeviceRecord:
+def to_device(row: Any, labels: Mapping[str, str] | None = None) -> DeviceRecord:
+    """A devices row and the device's labels (rows of device_labels, read apart)."""
     m = row._mapping
     return DeviceRecord(
         id=m["id"],
@@ -40,6 +42,7 @@ def to_device(row: Any) -> DeviceRecord:
         revoked=m["revoked"],
         status_sequence=m["status_sequence"],
         clock_skew_ms=m["clock_skew_ms"],
+        labels=dict(labels or {}),
     )
 
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from edgefleet.audit_chain import GENESIS
 from edgefleet.errors import EdgefleetError
 
 # Raise it with every change to the tables below, and add the step that brings an older database up to it
 # (`_migrate_to_2`).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Servers starting together on one PostgreSQL database set the schema up one by one, under this lock.
 _SCHEMA_LOCK = 7368657
 
@@ -28,12 +29,14 @@ tokens = sa.Table(
     sa.Column("group_name", sa.String(128), nullable=False),
     sa.Column("uses_left", sa.Integer, nullable=False),
     sa.Column("expires_ms", sa.BigInteger, nullable=False),
+    sa.Column("labels", sa.JSON),  # version 3: the labels its devices get; NULL = none
 )
 devices = sa.Table(
     "devices",
     meta,
     sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("name", sa.String(128), nullable=False),
+    # Indexed: a device's name is accepted wherever its id is (`device:cam-1`, `telemetry cam-1`).
+    sa.Column("name", sa.String(128), nullable=False, index=True),
     sa.Column("group_name", sa.String(128), nullable=False, index=True),
     sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("enrolled_ms", sa.BigInteger, nullable=False),
@@ -120,6 +123,42 @@ telemetry = sa.Table(
 )
 
 
+# ---- device labels (version 3) ----------------------------------------------------------------------------
+# A row per label, so that a label selector is a query (EXISTS on key and value), not a scan of every device.
+device_labels = sa.Table(
+    "device_labels",
+    meta,
+    sa.Column("device_id", sa.String(64), sa.ForeignKey("devices.id"), primary_key=True),
+    sa.Column("key", sa.String(63), primary_key=True),
+    sa.Column("value", sa.String(63), nullable=False),
+    sa.Index("device_labels_by_key_value", "key", "value"),
+)
+
+# ---- the audit log (version 3) ------------------------------------------------------------------------------
+# Append-only: the store inserts and lists, nothing else. Each entry carries the hash chain
+# (edgefleet.audit_chain); audit_head is the newest entry's seq and hash, which appending updates under its
+# row lock, so servers sharing a database append one at a time and the chain never forks.
+audit_log = sa.Table(
+    "audit_log",
+    meta,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("at_ms", sa.BigInteger, nullable=False, index=True),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False, index=True),
+    sa.Column("subject", sa.String(512), nullable=False),
+    sa.Column("details", sa.Text, nullable=False),  # canonical JSON text, exactly what was hashed
+    sa.Column("previous_sha256", sa.String(64), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+)
+audit_head = sa.Table(
+    "audit_head",
+    meta,
+    sa.Column("id", sa.Integer, primary_key=True),  # one row
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+)
+
+
 def set_up_schema(conn: sa.Connection, shown_url: str) -> None:
     """Creates the tables of a new database, migrates an older one, refuses a newer one
     (SchemaMismatchError); in the caller's transaction."""
@@ -134,11 +173,16 @@ def set_up_schema(conn: sa.Connection, shown_url: str) -> None:
     meta.create_all(conn)  # the tables a new database needs; existing ones are left as they are
     if found is not None and found < 2:
         _migrate_to_2(conn)
+    if found is not None and found < 3:
+        _migrate_to_3(conn)
+    _create_missing_indexes(conn)  # after the migrations: an index may be on a column one of them adds
     if found != SCHEMA_VERSION:
         conn.execute(schema.delete())
         conn.execute(schema.insert().values(id=1, version=SCHEMA_VERSION))
     if conn.execute(sa.select(repo.c.id)).first() is None:
         conn.execute(repo.insert().values(id=1, root=0, targets=0, snapshot=0, timestamp=0))
+    if conn.execute(sa.select(audit_head.c.id)).first() is None:
+        conn.execute(audit_head.insert().values(id=1, seq=0, sha256=GENESIS))
 
 
 def _schema_version(conn: sa.Connection) -> int | None:
@@ -166,3 +210,20 @@ def _migrate_to_2(conn: sa.Connection) -> None:
         conn.execute(
             deployments.update().where(deployments.c.id == deployment_id).values(devices_targeted=count)
         )
+
+
+def _migrate_to_3(conn: sa.Connection) -> None:
+    """Version 3 added device labels (the device_labels table, made by create_all), the labels an
+    enrollment token gives its devices (devices and tokens made before have none) and the audit log (its
+    tables made by create_all, empty: nothing was audited before)."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("enrollment_tokens")}
+    if "labels" not in columns:
+        conn.execute(sa.text("ALTER TABLE enrollment_tokens ADD COLUMN labels JSON"))
+
+
+def _create_missing_indexes(conn: sa.Connection) -> None:
+    """An index added to a table later (devices.name) is created on an existing database at start. It changes
+    no record and an older edgefleet uses the database as it did, so it needs no schema version of its own."""
+    for table in meta.sorted_tables:
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)

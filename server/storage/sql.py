@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from edgefleet.audit_chain import AuditEntry
 from edgefleet.errors import ConflictError, NotFoundError, TransportError
 from edgefleet.selectors import Selector
-from edgefleet.server.storage import rows
+from edgefleet.server.storage import rows, sql_audit, sql_labels
 from edgefleet.server.storage import schema as t
 from edgefleet.server.storage.interfaces import FleetStore
 from edgefleet.server.storage.records import (
+    AuditPage,
     Deployment,
     DeploymentCounts,
     DeviceRecord,
@@ -101,18 +103,26 @@ class SqlFleetStore(FleetStore):
 
     # ---- enrollment --------------------------------------------------------------------------------------
 
-    def add_enrollment_token(self, token: str, group: str, uses: int, expires_ms: int) -> None:
+    def add_enrollment_token(
+        self, token: str, group: str, uses: int, expires_ms: int, labels: Mapping[str, str] | None = None
+    ) -> None:
         with self._tx() as conn:
             conn.execute(
                 t.tokens.insert().values(
-                    token_hash=token_hash(token), group_name=group, uses_left=uses, expires_ms=expires_ms
+                    token_hash=token_hash(token),
+                    group_name=group,
+                    uses_left=uses,
+                    expires_ms=expires_ms,
+                    labels=dict(labels or {}),
                 )
             )
 
     def enrollment_token(self, token: str) -> EnrollmentToken | None:
         with self._tx() as conn:
             row = conn.execute(sa.select(t.tokens).where(t.tokens.c.token_hash == token_hash(token))).first()
-        return EnrollmentToken(row.group_name, row.uses_left, row.expires_ms) if row else None
+        if row is None:
+            return None
+        return EnrollmentToken(row.group_name, row.uses_left, row.expires_ms, dict(row.labels or {}))
 
     def enroll_device(self, token: str, now_ms: int, device: DeviceRecord, credential: str) -> bool:
         with self._tx() as conn:
@@ -131,42 +141,65 @@ class SqlFleetStore(FleetStore):
             conn.execute(
                 t.devices.insert().values(**rows.device_values(device), token_hash=token_hash(credential))
             )
+            sql_labels.insert(conn, device.id, device.labels)
         return True
 
     # ---- devices -----------------------------------------------------------------------------------------
 
     def device_for_token(self, credential: str) -> DeviceRecord | None:
-        query = sa.select(t.devices).where(t.devices.c.token_hash == token_hash(credential))
-        with self._tx() as conn:
-            row = conn.execute(query).first()
-        return rows.to_device(row) if row else None
+        found = self._devices(t.devices.c.token_hash == token_hash(credential))
+        return found[0] if found else None
 
     def get_device(self, device_id: str) -> DeviceRecord:
-        with self._tx() as conn:
-            row = conn.execute(sa.select(t.devices).where(t.devices.c.id == device_id)).first()
-        if row is None:
+        found = self._devices(t.devices.c.id == device_id)
+        if not found:
             raise NotFoundError(f"no device {device_id!r}")
-        return rows.to_device(row)
+        return found[0]
 
     def list_devices(self) -> list[DeviceRecord]:
         return self._devices(sa.true())
 
     def devices_named(self, name: str) -> list[DeviceRecord]:
-        query = sa.select(t.devices).where(t.devices.c.name == name).order_by(t.devices.c.id)
-        with self._tx() as conn:
-            return [rows.to_device(r) for r in conn.execute(query)]
+        return self._devices(t.devices.c.name == name, by_id=True)
 
     def devices_matching(self, selector: Selector) -> list[DeviceRecord]:
+        where: list[sa.ColumnElement[bool]] = [sql_labels.condition(r) for r in selector.requirements]
         if selector.kind == "group":
-            return self._devices(t.devices.c.group_name == selector.value)
+            where.append(t.devices.c.group_name == selector.value)
         if selector.kind == "device":
-            return self._devices(t.devices.c.id == selector.value)
-        return self._devices(sa.true())
+            where.append(t.devices.c.id == selector.value)
+        return self._devices(sa.and_(sa.true(), *where))
 
-    def _devices(self, where: sa.ColumnElement[bool]) -> list[DeviceRecord]:
-        query = sa.select(t.devices).where(where).order_by(t.devices.c.name, t.devices.c.id)
+    def _devices(self, where: sa.ColumnElement[bool], by_id: bool = False) -> list[DeviceRecord]:
+        """The devices `where` selects with their labels (a second query, in the same transaction)."""
+        d = t.devices.c
+        query = sa.select(t.devices).where(where).order_by(*((d.id,) if by_id else (d.name, d.id)))
+        chosen = sa.select(d.id).where(where).scalar_subquery()
+        label_query = sa.select(t.device_labels).where(t.device_labels.c.device_id.in_(chosen))
         with self._tx() as conn:
-            return [rows.to_device(r) for r in conn.execute(query)]
+            found = list(conn.execute(query))
+            labels: dict[str, dict[str, str]] = {}
+            if found:
+                for row in conn.execute(label_query):
+                    labels.setdefault(row.device_id, {})[row.key] = row.value
+        return [rows.to_device(r, labels.get(r.id, {})) for r in found]
+
+    # ---- labels --------------------------------------------------------------------------------------------
+
+    def replace_labels(self, device_id: str, labels: Mapping[str, str], expected: Mapping[str, str]) -> bool:
+        labels_of = t.device_labels.c.device_id == device_id
+        with self._tx() as conn:
+            # A write first: it takes the write lock (SQLite) or the row lock (PostgreSQL) before the read
+            # below, so two operators labelling one device cannot both pass the comparison.
+            lock = t.devices.update().where(t.devices.c.id == device_id).values(name=t.devices.c.name)
+            if conn.execute(lock).rowcount != 1:
+                raise NotFoundError(f"no device {device_id!r}")
+            stored = {r.key: r.value for r in conn.execute(sa.select(t.device_labels).where(labels_of))}
+            if stored != dict(expected):
+                return False
+            conn.execute(t.device_labels.delete().where(labels_of))
+            sql_labels.insert(conn, device_id, labels)
+        return True
 
     def record_status(
         self,
@@ -400,6 +433,16 @@ class SqlFleetStore(FleetStore):
         with self._tx() as conn:
             found = list(conn.execute(query))
         return [rows.telemetry_from_json(r.at_ms, r.report) for r in reversed(found)]
+
+    # ---- the audit log: insert and list (sql_audit) --------------------------------------------------
+
+    def add_audit(self, at_ms: int, actor: str, action: str, subject: str, details_json: str) -> AuditEntry:
+        with self._tx() as conn:
+            return sql_audit.append(conn, at_ms, actor, action, subject, details_json)
+
+    def list_audit(self, since_ms: int, action: str, from_seq: int, limit: int) -> AuditPage:
+        with self._tx() as conn:
+            return sql_audit.page(conn, since_ms, action, from_seq, limit)
 
 
 def _desired_is_bad(dialect: str) -> sa.ColumnElement[bool]:

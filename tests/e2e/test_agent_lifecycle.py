@@ -28,10 +28,19 @@ def _exit_code(process: subprocess.Popen[bytes], timeout: float) -> int:
         raise AssertionError(f"the agent was still running after {timeout:.0f} s") from None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_port(pair: bool = False) -> int:
+    """A port free now (and, with `pair`, the one after it too: tests run beside others, see scripts/test)."""
+    while True:
+        with socket.socket() as s, socket.socket() as after:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            if not pair:
+                return port
+            try:
+                after.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
 
 
 def test_revoked_agent_exits_77_with_one_line_and_no_traceback(fleet: LocalFleet, digits_files: dict) -> None:
@@ -74,7 +83,7 @@ def test_second_agent_on_the_same_state_dir_exits_78_naming_the_first(fleet: Loc
 
 
 def test_sigterm_stops_an_agent_whose_enrollment_keeps_retrying(tmp_path: Path, fleet: LocalFleet) -> None:
-    nowhere = f"127.0.0.1:{_free_port()}"
+    nowhere = f"127.0.0.1:{_free_port(pair=True)}"
     state = tmp_path / "lonely"
     process = subprocess.Popen(
         [
@@ -98,7 +107,7 @@ def test_sigterm_stops_an_agent_whose_enrollment_keeps_retrying(tmp_path: Path, 
 def test_enrollment_address_follows_the_server_port_by_default(fleet: LocalFleet) -> None:
     # The fleet's server listens on a free port P with enrollment on P+1 when not told otherwise.
     fleet.stop_server()
-    base = _free_port()
+    base = _free_port(pair=True)
     fleet.port, fleet.enroll_port = base, base + 1
     fleet.start_server()
     assert fleet.enroll_port == base + 1

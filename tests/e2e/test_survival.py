@@ -118,7 +118,7 @@ def _worker_pids(agent: AgentProcess) -> list[int]:
 def test_new_model_failing_after_the_swap_goes_back_and_is_marked_bad_without_looping(
     fleet: LocalFleet, digits_files: dict, digits
 ) -> None:
-    agent = v1_running(fleet, digits_files, "--probation", "6")
+    agent = v1_running(fleet, digits_files, "--probation", "6", "--check-interval", "2")
     fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
     with InferenceLoad([agent.socket], [digits[2].x_test[:1]]):
         fleet.cli("deploy", "digits", "2", "--to", "all")
@@ -138,7 +138,7 @@ def test_new_model_failing_after_the_swap_goes_back_and_is_marked_bad_without_lo
         fleet.cli("deploy", "digits", "2", "--to", "all")
     assert "refused it before" in str(refused.value)
     fleet.cli("deploy", "digits", "2", "--to", "all", "--allow-empty")  # ...and when forced, not looped on
-    time.sleep(6)  # longer than the agent's periodic check: time enough to loop, if it would
+    time.sleep(3)  # longer than the agent's periodic check (2 s here): time enough to loop, if it would
     assert (
         len([e for e in _events(fleet, agent) if e["target"] == V2 and e["stage"] == "activated"])
         == activations

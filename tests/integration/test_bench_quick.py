@@ -20,6 +20,7 @@ QUICK = (
     "model_load",
     "overhead",
     "rollout_engine",
+    "shadow_cost",
     "swap_phases",
     "swap_stall",
     "variants",

@@ -41,11 +41,11 @@ def _status(sequence: int, current: str = V1) -> bytes:
     ).SerializeToString()
 
 
-def _event(sequence: int, stage: int, target: str = V1, deployment_id: str = "") -> bytes:
+def _event(sequence: int, stage: int, target: str = V1, deployment_id: str = "", sha256: str = "") -> bytes:
     return device_pb2.DeviceMessage(
         event=device_pb2.UpdateEvent(
             target_path=target, stage=stage, reason="r", at_unix_ms=now_ms(), sequence=sequence,
-            deployment_id=deployment_id,
+            deployment_id=deployment_id, target_sha256=sha256,
         )
     ).SerializeToString()  # fmt: skip
 
@@ -128,12 +128,48 @@ async def test_event_about_another_deployment_or_target_does_not_change_the_depl
     )
     record = await _record(harness, device)
     assert record.desired_target == v2.target_path and record.desired_deployment
-    await _send(device, _status(1), _event(2, FAILED, v2.target_path, record.desired_deployment))
+    deployment, sha = record.desired_deployment, v2.sha256
+    await _send(device, _status(1), _event(2, FAILED, v2.target_path, deployment, sha))
     assert (await _record(harness, device)).last_stage == "failed"
     # Newer, but about another target, or another (old) deployment: history, not the deployment's count.
     await _send(
-        device, _event(3, HEALTHY, V1, record.desired_deployment), _event(4, HEALTHY, v2.target_path, "old")
+        device, _event(3, HEALTHY, V1, deployment, sha), _event(4, HEALTHY, v2.target_path, "old", sha)
     )
     assert (await _record(harness, device)).last_stage == "failed"
-    await _send(device, _event(5, HEALTHY, v2.target_path, record.desired_deployment))
+    await _send(device, _event(5, HEALTHY, v2.target_path, deployment, sha))
     assert (await _record(harness, device)).last_stage == "healthy"
+
+
+async def test_healthy_event_about_other_bytes_at_the_assigned_path_is_kept_but_never_counts_as_healthy(
+    harness: Harness,
+) -> None:
+    """A raw device (or a relay with its certificate) reports "healthy" for the path and deployment it was
+    assigned, but for other bytes (or for none): the server keeps it in the device's history and counts it
+    for nothing; only the assigned sha256 makes the deployment's device healthy."""
+    device = await harness.enroll("cam")
+    v1 = await harness.publish_model("digits", "1")
+    await harness.operator_stub.CreateDeployment(
+        operator_pb2.CreateDeploymentRequest(model_name="digits", version="1", selector="all"), timeout=10
+    )
+    record = await _record(harness, device)
+    deployment = record.desired_deployment
+    assert record.desired_target == v1.target_path and deployment
+    running = _status(1, v1.target_path)
+    await _send(device, running, _event(2, FAILED, v1.target_path, deployment, v1.sha256))
+    other = "0" * 64
+    await _send(
+        device,
+        _event(3, HEALTHY, v1.target_path, deployment, other),
+        _event(4, HEALTHY, v1.target_path, deployment, ""),
+        _event(5, HEALTHY, v1.target_path, "", other.upper()),
+    )
+    record = await _record(harness, device)
+    assert record.last_stage == "failed"
+    counts = await asyncio.to_thread(harness.fleet.store.deployment_counts)
+    assert counts[deployment].healthy == 0
+    history = [(e.stage, e.target_path) for e in await harness.fleet.devices.events(device.id, 100)]
+    assert history.count(("healthy", v1.target_path)) == 3  # the device's reports, kept as history
+    await _send(device, _event(6, HEALTHY, v1.target_path, deployment, v1.sha256.upper()))
+    assert (await _record(harness, device)).last_stage == "healthy"
+    counts = await asyncio.to_thread(harness.fleet.store.deployment_counts)
+    assert counts[deployment].healthy == 1

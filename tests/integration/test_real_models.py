@@ -375,14 +375,24 @@ def test_eval_rows_of_the_wrong_dtype_refused(int8_io_model: bytes) -> None:
         compression.EvalSet(np.zeros((3, 64), np.float32)).bind(io_)
 
 
-def test_push_of_a_model_whose_golden_data_is_too_large_for_metadata_is_refused_clearly(
+def test_a_push_whose_golden_data_is_too_large_for_metadata_carries_it_as_a_golden_file(
     face_models: dict[str, bytes],
 ) -> None:
-    """face_landmark's 192x192x3 float input is 432 KiB: until golden data travels as a signed file of its
-    own, the push says what is wrong instead of failing later on a missing field."""
-    from edgefleet.errors import InvalidRequestError
-    from edgefleet.runtime import LITERT
+    """face_landmark's 192x192x3 float input is 432 KiB: the push keeps its golden data as an .npz of its
+    own (signed later as a target file), not inline in the details that become signed metadata."""
+    import hashlib
+
     from edgefleet.server.repository import describe_upload
 
-    with pytest.raises(InvalidRequestError, match="over the 262144-byte limit of golden data"):
-        describe_upload(face_models[FACE_LANDMARK], b"", b"", 1.0, LITERT)
+    [(variant, _, _, details, _, golden_npz)] = describe_upload(
+        face_models[FACE_LANDMARK], b"", b"", 1.0, LITERT
+    )
+    assert variant == "float32" and "golden" not in details
+    assert details["golden_npz_sha256"] == hashlib.sha256(golden_npz).hexdigest()
+    golden = modelinfo.Golden.from_npz(golden_npz)
+    assert golden.inputs[0].shape == (1, 192, 192, 3) and golden.output_names == ("conv2d_20", "conv2d_30")
+    golden.check(
+        modelinfo.run(
+            make_interpreter(TFLITE_RUNTIME, model_content=face_models[FACE_LANDMARK]), list(golden.inputs)
+        )
+    )

@@ -2,7 +2,7 @@
 (edgefleet.devtools.rolloutsim): waves advance only on healthy devices, each gate aborts a bad candidate
 with its numbers, the devices already updated are ordered back (the RollbackCommand names the rollout),
 inconclusive holds, late joiners join, a maintenance window holds the rollout, a killed server resumes it,
-and every action reaches the audit hook (the server's log without an audit store).
+and every action reaches the audit log (each entry also goes to the server's log).
 
 One server and one fleet for the module: each scenario rolls out its own version and leaves every device
 on a good one, so the next starts from a known fleet. Soaks are a second, telemetry every 0.5 s.
@@ -150,7 +150,7 @@ async def test_inconclusive_holds_the_wave_and_an_operator_abort_rolls_back(rig:
     assert s.rollout.state == "aborted"
     await rig.wait_running_all(before)
     log = rig.log()
-    assert f"rollout.abort {rollout_id}" in log and '"rollback": true' in log
+    assert f"rollout.abort {rollout_id}" in log
 
 
 async def test_a_closed_maintenance_window_holds_every_install(rig: RolloutRig) -> None:

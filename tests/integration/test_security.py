@@ -673,7 +673,7 @@ async def test_bad_metadata_name_is_invalid(harness: Harness) -> None:
 async def test_bad_selectors_and_names_on_operator_rpcs_are_invalid(harness: Harness) -> None:
     device = await harness.enroll("cam", group="lab")
     await harness.publish_model("digits", "1")
-    bad_selectors = ["", "everything", "device:", "group:", "group:a b", "device:../x", "group:" + "g" * 200,
+    bad_selectors = ["", "every thing", "device:", "group:", "group:a b", "device:../x", "group:" + "g" * 200,
                      "device:*", "all,group:lab", "DEVICE:" + device.id]  # fmt: skip
     bad_names = ["", " ", "a b", "../x", "-x", "x" * 200, "digits\n", "dig/its", "dig\x00its"]
     deploy = rpc("/edgefleet.v1.OperatorService/CreateDeployment")

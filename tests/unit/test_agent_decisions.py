@@ -40,10 +40,12 @@ def test_target_built_for_another_hardware_class_is_incompatible_even_unclassifi
         decisions.check_compatible("m/1/a.tflite", (), ("jetson",), runtime="x", hardware_class="")
 
 
-def test_incompatible_marks_the_version_bad() -> None:
+def test_incompatible_is_refused_from_its_signed_fields_and_never_listed_as_bad() -> None:
+    """Decided anew from what is signed each time it is assigned: a server assigning many signed variants for
+    other hardware must not push a version that really failed off the bounded list of bad ones."""
     with pytest.raises(errors.IncompatibleError) as caught:
         decisions.check_compatible("m/1/a.tflite", ("a",), (), runtime="b", hardware_class="")
-    assert decisions.after_install_error(caught.value) is AfterError.MARK_BAD
+    assert decisions.after_install_error(caught.value) is AfterError.REFUSE
 
 
 # ---- downgrades --------------------------------------------------------------------------------------------
@@ -105,7 +107,7 @@ def test_raised_floors_leaves_the_given_floors_alone() -> None:
         (errors.ModelError("wrong golden output"), AfterError.MARK_BAD),
         (errors.SignatureError("signed fields malformed"), AfterError.MARK_BAD),
         (errors.UnsignedTargetError("no such target"), AfterError.RETRY),
-        (errors.IncompatibleError("other runtime"), AfterError.MARK_BAD),
+        (errors.IncompatibleError("other runtime"), AfterError.REFUSE),  # from signed fields, every time
         (errors.DowngradeRefusedError("older"), AfterError.REFUSE),
         (errors.AccessDeniedError("no"), AfterError.REFUSE),
         (errors.TransportError("server down"), AfterError.RETRY),
@@ -142,11 +144,27 @@ def test_bytes_that_do_not_hash_or_an_unsigned_target_never_mark_a_version_bad()
 
 
 def test_bad_target_is_added_once_and_the_list_stays_bounded() -> None:
-    assert decisions.with_bad_target(["a"], "b") == ["a", "b"]
-    assert decisions.with_bad_target(["a", "b"], "a") == ["a", "b"]
-    many = [f"t{i}" for i in range(decisions.MAX_BAD_TARGETS)]
-    marked = decisions.with_bad_target(many, "new")
-    assert len(marked) == decisions.MAX_BAD_TARGETS and marked[-1] == "new" and "t0" not in marked
+    assert decisions.with_bad_target(["a/1/f.tflite"], "b/1/f.tflite") == ["a/1/f.tflite", "b/1/f.tflite"]
+    assert decisions.with_bad_target(["a/1/f", "b/1/f"], "a/1/f") == ["a/1/f", "b/1/f"]
+    many = [f"t{i}/1/f.tflite" for i in range(decisions.MAX_BAD_TARGETS)]
+    marked = decisions.with_bad_target(many, "new/1/f.tflite")
+    assert len(marked) == decisions.MAX_BAD_TARGETS and marked[-1] == "new/1/f.tflite"
+    assert "t0/1/f.tflite" not in marked
+
+
+def test_failures_of_other_models_or_other_versions_never_push_one_models_bad_version_out() -> None:
+    """Bounded per model: only MAX_BAD_PER_MODEL newer failed versions of the same model replace an entry;
+    any number of another model's never do."""
+    bad = ["digits/2/float32.tflite"]
+    for i in range(1000):
+        bad = decisions.with_bad_target(bad, f"other/{i}/float32.tflite")
+    assert "digits/2/float32.tflite" in bad
+    assert len([b for b in bad if b.startswith("other/")]) == decisions.MAX_BAD_PER_MODEL
+    for i in range(3, 3 + decisions.MAX_BAD_PER_MODEL - 1):
+        bad = decisions.with_bad_target(bad, f"digits/{i}/float32.tflite")
+    assert "digits/2/float32.tflite" in bad
+    bad = decisions.with_bad_target(bad, "digits/99/float32.tflite")
+    assert "digits/2/float32.tflite" not in bad  # the operator signed 16 newer versions that failed here
 
 
 def test_rollback_orders_remembered_are_bounded_newest_kept() -> None:

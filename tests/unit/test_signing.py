@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -29,6 +32,7 @@ class Repo:
         self.root = self.keys.trust_root.read_bytes()
         self.online = signing.OnlineRoles(self.root, signing.load_signer(self.keys.online))
         self.targets_signer = signing.load_signer(self.keys.targets)
+        self.root_signer = signing.load_signer(self.keys.root)
         self.files: dict[str, bytes] = {"1.root": self.root}
         self.versions = (0, 0, 0)  # targets, snapshot, timestamp
         self.current: bytes | None = None
@@ -233,3 +237,112 @@ def test_unreachable_server_is_a_transport_error(tmp_path: Path) -> None:
 def test_floats_are_signed_as_strings_and_read_back(tmp_path: Path) -> None:
     custom = model_targets.canonical_safe({"atol": 1e-4, "nested": [0.5, {"x": 2.0}], "n": 3})
     assert custom == {"atol": "0.0001", "nested": ["0.5", {"x": "2.0"}], "n": 3}
+
+
+# ---- the chain of roots starts at the pinned one ------------------------------------------------------------
+
+
+def _rotate(repo: Repo, new_root: CryptoSigner, new_targets: CryptoSigner | None = None) -> None:
+    """A real rotation: the next root.json names `new_root` (and `new_targets`) and is signed by the old root
+    keys' threshold and the new one's; the repository serves it as `N.root`."""
+    md = Metadata.from_bytes(repo.root)
+    old_signers = [repo.root_signer]
+    root = md.signed
+    for keyid in list(root.roles["root"].keyids):
+        root.revoke_key(keyid, "root")
+    root.add_key(new_root.public_key, "root")
+    if new_targets is not None:
+        for keyid in list(root.roles["targets"].keyids):
+            root.revoke_key(keyid, "targets")
+        root.add_key(new_targets.public_key, "targets")
+        repo.targets_signer = new_targets
+    root.version += 1
+    md.signatures.clear()
+    for signer in [*old_signers, new_root]:
+        md.sign(signer, append=True)
+    repo.root, repo.root_signer = md.to_bytes(), new_root
+    repo.files[f"{root.version}.root"] = repo.root
+    repo.online = signing.OnlineRoles(repo.root, signing.load_signer(repo.keys.online))
+
+
+def _self_signed_root(version: int, root_key: CryptoSigner, targets_key: CryptoSigner, like: bytes) -> bytes:
+    """What an attacker with keys of their own writes: a root.json that only vouches for itself."""
+    md = Metadata.from_bytes(like)
+    root = md.signed
+    for role in ("root", "targets"):
+        for keyid in list(root.roles[role].keyids):
+            root.revoke_key(keyid, role)
+    root.add_key(root_key.public_key, "root")
+    root.add_key(targets_key.public_key, "targets")
+    root.version = version
+    md.signatures.clear()
+    md.sign(root_key)
+    return md.to_bytes()
+
+
+def _write_from_another_process(files: dict[Path, bytes]) -> None:
+    """Another process (with the agent's uid) replaces the files: rename over them, symlinks included."""
+    script = (
+        "import os, sys, json\n"
+        "for path, hexdata in json.loads(sys.stdin.read()).items():\n"
+        "    open(path + '.new', 'wb').write(bytes.fromhex(hexdata))\n"
+        "    os.replace(path + '.new', path)\n"
+    )
+    payload = json.dumps({str(p): data.hex() for p, data in files.items()})
+    subprocess.run([sys.executable, "-c", script], input=payload.encode(), check=True, timeout=30)
+
+
+def test_legitimate_root_rotations_are_followed_from_the_pinned_root_also_offline(tmp_path: Path) -> None:
+    repo = Repo(tmp_path)
+    repo.publish("a", b"1")
+    device(tmp_path, repo).target("a")
+    _rotate(repo, CryptoSigner.generate_ed25519(), CryptoSigner.generate_ed25519())  # new targets key too
+    _rotate(repo, CryptoSigner.generate_ed25519())
+    repo.publish("b", b"2")
+    assert device(tmp_path, repo).target("b").length == 1
+    # At every load, offline: pinned v1 -> stored v2 -> stored v3, each signed by the one before.
+    offline = device_trust.DeviceTrust(tmp_path / "dev", _offline)
+    assert offline.chained_root()[0].version == 3
+    assert offline.local_target("b").length == 1
+
+
+def test_stored_root_written_by_another_process_is_never_trusted_and_the_real_one_is_fetched_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = Repo(tmp_path)
+    repo.publish("a", b"1")
+    _rotate(repo, CryptoSigner.generate_ed25519(), CryptoSigner.generate_ed25519())
+    repo.publish("b", b"2")
+    assert device(tmp_path, repo).target("b").length == 1
+    folder = tmp_path / "dev"
+
+    # The attacker's own keys: a root that vouches for itself, and targets it signs for its own bytes.
+    evil_root, evil_targets = CryptoSigner.generate_ed25519(), CryptoSigner.generate_ed25519()
+    forged = signing.sign_targets(None, [signing.target_file("evil", b"666", {})], evil_targets)
+    forged_md = Metadata.from_bytes(forged)
+    forged_md.signed.version = 99
+    forged_md.signatures.clear()
+    forged_md.sign(evil_targets)
+    for replaced in (
+        {folder / "root_history" / "2.root.json": _self_signed_root(2, evil_root, evil_targets, repo.root)},
+        {folder / "root_history" / "3.root.json": _self_signed_root(3, evil_root, evil_targets, repo.root)},
+        {folder / "root.json": _self_signed_root(99, evil_root, evil_targets, repo.root)},
+    ):
+        _write_from_another_process({**replaced, folder / "targets.json": forged_md.to_bytes()})
+        offline = device_trust.DeviceTrust(folder, _offline)
+        with pytest.raises(MetadataRefusedError):
+            offline.local_target("evil")
+        with pytest.raises(MetadataRefusedError):  # nor anything else until the real chain is back
+            offline.local_target("b")
+        # Online, the chain is walked from the pinned root again: the real root 2 and targets come back.
+        assert device(tmp_path, repo).target("b").length == 1
+        assert offline.chained_root()[0].version == 2
+        assert offline.local_target("b").length == 1
+        with pytest.raises(SignatureError):
+            offline.local_target("evil")
+    assert "does not chain from the pinned root" in caplog.text
+    assert "is not the root chained from the pinned one" in caplog.text
+
+
+def _offline(name: str) -> bytes:
+    raise TransportError("offline")

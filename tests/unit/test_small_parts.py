@@ -17,7 +17,7 @@ def test_selectors_parse(text: str) -> None:
     assert str(parse_selector(text)) == text
 
 
-@pytest.mark.parametrize("text", ["", "everything", "group:", "group:../x", "device:a b", "host:x"])
+@pytest.mark.parametrize("text", ["", "every thing", "group:", "group:../x", "device:a b", "host:x"])
 def test_bad_selectors_say_what_to_use(text: str) -> None:
     with pytest.raises(InvalidRequestError, match="use 'all'"):
         parse_selector(text)
