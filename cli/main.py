@@ -8,6 +8,7 @@
     edgefleet deploy N V --to all|group:G|device:ID [--variant V]
     edgefleet deployments [--watch]            rollout progress (exit 3 when devices failed)
     edgefleet rollback --to all|group:G|device:ID
+    edgefleet rollout start N V --to SEL --waves 5,10%,100% | list | status ID [--watch] | pause | abort ...
     edgefleet devices [--to SELECTOR] | devices label DEVICE site=berlin camera- [--overwrite]
     edgefleet telemetry DEVICE | events
     edgefleet audit [--since 1h] [--action A] [--verify]
@@ -28,6 +29,7 @@ import sys
 from typing import Any
 
 from edgefleet.cli import config, exits
+from edgefleet.cli.commands import rollout_args
 from edgefleet.cli.exits import CliError, UsageError
 from edgefleet.cli.output import escape
 from edgefleet.errors import InvalidRequestError
@@ -298,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sp.add_argument("--device", default="", help="the device's id or name")
     sp.add_argument("--limit", type=int, default=50)
+
+    # Staged rollouts (cli/commands/rollout_args.py; the commands in rollouts.py).
+    rollout_args.add_parsers(add, group, targets_key, positive_seconds)
 
     cfg = group("config", f"named contexts in {config.config_path()}")
     add(

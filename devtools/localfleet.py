@@ -166,7 +166,7 @@ class LocalFleet:
             *args,
         ]  # fmt: skip
         if (
-            args[:2] == ("model", "push") or args[:1] in (("deploy",), ("rollback",))
+            args[:2] in (("model", "push"), ("rollout", "start")) or args[:1] in (("deploy",), ("rollback",))
         ) and "--targets-key" not in args:
             argv += ["--targets-key", str(self.keys / "targets.key")]
         out = io.StringIO()

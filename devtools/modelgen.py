@@ -125,6 +125,20 @@ def build_digits_model(seed: int = 0, hidden: tuple[int, ...] = (64, 128, 64)) -
     return mlp_to_tflite(train_digits_mlp(data, hidden=hidden, seed=seed)), data
 
 
+def build_swapped_digits_model(
+    seed: int = 0, hidden: tuple[int, ...] = (64, 128, 64), classes: tuple[int, int] = (3, 8)
+) -> bytes:
+    """The digits MLP with two output classes swapped: a correctly signed, well-formed model with the same
+    tensor contract that answers `classes[1]` where it should answer `classes[0]` (and back). What a bad
+    release looks like to a rollout's output-drift gate."""
+    layers = train_digits_mlp(load_digits_split(), hidden=hidden, seed=seed)
+    w, b = layers[-1]
+    a, c = classes
+    w[:, [a, c]] = w[:, [c, a]]
+    b[[a, c]] = b[[c, a]]
+    return mlp_to_tflite(layers)
+
+
 def build_large_mlp(
     target_bytes: int = 30 * 2**20, seed: int = 0, in_features: int = 64, n_classes: int = 10
 ) -> bytes:

@@ -16,13 +16,14 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2
 
-from edgefleet.v1 import common_pb2, device_pb2, operator_pb2
+from edgefleet.v1 import common_pb2, device_pb2, operator_pb2, rollout_pb2
 
 T = TypeVar("T")
 
 DEVICE_SERVICE: ServiceDescriptor = device_pb2.DESCRIPTOR.services_by_name["DeviceService"]
 OPERATOR_SERVICE: ServiceDescriptor = operator_pb2.DESCRIPTOR.services_by_name["OperatorService"]
-SERVICES = (DEVICE_SERVICE, OPERATOR_SERVICE)
+ROLLOUT_SERVICE: ServiceDescriptor = rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"]
+SERVICES = (DEVICE_SERVICE, OPERATOR_SERVICE, ROLLOUT_SERVICE)
 ENROLL_PATH = "/edgefleet.v1.DeviceService/Enroll"
 HEALTH_CHECK_PATH = "/grpc.health.v1.Health/Check"
 

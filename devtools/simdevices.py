@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 
 from edgefleet import pki
 from edgefleet.agent.connection import Backoff
 from edgefleet.devtools.raw_rpc import simulated_capabilities
 from edgefleet.devtools.serverprocess import ServerProcess
+from edgefleet.devtools.simbehaviour import BehaviourOf, draw_stats
 from edgefleet.server.storage.records import now_ms
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2
 
@@ -57,6 +60,18 @@ class SimDevice:
     ends: list[tuple[float, grpc.StatusCode, str]] = field(default_factory=list)  # how streams ended
     assignments: list[tuple[float, str]] = field(default_factory=list)  # (received at, deployment id)
     channel_options: list[tuple[str, Any]] = field(default_factory=list)  # added to the agent's
+    # Obeying (when `behave` is set): installs assignments and obeys rollbacks as an agent would, and
+    # `start_telemetry` reports what `behave` draws for the model it serves.
+    behave: BehaviourOf | None = None
+    capabilities: common_pb2.Capabilities = field(default_factory=lambda: CAPABILITIES)
+    current: common_pb2.ModelRef | None = None
+    previous: common_pb2.ModelRef | None = None
+    shadow_candidate: common_pb2.ModelRef | None = None
+    rollbacks: list[device_pb2.RollbackCommand] = field(default_factory=list)
+    received: list[device_pb2.Assignment] = field(default_factory=list)
+    served: list[str] = field(default_factory=list)  # target paths it activated, in order
+    step_s: float = 0.02  # between the stages of an install
+    calls_per_report: int = 200
 
     def __post_init__(self) -> None:
         self.backoff = Backoff(AGENT_BACKOFF_INITIAL_S, AGENT_BACKOFF_MAX_S)
@@ -64,6 +79,11 @@ class SimDevice:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._call: Any = None
+        self._outbox: asyncio.Queue[device_pb2.DeviceMessage] = asyncio.Queue()
+        self._work: set[asyncio.Task[None]] = set()
+        self._telemetry: asyncio.Task[None] | None = None
+        self.rng = np.random.default_rng(int.from_bytes(hashlib.sha256(self.id.encode()).digest()[:8], "big"))
+        self.bad_targets: list[str] = []
 
     @property
     def stub(self) -> device_pb2_grpc.DeviceServiceStub:
@@ -82,6 +102,11 @@ class SimDevice:
 
     async def stop(self) -> None:
         """Ends the control stream (a clean close, as an agent that stops) and the reconnect loop."""
+        if self._telemetry is not None:
+            self._telemetry.cancel()
+            self._telemetry = None
+        for task in list(self._work):
+            task.cancel()
         self._stop.set()
         if self._call is not None:
             self._call.cancel()
@@ -117,25 +142,155 @@ class SimDevice:
         stop = self._stop
 
         async def outgoing() -> AsyncIterator[device_pb2.DeviceMessage]:
-            self.sequence += 1
-            yield device_pb2.DeviceMessage(
-                status=device_pb2.DeviceStatus(
-                    capabilities=CAPABILITIES,
-                    agent_version="load-sim",
-                    sent_at_unix_ms=now_ms(),
-                    sequence=self.sequence,
-                )
-            )
-            await stop.wait()
+            yield device_pb2.DeviceMessage(status=self._status())
+            while not stop.is_set():
+                waiting = asyncio.ensure_future(self._outbox.get())
+                stopping = asyncio.ensure_future(stop.wait())
+                done, _ = await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if waiting not in done:
+                    waiting.cancel()
+                    return
+                message = waiting.result()
+                self.sequence += 1
+                field_name = message.WhichOneof("kind")
+                getattr(message, field_name or "status").sequence = self.sequence
+                yield message
 
         self._call = self.stub.Connect(outgoing())
         try:
             async for message in self._call:
                 self.backoff.reset()
-                if message.WhichOneof("kind") == "assignment":
+                kind = message.WhichOneof("kind")
+                if kind == "hello":
+                    self.sequence = max(self.sequence, message.hello.last_sequence)
+                elif kind == "assignment":
                     self.assignments.append((time.monotonic(), message.assignment.deployment_id))
+                    if self.behave is not None:
+                        self._spawn(self._install(message.assignment))
+                elif kind == "rollback" and self.behave is not None:
+                    self._spawn(self._roll_back(message.rollback))
         finally:
             self._call = None  # a finished call still holds its channel's connection open
+
+    # -- obeying, as an agent would --
+
+    def _status(self) -> device_pb2.DeviceStatus:
+        self.sequence += 1
+        return device_pb2.DeviceStatus(
+            current=self.current,
+            previous=self.previous,
+            capabilities=self.capabilities,
+            agent_version="load-sim",
+            bad_targets=self.bad_targets,
+            sent_at_unix_ms=now_ms(),
+            sequence=self.sequence,
+        )
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+
+    def _event(
+        self,
+        target: str,
+        stage: common_pb2.UpdateStage.ValueType,
+        deployment_id: str = "",
+        command_id: str = "",
+        reason: str = "",
+        sha256: str = "",
+    ) -> None:
+        self._outbox.put_nowait(
+            device_pb2.DeviceMessage(
+                event=device_pb2.UpdateEvent(
+                    target_path=target,
+                    stage=stage,
+                    reason=reason,
+                    at_unix_ms=now_ms(),
+                    command_id=command_id,
+                    deployment_id=deployment_id,
+                    target_sha256=sha256,
+                )
+            )
+        )
+
+    async def _install(self, a: device_pb2.Assignment) -> None:
+        assert self.behave is not None
+        self.received.append(a)
+        target = a.model.target_path
+        if self.current is not None and target == self.current.target_path and not a.shadow:
+            self.shadow_candidate = None  # a shadow wave's candidate served already: nothing to install
+            return
+        if target in self.bad_targets:
+            return
+        stages = common_pb2.UpdateStage
+        self._event(target, stages.UPDATE_STAGE_DOWNLOADING, a.deployment_id, sha256=a.model.sha256)
+        await asyncio.sleep(self.step_s)
+        if self.rng.random() < self.behave(target).install_failure_rate:
+            self.bad_targets.append(target)
+            self._event(
+                target,
+                stages.UPDATE_STAGE_FAILED,
+                a.deployment_id,
+                reason="simulated failure",
+                sha256=a.model.sha256,
+            )
+            self._outbox.put_nowait(device_pb2.DeviceMessage(status=self._status()))
+            return
+        self._event(target, stages.UPDATE_STAGE_VERIFIED, a.deployment_id, sha256=a.model.sha256)
+        await asyncio.sleep(self.step_s)
+        if a.shadow:
+            self.shadow_candidate = a.model
+            self._event(target, stages.UPDATE_STAGE_SHADOW_READY, a.deployment_id, sha256=a.model.sha256)
+            return
+        self.previous, self.current, self.shadow_candidate = self.current, a.model, None
+        self.served.append(target)
+        self._outbox.put_nowait(device_pb2.DeviceMessage(status=self._status()))
+        self._event(target, stages.UPDATE_STAGE_ACTIVATED, a.deployment_id, sha256=a.model.sha256)
+        await asyncio.sleep(self.step_s)  # probation
+        self._event(target, stages.UPDATE_STAGE_HEALTHY, a.deployment_id, sha256=a.model.sha256)
+
+    async def _roll_back(self, command: device_pb2.RollbackCommand) -> None:
+        self.rollbacks.append(command)
+        if self.previous is None:
+            return
+        self.current, self.previous = self.previous, self.current
+        self.shadow_candidate = None
+        self._outbox.put_nowait(device_pb2.DeviceMessage(status=self._status()))
+        self._event(
+            self.current.target_path,
+            common_pb2.UpdateStage.UPDATE_STAGE_ROLLED_BACK,
+            command_id=command.command_id,
+            sha256=self.current.sha256,
+        )
+
+    def start_telemetry(self, interval_s: float) -> None:
+        """Reports what `behave` draws for the serving model (and a shadow candidate) every interval."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval_s)
+                await self.report_inference()
+
+        self._telemetry = asyncio.create_task(loop())
+
+    async def report_inference(self, timeout: float = 10) -> grpc.StatusCode:
+        if self.behave is None or self.current is None:
+            return OK
+        serving = self.current.target_path
+        shadow = None
+        if self.shadow_candidate is not None:
+            shadow = (self.shadow_candidate.target_path, self.behave(self.shadow_candidate.target_path))
+        stats = draw_stats(self.rng, serving, self.behave(serving), self.calls_per_report, shadow)
+        request = device_pb2.ReportTelemetryRequest(
+            report=device_pb2.TelemetryReport(at_unix_ms=now_ms(), inference=[stats])
+        )
+        try:
+            await self.stub.ReportTelemetry(request, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+        return OK
 
     def first_assignment(self, deployment_id: str, after: float = 0.0) -> float | None:
         return next((t for t, d in self.assignments if d == deployment_id and t >= after), None)
@@ -173,13 +328,13 @@ class SimDevice:
 
 
 async def enroll(
-    server: ServerProcess, count: int, *, prefix: str = "sim", concurrency: int = 16
+    server: ServerProcess, count: int, *, prefix: str = "sim", concurrency: int = 16, group: str = "load"
 ) -> list[SimDevice]:
     """Enrolls `count` devices for real: one token with `count` uses, then Enroll with a fresh key's CSR
     per device over the enrollment port (server-authenticated TLS), `concurrency` at a time."""
     token = (
         await server.operator.CreateEnrollmentToken(
-            operator_pb2.CreateEnrollmentTokenRequest(group="load", uses=count),
+            operator_pb2.CreateEnrollmentTokenRequest(group=group, uses=count),
             timeout=30,
             wait_for_ready=True,
         )

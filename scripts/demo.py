@@ -14,6 +14,7 @@ Everything runs in ./demo-run (deleted and recreated each time). Exits non-zero 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -28,7 +29,7 @@ from edgefleet.devtools.localfleet import (
     run_detector_device,
     wait_for,
 )
-from edgefleet.devtools.modelgen import accuracy, build_digits_model
+from edgefleet.devtools.modelgen import accuracy, build_digits_model, build_swapped_digits_model
 from edgefleet.runtime import LITERT, TFLITE_RUNTIME
 
 ROOT = Path(__file__).resolve().parent.parent / "demo-run"
@@ -119,6 +120,8 @@ def main() -> int:
         detector = _detector_device(fleet, models)
         show(fleet, "devices")
         show(fleet, "deployments")
+        if os.environ.get("EDGEFLEET_DEMO_ROLLOUTS") == "1":
+            staged_rollouts(fleet, agents, models, data)
 
         step("Telemetry the devices streamed (health + inference histograms)")
         time.sleep(1.5)
@@ -148,6 +151,63 @@ def main() -> int:
         return 0 if ok else 1
     finally:
         fleet.close()
+
+
+# Three devices are far below a camera fleet's sample floors: the demo lowers them (one device a side).
+DEMO_GATES = [
+    "--gate=install-failures.min_finished_devices=1", "--gate=install-failures.min_failed_devices=1",
+    *(f"--gate={g}.min_devices=1" for g in ("error-rate", "latency", "crash-rate", "worker-restart-rate",
+                                             "drift-top-class", "drift-top-score", "shadow-agreement",
+                                             "shadow-latency")),
+    "--gate=error-rate.min_calls=200", "--gate=latency.min_calls=200", "--gate=drift-top-class.min_calls=200",
+    "--gate=drift-top-score.min_calls=200", "--gate=shadow-agreement.min_compared_calls=50",
+    "--gate=shadow-latency.min_calls=50", "--gate=crash-rate.min_device_hours=0.001",
+    "--gate=worker-restart-rate.min_device_hours=0.001",
+]  # fmt: skip
+
+
+def staged_rollouts(fleet: LocalFleet, agents: list, models: Path, data: object) -> None:  # type: ignore[type-arg]
+    """Issue 11's demo: a good v2 staged through three waves (the first in shadow), then a bad v3 (signed,
+    passes the golden check, two classes swapped) that the drift gate aborts; the devices go back to v2.
+
+    Switched on with EDGEFLEET_DEMO_ROLLOUTS=1: it needs agents that obey shadow assignments and send output
+    summaries and shadow stats (the agent's part of issue 11)."""
+    x = data.x_test  # type: ignore[attr-defined]
+    with InferenceLoad([a.socket for a in agents], [x[i : i + 1] for i in range(40)]):
+        step("Staged rollout of v2: three waves, the first in shadow, each judged against a control cohort")
+        started = fleet.cli_json("rollout", "start", "digits", "2", "--to", "group:demo", "--waves", "1,2,3",
+                                 "--shadow-waves", "1", "--soak", "10s", "--min-devices", "1", *DEMO_GATES)  # fmt: skip
+        rollout_id = started["rollout_id"]
+        print(f"  rollout {rollout_id}: waves of {[w['size'] for w in started['waves']]} devices")
+        wait_for(lambda: fleet.cli_json("rollout", "status", rollout_id)["state"] in ("completed", "aborted"),
+                 300, "the v2 rollout to finish")  # fmt: skip
+        show(fleet, "rollout", "status", rollout_id)
+        for agent in agents:
+            wait_for(lambda a=agent: a.running().startswith("digits/2/"), 60, f"{agent.name} to run v2")
+
+        step("A bad v3: correctly signed, passes the golden check, but two classes swapped")
+        bad = models / "digits-v3-swapped.tflite"
+        bad.write_bytes(build_swapped_digits_model(seed=1, hidden=HIDDEN))
+        show(fleet, "model", "push", str(bad), "--name", "digits", "--version", "3")
+        started = fleet.cli_json("rollout", "start", "digits", "3", "--to", "group:demo", "--waves", "1,3",
+                                 "--soak", "10s", "--min-devices", "1", *DEMO_GATES)  # fmt: skip
+        rollout_id = started["rollout_id"]
+        status = wait_for(
+            lambda: (
+                (s := fleet.cli_json("rollout", "status", rollout_id))["state"] in ("completed", "aborted")
+                and s
+            ),
+            300,
+            "the v3 rollout to be judged",
+        )
+        show(fleet, "rollout", "status", rollout_id)
+        failed = [g for w in status["waves_status"] for g in w["gates"] if g["outcome"] == "fail"]
+        for g in failed:
+            print(f"  FAILED GATE {g['gate']}: {g['statistic']} = {g['value']} vs {g['threshold']} "
+                  f"({g['canary_n']:.0f} vs {g['control_n']:.0f} {g['sample_unit']}): {g['explanation']}")  # fmt: skip
+        for agent in agents:
+            wait_for(lambda a=agent: a.running().startswith("digits/2/"), 60, f"{agent.name} back on v2")
+        print(f"  v3 {status['state']}; every device is back on v2")
 
 
 def _detector_device(fleet: LocalFleet, models: Path) -> DetectorRun | None:

@@ -37,9 +37,10 @@ from edgefleet.server.device_service import DeviceLimits, DeviceServicer
 from edgefleet.server.fleet import Fleet
 from edgefleet.server.limits import RateLimiter
 from edgefleet.server.operator_service import OperatorServicer
+from edgefleet.server.rollout_service import RolloutServicer
 from edgefleet.server.storage import open_store
 from edgefleet.server.storage.blobs import FilesystemBlobStore
-from edgefleet.v1 import device_pb2_grpc, operator_pb2_grpc
+from edgefleet.v1 import device_pb2_grpc, operator_pb2_grpc, rollout_pb2_grpc
 
 log = logging.getLogger("edgefleet.server")
 
@@ -67,6 +68,7 @@ class ServerConfig:
     renew_interval_seconds: int = 3600
     telemetry_per_device_per_s: float = 0.5  # sustained (the agent sends one per 10 s by default)
     telemetry_burst: int = 10
+    rollout_tick_seconds: float = 1.0  # how often the rollout engine looks at every running rollout
 
     @property
     def db_url(self) -> str:
@@ -88,6 +90,7 @@ class RunningServer:
         # NOT_SERVING first, so load balancers and health checks move devices elsewhere before the cut.
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.scheduler.shutdown(wait=False)
+        await self.fleet.rollout_engine.stop()
         await asyncio.gather(*(server.stop(grace) for server in self.servers))
         self.fleet.store.close()
         if self.lock is not None:
@@ -226,6 +229,7 @@ async def _start(config: ServerConfig) -> RunningServer:
         config.max_model_bytes,
         ca=ca,
         device_cert_days=config.device_cert_days,
+        rollout_tick_s=config.rollout_tick_seconds,
     )
     await fleet.repository.init_repository()
     await fleet.repository.renew_online_metadata()
@@ -264,6 +268,7 @@ async def _start(config: ServerConfig) -> RunningServer:
     operator_pb2_grpc.add_OperatorServiceServicer_to_server(
         OperatorServicer(fleet, authenticator.forget, authenticator.principal), main
     )
+    rollout_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(fleet, authenticator), main)
     servers = [main]
     enroll_port = 0
     if config.insecure_plaintext:
@@ -297,6 +302,7 @@ async def _start(config: ServerConfig) -> RunningServer:
     for server in servers:
         await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await fleet.rollout_engine.start()  # resumes every rollout where the database says it was
 
     scheduler = AsyncIOScheduler()
     scheduler.add_job(

@@ -26,7 +26,7 @@ import grpc
 from edgefleet import pki
 from edgefleet.durable import write_atomic
 from edgefleet.errors import TransportError
-from edgefleet.v1 import device_pb2, operator_pb2
+from edgefleet.v1 import device_pb2, operator_pb2, rollout_pb2
 
 PUBLIC = "public"
 DEVICE = pki.DEVICE
@@ -41,6 +41,7 @@ def build_policy() -> dict[str, str]:
     for module, service, role in (
         (device_pb2, "DeviceService", DEVICE),
         (operator_pb2, "OperatorService", OPERATOR),
+        (rollout_pb2, "RolloutService", OPERATOR),
     ):
         descriptor = module.DESCRIPTOR.services_by_name[service]
         for method in descriptor.methods:

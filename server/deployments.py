@@ -51,6 +51,19 @@ class DeploymentStatus:
     choices: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class RolloutTag:
+    """What a deployment (a wave) or rollback order of a staged rollout tells the device besides its model."""
+
+    rollout_id: str = ""
+    shadow: bool = False
+
+
+NO_TAG = RolloutTag()
+ROLLOUT_KIND = "rollout"  # a wave of a staged rollout: the rollout engine, not the selector, says who gets it
+ROLLOUT_ROLLBACK_KIND = "rollout-rollback"  # an aborted rollout's order back to the incumbent
+
+
 @dataclass
 class RollbackResult:
     command_id: str
@@ -80,6 +93,11 @@ class Deployments:
         self.store = store
         self.streams = streams
         self.repository = repository
+        # deployment or rollback id -> its staged rollout (kept by server.rollouts.engine)
+        self.rollout_tags: dict[str, RolloutTag] = {}
+
+    def rollout_tag(self, deployment_id: str) -> RolloutTag:
+        return self.rollout_tags.get(deployment_id, NO_TAG)
 
     async def deploy(
         self,
@@ -206,7 +224,8 @@ class Deployments:
         whose selector names it last told that selector (`rules.late_joiner_order`)."""
         deployments = await asyncio.to_thread(self.store.list_deployments)
         deployment = late_joiner_order(
-            deployments,
+            # A rollout places its late joiners itself; its orders name its devices, not a selector.
+            [d for d in deployments if d.kind not in (ROLLOUT_KIND, ROLLOUT_ROLLBACK_KIND)],
             lambda d: parse_selector(d.selector).matches(device.id, device.group, device.labels),
         )
         if deployment is None:
@@ -230,10 +249,16 @@ class Deployments:
         it (else it is read)."""
         action = pending_action(device)
         if action == "rollback":
-            self.streams.push(device.id, RollbackPush(device.rollback_command, OPERATOR_ORDER))
+            tag = self.rollout_tag(device.rollback_command)
+            self.streams.push(
+                device.id, RollbackPush(device.rollback_command, OPERATOR_ORDER, tag.rollout_id)
+            )
         elif action == "assign":
             record = desired or await self.repository.model(device.desired_target)
-            self.streams.push(device.id, AssignmentPush(record, device.desired_deployment))
+            tag = self.rollout_tag(device.desired_deployment)
+            self.streams.push(
+                device.id, AssignmentPush(record, device.desired_deployment, tag.shadow, tag.rollout_id)
+            )
 
 
 def _cannot_go_back(device: DeviceRecord) -> str:

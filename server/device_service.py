@@ -45,12 +45,17 @@ def push_to_proto(push: Push) -> device_pb2.ServerMessage:
     if isinstance(push, AssignmentPush):
         return device_pb2.ServerMessage(
             assignment=device_pb2.Assignment(
-                model=convert.ref_to_proto(push.model.ref()), deployment_id=push.deployment_id
+                model=convert.ref_to_proto(push.model.ref()),
+                deployment_id=push.deployment_id,
+                shadow=push.shadow,
+                rollout_id=push.rollout_id,
             )
         )
     assert isinstance(push, RollbackPush)
     return device_pb2.ServerMessage(
-        rollback=device_pb2.RollbackCommand(command_id=push.command_id, reason=push.reason)
+        rollback=device_pb2.RollbackCommand(
+            command_id=push.command_id, reason=push.reason, rollout_id=push.rollout_id
+        )
     )
 
 
@@ -195,9 +200,13 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 rollback_pending=bool(rollback), rollback_command_id=rollback
             )
             if record is not None:
+                tag = self.fleet.deployments.rollout_tag(deployment_id)
                 response.assignment.CopyFrom(
                     device_pb2.Assignment(
-                        model=convert.ref_to_proto(record.ref()), deployment_id=deployment_id
+                        model=convert.ref_to_proto(record.ref()),
+                        deployment_id=deployment_id,
+                        shadow=tag.shadow,
+                        rollout_id=tag.rollout_id,
                     )
                 )
             return response

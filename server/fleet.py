@@ -17,6 +17,9 @@ from edgefleet.server.audit import AuditLog
 from edgefleet.server.deployments import Deployments
 from edgefleet.server.devices import Devices
 from edgefleet.server.repository import Repository
+from edgefleet.server.rollouts.actions import RolloutActions
+from edgefleet.server.rollouts.audit_hook import AuditRecorder
+from edgefleet.server.rollouts.engine import RolloutEngine
 from edgefleet.server.storage.interfaces import BlobStore, FleetStore
 from edgefleet.server.streams import ControlStreams
 
@@ -34,6 +37,8 @@ class Fleet:
         device_cert_days: float = 365,
         describe_timeout_s: float = 300,
         describe_memory_bytes: int = 8 * 2**30,
+        audit: AuditRecorder | None = None,
+        rollout_tick_s: float = 1.0,
     ):
         self.store = store
         self.blobs = blobs
@@ -54,8 +59,13 @@ class Fleet:
             store, self.streams, self.repository, self.deployments, ca=ca, device_cert_days=device_cert_days
         )
         self.audit = AuditLog(store)
+        # Staged rollouts (server.rollouts): the engine's loop starts with the server (app.py).
+        self.rollout_engine = RolloutEngine(
+            store, self.deployments, audit or self.audit, tick_s=rollout_tick_s
+        )
+        self.rollouts = RolloutActions(self.rollout_engine)
 
     @property
     def parts(self) -> tuple[object, ...]:
         """Every part a handler can call (for tests that watch which ones run)."""
-        return (self.repository, self.deployments, self.devices, self.streams, self.audit)
+        return (self.repository, self.deployments, self.devices, self.streams, self.audit, self.rollouts)

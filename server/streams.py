@@ -19,12 +19,15 @@ QUEUE_LENGTH = 64
 class AssignmentPush:
     model: ModelRecord
     deployment_id: str
+    shadow: bool = False  # a staged rollout's shadow wave: load beside the serving model, never serve
+    rollout_id: str = ""
 
 
 @dataclass(frozen=True)
 class RollbackPush:
     command_id: str
     reason: str
+    rollout_id: str = ""  # an aborted rollout's return to the incumbent (the operator's rollout permit)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from edgefleet.server.storage.records import (
     ModelRecord,
     RepoVersions,
 )
+from edgefleet.server.storage.rollout_records import RolloutStore
 from edgefleet.values import Capabilities, ModelRef, TelemetryReport
 
 
@@ -201,6 +202,12 @@ class FleetStore(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    # ---- staged rollouts (rollout_records.py) ------------------------------------------------------------
+
+    @abc.abstractmethod
+    def rollouts(self) -> RolloutStore:
+        """The rollout records, in this store's database (one object per store)."""
 
 
 class BlobWriter(abc.ABC):

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from edgefleet import audit_chain
@@ -29,6 +29,7 @@ from edgefleet.server.storage.records import (
     ModelRecord,
     RepoVersions,
 )
+from edgefleet.server.storage.rollout_records import RolloutStore
 from edgefleet.values import Capabilities, ModelRef, TelemetryReport
 
 
@@ -54,10 +55,27 @@ class MemoryFleetStore(FleetStore):
         self._deployments: dict[str, Deployment] = {}
         self._events: list[EventRecord] = []
         self._telemetry: list[tuple[str, TelemetryReport]] = []
+        self._rollouts: RolloutStore | None = None
         self._audit: list[AuditEntry] = []
 
     def close(self) -> None:
         pass
+
+    def rollouts(self) -> RolloutStore:
+        if self._rollouts is None:
+            from edgefleet.server.storage.rollout_sql import SqlRolloutStore
+
+            self._rollouts = SqlRolloutStore.in_memory(self._telemetry_since)
+        return self._rollouts
+
+    def _telemetry_since(self, device_ids: Sequence[str], since_ms: int) -> dict[str, list[TelemetryReport]]:
+        wanted = set(device_ids)
+        found: dict[str, list[TelemetryReport]] = {}
+        with self._lock:
+            for device_id, report in self._telemetry:
+                if device_id in wanted and report.at_ms >= since_ms:
+                    found.setdefault(device_id, []).append(report)
+        return found
 
     # ---- enrollment --------------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from edgefleet.server.storage.records import (
     ModelRecord,
     RepoVersions,
 )
+from edgefleet.server.storage.rollout_records import RolloutStore
 from edgefleet.values import Capabilities, ModelRef, TelemetryReport
 
 _BATCH = 500  # ids per `IN (...)`: well under any database's parameter limit
@@ -57,6 +58,7 @@ class SqlFleetStore(FleetStore):
 
     def __init__(self, url: str):
         self.url = url
+        self._rollouts: RolloutStore | None = None
         if url.startswith("sqlite"):
             # How long a write waits for SQLite's lock before the call fails with UNAVAILABLE (retryable).
             busy_timeout = {} if "timeout=" in url else {"timeout": 15}
@@ -91,6 +93,13 @@ class SqlFleetStore(FleetStore):
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def rollouts(self) -> RolloutStore:
+        if self._rollouts is None:
+            from edgefleet.server.storage.rollout_sql import SqlRolloutStore
+
+            self._rollouts = SqlRolloutStore(self.engine)
+        return self._rollouts
 
     # ---- enrollment --------------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ QUICK = (
     "fleet_load",
     "model_load",
     "overhead",
+    "rollout_engine",
     "shadow_cost",
     "swap_phases",
     "swap_stall",

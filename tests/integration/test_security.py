@@ -31,6 +31,7 @@ from edgefleet.devtools.raw_rpc import (
     HEALTH_CHECK,
     HEALTH_CHECK_PATH,
     OPERATOR_SERVICE,
+    ROLLOUT_SERVICE,
     Outcome,
     call,
     rpc,
@@ -50,7 +51,7 @@ UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 DEVICE_RPCS = rpcs(DEVICE_SERVICE)
-OPERATOR_RPCS = rpcs(OPERATOR_SERVICE)
+OPERATOR_RPCS = rpcs(OPERATOR_SERVICE, ROLLOUT_SERVICE)
 AUTHENTICATED_RPCS = [r for r in rpcs() if r.path != ENROLL_PATH]
 DEVICE_ONLY_RPCS = [r for r in DEVICE_RPCS if r.path != ENROLL_PATH]
 HEALTH_RPCS = {HEALTH_CHECK_PATH, "/grpc.health.v1.Health/Watch"}

@@ -1,0 +1,293 @@
+"""Staged rollouts over a real server process with 200 simulated devices speaking the real protocol
+(edgefleet.devtools.rolloutsim): waves advance only on healthy devices, each gate aborts a bad candidate
+with its numbers, the devices already updated are ordered back (the RollbackCommand names the rollout),
+inconclusive holds, late joiners join, a maintenance window holds the rollout, a killed server resumes it,
+and every action reaches the audit log (each entry also goes to the server's log).
+
+One server and one fleet for the module: each scenario rolls out its own version and leaves every device
+on a good one, so the next starts from a known fleet. Soaks are a second, telemetry every 0.5 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from edgefleet import signing
+from edgefleet.devtools.rolloutsim import FAST_GATES, RolloutRig
+from edgefleet.devtools.simbehaviour import ModelBehaviour
+from edgefleet.v1 import rollout_pb2
+
+GOOD = ModelBehaviour()
+BEHAVIOURS = {
+    "1": GOOD,
+    "2": GOOD,
+    "3": ModelBehaviour(latency_median_ms=GOOD.latency_median_ms * 1.6),  # 60 % slower
+    "4": GOOD.swapped(0, 9),  # two classes swapped: passes every offline check, drifts live
+    "5": ModelBehaviour(error_rate=0.05),
+    "6": ModelBehaviour(crashes_per_report=0.5),
+    "7": ModelBehaviour(install_failure_rate=0.5),
+    "8": ModelBehaviour(agreement=0.7),  # a shadow candidate that disagrees
+    "9": GOOD,
+    "10": GOOD,
+    "11": GOOD,
+    "12": GOOD,
+}
+DEVICES = 200
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RolloutRig]:
+    keys = signing.init_keys(tmp_path_factory.mktemp("rollout-keys"))
+    rig = await RolloutRig.create(
+        tmp_path_factory.mktemp("rollout-server"),
+        keys,
+        devices=DEVICES,
+        versions=list(BEHAVIOURS),
+        behaviours=BEHAVIOURS,
+    )
+    try:
+        yield rig
+    finally:
+        await rig.close()
+
+
+def finished(s: rollout_pb2.GetRolloutResponse) -> bool:
+    return s.rollout.state in ("completed", "aborted")
+
+
+def gate(s: rollout_pb2.GetRolloutResponse, wave: int, name: str) -> rollout_pb2.GateResult:
+    return next(g for g in s.waves[wave].gates if g.gate == name)
+
+
+async def assert_aborted_by(rig: RolloutRig, version: str, gate_name: str, **start: object) -> None:
+    before = rig.versions_now()
+    rollout_id = await rig.start(version, **start)  # type: ignore[arg-type]
+    s = await rig.wait(rollout_id, finished)
+    assert s.rollout.state == "aborted", s
+    failed = gate(s, 0, gate_name)
+    assert failed.outcome == "fail", failed
+    assert gate_name in s.rollout.reason and failed.explanation in s.rollout.reason
+    assert failed.canary_n > 0 and failed.HasField("threshold")
+    assert s.waves[1].state == "pending"  # the next wave never started
+    # Every device that ran the candidate was ordered back, by an order naming the rollout.
+    assert any(a.model.version == version for d in rig.devices for a in d.received)
+    for d in rig.devices:
+        if any(path.split("/")[1] == version for path in d.served):
+            assert any(c.rollout_id == rollout_id for c in d.rollbacks), d.id
+    await rig.wait_running_all(before)
+
+
+async def test_a_good_version_advances_wave_by_wave_only_on_healthy_devices(rig: RolloutRig) -> None:
+    rollout_id = await rig.start("2", waves="10%,30%,100%")
+    s = await rig.wait(rollout_id, lambda s: s.waves[0].state == "soaking")
+    assert s.waves[1].state == "pending"  # wave 1 waits for wave 0's judgement
+    s = await rig.wait(rollout_id, finished)
+    assert s.rollout.state == "completed", s.rollout.reason
+    assert [w.state for w in s.waves] == ["passed", "passed", "passed"]
+    assert s.waves[0].device_states["healthy"] == 20 and s.waves[0].control_devices == 20
+    assert {g.gate for g in s.waves[0].gates} >= {"latency", "drift-top-class", "error-rate", "crash-rate"}
+    assert all(g.outcome == "pass" for g in s.waves[0].gates)
+    assert [g.gate for g in s.waves[2].gates] == [
+        "install-failures",
+        "installs-finished",
+    ]  # nobody left on v1 to compare with
+    await rig.wait_running("2", rig.devices)
+    log = rig.log()
+    assert f"rollout.start {rollout_id}" in log and f"rollout.gate {rollout_id}" in log
+
+
+async def test_a_much_slower_candidate_is_aborted_by_the_latency_gate(rig: RolloutRig) -> None:
+    await assert_aborted_by(rig, "3", "latency")
+
+
+async def test_two_swapped_classes_are_aborted_by_the_drift_gate(rig: RolloutRig) -> None:
+    await assert_aborted_by(rig, "4", "drift-top-class")
+
+
+async def test_more_errors_abort_on_the_error_rate_gate(rig: RolloutRig) -> None:
+    await assert_aborted_by(rig, "5", "error-rate")
+
+
+async def test_crashing_workers_abort_on_the_crash_rate_gate(rig: RolloutRig) -> None:
+    await assert_aborted_by(rig, "6", "crash-rate")
+
+
+async def test_install_failures_abort_once_they_pass_the_percentage_and_the_count(rig: RolloutRig) -> None:
+    await assert_aborted_by(rig, "7", "install-failures", soak_s=30)
+
+
+async def test_a_disagreeing_shadow_candidate_is_aborted_before_it_serves(rig: RolloutRig) -> None:
+    await assert_aborted_by(rig, "8", "shadow-agreement", shadow_waves=1)
+    assert not rig.on("8")  # a shadow wave never served it
+
+
+async def test_inconclusive_holds_the_wave_and_an_operator_abort_rolls_back(rig: RolloutRig) -> None:
+    # A floor no soak here can reach: the wave holds, it never passes by default.
+    before = rig.versions_now()
+    rollout_id = await rig.start("9", gates=["latency.min_calls=100000000"])
+    s = await rig.wait(rollout_id, lambda s: s.waves[0].state == "holding", timeout=30)
+    assert gate(s, 0, "latency").outcome == "inconclusive"
+    await asyncio.sleep(1.5)
+    s = await rig.status(rollout_id)
+    assert s.waves[0].state == "holding" and s.waves[1].state == "pending"
+    reply = await rig.rollouts.AbortRollout(
+        rollout_pb2.AbortRolloutRequest(rollout_id=rollout_id), timeout=30
+    )
+    assert reply.rollback_command_id
+    s = await rig.status(rollout_id)
+    assert s.rollout.state == "aborted"
+    await rig.wait_running_all(before)
+    log = rig.log()
+    assert f"rollout.abort {rollout_id}" in log
+
+
+async def test_a_closed_maintenance_window_holds_every_install(rig: RolloutRig) -> None:
+    hour = (time.gmtime().tm_hour + 12) % 24  # half a day away
+    closed = rollout_pb2.MaintenanceWindow(cron=f"0 {hour} * * *", duration_seconds=600)
+    rollout_id = await rig.start("10", windows=[closed])
+    await asyncio.sleep(2)
+    s = await rig.status(rollout_id)
+    assert s.waves[0].state == "pending" and not rig.on("10")
+    assert not any(a.model.version == "10" for d in rig.devices for a in d.received)
+    await rig.rollouts.AbortRollout(rollout_pb2.AbortRolloutRequest(rollout_id=rollout_id), timeout=30)
+
+
+async def test_late_joiners_and_a_killed_server_resume_the_rollout_where_it_was(rig: RolloutRig) -> None:
+    rollout_id = await rig.start("11", waves="10%,100%", soak_s=3)
+    s = await rig.wait(rollout_id, lambda s: s.waves[0].device_states["healthy"] >= 10)
+    started = s.waves[0].started_at_unix_ms
+    rig.server.stop(signal.SIGKILL)  # a crash, mid-soak
+    await asyncio.to_thread(rig.server.start)
+    late = await rig.add_devices(5, "late")
+    s = await rig.wait(rollout_id, finished, timeout=90)
+    assert s.rollout.state == "completed", s.rollout.reason
+    assert s.waves[0].started_at_unix_ms == started  # the soak clock was not restarted
+    assert [e.what for e in s.timeline].count("wave 0 started") == 1
+    await rig.wait_running("11", late)  # devices that enrolled mid-rollout joined it
+    assert any("late joiners" in e.what for e in s.timeline)
+
+
+async def test_pause_holds_resume_carries_on_and_next_promotes_a_held_wave(rig: RolloutRig) -> None:
+    rollout_id = await rig.start("12", waves="10%,50%,100%", gates=["latency.min_calls=100000000"])
+    request = {"rollout_id": rollout_id}
+    await rig.wait(rollout_id, lambda s: s.waves[0].state == "holding")
+    await rig.rollouts.PauseRollout(rollout_pb2.PauseRolloutRequest(**request), timeout=30)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await rig.rollouts.PauseRollout(rollout_pb2.PauseRolloutRequest(**request), timeout=30)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "paused" in (e.value.details() or "")
+    reply = await rig.rollouts.NextWave(rollout_pb2.NextWaveRequest(**request), timeout=30)
+    assert reply.current_wave == 1
+    await asyncio.sleep(1)
+    s = await rig.status(rollout_id)
+    assert s.rollout.state == "paused" and s.waves[0].state == "promoted" and s.waves[1].state == "pending"
+    await rig.rollouts.ResumeRollout(rollout_pb2.ResumeRolloutRequest(**request), timeout=30)
+    s = await rig.wait(rollout_id, lambda s: s.waves[1].state == "holding")
+    retried = await rig.rollouts.RetryFailed(rollout_pb2.RetryFailedRequest(**request), timeout=30)
+    assert retried.devices == 0  # nothing failed
+    await rig.rollouts.AbortRollout(rollout_pb2.AbortRolloutRequest(**request, no_rollback=True), timeout=30)
+    s = await rig.status(rollout_id)
+    assert s.rollout.state == "aborted" and len(rig.on("12")) >= 20  # --no-rollback leaves them there
+    for action in ("pause", "next", "resume", "retry-failed", "abort"):
+        assert f"rollout.{action} {rollout_id}" in rig.log(), action
+
+
+async def test_rollout_requests_are_validated_and_need_the_operator_permit(rig: RolloutRig) -> None:
+    bad = [
+        dict(rollout_id="nope", model_name="detector", version="2", selector="all", waves="10%"),
+        dict(rollout_id="ro-abcd1", model_name="detector", version="2", selector="all", waves="120%"),
+        dict(
+            rollout_id="ro-abcd1",
+            model_name="detector",
+            version="2",
+            selector="all",
+            waves="10%",
+            ramp="1,2,3",
+        ),
+        dict(
+            rollout_id="ro-abcd1",
+            model_name="detector",
+            version="2",
+            selector="all",
+            waves="5",
+            gates=["x.y=1"],
+        ),
+        dict(
+            rollout_id="ro-abcd1",
+            model_name="detector",
+            version="2",
+            selector="all",
+            waves="5",
+            soak_seconds=-1,
+        ),
+    ]
+    for fields in bad:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await rig.rollouts.StartRollout(rollout_pb2.StartRolloutRequest(**fields), timeout=30)  # type: ignore[arg-type]
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
+    unsigned = rollout_pb2.StartRolloutRequest(
+        rollout_id="ro-unsigned1", model_name="detector", version="2", selector="all", waves="5"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await rig.rollouts.StartRollout(unsigned, timeout=30)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "permit" in (e.value.details() or "")
+
+
+def cli(rig: RolloutRig, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real `edgefleet` command, as an operator runs it, against the rig's server."""
+    common = [
+        "--server", rig.server.address,
+        "--tls-dir", str(rig.server.data_dir / "operator"),
+        "--keys-dir", str(rig.server.keys.targets.parent),
+    ]  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "edgefleet.cli", *common, *args], capture_output=True, text=True, timeout=120
+    )
+
+
+async def test_the_cli_signs_the_permit_starts_watches_and_lists_a_rollout(rig: RolloutRig) -> None:
+    fresh = await rig.add_devices(60, "cli", group="cli")  # a group of its own, on v1
+    await rig.server.deploy("detector", "1", "group:cli")
+    await rig.wait_running("1", fresh)
+    usage = await asyncio.to_thread(cli, rig, "rollout", "start", "detector", "9", "--to", "all")
+    assert usage.returncode == 2 and "--waves" in usage.stderr
+    refused = await asyncio.to_thread(
+        cli, rig, "rollout", "start", "detector", "9", "--to", "group:nobody", "--waves", "5"
+    )
+    assert refused.returncode == 1 and "reaches no device" in refused.stderr
+    gates = [f"--gate={g}" for g in FAST_GATES]
+    started = await asyncio.to_thread(
+        cli, rig, "rollout", "start", "detector", "9", "--to", "group:cli", "--waves", "20,100%",
+        "--soak", "1s", "--json", *gates,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    plan = json.loads(started.stdout)
+    rollout_id = plan["rollout_id"]
+    assert plan["started"] and [w["size"] for w in plan["waves"]] == [20, 60]
+    permit = await rig.permit(rollout_id)
+    assert permit is not None and permit.model == "detector"
+    watched = await asyncio.to_thread(
+        cli, rig, "rollout", "status", rollout_id, "--watch", "--json", "--interval", "0.5"
+    )
+    assert watched.returncode == 0, watched.stderr
+    last = json.loads(watched.stdout.splitlines()[-1])
+    assert (
+        last["state"] == "completed"
+        and last["waves_status"][0]["devices"]["healthy"] == plan["waves"][0]["size"]
+    )
+    assert isinstance(last["waves_status"][0]["gates"][0]["threshold"], float)
+    listed = json.loads((await asyncio.to_thread(cli, rig, "rollout", "list", "--json")).stdout)
+    assert rollout_id in {r["id"] for r in listed}
+    paused = await asyncio.to_thread(cli, rig, "rollout", "pause", rollout_id)
+    assert paused.returncode == 1 and "completed" in paused.stderr  # nothing to pause any more
