@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,11 +311,20 @@ class LoadReport:
 
 
 class InferenceLoad:
-    """Inference traffic against several agents from background threads; counts every failed call."""
+    """Inference traffic against several agents from background threads; counts every failed call.
 
-    def __init__(self, sockets: list[str], inputs: list[np.ndarray], interval_s: float = 0.0):
+    `inputs` are one call's input tensors; `more` are further calls' inputs, sent in turn with `inputs`
+    (varied traffic, so the output summaries the drift gate reads have more than one class)."""
+
+    def __init__(
+        self,
+        sockets: list[str],
+        inputs: list[np.ndarray],
+        interval_s: float = 0.0,
+        more: Sequence[list[np.ndarray]] = (),
+    ):
         self.sockets = sockets
-        self.inputs = inputs
+        self.calls = [inputs, *more]
         self.interval_s = interval_s
         self.report = LoadReport()
         self._lock = threading.Lock()
@@ -334,11 +343,13 @@ class InferenceLoad:
 
     def _run(self, socket_path: str) -> None:
         client = LocalClient(socket_path)
+        turn = 0
         try:
             while not self._stop.is_set():
                 started = time.perf_counter()
+                inputs, turn = self.calls[turn % len(self.calls)], turn + 1
                 try:
-                    _, target = client.infer(self.inputs)
+                    _, target = client.infer(inputs)
                     ok, error = True, ""
                 except grpc.RpcError as e:
                     ok, error, target = False, f"{e.code().name}: {e.details()}", ""

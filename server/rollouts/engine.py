@@ -36,7 +36,12 @@ from edgefleet.server.deployments import (
 from edgefleet.server.rollouts import evaluate, windows
 from edgefleet.server.rollouts.audit_hook import AuditRecorder, LogRecorder
 from edgefleet.server.rollouts.plan import Ramp, parse_ramp, place_late_joiner
-from edgefleet.server.rollouts.settings import RolloutSettings, build_gates, install_gate
+from edgefleet.server.rollouts.settings import (
+    RolloutSettings,
+    build_gates,
+    install_gate,
+    without_control,
+)
 from edgefleet.server.rollouts.verdicts import Outcome
 from edgefleet.server.storage.interfaces import FleetStore
 from edgefleet.server.storage.records import Deployment, DeviceRecord, now_ms
@@ -307,7 +312,7 @@ class RolloutEngine:
         control = [m for m in ro.members if m.role == "control" and m.wave_index == wave.index]
         gates = build_gates(ro.settings.gates, shadow=wave.shadow)
         if not control:
-            gates = install_gate(gates)  # nobody is left on the incumbent to compare with
+            gates = without_control(gates)  # nobody is left on the incumbent to compare with
         if wave.state == "holding" and now - wave.judged_ms < _rejudge_ms(ro.settings.soak_s, self.tick_s):
             return  # judging a big wave reads every member's telemetry: not on every tick
         soaked = now - wave.started_ms >= ro.settings.soak_s * 1000

@@ -21,6 +21,10 @@ from edgefleet.server.rollouts.gates import Gate, InstallFailureGate, default_ga
 from edgefleet.server.rollouts.windows import MaintenanceWindow
 
 SHADOW_GATES = ("install-failures", "shadow-agreement", "shadow-latency")
+# Off unless a rollout enables it: the agent runs a shadow candidate at a lower CPU priority on purpose (it
+# must never slow the served path), so its latency there reads slower than it will serve. Latency is judged
+# in the first serving wave, against its control cohort.
+OFF_BY_DEFAULT = frozenset({"shadow-latency"})
 MAX_OVERRIDES = 100
 
 
@@ -68,7 +72,7 @@ def build_gates(overrides: Sequence[GateOverride], *, shadow: bool) -> tuple[Gat
     gate or field, or a value the gate refuses (a confidence of 1.5)."""
     gates = list(default_gates(shadow=True))
     names = {g.name for g in gates}
-    disabled: set[str] = set()
+    disabled: set[str] = set(OFF_BY_DEFAULT)
     for o in overrides:
         if o.gate not in names:
             raise InvalidRequestError(f"no gate named {o.gate!r}; the gates are: {', '.join(sorted(names))}")
@@ -77,6 +81,8 @@ def build_gates(overrides: Sequence[GateOverride], *, shadow: bool) -> tuple[Gat
                 raise InvalidRequestError(f"gate {o.gate}: enabled must be true or false")
             if o.value.lower() == "false":
                 disabled.add(o.gate)
+            else:
+                disabled.discard(o.gate)
             continue
         for i, gate in enumerate(gates):
             if gate.name != o.gate:
@@ -98,9 +104,14 @@ def build_gates(overrides: Sequence[GateOverride], *, shadow: bool) -> tuple[Gat
 
 
 def install_gate(gates: Sequence[Gate]) -> tuple[Gate, ...]:
-    """The gates of a wave with no control cohort: installs alone."""
-    found = tuple(g for g in gates if isinstance(g, InstallFailureGate))
-    return found
+    """The gates of a wave that is not judged on telemetry (yet): installs alone."""
+    return tuple(g for g in gates if isinstance(g, InstallFailureGate))
+
+
+def without_control(gates: Sequence[Gate]) -> tuple[Gate, ...]:
+    """The gates of a wave with no control cohort: installs, and a shadow wave's own comparison (the
+    candidate against the serving model on the same devices needs nobody left on the incumbent)."""
+    return tuple(g for g in gates if g.name in SHADOW_GATES)
 
 
 @dataclass(frozen=True)

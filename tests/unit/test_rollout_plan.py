@@ -9,7 +9,12 @@ import pytest
 
 from edgefleet.errors import InvalidRequestError
 from edgefleet.server.rollouts import plan
-from edgefleet.server.rollouts.settings import RolloutSettings, build_gates, parse_override
+from edgefleet.server.rollouts.settings import (
+    RolloutSettings,
+    build_gates,
+    parse_override,
+    without_control,
+)
 from edgefleet.server.rollouts.windows import parse_duration, parse_window
 
 UTC = dt.timezone.utc
@@ -90,11 +95,15 @@ def test_every_threshold_is_settable_and_unknown_ones_are_refused() -> None:
     latency = next(g for g in gates if g.name == "latency")
     assert latency.max_slowdown_percent == pytest.approx(50)  # type: ignore[attr-defined]
     assert "drift-top-score" not in {g.name for g in gates}
-    assert {g.name for g in build_gates([], shadow=True)} == {
+    # The shadow candidate runs at a lower CPU priority on purpose: its latency gate is off unless enabled.
+    assert {g.name for g in build_gates([], shadow=True)} == {"install-failures", "shadow-agreement"}
+    # A shadow wave with nobody left on the incumbent is still judged on agreement, not on installs alone.
+    assert {g.name for g in without_control(build_gates([], shadow=True))} == {
         "install-failures",
         "shadow-agreement",
-        "shadow-latency",
     }
+    enabled = build_gates([parse_override("shadow-latency.enabled=true")], shadow=True)
+    assert {g.name for g in enabled} == {"install-failures", "shadow-agreement", "shadow-latency"}
     for bad in ("nope.x=1", "latency.nope=1", "latency.confidence=1.5", "latency.min_calls=many"):
         with pytest.raises(InvalidRequestError):
             build_gates([parse_override(bad)], shadow=False)
