@@ -25,6 +25,7 @@ import numpy as np
 from edgefleet.devtools.localfleet import (
     DetectorRun,
     InferenceLoad,
+    LoadReport,
     LocalFleet,
     run_detector_device,
     wait_for,
@@ -120,16 +121,21 @@ def main() -> int:
         detector = _detector_device(fleet, models)
         show(fleet, "devices")
         show(fleet, "deployments")
-        if os.environ.get("EDGEFLEET_DEMO_ROLLOUTS") == "1":
-            staged_rollouts(fleet, agents, models, data)
+        rollouts: LoadReport | None = None
+        if os.environ.get("EDGEFLEET_DEMO_ROLLOUTS", "1") != "0":  # 0 skips the staged rollouts
+            rollouts = staged_rollouts(fleet, agents, models, data)
 
         step("Telemetry the devices streamed (health + inference histograms)")
         time.sleep(1.5)
         show(fleet, "telemetry", agents[0].device_id(), "--limit", "5")
 
-        failures = report.failures
+        failures = report.failures + (rollouts.failures if rollouts else 0)
+        expected = "digits/2/" if rollouts else "digits/1/"
         print("\n== Summary")
-        print(f"  devices: {len(agents)}, each running v1 again after the rollback")
+        if rollouts:
+            print(f"  devices: {len(agents)}, v2 staged to all, bad v3 aborted: each back on v2")
+        else:
+            print(f"  devices: {len(agents)}, each running v1 again after the rollback")
         for name, _, described in DEVICES:
             print(f"  {name} ({described}) was given {choices[name]}")
         distinct = len(set(choices.values()))
@@ -138,16 +144,17 @@ def main() -> int:
             f"  inferences: {report.calls} calls, {failures} failed "
             f"(during the v2 rollout: {swap_report.calls} calls, {swap_report.failures} failed)"
         )
+        if rollouts:
+            print(f"  during the staged rollouts: {rollouts.calls} calls, {rollouts.failures} failed")
         print(f"  answered by: {json.dumps(report.by_model, sort_keys=True)}")
         print(f"  slowest call seen by an application: {report.max_latency_ms:.1f} ms")
         detector_failures = _summarize_detector(detector)
         print(f"  took {time.monotonic() - started:.0f} s; logs and state in {ROOT}")
         ok = (
-            failures == 0
-            and detector_failures == 0
-            and all(a.running().startswith("digits/1/") for a in agents)
+            failures == 0 and detector_failures == 0 and all(a.running().startswith(expected) for a in agents)
         )
-        print("  RESULT: OK" if ok else f"  RESULT: FAILED {report.errors[:5]}")
+        errors = report.errors + (rollouts.errors if rollouts else [])
+        print("  RESULT: OK" if ok else f"  RESULT: FAILED {errors[:5]}")
         return 0 if ok else 1
     finally:
         fleet.close()
@@ -163,15 +170,18 @@ DEMO_GATES = [
     "--gate=drift-top-score.min_calls=200", "--gate=shadow-agreement.min_compared_calls=50",
     "--gate=shadow-latency.min_calls=50", "--gate=crash-rate.min_device_hours=0.001",
     "--gate=worker-restart-rate.min_device_hours=0.001",
+    # One device a side on one shared machine: the canary and its control differ in runtime and variant, so
+    # latency may differ by more than a fleet's 20 %, and a retrained model's confidence (top score) moves.
+    # The top-class histogram, which a swap of two classes moves, keeps the camera-fleet default (PSI 0.25).
+    "--gate=latency.tolerance=2", "--gate=drift-top-score.max_psi=0.6",
 ]  # fmt: skip
 
 
-def staged_rollouts(fleet: LocalFleet, agents: list, models: Path, data: object) -> None:  # type: ignore[type-arg]
+def staged_rollouts(fleet: LocalFleet, agents: list, models: Path, data: object) -> LoadReport:
     """Issue 11's demo: a good v2 staged through three waves (the first in shadow), then a bad v3 (signed,
     passes the golden check, two classes swapped) that the drift gate aborts; the devices go back to v2.
 
-    Switched on with EDGEFLEET_DEMO_ROLLOUTS=1: it needs agents that obey shadow assignments and send output
-    summaries and shadow stats (the agent's part of issue 11)."""
+    Skipped with EDGEFLEET_DEMO_ROLLOUTS=0. Returns the inference traffic's report over both rollouts."""
     x, y = data.x_test, data.y_test  # type: ignore[attr-defined]
     # A camera's scene is not balanced: three calls in four see a "3" (a class v3 swaps), the rest anything.
     # With balanced traffic a swap of two classes leaves the top-class histogram as it was.
@@ -180,7 +190,7 @@ def staged_rollouts(fleet: LocalFleet, agents: list, models: Path, data: object)
         [i for i in range(len(y)) if y[i] != 3][:10],
     )
     calls = [[x[i : i + 1]] for i in threes + others]
-    with InferenceLoad([a.socket for a in agents], calls[0], more=calls[1:]):
+    with InferenceLoad([a.socket for a in agents], calls[0], more=calls[1:]) as load:
         step("Staged rollout of v2: three waves, the first in shadow, each judged against a control cohort")
         started = fleet.cli_json("rollout", "start", "digits", "2", "--to", "group:demo", "--waves", "1,2,3",
                                  "--shadow-waves", "1", "--soak", "10s", "--min-devices", "1", *DEMO_GATES)  # fmt: skip
@@ -215,6 +225,7 @@ def staged_rollouts(fleet: LocalFleet, agents: list, models: Path, data: object)
         for agent in agents:
             wait_for(lambda a=agent: a.running().startswith("digits/2/"), 60, f"{agent.name} back on v2")
         print(f"  v3 {status['state']}; every device is back on v2")
+    return load.report
 
 
 def _detector_device(fleet: LocalFleet, models: Path) -> DetectorRun | None:
