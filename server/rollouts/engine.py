@@ -46,6 +46,7 @@ from edgefleet.server.rollouts.verdicts import Outcome
 from edgefleet.server.storage.interfaces import FleetStore
 from edgefleet.server.storage.records import Deployment, DeviceRecord, now_ms
 from edgefleet.server.storage.rollout_records import (
+    MEMBER_STATES,
     MemberRecord,
     RolloutRecord,
     RolloutStore,
@@ -59,16 +60,7 @@ log = logging.getLogger("edgefleet.server.rollouts")
 
 ENGINE_ACTOR = "rollout-engine"
 SWEEP_MS = 10 * 60_000  # how long after an abort devices that finish installing the candidate are sent back
-TRACKED = (
-    "downloading",
-    "verified",
-    "activated",
-    "healthy",
-    "failed",
-    "rolled_back",
-    "deferred",
-    "shadow_ready",
-)
+TRACKED = tuple(s for s in MEMBER_STATES if s != "pending")  # what a device's events can move a member to
 
 
 def wave_deployment_id(rollout_id: str, index: int) -> str:
