@@ -5,34 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
+
+from edgefleet.devtools.background import LoopThread
 
 
-class FaultProxy:
+class FaultProxy(LoopThread):
     def __init__(self, target_port: int, bytes_per_second: float = 0):
+        super().__init__()
         self.target_port = target_port
         self.bytes_per_second = bytes_per_second  # server -> client; 0 = unthrottled
         self.port = 0
         self.paused = False  # stop forwarding without closing anything: a stalled link
-        self._loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-
-    def __enter__(self) -> FaultProxy:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     def cut(self) -> None:
         """Drops every open connection (the client sees a broken link)."""

@@ -4,7 +4,7 @@ fields for the server: `Assignment.shadow` (for the targets in `shadow_paths`) a
 
 For the agent's tests and bench/shadow_cost.py, so a real agent can be driven through shadow loads and
 rollout-scoped rollbacks by a real server before the server's rollout engine sends them itself. Runs its own
-event loop in a thread, like `faultproxy.FaultProxy`.
+event loop in a thread (`background.LoopThread`), like `faultproxy.FaultProxy`.
 
     with Relay(fleet.port) as relay:
         relay.shadow_paths.add("digits/2/float32.tflite")
@@ -13,43 +13,26 @@ event loop in a thread, like `faultproxy.FaultProxy`.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
+from edgefleet.devtools.background import LoopThread
 from edgefleet.v1 import device_pb2
 
 SERVICE = device_pb2.DESCRIPTOR.services_by_name["DeviceService"]
 
 
-class Relay:
+class Relay(LoopThread):
     def __init__(self, target_port: int):
+        super().__init__()
         self.target = f"127.0.0.1:{target_port}"
         self.shadow_paths: set[str] = set()
         self.rollout_id = ""
         self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: grpc.aio.Server | None = None
         self._channel: grpc.aio.Channel | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Relay:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
 
     async def _start(self) -> None:
         self._channel = grpc.aio.insecure_channel(self.target)
