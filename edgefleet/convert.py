@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 from edgefleet.errors import InvalidRequestError
 from edgefleet.v1 import common_pb2, device_pb2
@@ -180,15 +180,8 @@ def _check_model_summaries(stats: common_pb2.InferenceStats) -> None:
 
 
 def _shadow_from_proto(shadow: common_pb2.ShadowStats) -> ShadowStats:
-    return ShadowStats(
-        candidate_target_path=shadow.candidate_target_path,
-        compared_calls=shadow.compared_calls,
-        top1_agreed=shadow.top1_agreed,
-        abs_diff_sum=shadow.abs_diff_sum,
-        candidate_latency_counts=tuple(shadow.candidate_latency_counts),
-        candidate_errors=shadow.candidate_errors,
-        skipped_calls=shadow.skipped_calls,
-    )
+    values = {f.name: getattr(shadow, f.name) for f in fields(ShadowStats)}
+    return ShadowStats(**{**values, "candidate_latency_counts": tuple(shadow.candidate_latency_counts)})
 
 
 def telemetry_from_proto(report: device_pb2.TelemetryReport) -> TelemetryReport:
@@ -279,15 +272,5 @@ def telemetry_to_proto(report: TelemetryReport) -> device_pb2.TelemetryReport:
             stats.outputs.top_class_counts.extend(s.outputs.top_class_counts)
             stats.outputs.top_score_counts.extend(s.outputs.top_score_counts)
         if s.shadow is not None:
-            stats.shadow.CopyFrom(
-                common_pb2.ShadowStats(
-                    candidate_target_path=s.shadow.candidate_target_path,
-                    compared_calls=s.shadow.compared_calls,
-                    top1_agreed=s.shadow.top1_agreed,
-                    abs_diff_sum=s.shadow.abs_diff_sum,
-                    candidate_latency_counts=list(s.shadow.candidate_latency_counts),
-                    candidate_errors=s.shadow.candidate_errors,
-                    skipped_calls=s.shadow.skipped_calls,
-                )
-            )
+            stats.shadow.CopyFrom(common_pb2.ShadowStats(**asdict(s.shadow)))
     return message

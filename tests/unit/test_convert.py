@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
 from edgefleet import convert
 from edgefleet.errors import InvalidRequestError
+from edgefleet.server.storage import rows
 from edgefleet.v1 import common_pb2, device_pb2
-from edgefleet.values import STAGES, Capabilities, DeviceStatus, ModelRef, UpdateEvent
+from edgefleet.values import (
+    STAGES,
+    Capabilities,
+    DeviceStatus,
+    InferenceStats,
+    ModelRef,
+    OutputSummary,
+    ShadowStats,
+    TelemetryReport,
+    UpdateEvent,
+)
 
 
 def test_every_update_stage_of_the_proto_has_a_name_and_back() -> None:
@@ -81,3 +93,26 @@ def test_telemetry_with_nan_or_negative_counts_is_refused() -> None:
     typed = convert.telemetry_from_proto(good)
     assert convert.telemetry_from_proto(convert.telemetry_to_proto(typed)) == typed
     assert typed.inference[0].latency_counts == (2, 1) and typed.dropped_reports == 2
+
+
+def test_output_summaries_shadow_stats_and_worker_counters_survive_the_wire_and_the_telemetry_column() -> (
+    None
+):
+    report = TelemetryReport(
+        at_ms=1_700_000_000_000,
+        inference=(
+            InferenceStats(
+                "digits/1/float32.tflite",
+                count=3,
+                latency_bounds_ms=(1.0,),
+                latency_counts=(1, 2),
+                outputs=OutputSummary((1, 2), (0,) * 9 + (3,)),
+                shadow=ShadowStats("digits/2/float32.tflite", 2, 1, 0.5, (1, 1), 1, 4),
+                worker_crashes=1,
+                worker_restarts=2,
+            ),
+        ),
+    )
+    assert convert.telemetry_from_proto(convert.telemetry_to_proto(report)) == report
+    stored = json.loads(json.dumps(rows.telemetry_to_json(report)))
+    assert rows.telemetry_from_json(report.at_ms, stored) == report
