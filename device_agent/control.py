@@ -202,7 +202,11 @@ class Control:
             log.debug("periodic check failed: %s", e.code().name)
             return
         if reply.rollback_pending:
-            self.on_rollback(reply.rollback_command_id, "ordered by an operator (periodic check)", "")
+            self.on_rollback(
+                reply.rollback_command_id,
+                "ordered by an operator (periodic check)",
+                reply.rollback_rollout_id,
+            )
         elif reply.HasField("assignment"):
             self._on_assignment(reply.assignment)
 

@@ -197,7 +197,11 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         async with status_for_errors(context):
             record, deployment_id, rollback = await self.fleet.devices.assignment_for(principal.id)
             response = device_pb2.GetAssignmentResponse(
-                rollback_pending=bool(rollback), rollback_command_id=rollback
+                rollback_pending=bool(rollback),
+                rollback_command_id=rollback,
+                rollback_rollout_id=self.fleet.deployments.rollout_tag(rollback).rollout_id
+                if rollback
+                else "",
             )
             if record is not None:
                 tag = self.fleet.deployments.rollout_tag(deployment_id)

@@ -190,6 +190,7 @@ def status_row(reply: Any) -> dict[str, Any]:
                         "control_n": g.control_n,
                         "sample_unit": g.sample_unit,
                         "p_value": number(g, "p_value"),
+                        "bound": number(g, "bound"),
                         "explanation": g.explanation,
                     }
                     for g in w.gates

@@ -333,6 +333,7 @@ class Assignment(_message.Message):
     DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
     deployment_id: _builtins.str
     shadow: _builtins.bool
     """Shadow: download, verify and load `model` beside the serving model and compare them on sampled live
@@ -340,6 +341,10 @@ class Assignment(_message.Message):
     """
     rollout_id: _builtins.str
     """the rollout this assignment belongs to ("" for a plain deployment)"""
+    retry: _builtins.bool
+    """An operator's `rollout retry-failed`: a device that listed `model` as bad after failing it may try it
+    once more for this deployment (bounded per target on the device; the old model keeps serving).
+    """
     @_builtins.property
     def model(self) -> _common_pb2.ModelRef: ...
     def __init__(
@@ -349,10 +354,11 @@ class Assignment(_message.Message):
         deployment_id: _builtins.str = ...,
         shadow: _builtins.bool = ...,
         rollout_id: _builtins.str = ...,
+        retry: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "model", b"model", "rollout_id", b"rollout_id", "shadow", b"shadow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "model", b"model", "retry", b"retry", "rollout_id", b"rollout_id", "shadow", b"shadow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -408,8 +414,13 @@ class GetAssignmentResponse(_message.Message):
     ASSIGNMENT_FIELD_NUMBER: _builtins.int
     ROLLBACK_PENDING_FIELD_NUMBER: _builtins.int
     ROLLBACK_COMMAND_ID_FIELD_NUMBER: _builtins.int
+    ROLLBACK_ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     rollback_pending: _builtins.bool
     rollback_command_id: _builtins.str
+    rollback_rollout_id: _builtins.str
+    """Set when the pending rollback is an aborted rollout's return to the incumbent (as in RollbackCommand):
+    a device that missed the stream's order still goes back on the operator's rollout permit.
+    """
     @_builtins.property
     def assignment(self) -> Global___Assignment:
         """unset when nothing is assigned"""
@@ -420,10 +431,11 @@ class GetAssignmentResponse(_message.Message):
         assignment: Global___Assignment | None = ...,
         rollback_pending: _builtins.bool = ...,
         rollback_command_id: _builtins.str = ...,
+        rollback_rollout_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "rollback_command_id", b"rollback_command_id", "rollback_pending", b"rollback_pending"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "rollback_command_id", b"rollback_command_id", "rollback_pending", b"rollback_pending", "rollback_rollout_id", b"rollback_rollout_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
