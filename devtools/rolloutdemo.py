@@ -1,6 +1,6 @@
 """Staged-rollout settings for a fleet of three real devices, shared by `scripts/demo` and
 tests/e2e/test_rollout_agents.py: the gate floors such a fleet can meet, and the live traffic that lets the
-drift gate see a model with two classes swapped.
+drift gate see a model with two classes swapped, and a telemetry interval the server's rate limit keeps up with.
 
     fleet.cli_json("rollout", "start", "digits", "2", "--to", "group:demo", "--waves", "1,2,3",
                    "--min-devices", "1", *SMALL_FLEET_GATES)
@@ -26,6 +26,11 @@ SMALL_FLEET_GATES = [
     # The top-class histogram, which a swap of two classes moves, keeps the camera-fleet default (PSI 0.25).
     "--gate=latency.tolerance=2", "--gate=drift-top-score.max_psi=0.6",
 ]  # fmt: skip
+
+# One telemetry report per 2 s: the server's sustained rate per device (ServerConfig.telemetry_per_device_per_s
+# 0.5). LocalFleet's 1 s outruns it once the burst of 10 is spent, and reports then queue on the devices, ever
+# further behind: minutes into the demo the gates judged reports minutes old and held waves for minutes.
+TELEMETRY_ARGS = ("--telemetry-interval", "2")
 
 SCENE_CLASS = 3  # the class a camera mostly sees; modelgen.build_swapped_digits_model swaps it with 8
 

@@ -31,7 +31,7 @@ from edgefleet.devtools.localfleet import (
     wait_for,
 )
 from edgefleet.devtools.modelgen import accuracy, build_digits_model, build_swapped_digits_model
-from edgefleet.devtools.rolloutdemo import SMALL_FLEET_GATES, scene_calls
+from edgefleet.devtools.rolloutdemo import SMALL_FLEET_GATES, TELEMETRY_ARGS, scene_calls
 from edgefleet.runtime import LITERT, TFLITE_RUNTIME
 
 ROOT = Path(__file__).resolve().parent.parent / "demo-run"
@@ -79,7 +79,7 @@ def main() -> int:
 
         step("Three devices enroll with a one-time token and pin the fleet's root.json")
         token = fleet.enrollment_token(group="demo", uses=len(DEVICES))
-        agents = [fleet.start_agent(name, token, *args) for name, args, _ in DEVICES]
+        agents = [fleet.start_agent(name, token, *args, *TELEMETRY_ARGS) for name, args, _ in DEVICES]
         wait_for(lambda: all(d["connected"] for d in fleet.devices()), 30, "devices to connect")
         show(fleet, "devices")
 

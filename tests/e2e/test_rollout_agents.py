@@ -29,7 +29,7 @@ import pytest
 from edgefleet.devtools.localfleet import AgentProcess, InferenceLoad, LoadReport, LocalFleet, wait_for
 from edgefleet.devtools.modelgen import DigitsData, build_swapped_digits_model
 from edgefleet.devtools.relay import Relay
-from edgefleet.devtools.rolloutdemo import SMALL_FLEET_GATES, scene_calls
+from edgefleet.devtools.rolloutdemo import SMALL_FLEET_GATES, TELEMETRY_ARGS, scene_calls
 from edgefleet.server.rollouts.plan import Candidate, plan_waves
 
 V1 = "digits/1/float32.tflite"
@@ -38,10 +38,9 @@ V3 = "digits/3/float32.tflite"
 GROUP = "cams"
 SOAK = "4s"
 # Shadow agreement passes on the Wilson lower bound (99 %): even at 100 % agreement that needs ~130 compared
-# calls; 50 a second instead of the default 10 gets them within a short soak. One report per 2 s is the
-# server's sustained telemetry rate per device (ServerConfig.telemetry_per_device_per_s): LocalFleet's 1 s
-# outruns it once the burst is spent, and the gates then read reports ever further behind.
-AGENT_ARGS = ("--shadow-max-per-s", "50", "--telemetry-interval", "2")
+# calls; 50 a second instead of the default 10 gets them within a short soak. Telemetry at the rate the
+# server keeps up with, or the gates read reports ever further behind (rolloutdemo.TELEMETRY_ARGS).
+AGENT_ARGS = ("--shadow-max-per-s", "50", *TELEMETRY_ARGS)
 PERIODIC_REASON = "ordered by an operator (periodic check)"  # device_agent/control.py periodic_check
 
 
