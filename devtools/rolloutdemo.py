@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgefleet.devtools.localfleet import LocalFleet
+
 # Three devices are far below a camera fleet's sample floors: these lower them (one device a side).
 SMALL_FLEET_GATES = [
     "--gate=install-failures.min_finished_devices=1", "--gate=install-failures.min_failed_devices=1",
@@ -43,3 +45,16 @@ def scene_calls(x: np.ndarray, y: np.ndarray) -> tuple[list[np.ndarray], list[li
     others = [i for i in range(len(y)) if y[i] != SCENE_CLASS][:10]
     calls = [[x[i : i + 1]] for i in threes + others]
     return calls[0], calls[1:]
+
+
+def id_with_a_control(fleet: LocalFleet, *start_args: str, prefix: str = "ro-demo", tries: int = 50) -> str:
+    """A rollout id whose first wave has a control cohort, found as an operator would: `rollout start ...
+    --dry-run` shows each wave's control count. With devices of different kinds, one a side, a first wave whose
+    device has no twin among the later ones has no control, and the gates that compare with one (the drift
+    gate among them) are left out of its judgement: a bad version would pass it on install results alone."""
+    for i in range(tries):
+        rollout_id = f"{prefix}{i:04d}"
+        plan = fleet.cli_json("rollout", "start", *start_args, "--id", rollout_id, "--dry-run")
+        if plan["waves"][0]["control"]:
+            return rollout_id
+    raise RuntimeError(f"no rollout id of {tries} gives the first wave of {' '.join(start_args)} a control")

@@ -31,7 +31,7 @@ from edgefleet.devtools.localfleet import (
     wait_for,
 )
 from edgefleet.devtools.modelgen import accuracy, build_digits_model, build_swapped_digits_model
-from edgefleet.devtools.rolloutdemo import SMALL_FLEET_GATES, TELEMETRY_ARGS, scene_calls
+from edgefleet.devtools.rolloutdemo import SMALL_FLEET_GATES, TELEMETRY_ARGS, id_with_a_control, scene_calls
 from edgefleet.runtime import LITERT, TFLITE_RUNTIME
 
 ROOT = Path(__file__).resolve().parent.parent / "demo-run"
@@ -183,9 +183,10 @@ def staged_rollouts(fleet: LocalFleet, agents: list, models: Path, data: object)
         bad = models / "digits-v3-swapped.tflite"
         bad.write_bytes(build_swapped_digits_model(seed=1, hidden=HIDDEN))
         show(fleet, "model", "push", str(bad), "--name", "digits", "--version", "3")
-        started = fleet.cli_json("rollout", "start", "digits", "3", "--to", "group:demo", "--waves", "1,3",
-                                 "--soak", "10s", "--min-devices", "1", *SMALL_FLEET_GATES)  # fmt: skip
-        rollout_id = started["rollout_id"]
+        args = ("digits", "3", "--to", "group:demo", "--waves", "1,3", "--soak", "10s", "--min-devices", "1",
+                *SMALL_FLEET_GATES)  # fmt: skip
+        rollout_id = id_with_a_control(fleet, *args, prefix="ro-demov3n")  # the drift gate needs one
+        fleet.cli_json("rollout", "start", *args, "--id", rollout_id)
         status = wait_for(
             lambda: (
                 (s := fleet.cli_json("rollout", "status", rollout_id))["state"] in ("completed", "aborted")
