@@ -9,6 +9,11 @@ event loop in a thread (`background.LoopThread`), like `faultproxy.FaultProxy`.
     with Relay(fleet.port) as relay:
         relay.shadow_paths.add("digits/2/float32.tflite")
         fleet.start_agent("cam", token, "--server", relay.address)
+
+`drop_rollbacks` makes it a middlebox that loses the control stream's rollback orders: every
+`RollbackCommand` on Connect is dropped (counted in `dropped_rollbacks`) while the stream itself stays up and
+GetAssignment passes through untouched, so the device can learn of the order only from its periodic check
+(`GetAssignmentResponse.rollback_pending` / `rollback_rollout_id`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ class Relay(LoopThread):
         self.target = f"127.0.0.1:{target_port}"
         self.shadow_paths: set[str] = set()
         self.rollout_id = ""
+        self.drop_rollbacks = False
+        self.dropped_rollbacks = 0
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._channel: grpc.aio.Channel | None = None
@@ -50,9 +57,13 @@ class Relay(LoopThread):
         if self._channel is not None:
             await self._channel.close()
 
-    def rewrite(self, raw: bytes) -> bytes:
+    def rewrite(self, raw: bytes) -> bytes | None:
+        """A control-stream message as the device gets it; None when it is dropped."""
         message = device_pb2.ServerMessage.FromString(raw)
         kind = message.WhichOneof("kind")
+        if kind == "rollback" and self.drop_rollbacks:
+            self.dropped_rollbacks += 1
+            return None
         if kind == "assignment" and message.assignment.model.target_path in self.shadow_paths:
             message.assignment.shadow = True
         elif kind == "rollback" and self.rollout_id:
@@ -89,7 +100,9 @@ class Relay(LoopThread):
                 try:
                     await context.send_initial_metadata(await call.initial_metadata())
                     async for raw in call:
-                        yield self.rewrite(raw) if method.name == "Connect" else raw
+                        out = self.rewrite(raw) if method.name == "Connect" else raw
+                        if out is not None:
+                            yield out
                 except grpc.aio.AioRpcError as e:
                     await failed(context, e)
 

@@ -31,6 +31,7 @@ from edgefleet.devtools.localfleet import (
     wait_for,
 )
 from edgefleet.devtools.modelgen import accuracy, build_digits_model, build_swapped_digits_model
+from edgefleet.devtools.rolloutdemo import SMALL_FLEET_GATES, TELEMETRY_ARGS, id_with_a_control, scene_calls
 from edgefleet.runtime import LITERT, TFLITE_RUNTIME
 
 ROOT = Path(__file__).resolve().parent.parent / "demo-run"
@@ -78,7 +79,7 @@ def main() -> int:
 
         step("Three devices enroll with a one-time token and pin the fleet's root.json")
         token = fleet.enrollment_token(group="demo", uses=len(DEVICES))
-        agents = [fleet.start_agent(name, token, *args) for name, args, _ in DEVICES]
+        agents = [fleet.start_agent(name, token, *args, *TELEMETRY_ARGS) for name, args, _ in DEVICES]
         wait_for(lambda: all(d["connected"] for d in fleet.devices()), 30, "devices to connect")
         show(fleet, "devices")
 
@@ -160,40 +161,16 @@ def main() -> int:
         fleet.close()
 
 
-# Three devices are far below a camera fleet's sample floors: the demo lowers them (one device a side).
-DEMO_GATES = [
-    "--gate=install-failures.min_finished_devices=1", "--gate=install-failures.min_failed_devices=1",
-    *(f"--gate={g}.min_devices=1" for g in ("error-rate", "latency", "crash-rate", "worker-restart-rate",
-                                             "drift-top-class", "drift-top-score", "shadow-agreement",
-                                             "shadow-latency")),
-    "--gate=error-rate.min_calls=200", "--gate=latency.min_calls=200", "--gate=drift-top-class.min_calls=200",
-    "--gate=drift-top-score.min_calls=200", "--gate=shadow-agreement.min_compared_calls=50",
-    "--gate=shadow-latency.min_calls=50", "--gate=crash-rate.min_device_hours=0.001",
-    "--gate=worker-restart-rate.min_device_hours=0.001",
-    # One device a side on one shared machine: the canary and its control differ in runtime and variant, so
-    # latency may differ by more than a fleet's 20 %, and a retrained model's confidence (top score) moves.
-    # The top-class histogram, which a swap of two classes moves, keeps the camera-fleet default (PSI 0.25).
-    "--gate=latency.tolerance=2", "--gate=drift-top-score.max_psi=0.6",
-]  # fmt: skip
-
-
 def staged_rollouts(fleet: LocalFleet, agents: list, models: Path, data: object) -> LoadReport:
     """Issue 11's demo: a good v2 staged through three waves (the first in shadow), then a bad v3 (signed,
     passes the golden check, two classes swapped) that the drift gate aborts; the devices go back to v2.
 
     Skipped with EDGEFLEET_DEMO_ROLLOUTS=0. Returns the inference traffic's report over both rollouts."""
-    x, y = data.x_test, data.y_test  # type: ignore[attr-defined]
-    # A camera's scene is not balanced: three calls in four see a "3" (a class v3 swaps), the rest anything.
-    # With balanced traffic a swap of two classes leaves the top-class histogram as it was.
-    threes, others = (
-        [i for i in range(len(y)) if y[i] == 3][:30],
-        [i for i in range(len(y)) if y[i] != 3][:10],
-    )
-    calls = [[x[i : i + 1]] for i in threes + others]
-    with InferenceLoad([a.socket for a in agents], calls[0], more=calls[1:]) as load:
+    first, more = scene_calls(data.x_test, data.y_test)  # type: ignore[attr-defined]
+    with InferenceLoad([a.socket for a in agents], first, more=more) as load:
         step("Staged rollout of v2: three waves, the first in shadow, each judged against a control cohort")
         started = fleet.cli_json("rollout", "start", "digits", "2", "--to", "group:demo", "--waves", "1,2,3",
-                                 "--shadow-waves", "1", "--soak", "10s", "--min-devices", "1", *DEMO_GATES)  # fmt: skip
+                                 "--shadow-waves", "1", "--soak", "10s", "--min-devices", "1", *SMALL_FLEET_GATES)  # fmt: skip
         rollout_id = started["rollout_id"]
         print(f"  rollout {rollout_id}: waves of {[w['size'] for w in started['waves']]} devices")
         wait_for(lambda: fleet.cli_json("rollout", "status", rollout_id)["state"] in ("completed", "aborted"),
@@ -206,9 +183,10 @@ def staged_rollouts(fleet: LocalFleet, agents: list, models: Path, data: object)
         bad = models / "digits-v3-swapped.tflite"
         bad.write_bytes(build_swapped_digits_model(seed=1, hidden=HIDDEN))
         show(fleet, "model", "push", str(bad), "--name", "digits", "--version", "3")
-        started = fleet.cli_json("rollout", "start", "digits", "3", "--to", "group:demo", "--waves", "1,3",
-                                 "--soak", "10s", "--min-devices", "1", *DEMO_GATES)  # fmt: skip
-        rollout_id = started["rollout_id"]
+        args = ("digits", "3", "--to", "group:demo", "--waves", "1,3", "--soak", "10s", "--min-devices", "1",
+                *SMALL_FLEET_GATES)  # fmt: skip
+        rollout_id = id_with_a_control(fleet, *args, prefix="ro-demov3n")  # the drift gate needs one
+        fleet.cli_json("rollout", "start", *args, "--id", rollout_id)
         status = wait_for(
             lambda: (
                 (s := fleet.cli_json("rollout", "status", rollout_id))["state"] in ("completed", "aborted")
