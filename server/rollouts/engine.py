@@ -33,7 +33,7 @@ from edgefleet.server.deployments import (
     RolloutTag,
     _capabilities_dict,
 )
-from edgefleet.server.rollouts import evaluate, windows
+from edgefleet.server.rollouts import evaluate, orders, windows
 from edgefleet.server.rollouts.audit_hook import AuditRecorder, LogRecorder
 from edgefleet.server.rollouts.plan import Ramp, parse_ramp, place_late_joiner
 from edgefleet.server.rollouts.settings import (
@@ -61,10 +61,6 @@ log = logging.getLogger("edgefleet.server.rollouts")
 ENGINE_ACTOR = "rollout-engine"
 SWEEP_MS = 10 * 60_000  # how long after an abort devices that finish installing the candidate are sent back
 TRACKED = tuple(s for s in MEMBER_STATES if s != "pending")  # what a device's events can move a member to
-
-
-def wave_deployment_id(rollout_id: str, index: int) -> str:
-    return f"{rollout_id}-w{index}"
 
 
 @dataclass
@@ -100,13 +96,8 @@ class RolloutEngine:
 
     async def start(self) -> None:
         """Tags every recorded rollout's deployments (for devices that ask), then runs the loop."""
-        for r in await asyncio.to_thread(self.rollouts.list_rollouts):
-            for w in await asyncio.to_thread(self.rollouts.waves, r.id):
-                if w.deployment_id:
-                    self.tag(w.deployment_id, r.id, w.shadow)
-        for d in await asyncio.to_thread(self.store.list_deployments):
-            if d.kind == ROLLOUT_ROLLBACK_KIND:
-                self.tag(d.id, d.selector.removeprefix("rollout:"), False)
+        tags = await asyncio.to_thread(orders.restore_tags, self.rollouts, self.store)
+        self.deployments.rollout_tags.update(tags)
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -185,7 +176,7 @@ class RolloutEngine:
     async def _start_wave(self, ro: Loaded, wave: WaveRecord, now: int) -> None:
         r = ro.rollout
         deployment = Deployment(
-            wave_deployment_id(r.id, wave.index),
+            orders.wave_deployment_id(r.id, wave.index),
             r.model_name,
             r.version,
             f"rollout:{r.id}",
