@@ -75,6 +75,7 @@ class Updater:
         self.stopping = stopping
         self._applying: set[tuple[str, bool]] = set()  # (target, shadow) with an update loop running
         self._refused: dict[str, str] = {}  # target -> why, for refusals that a new signature may lift
+        self._retries_refused: set[str] = set()  # retry orders refused (beyond the bound), reported once
 
     async def apply_assignment(
         self, ref: ModelRef | None, shadow: bool = False, retry_order: str = ""
@@ -112,6 +113,9 @@ class Updater:
         if decision.why:
             log.info("%s", decision.why)
         if not decision.lift:
+            if decision.why and order_id not in lifted and order_id not in self._retries_refused:
+                self._retries_refused.add(order_id)  # the operator sees why the device stays failed
+                self.control.queue_event(path, "failed", decision.why)
             return
         retries = {**state.retries, path: [*lifted, order_id]}
         while len(retries) > decisions.MAX_BAD_TARGETS:  # a target's lifts are forgotten only with it
