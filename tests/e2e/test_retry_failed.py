@@ -74,7 +74,7 @@ def _serves_v1(agent: AgentProcess) -> None:
 
 
 def _retry(fleet: LocalFleet) -> None:
-    assert "1 failed device(s) told again" in fleet.cli("rollout", "retry-failed", ROLLOUT)
+    assert "1 failed device(s) assigned again" in fleet.cli("rollout", "retry-failed", ROLLOUT)
 
 
 def test_retry_failed_makes_a_real_agent_try_a_bad_listed_candidate_again_within_its_bound(
