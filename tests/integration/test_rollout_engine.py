@@ -25,7 +25,7 @@ import pytest_asyncio
 from edgefleet import signing
 from edgefleet.devtools.rolloutsim import FAST_GATES, RolloutRig
 from edgefleet.devtools.simbehaviour import ModelBehaviour
-from edgefleet.v1 import rollout_pb2
+from edgefleet.v1 import operator_pb2, rollout_pb2
 
 GOOD = ModelBehaviour()
 BEHAVIOURS = {
@@ -301,18 +301,20 @@ BEHAVIOURS["31"] = ModelBehaviour(install_failure_rate=0.5, transient_install_fa
 async def test_retry_failed_assigns_the_failed_devices_again_with_retry_and_each_wave_then_passes(
     rig: RolloutRig,
 ) -> None:
-    # A group of its own (every device a selector names ends up in its rollout). min_devices is a wave's
-    # size: a wave is judged only once all 10 are healthy, so its failed devices hold it (the install gate
-    # is told to tolerate them) until a retry heals them.
-    fresh = await rig.add_devices(20, "retry", group="retry")
-    await rig.server.deploy("detector", "1", "group:retry")
-    await rig.wait_running("1", fresh)
+    # 20 devices labelled for it (every device a selector names ends up in its rollout), each on the good
+    # version earlier scenarios left it on. min_devices is a wave's size: a wave is judged only once all 10
+    # are healthy, so its failed devices hold it (the install gate is told to tolerate them) until a retry
+    # heals them.
+    fresh = rig.devices[:20]
+    for d in fresh:
+        label = operator_pb2.LabelDeviceRequest(device_id=d.id, set={"retry": "yes"})
+        await rig.server.operator.LabelDevice(label, timeout=30)
     rollout_id = await rig.start(
         "31",
         waves="10,100%",
         min_devices=10,
         gates=["install-failures.min_failed_devices=100000"],
-        selector="group:retry",
+        selector="retry=yes",
     )
     request = rollout_pb2.RetryFailedRequest(rollout_id=rollout_id)
     failed: dict[str, int] = {}  # retry order -> devices it retried
