@@ -81,6 +81,7 @@ class SimDevice:
         self._task: asyncio.Task[None] | None = None
         self._call: Any = None
         self._outbox: asyncio.Queue[device_pb2.DeviceMessage] = asyncio.Queue()
+        self._carried: list[device_pb2.DeviceMessage] = []  # taken from the outbox for a stream that ended
         self._work: set[asyncio.Task[None]] = set()
         self._telemetry: asyncio.Task[None] | None = None
         self.rng = np.random.default_rng(int.from_bytes(hashlib.sha256(self.id.encode()).digest()[:8], "big"))
@@ -143,18 +144,24 @@ class SimDevice:
 
     async def _stream(self) -> None:
         stop = self._stop
+        ended = asyncio.Event()  # as the agent does: gRPC reads the iterator of a call that is over
 
         async def outgoing() -> AsyncIterator[device_pb2.DeviceMessage]:
             yield device_pb2.DeviceMessage(status=self._status())
-            while not stop.is_set():
-                waiting = asyncio.ensure_future(self._outbox.get())
+            while not stop.is_set() and not ended.is_set():
+                waiting = asyncio.ensure_future(self._next_message())
                 stopping = asyncio.ensure_future(stop.wait())
-                done, _ = await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                ending = asyncio.ensure_future(ended.wait())
+                done, _ = await asyncio.wait({waiting, stopping, ending}, return_when=asyncio.FIRST_COMPLETED)
                 stopping.cancel()
+                ending.cancel()
                 if waiting not in done:
                     waiting.cancel()
                     return
                 message = waiting.result()
+                if ended.is_set():  # taken for a call that is over: the next stream sends it
+                    self._carried.append(message)
+                    return
                 self.sequence += 1
                 field_name = message.WhichOneof("kind")
                 getattr(message, field_name or "status").sequence = self.sequence
@@ -174,7 +181,11 @@ class SimDevice:
                 elif kind == "rollback" and self.behave is not None:
                     self._spawn(self._roll_back(message.rollback))
         finally:
+            ended.set()
             self._call = None  # a finished call still holds its channel's connection open
+
+    async def _next_message(self) -> device_pb2.DeviceMessage:
+        return self._carried.pop(0) if self._carried else await self._outbox.get()
 
     # -- obeying, as an agent would --
 

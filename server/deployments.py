@@ -18,6 +18,7 @@ from typing import Any
 from edgefleet.errors import ConflictError, NotFoundError
 from edgefleet.selectors import Selector, parse_selector
 from edgefleet.server.repository import Repository
+from edgefleet.server.rollouts.claims import claimed, refuse_claimed
 from edgefleet.server.rules import (
     ambiguous_name,
     empty_deployment_refusal,
@@ -138,6 +139,8 @@ class Deployments:
                 unassigned.append(f"{device.name} ({device.id}): {why}")
         if not targets and not allow_empty:
             raise ConflictError(empty_deployment_refusal(str(selector), unassigned))
+        busy = await asyncio.to_thread(claimed, self.store.rollouts(), targets)
+        refuse_claimed(busy, {d.id: d.name for d, _ in pushes}, f"deploying {name} {version} to {selector}")
         if validate_only:
             return DeploymentStatus(
                 dataclasses.replace(deployment, id=""),

@@ -53,7 +53,9 @@ def add_parsers(add: Any, group: Any, targets_key: Any, positive_seconds: Any) -
     )  # fmt: skip
     sp.add_argument("name", help="the model")
     sp.add_argument("version")
-    sp.add_argument("--to", required=True, help="all, group:NAME or device:ID")
+    sp.add_argument(
+        "--to", required=True, help="all, group:NAME, device:ID or labels (site=berlin,camera!=v1)"
+    )
     sp.add_argument("--waves", default="", help="cumulative counts or percentages, e.g. 5,10%%,50%%,100%%")
     sp.add_argument("--ramp", default="", help="BASE,FACTOR,MAX_PER_MIN (exponential, rate-capped)")
     sp.add_argument("--soak", type=duration, default=600.0, help="how long each wave soaks (10m)")

@@ -17,7 +17,7 @@ from edgefleet import signing
 from edgefleet.errors import ConflictError, InvalidRequestError, NotFoundError
 from edgefleet.selectors import parse_selector
 from edgefleet.server.deployments import ROLLOUT_KIND, _capabilities_dict, resolve_selector
-from edgefleet.server.rollouts import orders, plan
+from edgefleet.server.rollouts import claims, orders, plan
 from edgefleet.server.rollouts.engine import Loaded, RolloutEngine
 from edgefleet.server.rollouts.settings import RolloutSettings
 from edgefleet.server.storage.records import Deployment
@@ -115,11 +115,18 @@ class RolloutActions:
             candidates.append(plan.Candidate(d.id, caps.runtime, chosen.variant, caps.hardware_class))
         if not candidates:
             raise ConflictError(f"{selector} reaches no device that can run {model_name} {version}")
+        busy = await asyncio.to_thread(claims.claimed, e.rollouts, targets)
+        claims.refuse_claimed(busy, {d.id: d.name for d in devices}, f"rollout {rollout_id}")
         if settings.ramp:
             steps = plan.ramp_steps(plan.parse_ramp(settings.ramp), len(candidates))
         else:
             steps = plan.parse_waves(settings.waves)
         sizes = plan.wave_sizes(steps, len(candidates))
+        if settings.shadow_waves >= len(sizes):
+            raise InvalidRequestError(
+                f"{settings.shadow_waves} shadow waves leave none of the {len(sizes)} waves over"
+                f" {len(candidates)} devices to serve {model_name} {version}: give fewer shadow waves"
+            )
         waves = plan.plan_waves(rollout_id, candidates, sizes, settings.shadow_waves)
         result = Plan(
             rollout_id,

@@ -21,11 +21,10 @@ import datetime as dt
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edgefleet.selectors import parse_selector
 from edgefleet.server.deployments import (
     ROLLOUT_KIND,
     ROLLOUT_ROLLBACK_KIND,
@@ -33,8 +32,9 @@ from edgefleet.server.deployments import (
     RolloutTag,
     _capabilities_dict,
 )
-from edgefleet.server.rollouts import evaluate, orders, windows
+from edgefleet.server.rollouts import claims, evaluate, windows
 from edgefleet.server.rollouts.audit_hook import AuditRecorder, LogRecorder
+from edgefleet.server.rollouts.orders import restore_tags, wave_deployment_id
 from edgefleet.server.rollouts.plan import Ramp, parse_ramp, place_late_joiner
 from edgefleet.server.rollouts.settings import (
     RolloutSettings,
@@ -96,7 +96,7 @@ class RolloutEngine:
 
     async def start(self) -> None:
         """Tags every recorded rollout's deployments (for devices that ask), then runs the loop."""
-        tags = await asyncio.to_thread(orders.restore_tags, self.rollouts, self.store)
+        tags = await asyncio.to_thread(restore_tags, self.rollouts, self.store)
         self.deployments.rollout_tags.update(tags)
         self._task = asyncio.create_task(self._run())
 
@@ -176,7 +176,7 @@ class RolloutEngine:
     async def _start_wave(self, ro: Loaded, wave: WaveRecord, now: int) -> None:
         r = ro.rollout
         deployment = Deployment(
-            orders.wave_deployment_id(r.id, wave.index),
+            wave_deployment_id(r.id, wave.index),
             r.model_name,
             r.version,
             f"rollout:{r.id}",
@@ -441,8 +441,10 @@ class RolloutEngine:
     async def _late_joiners(self, ro: Loaded, devices: dict[str, DeviceRecord]) -> None:
         """Devices that match the selector now but were not there at the start join the first wave that has
         not started (or the last one, which then assigns them at once)."""
-        known = {m.device_id for m in ro.members}
-        new = [d for d in matching_ids(ro.rollout.selector, devices.values()) if d.id not in known]
+        new = claims.newcomers(ro.rollout.selector, ro.members, devices.values())
+        if new:  # rare: read what else could claim them only then
+            rollouts, orders = await asyncio.to_thread(self._orders)
+            new = [d for d in new if claims.adopter(d, rollouts, orders) == ro.rollout.id]
         if not new:
             return
         variants = await self.deployments.repository.signed_variants(
@@ -467,14 +469,15 @@ class RolloutEngine:
                 {"devices": [m.device_id for m in added][:50]},
             )
 
+    def _orders(self) -> tuple[list[RolloutRecord], list[Deployment]]:
+        plain = (
+            d for d in self.store.list_deployments() if d.kind not in (ROLLOUT_KIND, ROLLOUT_ROLLBACK_KIND)
+        )
+        return self.rollouts.list_rollouts(), list(plain)
+
     async def note(self, r: RolloutRecord, what: str, details: dict[str, Any]) -> None:
         entry = TimelineEntry(r.id, self.clock(), what[:2000], json.dumps(details, sort_keys=True))
         await asyncio.to_thread(self.rollouts.add_timeline, [entry])
-
-
-def matching_ids(selector: str, devices: Iterable[DeviceRecord]) -> list[DeviceRecord]:
-    """The devices a rollout's (resolved) selector names now, revoked ones left out."""
-    return [d for d in devices if not d.revoked and parse_selector(selector).matches(d.id, d.group, d.labels)]
 
 
 def _rejudge_ms(soak_s: float, tick_s: float) -> float:

@@ -67,6 +67,16 @@ def _converted(gate: Gate, name: str, raw: str) -> Any:
         ) from None
 
 
+def _slowdown_percent(gate: str, tolerance: str) -> str:
+    """`tolerance=1.2` (no more than 20 % slower) as the gate's max_slowdown_percent."""
+    try:
+        return str((float(tolerance) - 1.0) * 100.0)
+    except ValueError:
+        raise InvalidRequestError(
+            f"gate {gate}: tolerance={tolerance!r} is not a number; write e.g. 1.2 (at most 20 % slower)"
+        ) from None
+
+
 def build_gates(overrides: Sequence[GateOverride], *, shadow: bool) -> tuple[Gate, ...]:
     """The gates of one wave with the rollout's settings applied. Raises InvalidRequestError for an unknown
     gate or field, or a value the gate refuses (a confidence of 1.5)."""
@@ -89,7 +99,7 @@ def build_gates(overrides: Sequence[GateOverride], *, shadow: bool) -> tuple[Gat
                 continue
             name, raw = o.field, o.value
             if name == "tolerance" and hasattr(gate, "max_slowdown_percent"):
-                name, raw = "max_slowdown_percent", str((float(raw) - 1.0) * 100.0)
+                name, raw = "max_slowdown_percent", _slowdown_percent(gate.name, raw)
             fields = {f.name for f in dataclasses.fields(gate)} - {"name"}  # type: ignore[arg-type]
             if name not in fields:
                 raise InvalidRequestError(

@@ -104,7 +104,8 @@ def test_every_threshold_is_settable_and_unknown_ones_are_refused() -> None:
     }
     enabled = build_gates([parse_override("shadow-latency.enabled=true")], shadow=True)
     assert {g.name for g in enabled} == {"install-failures", "shadow-agreement", "shadow-latency"}
-    for bad in ("nope.x=1", "latency.nope=1", "latency.confidence=1.5", "latency.min_calls=many"):
+    bad_values = ("latency.confidence=1.5", "latency.min_calls=many", "latency.tolerance=fast")
+    for bad in ("nope.x=1", "latency.nope=1", *bad_values):
         with pytest.raises(InvalidRequestError):
             build_gates([parse_override(bad)], shadow=False)
     settings = RolloutSettings(waves="5,100%", gates=(parse_override("latency.min_calls=10"),))
