@@ -102,7 +102,7 @@ class Updater:
             self._applying.discard((path, shadow))
 
     def _lift_for_retry(self, path: str, order_id: str) -> None:
-        """Takes `path` off the bad list when the retry order may (written before anything installs: a
+        """Takes `path` off the bad list when the retry order may (saved before anything installs: a
         restart never lifts twice for one order); the install then goes as usual, and a failure lists it
         as bad again while the old model keeps serving."""
         state = self.store.state
@@ -117,11 +117,14 @@ class Updater:
                 self._retries_refused.add(order_id)  # the operator sees why the device stays failed
                 self.control.queue_event(path, "failed", decision.why)
             return
-        retries = {**state.retries, path: [*lifted, order_id]}
-        while len(retries) > decisions.MAX_BAD_TARGETS:  # a target's lifts are forgotten only with it
+        # In place, as mark_bad does: every part of the agent holds this one state object.
+        retries = {t: orders for t, orders in state.retries.items() if t != path}
+        retries[path] = [*lifted, order_id]  # the newest last: the oldest targets are forgotten first
+        while len(retries) > decisions.MAX_BAD_TARGETS:
             del retries[next(iter(retries))]
-        bad = [t for t in state.bad_targets if t != path]
-        self.store.commit(dataclasses.replace(state, bad_targets=bad, retries=retries))
+        state.retries = retries
+        state.bad_targets = [t for t in state.bad_targets if t != path]
+        self.store.save()
         self._refused.pop(path, None)
         self.control.queue_status()  # the server's view of the bad list
 
