@@ -25,7 +25,7 @@ import pytest_asyncio
 from edgefleet import signing
 from edgefleet.devtools.rolloutsim import FAST_GATES, RolloutRig
 from edgefleet.devtools.simbehaviour import ModelBehaviour
-from edgefleet.v1 import operator_pb2, rollout_pb2
+from edgefleet.v1 import device_pb2, operator_pb2, rollout_pb2
 
 GOOD = ModelBehaviour()
 BEHAVIOURS = {
@@ -341,5 +341,8 @@ async def test_retry_failed_assigns_the_failed_devices_again_with_retry_and_each
         orders = [a.deployment_id for a in d.received if a.retry]
         assert len(orders) <= 1 and all(o in failed for o in orders), (d.id, orders)
         assert d.retries == ({d.current.target_path: orders} if orders else {}), d.id  # type: ignore[union-attr]
+        if orders:  # and the periodic check says the same (what a device that missed the stream gets)
+            reply = await d.stub.GetAssignment(device_pb2.GetAssignmentRequest(), timeout=30)
+            assert reply.assignment.retry and reply.assignment.deployment_id == orders[0], d.id
     assert sum(1 for d in fresh if d.retries) == sum(failed.values())
     assert f"rollout.retry-failed {rollout_id}" in rig.log()
