@@ -227,8 +227,8 @@ class Agent:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed: %r", task.exception(), exc_info=task.exception())
 
-    def _on_assignment(self, ref: ModelRef | None, shadow: bool) -> None:
-        self._spawn(self.updater.apply_assignment(ref, shadow))
+    def _on_assignment(self, ref: ModelRef | None, shadow: bool, retry_order: str) -> None:
+        self._spawn(self.updater.apply_assignment(ref, shadow, retry_order))
 
     def _on_rollback(self, command_id: str, reason: str, rollout_id: str) -> None:
         self._spawn(self.supervisor.rollback(command_id, reason, rollout_id))

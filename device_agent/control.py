@@ -3,7 +3,7 @@
     connect -> the server's hello (the last sequence it accepted) -> the device's status first (every time)
             -> then queued events and status, in order, each stamped when sent with the next number of one
                persisted counter (continued from the hello, so a device that lost its state is not stale)
-    server  -> assignment: `on_assignment(ref, shadow)`; rollback order: `on_rollback(command_id, reason,
+    server  -> assignment: `on_assignment(ref, shadow, retry_order)`; rollback order: `on_rollback(command_id, reason,
                rollout_id)`
     down    -> reconnect with jittered exponential backoff; `periodic_check` asks for the assignment in case
                the stream missed it
@@ -62,7 +62,8 @@ class Control:
         self.connected = False
         self.loop: asyncio.AbstractEventLoop | None = None
         # Set by the agent: what an assignment or a rollback order sets going.
-        self.on_assignment: Callable[[ModelRef | None, bool], None] = lambda ref, shadow: None
+        # retry_order: the deployment id of an assignment marked retry (an operator's retry-failed), or ""
+        self.on_assignment: Callable[[ModelRef | None, bool, str], None] = lambda ref, shadow, retry: None
         self.on_rollback: Callable[[str, str, str], None] = lambda command_id, reason, rollout_id: None
         self.assigned: tuple[str, str, str] = (
             "",
@@ -180,7 +181,7 @@ class Control:
             log.warning("ignored an assignment from the server: %s", e)
             return
         self._remember(assignment)
-        self.on_assignment(ref, assignment.shadow)
+        self.on_assignment(ref, assignment.shadow, assignment.deployment_id if assignment.retry else "")
 
     def _now_connected(self, backoff: Backoff) -> None:
         if not self.connected:

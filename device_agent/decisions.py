@@ -11,6 +11,7 @@ As python-tuf keeps `TrustedMetadataSet` apart from its updater, the agent's asy
     does its worker keep dying?        recent_crashes, crashes_mean_rollback
     may an aborted rollout send it back?  check_rollout_rollback (the operator's signed rollout permit)
     how long may an application defer?   grant_deferral        (per request and per assignment bounds)
+    may a retry lift a bad mark?         retry_lift            (once per order, MAX_RETRY_LIFTS per target)
 
 Functions that refuse raise the `edgefleet.errors` class that says why; the others return a value.
 """
@@ -31,6 +32,9 @@ WORKER_CRASH_WINDOW_S = 600.0
 MAX_BAD_TARGETS = 256  # the newest kept in all: the status report carries them all
 MAX_BAD_PER_MODEL = 16  # the newest kept per model: only more failed versions of the same model push one out
 MAX_ROLLBACKS_REMEMBERED = 32  # command ids: enough to recognise an order that arrives twice
+# An operator's retry-failed may lift one target's bad mark this often on a device, in its whole life: the
+# server alone can make a device try a candidate that failed here at most this many more times.
+MAX_RETRY_LIFTS = 3
 
 
 # ---- may this target run here -----------------------------------------------------------------------------
@@ -268,3 +272,38 @@ def grant_deferral(
     if granted_s <= 0:
         return Deferral(until_ms if left_ms else 0, 0, used_s)
     return Deferral(now_ms + granted_s * 1000, granted_s, used_s + extra_s)
+
+
+# ---- retry-failed -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryLift:
+    lift: bool  # take `target` off the bad list and install it as usual
+    why: str  # what to log ("" when there is nothing to say: not a retry, or the target is not bad)
+
+
+def retry_lift(
+    target: str, order_id: str, *, retry: bool, bad_targets: Sequence[str], lifted_for: Sequence[str]
+) -> RetryLift:
+    """An assignment of `target` under `order_id`, marked `retry` (a rollout's retry-failed order). The bad
+    mark is lifted once per order (the same order arrives on the stream and in every periodic check) and at
+    most MAX_RETRY_LIFTS times per target (`lifted_for`: the orders that lifted it before, kept in the state
+    file). Without retry, or for a target that is not bad, nothing changes."""
+    if not retry or target not in bad_targets:
+        return RetryLift(False, "")
+    if not order_id:
+        return RetryLift(False, f"a retry of {target} names no order: it stays listed as bad")
+    if order_id in lifted_for:
+        return RetryLift(False, f"{target} was retried for {order_id} already: it stays listed as bad")
+    if len(lifted_for) >= MAX_RETRY_LIFTS:
+        return RetryLift(
+            False,
+            f"not retrying {target} for {order_id}: retries lifted its bad mark {len(lifted_for)} times "
+            f"already (at most {MAX_RETRY_LIFTS}); it stays listed as bad",
+        )
+    return RetryLift(
+        True,
+        f"retrying {target}, which failed here before: the operator's retry-failed order {order_id} lifts "
+        f"its bad mark (lift {len(lifted_for) + 1} of at most {MAX_RETRY_LIFTS})",
+    )

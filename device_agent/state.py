@@ -71,6 +71,8 @@ class AgentState:
     shadow: ModelRef | None = None
     deferred_until_ms: int = 0  # an application asked: no install starts before this (local API)
     deferred_used_s: int = 0  # granted since the last install started (bounded per assignment)
+    # target -> the retry-failed orders that lifted its bad mark (decisions.retry_lift bounds them)
+    retries: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The state file's shape: the same keys as every earlier version wrote, and the newer ones only
@@ -89,6 +91,8 @@ class AgentState:
         if self.deferred_until_ms or self.deferred_used_s:
             data["deferred_until_ms"] = self.deferred_until_ms
             data["deferred_used_s"] = self.deferred_used_s
+        if self.retries:
+            data["retries"] = {target: list(orders) for target, orders in self.retries.items()}
         return data
 
     @classmethod
@@ -107,6 +111,7 @@ class AgentState:
             shadow=ModelRef.optional(data.get("shadow")),
             deferred_until_ms=_count(data.get("deferred_until_ms", 0), "deferred_until_ms"),
             deferred_used_s=_count(data.get("deferred_used_s", 0), "deferred_used_s"),
+            retries=_retries(data.get("retries", {})),
         )
 
 
@@ -127,6 +132,12 @@ def _floors(value: Any) -> dict[str, int]:
     if not isinstance(value, dict):
         raise InvalidRequestError("state file: floors is not an object")
     return {str(k): _count(v, f"the floor of {k}") for k, v in value.items()}
+
+
+def _retries(value: Any) -> dict[str, list[str]]:
+    if not isinstance(value, dict):
+        raise InvalidRequestError("state file: retries is not an object")
+    return {str(k): _strings(value, k) for k in value}
 
 
 def _move_aside(path: Path) -> Path:

@@ -75,13 +75,19 @@ class Updater:
         self.stopping = stopping
         self._applying: set[tuple[str, bool]] = set()  # (target, shadow) with an update loop running
         self._refused: dict[str, str] = {}  # target -> why, for refusals that a new signature may lift
+        self._retries_refused: set[str] = set()  # retry orders refused (beyond the bound), reported once
 
-    async def apply_assignment(self, ref: ModelRef | None, shadow: bool = False) -> None:
+    async def apply_assignment(
+        self, ref: ModelRef | None, shadow: bool = False, retry_order: str = ""
+    ) -> None:
         """Installs the assigned model (or loads it in shadow), retrying what is worth retrying (see the
-        module docstring). An assignment of another model drops a shadow candidate."""
+        module docstring). An assignment of another model drops a shadow candidate. `retry_order` (an
+        operator's retry-failed order) may lift the model's bad mark first (`decisions.retry_lift`)."""
         if ref is None:
             return
         path = ref.target_path
+        if retry_order:
+            self._lift_for_retry(path, retry_order)
         running, kept = self.serving.shadow, self.store.state.shadow  # kept: a copy from before a restart
         shadowed = running.ref.target_path if running else kept.target_path if kept else ""
         if shadowed and shadowed != path:
@@ -94,6 +100,33 @@ class Updater:
             await self._apply_loop(path, shadow)
         finally:
             self._applying.discard((path, shadow))
+
+    def _lift_for_retry(self, path: str, order_id: str) -> None:
+        """Takes `path` off the bad list when the retry order may (saved before anything installs: a
+        restart never lifts twice for one order); the install then goes as usual, and a failure lists it
+        as bad again while the old model keeps serving."""
+        state = self.store.state
+        lifted = state.retries.get(path, [])
+        decision = decisions.retry_lift(
+            path, order_id, retry=True, bad_targets=state.bad_targets, lifted_for=lifted
+        )
+        if decision.why:
+            log.info("%s", decision.why)
+        if not decision.lift:
+            if decision.why and order_id not in lifted and order_id not in self._retries_refused:
+                self._retries_refused.add(order_id)  # the operator sees why the device stays failed
+                self.control.queue_event(path, "failed", decision.why)
+            return
+        # In place, as mark_bad does: every part of the agent holds this one state object.
+        retries = {t: orders for t, orders in state.retries.items() if t != path}
+        retries[path] = [*lifted, order_id]  # the newest last: the oldest targets are forgotten first
+        while len(retries) > decisions.MAX_BAD_TARGETS:
+            del retries[next(iter(retries))]
+        state.retries = retries
+        state.bad_targets = [t for t in state.bad_targets if t != path]
+        self.store.save()
+        self._refused.pop(path, None)
+        self.control.queue_status()  # the server's view of the bad list
 
     def _done(self, path: str, shadow: bool) -> bool:
         state = self.store.state

@@ -32,6 +32,7 @@ class ModelBehaviour:
     score_beta: float = 2.0
     crashes_per_report: float = 0.0  # Poisson mean of worker crashes per report
     install_failure_rate: float = 0.0  # share of devices whose install fails
+    transient_install_failure: bool = False  # a device's install fails only its first time (a retry works)
     agreement: float = 0.99  # as a shadow candidate: top-1 agreement with the serving model
     mean_abs_diff: float = 0.01
 

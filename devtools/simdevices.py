@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 
 from edgefleet import pki
+from edgefleet.agent import decisions
 from edgefleet.agent.connection import Backoff
 from edgefleet.devtools.raw_rpc import simulated_capabilities
 from edgefleet.devtools.serverprocess import ServerProcess
@@ -85,6 +86,8 @@ class SimDevice:
         self._telemetry: asyncio.Task[None] | None = None
         self.rng = np.random.default_rng(int.from_bytes(hashlib.sha256(self.id.encode()).digest()[:8], "big"))
         self.bad_targets: list[str] = []
+        self.retries: dict[str, list[str]] = {}  # target -> retry orders that lifted its bad mark
+        self.installs_tried: dict[str, int] = {}  # target -> installs started
 
     @property
     def stub(self) -> device_pb2_grpc.DeviceServiceStub:
@@ -234,11 +237,21 @@ class SimDevice:
             self.shadow_candidate = None  # a shadow wave's candidate served already: nothing to install
             return
         if target in self.bad_targets:
-            return
+            lifted = self.retries.setdefault(target, [])
+            retry = decisions.retry_lift(
+                target, a.deployment_id, retry=a.retry, bad_targets=self.bad_targets, lifted_for=lifted
+            )  # as the agent decides: once per retry order, a bounded number of times per target
+            if not retry.lift:
+                return
+            self.bad_targets.remove(target)
+            lifted.append(a.deployment_id)
+        tries = self.installs_tried[target] = self.installs_tried.get(target, 0) + 1
+        behaviour = self.behave(target)
         stages = common_pb2.UpdateStage
         self._event(target, stages.UPDATE_STAGE_DOWNLOADING, a.deployment_id, sha256=a.model.sha256)
         await asyncio.sleep(self.step_s)
-        if self.rng.random() < self.behave(target).install_failure_rate:
+        fails = self.rng.random() < behaviour.install_failure_rate
+        if fails and (tries == 1 or not behaviour.transient_install_failure):
             self.bad_targets.append(target)
             self._event(
                 target,

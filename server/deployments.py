@@ -58,6 +58,7 @@ class RolloutTag:
 
     rollout_id: str = ""
     shadow: bool = False
+    retry: bool = False  # an operator's retry-failed order (`rollouts.orders`): Assignment.retry
 
 
 NO_TAG = RolloutTag()
@@ -250,7 +251,8 @@ class Deployments:
     async def push_pending_to(self, device: DeviceRecord, desired: ModelRecord | None = None) -> None:
         """`push_pending` for a record in hand; `desired` is the desired target's model when the caller has
         it (else it is read)."""
-        action = pending_action(device)
+        desired_tag = self.rollout_tag(device.desired_deployment)
+        action = pending_action(device, retry=desired_tag.retry)
         if action == "rollback":
             tag = self.rollout_tag(device.rollback_command)
             self.streams.push(
@@ -258,10 +260,9 @@ class Deployments:
             )
         elif action == "assign":
             record = desired or await self.repository.model(device.desired_target)
-            tag = self.rollout_tag(device.desired_deployment)
-            self.streams.push(
-                device.id, AssignmentPush(record, device.desired_deployment, tag.shadow, tag.rollout_id)
-            )
+            tag = desired_tag
+            push = AssignmentPush(record, device.desired_deployment, tag.shadow, tag.rollout_id, tag.retry)
+            self.streams.push(device.id, push)
 
 
 def _cannot_go_back(device: DeviceRecord) -> str:

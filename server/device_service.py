@@ -49,6 +49,7 @@ def push_to_proto(push: Push) -> device_pb2.ServerMessage:
                 deployment_id=push.deployment_id,
                 shadow=push.shadow,
                 rollout_id=push.rollout_id,
+                retry=push.retry,
             )
         )
     assert isinstance(push, RollbackPush)
@@ -211,6 +212,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                         deployment_id=deployment_id,
                         shadow=tag.shadow,
                         rollout_id=tag.rollout_id,
+                        retry=tag.retry,
                     )
                 )
             return response

@@ -72,14 +72,15 @@ def rollback_command_for(deployment: Deployment) -> str:
     return deployment.id if deployment.kind == "rollback" else ""
 
 
-def pending_action(device: DeviceRecord) -> str:
+def pending_action(device: DeviceRecord, *, retry: bool = False) -> str:
     """What a device should be told now: "rollback" (an order it has not obeyed), "assign" (its desired
-    target, which it does not run and has not refused), or "" (nothing)."""
+    target, which it does not run and has not refused, or refused but is told to `retry`: a rollout's
+    retry-failed order), or "" (nothing)."""
     current = device.current_target
     if device.rollback_command and current != device.desired_target:
         return "rollback"
     if device.desired_target and device.desired_target != current:
-        if device.desired_target in device.bad_targets:
+        if device.desired_target in device.bad_targets and not retry:
             return ""  # the device already refused it; a new deployment is needed
         return "assign"
     return ""

@@ -21,6 +21,7 @@ class AssignmentPush:
     deployment_id: str
     shadow: bool = False  # a staged rollout's shadow wave: load beside the serving model, never serve
     rollout_id: str = ""
+    retry: bool = False  # an operator's retry-failed order: the device may lift the model's bad mark once
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def add_parsers(add: Any, group: Any, targets_key: Any, positive_seconds: Any) -
         ("pause", "stop advancing (devices mid-install carry on)"),
         ("resume", "carry on where it paused"),
         ("next", "promote the current wave now, whatever its gates say"),
-        ("retry-failed", "tell the current wave's failed devices again"),
+        ("retry-failed", "have the current wave's failed devices try the candidate again (3 times at most)"),
         ("abort", "stop it and send the devices on the candidate back"),
     ):
         fn = f"rollouts:cmd_rollout_{verb.replace('-', '_')}"

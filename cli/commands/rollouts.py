@@ -298,5 +298,5 @@ def cmd_rollout_retry_failed(args: argparse.Namespace) -> None:
         args,
         "RetryFailed",
         rollout_pb2.RetryFailedRequest(rollout_id=args.id),
-        "rollout {rollout_id}: {devices} failed device(s) told again",
+        "rollout {rollout_id}: {devices} failed device(s) assigned again, each allowed one more try",
     )

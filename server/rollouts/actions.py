@@ -16,10 +16,11 @@ from typing import Any
 from edgefleet import signing
 from edgefleet.errors import ConflictError, InvalidRequestError, NotFoundError
 from edgefleet.selectors import parse_selector
-from edgefleet.server.deployments import _capabilities_dict, resolve_selector
-from edgefleet.server.rollouts import claims, plan
+from edgefleet.server.deployments import ROLLOUT_KIND, _capabilities_dict, resolve_selector
+from edgefleet.server.rollouts import claims, orders, plan
 from edgefleet.server.rollouts.engine import Loaded, RolloutEngine
 from edgefleet.server.rollouts.settings import RolloutSettings
+from edgefleet.server.storage.records import Deployment
 from edgefleet.server.storage.rollout_records import (
     MEMBER_STATES,
     MemberRecord,
@@ -232,23 +233,43 @@ class RolloutActions:
             return await self.engine.abort(ro, actor, why, rollback=not no_rollback)
 
     async def retry_failed(self, actor: str, rollout_id: str) -> int:
-        """The current wave's failed devices are told the candidate again; returns how many."""
+        """The current wave's failed devices are assigned the candidate again, under a retry-failed order of
+        their own (`orders.next_retry_order`, recorded as a deployment) that tells each device it may lift
+        the candidate's bad mark once for it (`Assignment.retry`; the agent bounds the lifts per candidate).
+        The engine's loop assigns them as it assigns a wave (maintenance windows and rate cap hold). Returns
+        how many."""
         async with self.engine.lock:
             ro = await self._loaded(rollout_id, "running", "paused")
-            index = ro.rollout.current_wave
+            r, index = ro.rollout, ro.rollout.current_wave
+            wave = ro.waves[index]
             failed = [
                 m
                 for m in ro.members
                 if m.role == "canary" and m.wave_index == index and m.state in ("failed", "rolled_back")
             ]
-            changes = [(m.device_id, m.role, {"state": "pending", "assigned_ms": 0}) for m in failed]
+            order_id = ""
+            if failed:
+                e = self.engine
+                order_id = orders.next_retry_order(wave.deployment_id, e.deployments.rollout_tags)
+                order = Deployment(
+                    order_id,
+                    r.model_name,
+                    r.version,
+                    f"rollout:{r.id}",
+                    e.clock(),
+                    ROLLOUT_KIND,
+                    f"retry-failed by {actor}"[:500],
+                )
+                await asyncio.to_thread(e.store.add_deployment, order, {})
+                e.tag(order_id, r.id, wave.shadow, retry=True)
+            retried = {"state": "pending", "assigned_ms": 0, "retry_order": order_id}
+            changes = [(m.device_id, m.role, retried) for m in failed]
             await asyncio.to_thread(self.rollouts.update_members, rollout_id, changes)
-            if ro.waves[index].state in ("holding", "failed"):
+            if wave.state in ("holding", "failed"):
                 await asyncio.to_thread(self.rollouts.update_wave, rollout_id, index, state="soaking")
-            await self.engine.note(ro.rollout, f"{len(failed)} failed devices retried by {actor}", {})
-            await self.engine.recorder.record(
-                actor, "rollout.retry-failed", rollout_id, {"devices": len(failed)}
-            )
+            details = {"devices": len(failed), "wave": index, "order": order_id}
+            await self.engine.note(r, f"{len(failed)} failed devices retried by {actor}", details)
+            await self.engine.recorder.record(actor, "rollout.retry-failed", rollout_id, details)
             return len(failed)
 
     async def status(self, rollout_id: str) -> RolloutStatus:

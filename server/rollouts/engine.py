@@ -34,6 +34,7 @@ from edgefleet.server.deployments import (
 )
 from edgefleet.server.rollouts import claims, evaluate, windows
 from edgefleet.server.rollouts.audit_hook import AuditRecorder, LogRecorder
+from edgefleet.server.rollouts.orders import restore_tags, wave_deployment_id
 from edgefleet.server.rollouts.plan import Ramp, parse_ramp, place_late_joiner
 from edgefleet.server.rollouts.settings import (
     RolloutSettings,
@@ -60,10 +61,6 @@ log = logging.getLogger("edgefleet.server.rollouts")
 ENGINE_ACTOR = "rollout-engine"
 SWEEP_MS = 10 * 60_000  # how long after an abort devices that finish installing the candidate are sent back
 TRACKED = tuple(s for s in MEMBER_STATES if s != "pending")  # what a device's events can move a member to
-
-
-def wave_deployment_id(rollout_id: str, index: int) -> str:
-    return f"{rollout_id}-w{index}"
 
 
 @dataclass
@@ -99,13 +96,8 @@ class RolloutEngine:
 
     async def start(self) -> None:
         """Tags every recorded rollout's deployments (for devices that ask), then runs the loop."""
-        for r in await asyncio.to_thread(self.rollouts.list_rollouts):
-            for w in await asyncio.to_thread(self.rollouts.waves, r.id):
-                if w.deployment_id:
-                    self.tag(w.deployment_id, r.id, w.shadow)
-        for d in await asyncio.to_thread(self.store.list_deployments):
-            if d.kind == ROLLOUT_ROLLBACK_KIND:
-                self.tag(d.id, d.selector.removeprefix("rollout:"), False)
+        tags = await asyncio.to_thread(restore_tags, self.rollouts, self.store)
+        self.deployments.rollout_tags.update(tags)
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -115,8 +107,8 @@ class RolloutEngine:
                 await self._task
             self._task = None
 
-    def tag(self, deployment_id: str, rollout_id: str, shadow: bool) -> None:
-        self.deployments.rollout_tags[deployment_id] = RolloutTag(rollout_id, shadow)
+    def tag(self, deployment_id: str, rollout_id: str, shadow: bool, retry: bool = False) -> None:
+        self.deployments.rollout_tags[deployment_id] = RolloutTag(rollout_id, shadow, retry)
 
     async def _run(self) -> None:
         while True:
@@ -195,8 +187,9 @@ class RolloutEngine:
         if not wave.shadow:  # devices that passed a shadow wave now serve the candidate with this wave
             for m in ro.members:
                 if m.role == "canary" and m.wave_index < wave.index and ro.waves[m.wave_index].shadow:
-                    changes.append((m.device_id, m.role, {"wave_index": wave.index, "assigned_ms": 0}))
-                    m.wave_index, m.assigned_ms = wave.index, 0
+                    moved = {"wave_index": wave.index, "assigned_ms": 0, "retry_order": ""}
+                    changes.append((m.device_id, m.role, moved))
+                    m.wave_index, m.assigned_ms, m.retry_order = wave.index, 0, ""
         self.tag(deployment.id, r.id, wave.shadow)
 
         def write() -> None:
@@ -245,7 +238,7 @@ class RolloutEngine:
         if not todo:
             return
         models = {m.target_path: await self.deployments.repository.model(m.target_path) for m, _ in todo}
-        dep_id = wave.deployment_id
+        dep_id = wave.deployment_id  # or, for a member retried by the operator, its retry-failed order
 
         # A device that already serves the candidate (it kept it after an earlier rollout) passed its
         # probation then: it counts as healthy at once, with nothing to install.
@@ -258,7 +251,7 @@ class RolloutEngine:
 
         def write() -> None:
             for m, device in todo:
-                self.store.add_deployment_target(dep_id, m.device_id, m.target_path)
+                self.store.add_deployment_target(m.retry_order or dep_id, m.device_id, m.target_path)
                 # What it reported for an earlier deployment (a rollback) says nothing about this one.
                 self.store.record_stage(
                     m.device_id, "healthy" if m.device_id in there else "", "", device.last_seen_ms
@@ -269,20 +262,21 @@ class RolloutEngine:
         for m, _ in todo:
             m.assigned_ms, m.state = now, str(state(m)["state"])
             if m.device_id not in there:
-                push = AssignmentPush(models[m.target_path], dep_id, wave.shadow, ro.rollout.id)
+                model, retry = models[m.target_path], bool(m.retry_order)
+                push = AssignmentPush(model, m.retry_order or dep_id, wave.shadow, ro.rollout.id, retry)
                 self.deployments.streams.push(m.device_id, push)
 
     async def _refresh_states(self, ro: Loaded, devices: dict[str, DeviceRecord]) -> None:
         """Each assigned member's state from what its device reported about this rollout's wave."""
-        deployment_ids = {w.deployment_id: w for w in ro.waves if w.deployment_id}
+        waves = {w.index: w for w in ro.waves}
         changes = []
         now = self.clock()
         for m in ro.members:
             device = devices.get(m.device_id)
             if m.role != "canary" or not m.assigned_ms or device is None:
                 continue
-            wave = deployment_ids.get(device.desired_deployment)
-            if wave is None or wave.index != m.wave_index or device.last_stage not in TRACKED:
+            told = m.retry_order or waves[m.wave_index].deployment_id  # what the member was assigned under
+            if device.desired_deployment != told or device.last_stage not in TRACKED:
                 continue
             state = device.last_stage
             if state == "healthy" and device.current_target != m.target_path:

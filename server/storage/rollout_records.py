@@ -75,6 +75,9 @@ class MemberRecord:
     assigned_ms: int = 0
     updated_ms: int = 0
     healthy_ms: int = 0
+    # An operator's retry-failed order the member is assigned again under ("" = the wave's deployment): its
+    # device may lift the candidate's bad mark for it (Assignment.retry).
+    retry_order: str = ""
 
 
 @dataclass

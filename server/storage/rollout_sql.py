@@ -2,7 +2,8 @@
 PostgreSQL), through SQLAlchemy Core.
 
 Its tables are new ones only, made with `create_all` when the store opens (an older database gains them
-and keeps every record; nothing else changes shape). Telemetry, the gates' samples, is read from the
+and keeps every record; nothing else changes shape); a column added later is added to an existing table by
+`schema.set_up_schema`'s migrations. Telemetry, the gates' samples, is read from the
 fleet store's `telemetry` table. `MemoryFleetStore` uses this same code on a private in-memory SQLite
 database, with telemetry read from its own memory.
 """
@@ -77,6 +78,7 @@ members = sa.Table(
     sa.Column("assigned_ms", sa.BigInteger, nullable=False),
     sa.Column("updated_ms", sa.BigInteger, nullable=False),
     sa.Column("healthy_ms", sa.BigInteger, nullable=False),
+    sa.Column("retry_order", sa.String(96), nullable=False, server_default=""),  # schema version 4
 )
 timeline = sa.Table(
     "rollout_timeline",

@@ -12,7 +12,7 @@ from edgefleet.errors import EdgefleetError
 
 # Raise it with every change to the tables below, and add the step that brings an older database up to it
 # (`_migrate_to_2`).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Servers starting together on one PostgreSQL database set the schema up one by one, under this lock.
 _SCHEMA_LOCK = 7368657
 
@@ -175,6 +175,8 @@ def set_up_schema(conn: sa.Connection, shown_url: str) -> None:
         _migrate_to_2(conn)
     if found is not None and found < 3:
         _migrate_to_3(conn)
+    if found is not None and found < 4:
+        _migrate_to_4(conn)
     _create_missing_indexes(conn)  # after the migrations: an index may be on a column one of them adds
     if found != SCHEMA_VERSION:
         conn.execute(schema.delete())
@@ -219,6 +221,19 @@ def _migrate_to_3(conn: sa.Connection) -> None:
     columns = {c["name"] for c in sa.inspect(conn).get_columns("enrollment_tokens")}
     if "labels" not in columns:
         conn.execute(sa.text("ALTER TABLE enrollment_tokens ADD COLUMN labels JSON"))
+
+
+def _migrate_to_4(conn: sa.Connection) -> None:
+    """Version 4 added rollout_members.retry_order (an operator's retry-failed order; members made before
+    were never retried). The rollout tables are made by the rollout store: an older database may not have
+    them yet, and then gets them whole."""
+    if "rollout_members" not in set(sa.inspect(conn).get_table_names()):
+        return
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("rollout_members")}
+    if "retry_order" not in columns:
+        conn.execute(
+            sa.text("ALTER TABLE rollout_members ADD COLUMN retry_order VARCHAR(96) NOT NULL DEFAULT ''")
+        )
 
 
 def _create_missing_indexes(conn: sa.Connection) -> None:

@@ -8,12 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from conftest import database_url
 
 from edgefleet.errors import ConflictError, NotFoundError
 from edgefleet.server.storage import open_store
 from edgefleet.server.storage.interfaces import FleetStore
 from edgefleet.server.storage.rollout_records import MemberRecord, RolloutRecord, TimelineEntry, WaveRecord
+from edgefleet.server.storage.sql import sqlalchemy_url
 from edgefleet.values import InferenceStats, TelemetryReport
 
 
@@ -74,3 +76,39 @@ def test_gate_samples_are_the_fleet_stores_telemetry_rows(store: FleetStore) -> 
     assert found["dev-1"][0].inference[0].count == 200
     assert [rep.at_ms for rep in found["dev-2"]] == [250]
     assert "dev-9" not in found
+
+
+def test_a_members_retry_order_round_trips(store: FleetStore) -> None:
+    r = store.rollouts()
+    r.add_rollout(
+        _rollout(), [WaveRecord("ro-abcd", 0, False, 5)], [MemberRecord("ro-abcd", "dev-1", 0, "canary")]
+    )
+    assert r.members("ro-abcd")[0].retry_order == ""  # never retried
+    r.update_members("ro-abcd", [("dev-1", "canary", {"retry_order": "ro-abcd-w0-retry1", "assigned_ms": 0})])
+    assert r.members("ro-abcd")[0].retry_order == "ro-abcd-w0-retry1"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_version_3_database_gains_retry_order_and_keeps_its_members(backend: str, tmp_path: Path) -> None:
+    url = database_url(backend, tmp_path)
+    store = open_store(url)
+    store.rollouts().add_rollout(
+        _rollout(),
+        [WaveRecord("ro-abcd", 0, False, 5)],
+        [MemberRecord("ro-abcd", "dev-1", 0, "canary", state="failed", target_path="detector/2/f.tflite")],
+    )
+    store.close()
+    engine = sa.create_engine(sqlalchemy_url(url))
+    with engine.begin() as conn:  # what version 3 left: members without retry_order
+        conn.execute(sa.text("ALTER TABLE rollout_members DROP COLUMN retry_order"))
+        conn.execute(sa.text("UPDATE schema_version SET version = 3"))
+    engine.dispose()
+    migrated = open_store(url)
+    try:
+        [member] = migrated.rollouts().members("ro-abcd")
+        assert (member.state, member.target_path, member.retry_order) == ("failed", "detector/2/f.tflite", "")
+        migrated.rollouts().update_members("ro-abcd", [("dev-1", "canary", {"retry_order": "x-retry1"})])
+        assert migrated.rollouts().members("ro-abcd")[0].retry_order == "x-retry1"
+    finally:
+        migrated.close()
+    open_store(url).close()  # opens again as a version-4 database, nothing migrated twice

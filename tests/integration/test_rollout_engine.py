@@ -25,7 +25,7 @@ import pytest_asyncio
 from edgefleet import signing
 from edgefleet.devtools.rolloutsim import FAST_GATES, RolloutRig
 from edgefleet.devtools.simbehaviour import ModelBehaviour
-from edgefleet.v1 import rollout_pb2
+from edgefleet.v1 import device_pb2, operator_pb2, rollout_pb2
 
 GOOD = ModelBehaviour()
 BEHAVIOURS = {
@@ -291,3 +291,58 @@ async def test_the_cli_signs_the_permit_starts_watches_and_lists_a_rollout(rig: 
     assert rollout_id in {r["id"] for r in listed}
     paused = await asyncio.to_thread(cli, rig, "rollout", "pause", rollout_id)
     assert paused.returncode == 1 and "completed" in paused.stderr  # nothing to pause any more
+
+
+# retry-failed: about half the devices fail their first install of this candidate (a transient fault; a retry
+# works). Added to the rig's versions here, beside its scenario, so that appending it changed nothing above.
+BEHAVIOURS["31"] = ModelBehaviour(install_failure_rate=0.5, transient_install_failure=True)
+
+
+async def test_retry_failed_assigns_the_failed_devices_again_with_retry_and_each_wave_then_passes(
+    rig: RolloutRig,
+) -> None:
+    # 20 devices labelled for it (every device a selector names ends up in its rollout), each on the good
+    # version earlier scenarios left it on. min_devices is a wave's size: a wave is judged only once all 10
+    # are healthy, so its failed devices hold it (the install gate is told to tolerate them) until a retry
+    # heals them.
+    fresh = rig.devices[:20]
+    for d in fresh:
+        label = operator_pb2.LabelDeviceRequest(device_id=d.id, set={"retry": "yes"})
+        await rig.server.operator.LabelDevice(label, timeout=30)
+    rollout_id = await rig.start(
+        "31",
+        waves="10,100%",
+        min_devices=10,
+        gates=["install-failures.min_failed_devices=100000"],
+        selector="retry=yes",
+    )
+    request = rollout_pb2.RetryFailedRequest(rollout_id=rollout_id)
+    failed: dict[str, int] = {}  # retry order -> devices it retried
+    for wave in (0, 1):
+
+        def done(s: rollout_pb2.GetRolloutResponse, wave: int = wave) -> bool:
+            states = s.waves[wave].device_states
+            return s.rollout.current_wave == wave and states["failed"] + states["healthy"] == 10
+
+        s = await rig.wait(rollout_id, done)
+        order = f"{rollout_id}-w{wave}-retry1"
+        failed[order] = s.waves[wave].device_states["failed"]
+        await asyncio.sleep(1.2)  # a soak and more: its failures hold the wave
+        s = await rig.status(rollout_id)
+        assert s.waves[wave].state == "soaking" and s.waves[wave].device_states["failed"] == failed[order]
+        assert (await rig.rollouts.RetryFailed(request, timeout=30)).devices == failed[order]
+
+    s = await rig.wait(rollout_id, finished)
+    assert s.rollout.state == "completed", s.rollout.reason
+    assert [(w.state, w.device_states["healthy"]) for w in s.waves] == [("passed", 10), ("passed", 10)]
+    assert sum(failed.values()) > 0  # half of them, drawn per device
+    await rig.wait_running("31", fresh)
+    for d in fresh:  # told again under its wave's retry order, with retry: it lifted the mark once
+        orders = [a.deployment_id for a in d.received if a.retry]
+        assert len(orders) <= 1 and all(o in failed for o in orders), (d.id, orders)
+        assert d.retries == ({d.current.target_path: orders} if orders else {}), d.id  # type: ignore[union-attr]
+        if orders:  # and the periodic check says the same (what a device that missed the stream gets)
+            reply = await d.stub.GetAssignment(device_pb2.GetAssignmentRequest(), timeout=30)
+            assert reply.assignment.retry and reply.assignment.deployment_id == orders[0], d.id
+    assert sum(1 for d in fresh if d.retries) == sum(failed.values())
+    assert f"rollout.retry-failed {rollout_id}" in rig.log()

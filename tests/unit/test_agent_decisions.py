@@ -263,3 +263,39 @@ def test_crash_loop_in_the_window_reaches_rollback_after_max_crashes() -> None:
         crashes = decisions.recent_crashes(crashes, now=float(second))
         verdicts.append(decisions.crashes_mean_rollback(len(crashes), has_previous=True))
     assert verdicts == [False] * (decisions.MAX_WORKER_CRASHES - 1) + [True]
+
+
+# ---- retry-failed -----------------------------------------------------------------------------------------
+
+BAD = "m/2/a.tflite"
+
+
+def _lift(
+    order: str = "ro-ab12-w0-retry1",
+    *,
+    retry: bool = True,
+    bad: tuple[str, ...] = (BAD,),
+    lifted: tuple[str, ...] = (),
+) -> decisions.RetryLift:
+    return decisions.retry_lift(BAD, order, retry=retry, bad_targets=bad, lifted_for=lifted)
+
+
+def test_a_retry_lifts_a_bad_mark_once_per_order() -> None:
+    first = _lift()
+    assert first.lift and "ro-ab12-w0-retry1" in first.why and "1 of at most 3" in first.why
+    again = _lift(lifted=("ro-ab12-w0-retry1",))  # the same order again (stream, then periodic check)
+    assert not again.lift and "already" in again.why
+    assert _lift("ro-ab12-w0-retry2", lifted=("ro-ab12-w0-retry1",)).lift  # a new order may
+
+
+def test_a_target_is_lifted_at_most_max_retry_lifts_times() -> None:
+    lifted = tuple(f"ro-ab12-w0-retry{i}" for i in range(1, decisions.MAX_RETRY_LIFTS + 1))
+    assert _lift("ro-new1-w0-retry1", lifted=lifted[:-1]).lift
+    beyond = _lift("ro-new1-w0-retry1", lifted=lifted)
+    assert not beyond.lift and "3 times already" in beyond.why
+
+
+def test_without_retry_or_for_a_target_that_is_not_bad_nothing_changes() -> None:
+    assert _lift(retry=False) == decisions.RetryLift(False, "")
+    assert _lift(bad=("m/3/a.tflite",)) == decisions.RetryLift(False, "")
+    assert _lift("", bad=(BAD,)).lift is False  # a retry that names no order lifts nothing

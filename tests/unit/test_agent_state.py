@@ -73,6 +73,15 @@ def test_unknown_keys_from_a_newer_agent_are_ignored(tmp_path: Path) -> None:
     assert state.current == ModelRef(**REF_V2)
 
 
+def test_retry_lifts_are_kept_and_only_written_once_there_are_some(tmp_path: Path) -> None:
+    store = _store_with(tmp_path, OLD_STATE)
+    store.save()
+    assert "retries" not in json.loads((tmp_path / "state.json").read_text())
+    store.state.retries = {"digits/3/int8.tflite": ["ro-ab12-w0-retry1"]}
+    store.save()
+    assert StateStore(tmp_path).state.retries == {"digits/3/int8.tflite": ["ro-ab12-w0-retry1"]}
+
+
 DAMAGED = {
     "empty": b"",
     "truncated": json.dumps(OLD_STATE).encode()[:57],
@@ -88,6 +97,8 @@ DAMAGED = {
     "a bool for the sequence": json.dumps({**OLD_STATE, "status_sequence": True}).encode(),
     "a negative sequence": json.dumps({**OLD_STATE, "status_sequence": -1}).encode(),
     "a malformed pending update": json.dumps({**OLD_STATE, "pending": {"activated_ms": 1}}).encode(),
+    "a list for the retries": json.dumps({**OLD_STATE, "retries": ["x"]}).encode(),
+    "a string for a target's retries": json.dumps({**OLD_STATE, "retries": {"d/3/i.tflite": "o"}}).encode(),
     "deep nesting": b"[" * 100000 + b"]" * 100000,
 }
 
