@@ -51,13 +51,20 @@ def refuse_claimed(claims: Mapping[str, str], names: Mapping[str, str], what: st
 
 
 def newcomers(
-    selector: str, members: Iterable[MemberRecord], devices: Iterable[DeviceRecord]
+    rollout: RolloutRecord, members: Iterable[MemberRecord], devices: Iterable[DeviceRecord]
 ) -> list[DeviceRecord]:
-    """The devices a rollout's (resolved) selector names now that are not its members, revoked ones left out."""
+    """The devices that enrolled after `rollout` started and that its (resolved) selector names, members and
+    revoked ones left out. Devices there at the start that the plan left out (a plan short of 100 %, or no
+    variant fits them) stay out."""
     known = {m.device_id for m in members}
-    wanted = parse_selector(selector)
+    wanted = parse_selector(rollout.selector)
     return [
-        d for d in devices if d.id not in known and not d.revoked and wanted.matches(d.id, d.group, d.labels)
+        d
+        for d in devices
+        if d.enrolled_ms > rollout.created_ms
+        and d.id not in known
+        and not d.revoked
+        and wanted.matches(d.id, d.group, d.labels)
     ]
 
 

@@ -186,7 +186,8 @@ class RolloutEngine:
         changes = []
         if not wave.shadow:  # devices that passed a shadow wave now serve the candidate with this wave
             for m in ro.members:
-                if m.role == "canary" and m.wave_index < wave.index and ro.waves[m.wave_index].shadow:
+                shadow_before = m.wave_index < wave.index and ro.waves[m.wave_index].shadow
+                if m.role == "canary" and shadow_before and evaluate.succeeded(m, shadow=True):
                     moved = {"wave_index": wave.index, "assigned_ms": 0, "retry_order": ""}
                     changes.append((m.device_id, m.role, moved))
                     m.wave_index, m.assigned_ms, m.retry_order = wave.index, 0, ""
@@ -441,7 +442,7 @@ class RolloutEngine:
     async def _late_joiners(self, ro: Loaded, devices: dict[str, DeviceRecord]) -> None:
         """Devices that match the selector now but were not there at the start join the first wave that has
         not started (or the last one, which then assigns them at once)."""
-        new = claims.newcomers(ro.rollout.selector, ro.members, devices.values())
+        new = claims.newcomers(ro.rollout, ro.members, devices.values())
         if new:  # rare: read what else could claim them only then
             rollouts, orders = await asyncio.to_thread(self._orders)
             new = [d for d in new if claims.adopter(d, rollouts, orders) == ro.rollout.id]

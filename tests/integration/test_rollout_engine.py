@@ -301,7 +301,7 @@ BEHAVIOURS["31"] = ModelBehaviour(install_failure_rate=0.5, transient_install_fa
 async def test_retry_failed_assigns_the_failed_devices_again_with_retry_and_each_wave_then_passes(
     rig: RolloutRig,
 ) -> None:
-    # 20 devices labelled for it (every device a selector names ends up in its rollout), each on the good
+    # 20 devices labelled for it (a rollout of their own, apart from the rig's others), each on the good
     # version earlier scenarios left it on. min_devices is a wave's size: a wave is judged only once all 10
     # are healthy, so its failed devices hold it (the install gate is told to tolerate them) until a retry
     # heals them.
@@ -346,3 +346,31 @@ async def test_retry_failed_assigns_the_failed_devices_again_with_retry_and_each
             assert reply.assignment.retry and reply.assignment.deployment_id == orders[0], d.id
     assert sum(1 for d in fresh if d.retries) == sum(failed.values())
     assert f"rollout.retry-failed {rollout_id}" in rig.log()
+
+
+# A shadow wave whose failed devices must stay out of the serving wave (they bad-listed the candidate).
+BEHAVIOURS["32"] = ModelBehaviour(install_failure_rate=0.4)
+
+
+async def test_devices_that_failed_a_shadow_wave_are_not_moved_into_the_serving_wave(rig: RolloutRig) -> None:
+    shadowed = rig.devices[20:40]
+    for d in shadowed:
+        label = operator_pb2.LabelDeviceRequest(device_id=d.id, set={"shadowed": "yes"})
+        await rig.server.operator.LabelDevice(label, timeout=30)
+    rollout_id = await rig.start(
+        "32",
+        waves="10,100%",
+        shadow_waves=1,
+        min_devices=1,  # judged however many failed: the install gate is told to tolerate them
+        gates=["install-failures.min_failed_devices=100000"],
+        selector="shadowed=yes",
+    )
+    s = await rig.wait(rollout_id, finished, timeout=90)
+    assert s.rollout.state == "completed", s.rollout.reason
+    failed_in_shadow = s.waves[0].device_states["failed"]
+    assert failed_in_shadow > 0, "no device failed the shadow wave (4 in 10 should, drawn per device)"
+    assert sum(s.waves[0].device_states.values()) == failed_in_shadow  # the others moved on to serve it
+    assert sum(s.waves[1].device_states.values()) == 20 - failed_in_shadow
+    assert s.waves[1].device_states["pending"] == 0
+    told = [{a.shadow for a in d.received if a.model.version == "32"} for d in shadowed]
+    assert told.count({True}) == failed_in_shadow  # never told to serve it

@@ -58,6 +58,7 @@ def test_a_late_joiner_goes_to_the_newest_matching_rollout_unless_a_newer_order_
     )
     assert claims.adopter(berlin, [stopped], []) == ""
 
-    members = [MemberRecord("ro-new1", "x", 0, "canary")]
-    devices = [berlin, device("z", site="berlin"), DeviceRecord("r", "r", "default", 0, revoked=True)]
-    assert [d.id for d in claims.newcomers("all", members, devices)] == ["z"]
+    members = [MemberRecord("ro-old1", "x", 0, "canary")]
+    later = [DeviceRecord(i, i, "default", 300, revoked=i == "r") for i in ("x", "z", "r")]
+    there_at_start = DeviceRecord("left-out", "left-out", "default", 100)  # the plan stopped short of it
+    assert [d.id for d in claims.newcomers(older, members, [*later, there_at_start])] == ["z"]
