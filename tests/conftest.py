@@ -140,3 +140,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if Path(str(item.path)).relative_to(root).as_posix().startswith(_ALONE):
             item.add_marker(pytest.mark.alone)
+
+
+# Files whose module- or session-scoped fixtures are dear to build (a server and agents as processes,
+# variants built and measured in child processes, a rollout rig of simulated devices). Under xdist's
+# default `--dist load` each worker that draws one of their tests builds them again; these go to one worker
+# as a whole instead, and every other test is spread one by one as before.
+_ONE_WORKER = (
+    "tests/e2e/test_real_models_e2e.py",
+    "tests/integration/test_compression.py",
+    "tests/integration/test_fuzz.py",
+    "tests/integration/test_real_models.py",
+    "tests/integration/test_rollout_engine.py",
+)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: only called where xdist is installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist load` with the _ONE_WORKER files kept whole. Not `--dist loadgroup` with xdist_group marks:
+    xdist 3.8 marks a group in a node id field pytest 9.2 no longer reads (pytest-xdist issue #1386)."""
+    if config.getvalue("dist") != "load":
+        return None  # another --dist, chosen on the command line: xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesKeptWhole(LoadScopeScheduling):
+        # A scope is a unit of work that one worker runs: here a whole file or a single test. xdist sends
+        # the scopes with the most tests first, so the kept files never make a tail at the end.
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if path in _ONE_WORKER else nodeid
+
+    return FilesKeptWhole(config, log)
