@@ -147,6 +147,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # default `--dist load` each worker that draws one of their tests builds them again; these go to one worker
 # as a whole instead, and every other test is spread one by one as before.
 _ONE_WORKER = (
+    "tests/e2e/test_deploy_validation.py",
     "tests/e2e/test_real_models_e2e.py",
     "tests/integration/test_compression.py",
     "tests/integration/test_fuzz.py",
