@@ -254,6 +254,11 @@ class LocalFleet:
         wait_for(done, timeout, f"{agent.name} to run {target_path} healthily", interval=0.25)
 
     def close(self) -> None:
+        # SIGTERM to every agent first, so they shut down side by side, not one after the other (a second
+        # SIGTERM from stop() only sets the agent's stop event again).
+        for agent in self.agents.values():
+            if agent.process.poll() is None:
+                agent.process.send_signal(signal.SIGTERM)
         for agent in self.agents.values():
             agent.stop()
         self.stop_server()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +14,38 @@ import pytest
 import sqlalchemy as sa
 
 from edgefleet.devtools.localfleet import AgentProcess, LocalFleet
-from edgefleet.devtools.modelgen import DigitsData, build_digits_model
+from edgefleet.devtools.modelgen import DigitsData, build_digits_model, load_digits_split
+from edgefleet.durable import write_atomic
 from edgefleet.runtime import RUNTIMES, available_runtimes
 from edgefleet.server.storage.sql import sqlalchemy_url
 
 
 @pytest.fixture(scope="session")
-def digits() -> tuple[bytes, bytes, DigitsData]:
-    """Two versions of the demo model (different training seeds) and the data they were trained on."""
-    v1, data = build_digits_model(seed=0)
-    v2, _ = build_digits_model(seed=1)
-    return v1, v2, data
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes, DigitsData]:
+    """Two versions of the demo model (different training seeds) and the data they were trained on.
+    Trained once per run, not once per xdist worker (a few seconds each): see `_built_once`."""
+    cache = _run_folder(tmp_path_factory) / "digits-models"
+    v1 = _built_once(cache / "seed-0.tflite", lambda: build_digits_model(seed=0)[0])
+    v2 = _built_once(cache / "seed-1.tflite", lambda: build_digits_model(seed=1)[0])
+    return v1, v2, load_digits_split()
+
+
+def _run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This run's temp folder, shared by its xdist workers (each worker's own basetemp is a folder in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _built_once(path: Path, build: Callable[[], bytes]) -> bytes:
+    """`build()`'s bytes, built by the first worker to ask and read back by the others; the lock makes a
+    second worker wait for the first instead of building too. The folder lives for one run only, so a
+    change to modelgen can never be answered from a stale copy."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            write_atomic(path, build())
+        return path.read_bytes()
 
 
 @pytest.fixture(scope="session")
@@ -118,3 +140,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if Path(str(item.path)).relative_to(root).as_posix().startswith(_ALONE):
             item.add_marker(pytest.mark.alone)
+
+
+# Files whose module- or session-scoped fixtures are dear to build (a server and agents as processes,
+# variants built and measured in child processes, a rollout rig of simulated devices). Under xdist's
+# default `--dist load` each worker that draws one of their tests builds them again; these go to one worker
+# as a whole instead, and every other test is spread one by one as before.
+_ONE_WORKER = (
+    "tests/e2e/test_deploy_validation.py",
+    "tests/e2e/test_real_models_e2e.py",
+    "tests/integration/test_compression.py",
+    "tests/integration/test_fuzz.py",
+    "tests/integration/test_real_models.py",
+    "tests/integration/test_rollout_engine.py",
+)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: only called where xdist is installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist load` with the _ONE_WORKER files kept whole. Not `--dist loadgroup` with xdist_group marks:
+    xdist 3.8 marks a group in a node id field pytest 9.2 no longer reads (pytest-xdist issue #1386)."""
+    if config.getvalue("dist") != "load":
+        return None  # another --dist, chosen on the command line: xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesKeptWhole(LoadScopeScheduling):
+        # A scope is a unit of work that one worker runs: here a whole file or a single test. xdist sends
+        # the scopes with the most tests first, so the kept files never make a tail at the end.
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if path in _ONE_WORKER else nodeid
+
+    return FilesKeptWhole(config, log)

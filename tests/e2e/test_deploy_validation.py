@@ -8,6 +8,7 @@ permission; what the server stored (targets.json's version, the deployments) is 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 
 import pytest
 
@@ -29,12 +30,32 @@ def _signed_trace(fleet: LocalFleet) -> tuple[int, int, bytes]:
         db.close()
 
 
-@pytest.fixture
-def two_versions(fleet: LocalFleet, digits_files: dict) -> LocalFleet:
+def _with_two_versions(fleet: LocalFleet, digits_files: dict) -> LocalFleet:
     fleet.cli("model", "push", str(digits_files["v1"]), "--name", "digits", "--version", "1")
     fleet.cli("model", "push", str(digits_files["v2"]), "--name", "digits", "--version", "2")
     fleet.start_agent("cam", fleet.enrollment_token(group="lab"))
     return fleet
+
+
+@pytest.fixture
+def two_versions(fleet: LocalFleet, digits_files: dict) -> LocalFleet:
+    return _with_two_versions(fleet, digits_files)
+
+
+@pytest.fixture(scope="module")
+def two_versions_for_refusals(
+    tmp_path_factory: pytest.TempPathFactory, digits_files: dict
+) -> Iterator[LocalFleet]:
+    """One fleet for all the refusals below (a server and an agent per case cost more than the cases):
+    each case asserts that its own command changed nothing signed or recorded, so none hands the next a
+    different fleet. A test that changes the fleet takes `two_versions`, a fleet of its own."""
+    fleet = LocalFleet(tmp_path_factory.mktemp("refusals") / "fleet")
+    fleet.init_keys()
+    fleet.start_server()
+    try:
+        yield _with_two_versions(fleet, digits_files)
+    finally:
+        fleet.close()
 
 
 @pytest.mark.parametrize(
@@ -50,9 +71,9 @@ def two_versions(fleet: LocalFleet, digits_files: dict) -> LocalFleet:
     ],
 )
 def test_a_failed_downgrade_command_signs_and_records_nothing(
-    two_versions: LocalFleet, command: tuple[str, ...], says: str
+    two_versions_for_refusals: LocalFleet, command: tuple[str, ...], says: str
 ) -> None:
-    fleet = two_versions
+    fleet = two_versions_for_refusals
     before = _signed_trace(fleet)
     with pytest.raises(CliError) as refused:
         fleet.cli(*command)

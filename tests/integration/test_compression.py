@@ -44,8 +44,10 @@ DETAIL_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def digits() -> tuple[bytes, modelgen.DigitsData]:
-    return modelgen.build_digits_model(seed=0)
+def digits(digits: tuple[bytes, bytes, modelgen.DigitsData]) -> tuple[bytes, modelgen.DigitsData]:
+    """digits v1 (seed 0) and its data: the session's model (tests/conftest.py), not trained again here."""
+    v1, _, data = digits
+    return v1, data
 
 
 @pytest.fixture(scope="module")

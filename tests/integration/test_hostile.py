@@ -19,7 +19,6 @@ import pytest
 
 from edgefleet.agent.serving import ModelWorker
 from edgefleet.devtools import hostile
-from edgefleet.devtools.modelgen import build_digits_model
 from edgefleet.errors import ModelError
 
 # Measured on Linux x86_64 (Python 3.11): a worker loading the digits model needs RLIMIT_AS >= 149 MiB with
@@ -69,10 +68,9 @@ def _probe(model_path: Path, runtime: str, timeout: float) -> str:
 
 
 @pytest.fixture(scope="module")
-def digits_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("models") / "digits.tflite"
-    path.write_bytes(build_digits_model()[0])
-    return path
+def digits_model(digits_files: dict[str, Path]) -> Path:
+    """digits v1 (seed 0): the session's model (tests/conftest.py), not trained again here."""
+    return digits_files["v1"]
 
 
 def _write(tmp_path: Path, name: str, content: bytes) -> Path:

@@ -218,10 +218,10 @@ def test_malformed_golden_npz_refused(change: Any, message: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def int8_io_model() -> bytes:
+def int8_io_model(digits: tuple[bytes, bytes, modelgen.DigitsData]) -> bytes:
     """The digits MLP statically quantized with int8 inputs and outputs (no float IO), as a model arrives
     that was quantized before it was pushed."""
-    model, data = modelgen.build_digits_model(seed=0)
+    model, _, data = digits
     calibration = build._calibration_data(model, {"x": data.x_train[:100]}, 1)
     return recipes.quantize(
         model, lambda qt: qt.load_quantization_recipe(recipe.static_wi8_ai8()), calibration
@@ -350,8 +350,10 @@ def test_named_eval_set_that_does_not_fit_refused(
         compression.load_eval_npz(_npz(**arrays)).bind(io_)
 
 
-def test_named_eval_set_for_a_single_tensor_model(face_models: dict[str, bytes]) -> None:
-    model, data = modelgen.build_digits_model(seed=0)
+def test_named_eval_set_for_a_single_tensor_model(
+    face_models: dict[str, bytes], digits: tuple[bytes, bytes, modelgen.DigitsData]
+) -> None:
+    model, _, data = digits
     io_ = build.describe_io(model, LITERT)
     (input_name,), (output_name,) = [t.name for t in io_.inputs], [t.name for t in io_.outputs]
     named = compression.load_eval_npz(_npz(**{input_name: data.x_test, f"labels/{output_name}": data.y_test}))
