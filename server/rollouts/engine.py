@@ -33,7 +33,7 @@ from edgefleet.server.deployments import (
     RolloutTag,
     _capabilities_dict,
 )
-from edgefleet.server.rollouts import evaluate, windows
+from edgefleet.server.rollouts import evaluate, orders, windows
 from edgefleet.server.rollouts.audit_hook import AuditRecorder, LogRecorder
 from edgefleet.server.rollouts.plan import Ramp, parse_ramp, place_late_joiner
 from edgefleet.server.rollouts.settings import (
@@ -53,7 +53,7 @@ from edgefleet.server.storage.rollout_records import (
     TimelineEntry,
     WaveRecord,
 )
-from edgefleet.server.streams import AssignmentPush, RollbackPush
+from edgefleet.server.streams import AssignmentPush
 from edgefleet.server.variants import choose
 
 log = logging.getLogger("edgefleet.server.rollouts")
@@ -162,7 +162,7 @@ class RolloutEngine:
     async def _step(self, ro: Loaded, devices: dict[str, DeviceRecord]) -> None:
         now = self.clock()
         if ro.rollout.state == "aborted":
-            await self._sweep(ro, devices)
+            await orders.sweep(self, ro, devices)
             return
         await self._late_joiners(ro, devices)
         await self._refresh_states(ro, devices)
@@ -374,7 +374,7 @@ class RolloutEngine:
         now = self.clock()
         devices = {d.id: d for d in await asyncio.to_thread(self.store.list_devices)}
         rollback_id = f"{r.id}-rb" if rollback else ""
-        on_candidate = await self._order_back(ro, devices, rollback_id, reason, installing_too=True)
+        on_candidate = await orders.order_back(self, ro, devices, rollback_id, reason, installing_too=True)
 
         def write() -> None:
             self.rollouts.update_wave(
@@ -395,55 +395,6 @@ class RolloutEngine:
         await self.note(r, "aborted: " + reason, details)
         await self.recorder.record(actor, "rollout.abort", r.id, details)
         return rollback_id
-
-    async def _order_back(
-        self,
-        ro: Loaded,
-        devices: dict[str, DeviceRecord],
-        order_id: str,
-        reason: str,
-        *,
-        installing_too: bool,
-    ) -> list[str]:
-        """Orders every member on the candidate back to its previous model (none when `order_id` is "")
-        and, with `installing_too`, points members still installing back at what they run. Returns the
-        devices ordered back."""
-        r = ro.rollout
-        candidates = {m.target_path for m in ro.members if m.role == "canary" and m.target_path}
-        back: dict[str, str] = {}
-        on_candidate: list[str] = []
-        for m in ro.members:
-            device = devices.get(m.device_id)
-            if m.role != "canary" or not m.assigned_ms or device is None:
-                continue
-            if device.current_target in candidates and device.previous is not None:
-                if order_id and not device.rollback_command.startswith(f"{r.id}-rb"):
-                    back[device.id] = device.previous.target_path
-                    on_candidate.append(device.id)
-            elif installing_too and device.current is not None and device.desired_target in candidates:
-                back[device.id] = device.current_target  # still installing (or in shadow): stop it there
-        if not back:
-            return []
-        order_id = order_id or f"{r.id}-stop"
-        order = Deployment(
-            order_id, r.model_name, "", f"rollout:{r.id}", self.clock(), ROLLOUT_ROLLBACK_KIND, reason[:500]
-        )
-        self.tag(order_id, r.id, False)
-        await asyncio.to_thread(self.store.add_deployment, order, back, order_id if on_candidate else "")
-        for device_id in on_candidate:
-            self.deployments.streams.push(device_id, RollbackPush(order_id, reason[:500], r.id))
-        return on_candidate
-
-    async def _sweep(self, ro: Loaded, devices: dict[str, DeviceRecord]) -> None:
-        """After an abort with rollback, a device that finished installing the candidate anyway (it was
-        mid-install) is ordered back too, by an order of its own."""
-        r = ro.rollout
-        order_id = f"{r.id}-rb{self.clock()}"
-        ordered = await self._order_back(ro, devices, order_id, r.reason, installing_too=False)
-        if ordered:
-            await self.note(
-                r, f"{len(ordered)} devices that finished installing after the abort ordered back", {}
-            )
 
     async def _late_joiners(self, ro: Loaded, devices: dict[str, DeviceRecord]) -> None:
         """Devices that match the selector now but were not there at the start join the first wave that has
