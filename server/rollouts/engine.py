@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,8 @@ class RolloutEngine:
         self.lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._last_outcome: dict[tuple[str, int], str] = {}
+        self._waits: dict[tuple[str, str], str] = {}  # (rollout, "utc" | "local") -> the last wait noted
+        self._held: dict[tuple[str, int], int] = {}  # (rollout, wave) -> members held by closed windows
         self.last_tick_s = 0.0
 
     # ---- the loop ----------------------------------------------------------------------------------------
@@ -172,13 +175,27 @@ class RolloutEngine:
         if now < ro.settings.start_at_ms:
             return
         wave = ro.waves[ro.rollout.current_wave]
+        utc_open = windows.utc_open(ro.settings.windows, _utc(now))
+        if not utc_open:  # outside every maintenance window no wave advances and nobody is sent it
+            await self._waiting(ro.rollout, "utc", windows.utc_waiting(ro.settings.windows, _utc(now)))
+            self._held[(ro.rollout.id, wave.index)] = sum(
+                1 for m in _canary(ro, wave.index) if not m.assigned_ms
+            )
+        else:
+            self._waits.pop((ro.rollout.id, "utc"), None)
         if wave.state == "pending":
-            if not windows.utc_open(ro.settings.windows, _utc(now)):
-                return  # outside every maintenance window no wave advances
+            if not utc_open:
+                return
             await self._start_wave(ro, wave, now)
-        if windows.utc_open(ro.settings.windows, _utc(now)):
+        if utc_open:
             await self._assign(ro, wave, devices, now)
         await self._judge(ro, wave, now)
+
+    async def _waiting(self, r: RolloutRecord, kind: str, why: str) -> None:
+        """Says on the timeline why the rollout waits, once until the reason changes."""
+        if self._waits.get((r.id, kind)) != why:
+            self._waits[(r.id, kind)] = why
+            await self.note(r, why, {"waiting": kind})
 
     # ---- waves -------------------------------------------------------------------------------------------
 
@@ -236,13 +253,20 @@ class RolloutEngine:
         budget = self._allowed_now(ro, wave, now)
         local = windows.any_device_local(ro.settings.windows)
         todo: list[tuple[MemberRecord, DeviceRecord]] = []
+        held: Counter[str] = Counter()  # time zone -> members whose own window is closed
         for m in _canary(ro, wave.index):
             device = devices.get(m.device_id)
             if m.assigned_ms or device is None or device.revoked or not m.target_path or len(todo) >= budget:
                 continue
             if local and not windows.open_now(ro.settings.windows, _utc(now), device.capabilities.timezone):
-                continue  # its own maintenance window is closed: it waits
+                held[device.capabilities.timezone] += 1  # its own maintenance window is closed: it waits
+                continue
             todo.append((m, device))
+        self._held[(ro.rollout.id, wave.index)] = sum(held.values())
+        if held:
+            await self._waiting(ro.rollout, "local", windows.local_waiting(wave.index, held))
+        else:
+            self._waits.pop((ro.rollout.id, "local"), None)
         if not todo:
             return
         models = {m.target_path: await self.deployments.repository.model(m.target_path) for m, _ in todo}
@@ -317,7 +341,10 @@ class RolloutEngine:
             ids = [m.device_id for m in canary + control]
             telemetry = await asyncio.to_thread(self.rollouts.telemetry_since, ids, wave.started_ms)
         judgement = evaluate.with_completion(
-            evaluate.judge_wave(gates, canary, control, telemetry, wave.shadow), canary, wave.shadow
+            evaluate.judge_wave(gates, canary, control, telemetry, wave.shadow),
+            canary,
+            wave.shadow,
+            self._held.get((r.id, wave.index), 0),
         )
         if not ready and judgement.outcome is not Outcome.FAIL:
             return
