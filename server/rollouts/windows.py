@@ -143,4 +143,4 @@ def _label(name: str) -> str:
     if not name or name == "UTC":
         return "UTC"
     shown = name[:64]
-    return shown if zone(name) is not UTC else f"{shown!r} (unknown, as UTC)"
+    return shown if zone(name) is not UTC else f"{shown!r} (unknown zone: read as UTC)"

@@ -52,7 +52,7 @@ def test_the_timeline_says_when_a_utc_window_opens_and_which_zones_wait() -> Non
     assert utc_waiting(nightly, at).endswith("the next opens at 2026-12-01T23:30:00Z")
     text = local_waiting(2, Counter({"Etc/GMT-3": 8, "": 3, "Mars/Olympus_Mons": 2}))
     assert text.startswith("wave 2: 13 devices wait for their maintenance window")
-    assert "Etc/GMT-3 8, UTC 3, 'Mars/Olympus_Mons' (unknown, as UTC) 2" in text
+    assert "Etc/GMT-3 8, UTC 3, 'Mars/Olympus_Mons' (unknown zone: read as UTC) 2" in text
 
 
 def test_the_agent_refuses_a_time_zone_it_cannot_load() -> None:
