@@ -254,12 +254,16 @@ class RolloutEngine:
         local = windows.any_device_local(ro.settings.windows)
         todo: list[tuple[MemberRecord, DeviceRecord]] = []
         held: Counter[str] = Counter()  # time zone -> members whose own window is closed
+        zone_open: dict[str, bool] = {}  # once per zone, not per device (75 us each: 10,000 devices)
         for m in _canary(ro, wave.index):
             device = devices.get(m.device_id)
             if m.assigned_ms or device is None or device.revoked or not m.target_path or len(todo) >= budget:
                 continue
-            if local and not windows.open_now(ro.settings.windows, _utc(now), device.capabilities.timezone):
-                held[device.capabilities.timezone] += 1  # its own maintenance window is closed: it waits
+            tz = device.capabilities.timezone
+            if local and tz not in zone_open:
+                zone_open[tz] = windows.open_now(ro.settings.windows, _utc(now), tz)
+            if local and not zone_open[tz]:
+                held[tz] += 1  # its own maintenance window is closed: it waits
                 continue
             todo.append((m, device))
         self._held[(ro.rollout.id, wave.index)] = sum(held.values())
