@@ -257,15 +257,15 @@ class RolloutEngine:
         zone_open: dict[str, bool] = {}  # once per zone, not per device (75 us each: 10,000 devices)
         for m in _canary(ro, wave.index):
             device = devices.get(m.device_id)
-            if m.assigned_ms or device is None or device.revoked or not m.target_path or len(todo) >= budget:
+            if m.assigned_ms or device is None or device.revoked or not m.target_path:
                 continue
             tz = device.capabilities.timezone
             if local and tz not in zone_open:
                 zone_open[tz] = windows.open_now(ro.settings.windows, _utc(now), tz)
             if local and not zone_open[tz]:
                 held[tz] += 1  # its own maintenance window is closed: it waits
-                continue
-            todo.append((m, device))
+            elif len(todo) < budget:  # (counted before the rate cap, so the count does not flap)
+                todo.append((m, device))
         self._held[(ro.rollout.id, wave.index)] = sum(held.values())
         if held:
             await self._waiting(ro.rollout, "local", windows.local_waiting(wave.index, held))
