@@ -318,9 +318,25 @@ async def joined_by(rig: RolloutRig) -> dict[str, int]:
     return counts
 
 
-async def add_joined(rig: RolloutRig, count: int, group: str, timezones: list[str]) -> list[SimDevice]:
-    """New devices, once every earlier rollout to `all` placed them as its late joiners and sent them its
-    version (in the same tick): after that, what the caller deploys to them stays."""
+async def quiet(devices: list[SimDevice], for_s: float = 2.0) -> None:
+    """Waits until no device is sent or activates anything for `for_s` seconds."""
+
+    def state() -> list[tuple[str, int]]:
+        return [(d.current.target_path if d.current else "", len(d.received)) for d in devices]
+
+    deadline = time.monotonic() + 60
+    seen, calm = state(), time.monotonic()
+    while time.monotonic() - calm < for_s:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the devices are still being sent versions: {seen}")
+        await asyncio.sleep(0.2)
+        if (now := state()) != seen:
+            seen, calm = now, time.monotonic()
+
+
+async def on_incumbent(rig: RolloutRig, count: int, group: str, timezones: list[str]) -> list[SimDevice]:
+    """New devices on version 1, once every earlier rollout to `all` placed them as its late joiners and
+    sent them its version: after that, what is deployed to them stays."""
     before = await joined_by(rig)
     new = await rig.add_devices(count, group, group=group, timezones=timezones)
     deadline = time.monotonic() + 60
@@ -328,7 +344,11 @@ async def add_joined(rig: RolloutRig, count: int, group: str, timezones: list[st
         if time.monotonic() > deadline:
             raise TimeoutError(f"late joiners not placed: {before} -> {now}")
         await asyncio.sleep(0.2)
-    await asyncio.sleep(1)  # the rest of that tick: the pushes
+    await quiet(new)
+    await rig.server.deploy("detector", "1", f"group:{group}")
+    await rig.wait_running("1", new)
+    await quiet(new)
+    assert all(d.current is not None and d.current.version == "1" for d in new), rig.versions_now()
     return new
 
 
@@ -348,9 +368,7 @@ async def test_a_device_local_window_sends_the_candidate_only_where_it_is_open(r
     # closed: an hour east (it closed 10 minutes ago), an hour west (it opens in 50), half a day away; a
     # device with no zone or one nobody knows is judged in UTC (open only when UTC is the open offset).
     per_zone = 3
-    tz = await add_joined(rig, per_zone * len(zones), "tz", zones)
-    await rig.server.deploy("detector", "1", "group:tz")
-    await rig.wait_running("1", tz)
+    tz = await on_incumbent(rig, per_zone * len(zones), "tz", zones)
 
     def is_open(zone: str) -> bool:
         return zone == open_zone or (zone in ("", "Mars/Olympus_Mons") and open_zone == "Etc/GMT")
