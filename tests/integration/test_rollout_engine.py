@@ -390,9 +390,12 @@ async def test_a_device_local_window_sends_the_candidate_only_where_it_is_open(r
     await asyncio.sleep(1)  # a few more ticks: nobody else is sent it
     s = await rig.status(rollout_id)
     assert {d.id for d in rig.on("10")} == {d.id for d in opens}
-    for d in held:  # still on the incumbent, never sent the candidate, not failed
-        assert d.current is not None and d.current.version == "1", d.capabilities.timezone
+    # Never sent the candidate, not failed. (Not "still on 1": in 2 of 5 full runs a completed rollout to
+    # `all` sent one of these late joiners its own version seconds after it settled on 1.)
+    for d in held:
+        assert d.current is not None and d.current.version != "10", d.capabilities.timezone
         assert not any(a.model.version == "10" for a in d.received), d.capabilities.timezone
+        assert not any(x.startswith(rollout_id) for _, x in d.assignments), d.capabilities.timezone
     states = s.waves[0].device_states
     assert states["pending"] == len(held) and states["failed"] == 0 and states["rolled_back"] == 0
     assert s.waves[0].state == "holding" and s.rollout.state == "running"
@@ -410,7 +413,7 @@ async def test_a_device_local_window_sends_the_candidate_only_where_it_is_open(r
     shown = await asyncio.to_thread(cli, rig, "rollout", "status", rollout_id)
     assert shown.returncode == 0 and "wait for their maintenance window" in shown.stdout, shown.stdout
     await rig.rollouts.AbortRollout(rollout_pb2.AbortRolloutRequest(rollout_id=rollout_id), timeout=30)
-    await rig.wait_running("1", tz)  # the open ones went back; the held ones never left
+    await rig.wait_running("1", opens)  # the open ones went back
 
 
 async def test_a_closed_utc_window_says_when_it_opens_and_bad_windows_are_usage_errors(
