@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import zoneinfo
 from pathlib import Path
 
 from edgefleet import names
@@ -20,6 +21,15 @@ from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.exits import EXIT_CONFIG_CANNOT_WORK, EXIT_STOPPED, HELP, AgentExit
 from edgefleet.errors import EdgefleetError
 from edgefleet.logs import FORMATS, setup_logging
+
+
+def known_zone(name: str) -> bool:
+    """Whether `name` is a time zone zoneinfo can load (the server would read an unknown one as UTC)."""
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        return False
+    return True
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
@@ -106,6 +116,11 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         p.error("--shadow-max-per-s must be in (0, 1000] and --shadow-cpu-budget in (0, 1]")
     if not 0 <= a.max_deferral <= 86_400:
         p.error("--max-deferral must be 0 to 86400 seconds (0 = applications cannot defer installs)")
+    if a.timezone and not known_zone(a.timezone):
+        p.error(
+            f"--timezone {a.timezone[:80]!r} is not an IANA time zone this machine knows: write one such as "
+            "Europe/Berlin (see /usr/share/zoneinfo), or leave it out to use the system's"
+        )
     if a.reset_trust_root and a.trust_root is None:
         p.error("--reset-trust-root needs --trust-root (the root.json to pin instead)")
     setup_logging(a.verbose, a.log_format)

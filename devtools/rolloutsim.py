@@ -82,8 +82,11 @@ class RolloutRig:
         await rig.wait_running(versions[0], rig.devices)
         return rig
 
-    async def add_devices(self, count: int, prefix: str, group: str = "load") -> list[SimDevice]:
-        new = await enroll(self.server, count, prefix=prefix, group=group)
+    async def add_devices(
+        self, count: int, prefix: str, group: str = "load", timezones: Sequence[str] = ()
+    ) -> list[SimDevice]:
+        """Enrolls, connects and starts `count` obeying devices; device i in `timezones[i % len]` if given."""
+        new = await enroll(self.server, count, prefix=prefix, group=group, timezones=timezones)
         for d in new:
             d.behave = by_version(self.behaviours)
             d.step_s = 0.02

@@ -352,10 +352,17 @@ class SimDevice:
 
 
 async def enroll(
-    server: ServerProcess, count: int, *, prefix: str = "sim", concurrency: int = 16, group: str = "load"
+    server: ServerProcess,
+    count: int,
+    *,
+    prefix: str = "sim",
+    concurrency: int = 16,
+    group: str = "load",
+    timezones: Sequence[str] = (),
 ) -> list[SimDevice]:
     """Enrolls `count` devices for real: one token with `count` uses, then Enroll with a fresh key's CSR
-    per device over the enrollment port (server-authenticated TLS), `concurrency` at a time."""
+    per device over the enrollment port (server-authenticated TLS), `concurrency` at a time. Device `i`
+    reports `timezones[i % len(timezones)]` as its Capabilities.timezone (as an agent's --timezone does)."""
     token = (
         await server.operator.CreateEnrollmentToken(
             operator_pb2.CreateEnrollmentTokenRequest(group=group, uses=count),
@@ -371,10 +378,15 @@ async def enroll(
     async def one(i: int) -> SimDevice:
         name = f"{prefix}-{i}"
         key = pki.new_key()
+        capabilities = CAPABILITIES
+        if timezones:  # its own time zone, for device-local maintenance windows
+            capabilities = common_pb2.Capabilities()
+            capabilities.CopyFrom(CAPABILITIES)
+            capabilities.timezone = timezones[i % len(timezones)]
         request = device_pb2.EnrollRequest(
             enrollment_token=token,
             device_name=name,
-            capabilities=CAPABILITIES,
+            capabilities=capabilities,
             csr_pem=pki.make_csr(key, name),
         )
         async with gate:
@@ -387,7 +399,13 @@ async def enroll(
                         raise
                     await asyncio.sleep(0.2 * 2**attempt)
         return SimDevice(
-            reply.device_id, name, pki.key_pem(key), reply.certificate_pem, ca_pem, server.address
+            reply.device_id,
+            name,
+            pki.key_pem(key),
+            reply.certificate_pem,
+            ca_pem,
+            server.address,
+            capabilities=capabilities,
         )
 
     try:

@@ -6,6 +6,7 @@ only (`server.auth.build_policy`).
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from typing import Any
 
@@ -38,8 +39,11 @@ def settings_from(request: rollout_pb2.StartRolloutRequest) -> RolloutSettings:
         raise errors.InvalidRequestError(f"at most {MAX_WINDOWS} maintenance windows")
     if request.start_at_unix_ms < 0:
         raise errors.InvalidRequestError("start_at must be a time after 1970 (or 0 for now)")
+    now = dt.datetime.now(dt.timezone.utc)
     windows = tuple(
-        MaintenanceWindow(_text("window cron", w.cron, 100), w.duration_seconds, w.device_local)
+        MaintenanceWindow(_text("window cron", w.cron, 100), w.duration_seconds, w.device_local).check_opens(
+            now
+        )
         for w in request.windows
     )
     return RolloutSettings(

@@ -23,7 +23,12 @@ def duration(text: str) -> float:
 def window(text: str) -> tuple[str, float, bool]:
     """argparse type: `CRON;DURATION[;device-local]` (the server checks the cron expression)."""
     parts = [p.strip() for p in text.split(";")]
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("device-local", "utc")):
+    if len(parts) == 3 and parts[2] not in ("device-local", "utc"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the third part is 'utc' (the default) or 'device-local' (each device's own time "
+            f"zone), not {parts[2]!r}; for one named zone, write its hours in UTC"
+        )
+    if len(parts) not in (2, 3):
         raise argparse.ArgumentTypeError(
             f"{text!r}: write 'CRON;DURATION[;device-local]', e.g. '0 2 * * *;2h'"
         )

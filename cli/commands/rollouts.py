@@ -26,11 +26,14 @@ from edgefleet.v1 import operator_pb2, rollout_pb2, rollout_pb2_grpc
 FINISHED = ("completed", "aborted")
 
 
-def _call(op: Operator, method: str, request: Any, timeout: float = 60.0) -> Any:
+def _call(op: Operator, method: str, request: Any, timeout: float = 60.0, *, usage: bool = False) -> Any:
+    """With `usage`, a request the server calls invalid is the command line's fault: a usage error (exit 2)."""
     stub = rollout_pb2_grpc.RolloutServiceStub(op.channel)
     try:
         return getattr(stub, method)(request, metadata=op.metadata, timeout=timeout)
     except grpc.RpcError as e:
+        if usage and e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            raise UsageError(e.details() or "the server refused the command line") from e
         raise failure(e, op.server, op.tls_dir) from e
 
 
@@ -104,7 +107,8 @@ def cmd_rollout_start(args: argparse.Namespace) -> None:
         start_at_unix_ms=args.start_at,
         validate_only=True,
     )
-    plan = _call(op, "StartRollout", request)
+    # The planning call checks every argument (selector, waves, gates, the windows' cron expressions).
+    plan = _call(op, "StartRollout", request, usage=True)
     if args.dry_run:
         _print_plan(args, plan)
         return

@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ from edgefleet.server.deployments import (
     RolloutTag,
     _capabilities_dict,
 )
-from edgefleet.server.rollouts import claims, evaluate, windows
+from edgefleet.server.rollouts import claims, evaluate, send_back, windows
 from edgefleet.server.rollouts.audit_hook import AuditRecorder, LogRecorder
 from edgefleet.server.rollouts.orders import restore_tags, wave_deployment_id
 from edgefleet.server.rollouts.plan import Ramp, parse_ramp, place_late_joiner
@@ -53,7 +54,7 @@ from edgefleet.server.storage.rollout_records import (
     TimelineEntry,
     WaveRecord,
 )
-from edgefleet.server.streams import AssignmentPush, RollbackPush
+from edgefleet.server.streams import AssignmentPush
 from edgefleet.server.variants import choose
 
 log = logging.getLogger("edgefleet.server.rollouts")
@@ -90,6 +91,8 @@ class RolloutEngine:
         self.lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._last_outcome: dict[tuple[str, int], str] = {}
+        self._waits: dict[tuple[str, str], str] = {}  # (rollout, "utc" | "local") -> the last wait noted
+        self._held: dict[tuple[str, int], int] = {}  # (rollout, wave) -> members held by closed windows
         self.last_tick_s = 0.0
 
     # ---- the loop ----------------------------------------------------------------------------------------
@@ -153,7 +156,7 @@ class RolloutEngine:
     async def _step(self, ro: Loaded, devices: dict[str, DeviceRecord]) -> None:
         now = self.clock()
         if ro.rollout.state == "aborted":
-            await self._sweep(ro, devices)
+            await send_back.sweep(self, ro, devices)
             return
         await self._late_joiners(ro, devices)
         await self._refresh_states(ro, devices)
@@ -163,13 +166,27 @@ class RolloutEngine:
         if now < ro.settings.start_at_ms:
             return
         wave = ro.waves[ro.rollout.current_wave]
+        utc_open = windows.utc_open(ro.settings.windows, _utc(now))
+        if not utc_open:  # outside every maintenance window no wave advances and nobody is sent it
+            await self._waiting(ro.rollout, "utc", windows.utc_waiting(ro.settings.windows, _utc(now)))
+            self._held[(ro.rollout.id, wave.index)] = sum(
+                1 for m in _canary(ro, wave.index) if not m.assigned_ms
+            )
+        else:
+            self._waits.pop((ro.rollout.id, "utc"), None)
         if wave.state == "pending":
-            if not windows.utc_open(ro.settings.windows, _utc(now)):
-                return  # outside every maintenance window no wave advances
+            if not utc_open:
+                return
             await self._start_wave(ro, wave, now)
-        if windows.utc_open(ro.settings.windows, _utc(now)):
+        if utc_open:
             await self._assign(ro, wave, devices, now)
         await self._judge(ro, wave, now)
+
+    async def _waiting(self, r: RolloutRecord, kind: str, why: str) -> None:
+        """Says on the timeline why the rollout waits, once until the reason changes."""
+        if self._waits.get((r.id, kind)) != why:
+            self._waits[(r.id, kind)] = why
+            await self.note(r, why, {"waiting": kind})
 
     # ---- waves -------------------------------------------------------------------------------------------
 
@@ -229,13 +246,24 @@ class RolloutEngine:
         budget = self._allowed_now(ro, wave, now)
         local = windows.any_device_local(ro.settings.windows)
         todo: list[tuple[MemberRecord, DeviceRecord]] = []
+        held: Counter[str] = Counter()  # time zone -> members whose own window is closed
+        zone_open: dict[str, bool] = {}  # once per zone, not per device (75 us each: 10,000 devices)
         for m in _canary(ro, wave.index):
             device = devices.get(m.device_id)
-            if m.assigned_ms or device is None or device.revoked or not m.target_path or len(todo) >= budget:
+            if m.assigned_ms or device is None or device.revoked or not m.target_path:
                 continue
-            if local and not windows.open_now(ro.settings.windows, _utc(now), device.capabilities.timezone):
-                continue  # its own maintenance window is closed: it waits
-            todo.append((m, device))
+            tz = device.capabilities.timezone
+            if local and tz not in zone_open:
+                zone_open[tz] = windows.open_now(ro.settings.windows, _utc(now), tz)
+            if local and not zone_open[tz]:
+                held[tz] += 1  # its own maintenance window is closed: it waits
+            elif len(todo) < budget:  # (counted before the rate cap, so the count does not flap)
+                todo.append((m, device))
+        self._held[(ro.rollout.id, wave.index)] = sum(held.values())
+        if held:
+            await self._waiting(ro.rollout, "local", windows.local_waiting(wave.index, held))
+        else:
+            self._waits.pop((ro.rollout.id, "local"), None)
         if not todo:
             return
         models = {m.target_path: await self.deployments.repository.model(m.target_path) for m, _ in todo}
@@ -311,7 +339,10 @@ class RolloutEngine:
             ids = [m.device_id for m in canary + control]
             telemetry = await asyncio.to_thread(self.rollouts.telemetry_since, ids, wave.started_ms)
         judgement = evaluate.with_completion(
-            evaluate.judge_wave(gates, canary, control, telemetry, wave.shadow), canary, wave.shadow
+            evaluate.judge_wave(gates, canary, control, telemetry, wave.shadow),
+            canary,
+            wave.shadow,
+            self._held.get((r.id, wave.index), 0),
         )
         if not ready and judgement.outcome is not Outcome.FAIL:
             return
@@ -368,7 +399,7 @@ class RolloutEngine:
         now = self.clock()
         devices = {d.id: d for d in await asyncio.to_thread(self.store.list_devices)}
         rollback_id = f"{r.id}-rb" if rollback else ""
-        on_candidate = await self._order_back(ro, devices, rollback_id, reason, installing_too=True)
+        on_candidate = await send_back.order_back(self, ro, devices, rollback_id, reason, installing_too=True)
 
         def write() -> None:
             self.rollouts.update_wave(
@@ -389,55 +420,6 @@ class RolloutEngine:
         await self.note(r, "aborted: " + reason, details)
         await self.recorder.record(actor, "rollout.abort", r.id, details)
         return rollback_id
-
-    async def _order_back(
-        self,
-        ro: Loaded,
-        devices: dict[str, DeviceRecord],
-        order_id: str,
-        reason: str,
-        *,
-        installing_too: bool,
-    ) -> list[str]:
-        """Orders every member on the candidate back to its previous model (none when `order_id` is "")
-        and, with `installing_too`, points members still installing back at what they run. Returns the
-        devices ordered back."""
-        r = ro.rollout
-        candidates = {m.target_path for m in ro.members if m.role == "canary" and m.target_path}
-        back: dict[str, str] = {}
-        on_candidate: list[str] = []
-        for m in ro.members:
-            device = devices.get(m.device_id)
-            if m.role != "canary" or not m.assigned_ms or device is None:
-                continue
-            if device.current_target in candidates and device.previous is not None:
-                if order_id and not device.rollback_command.startswith(f"{r.id}-rb"):
-                    back[device.id] = device.previous.target_path
-                    on_candidate.append(device.id)
-            elif installing_too and device.current is not None and device.desired_target in candidates:
-                back[device.id] = device.current_target  # still installing (or in shadow): stop it there
-        if not back:
-            return []
-        order_id = order_id or f"{r.id}-stop"
-        order = Deployment(
-            order_id, r.model_name, "", f"rollout:{r.id}", self.clock(), ROLLOUT_ROLLBACK_KIND, reason[:500]
-        )
-        self.tag(order_id, r.id, False)
-        await asyncio.to_thread(self.store.add_deployment, order, back, order_id if on_candidate else "")
-        for device_id in on_candidate:
-            self.deployments.streams.push(device_id, RollbackPush(order_id, reason[:500], r.id))
-        return on_candidate
-
-    async def _sweep(self, ro: Loaded, devices: dict[str, DeviceRecord]) -> None:
-        """After an abort with rollback, a device that finished installing the candidate anyway (it was
-        mid-install) is ordered back too, by an order of its own."""
-        r = ro.rollout
-        order_id = f"{r.id}-rb{self.clock()}"
-        ordered = await self._order_back(ro, devices, order_id, r.reason, installing_too=False)
-        if ordered:
-            await self.note(
-                r, f"{len(ordered)} devices that finished installing after the abort ordered back", {}
-            )
 
     async def _late_joiners(self, ro: Loaded, devices: dict[str, DeviceRecord]) -> None:
         """Devices that match the selector now but were not there at the start join the first wave that has

@@ -90,21 +90,25 @@ def judge_wave(
     return judge(gates, aggregate(columns, rows[: len(canary)]), aggregate(columns, rows[len(canary) :]))
 
 
-def completion_verdict(canary: Sequence[MemberRecord], shadow: bool) -> Verdict:
+def completion_verdict(canary: Sequence[MemberRecord], shadow: bool, held: int = 0) -> Verdict:
     """A wave passes only once every one of its devices has finished (healthy, or failed and counted by the
-    install gate): a device still installing, offline, or outside its maintenance window holds the wave
-    (the operator can promote it with `rollout next`)."""
+    install gate): a device still installing, offline, or outside its maintenance window (`held` of them,
+    never sent the candidate) holds the wave (the operator can promote it with `rollout next`)."""
     pending = sum(1 for m in canary if install_state(m, shadow) == "pending")
     outcome = Outcome.INCONCLUSIVE if pending else Outcome.PASS
     why = f"{pending} of {len(canary)} devices have not finished" if pending else "every device finished"
+    if pending and held:
+        why += f" ({held} wait for their maintenance window)"
     evidence = Evidence(
         float(len(canary) - pending), 0.0, "devices", "devices_pending", float(pending), 0.0, why
     )
     return Verdict("installs-finished", outcome, evidence)
 
 
-def with_completion(judgement: WaveJudgement, canary: Sequence[MemberRecord], shadow: bool) -> WaveJudgement:
-    return combine((*judgement.verdicts, completion_verdict(canary, shadow)))
+def with_completion(
+    judgement: WaveJudgement, canary: Sequence[MemberRecord], shadow: bool, held: int = 0
+) -> WaveJudgement:
+    return combine((*judgement.verdicts, completion_verdict(canary, shadow, held)))
 
 
 def _number(value: float | None) -> float | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -60,6 +61,22 @@ class MaintenanceWindow:
         fire = trigger.get_next_fire_time(None, opened_after)
         return fire is not None and fire <= at
 
+    def next_open(self, at: dt.datetime, timezone: str = "") -> dt.datetime | None:
+        """When the window next opens after `at` (None: never, e.g. '0 0 30 2 *')."""
+        fire: dt.datetime | None = self.trigger(timezone if self.device_local else "").get_next_fire_time(
+            None, at
+        )
+        return fire
+
+    def check_opens(self, at: dt.datetime) -> MaintenanceWindow:
+        """Refuses a window that never opens (a rollout would wait on it for ever). Raises InvalidRequestError."""
+        if self.next_open(at) is None:
+            raise InvalidRequestError(
+                f"window {self.cron!r} never opens (no such date, e.g. 30 February); "
+                "write a day and month that exist, such as '0 2 * * *'"
+            )
+        return self
+
 
 def zone(name: str) -> dt.tzinfo:
     """A time zone by IANA name; "" (and an unknown name, from a device) is UTC."""
@@ -74,7 +91,12 @@ def zone(name: str) -> dt.tzinfo:
 def parse_window(text: str) -> MaintenanceWindow:
     """`CRON;DURATION[;device-local]`, e.g. `0 2 * * *;2h;device-local`. Raises InvalidRequestError."""
     parts = [p.strip() for p in (text or "").split(";")]
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("device-local", "utc")):
+    if len(parts) == 3 and parts[2] not in ("device-local", "utc"):
+        raise InvalidRequestError(
+            f"window {text!r}: the third part is 'utc' (the default) or 'device-local' (each device's own "
+            f"time zone), not {parts[2]!r}; for one named zone, write its hours in UTC"
+        )
+    if len(parts) not in (2, 3):
         raise InvalidRequestError(
             f"window {text!r}: write 'CRON;DURATION[;device-local]', e.g. '0 2 * * *;2h;device-local'"
         )
@@ -96,3 +118,29 @@ def utc_open(windows: Sequence[MaintenanceWindow], at: dt.datetime) -> bool:
     """Whether the rollout may advance now: its UTC windows (device-local ones hold devices, not waves)."""
     utc = [w for w in windows if not w.device_local]
     return not utc or any(w.is_open(at) for w in utc)
+
+
+def utc_waiting(windows: Sequence[MaintenanceWindow], at: dt.datetime) -> str:
+    """Why a rollout whose UTC windows are all closed waits, for its timeline."""
+    opens = [o for w in windows if not w.device_local and (o := w.next_open(at)) is not None]
+    when = min(opens).strftime("%Y-%m-%dT%H:%M:%SZ") if opens else "never"
+    return f"waiting for a maintenance window (UTC): the next opens at {when}"
+
+
+def local_waiting(wave: int, zones: Counter[str]) -> str:
+    """Why members of a wave are not sent the candidate: their own window is closed ("" = UTC)."""
+    counted = sorted(zones.items(), key=lambda kv: (-kv[1], kv[0]))
+    by_zone = ", ".join(f"{_label(name)} {n}" for name, n in counted[:8])
+    more = ", ..." if len(zones) > 8 else ""
+    return (
+        f"wave {wave}: {sum(zones.values())} devices wait for their maintenance window, closed in their "
+        f"own time zone ({by_zone}{more})"
+    )
+
+
+def _label(name: str) -> str:
+    """A device's zone as the operator should read it: one the server does not know counts as UTC."""
+    if not name or name == "UTC":
+        return "UTC"
+    shown = name[:64]
+    return shown if zone(name) is not UTC else f"{shown!r} (unknown zone: read as UTC)"

@@ -11,6 +11,7 @@ on a good one, so the next starts from a known fleet. Soaks are a second, teleme
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import pytest_asyncio
 from edgefleet import signing
 from edgefleet.devtools.rolloutsim import FAST_GATES, RolloutRig
 from edgefleet.devtools.simbehaviour import ModelBehaviour
+from edgefleet.devtools.simdevices import SimDevice
 from edgefleet.v1 import device_pb2, operator_pb2, rollout_pb2
 
 GOOD = ModelBehaviour()
@@ -374,3 +376,157 @@ async def test_devices_that_failed_a_shadow_wave_are_not_moved_into_the_serving_
     assert s.waves[1].device_states["pending"] == 0
     told = [{a.shadow for a in d.received if a.model.version == "32"} for d in shadowed]
     assert told.count({True}) == failed_in_shadow  # never told to serve it
+
+
+# ---- device-local maintenance windows ------------------------------------------------------------------
+# The server runs in its own process on the real clock, so the zones are chosen from the real UTC time: a
+# nightly 02:MM local window that opened 10 minutes ago (in one fixed-offset zone) is open for 50 more
+# minutes there and closed in every other offset. Etc/GMT zones have no summer time and no half hours.
+
+
+def etc_zone(hours_east: int) -> str:
+    """The fixed zone `hours_east` of UTC (mod 24, as Etc/GMT-11 .. Etc/GMT+12: their signs are inverted)."""
+    east = (hours_east + 12) % 24 - 12
+    return "Etc/GMT" if east == 0 else f"Etc/GMT{-east:+d}"
+
+
+async def joined_by(rig: RolloutRig) -> dict[str, int]:
+    """Members of each rollout to `all` that still takes late joiners (running or completed)."""
+    listed = await rig.rollouts.ListRollouts(rollout_pb2.ListRolloutsRequest(), timeout=30)
+    counts = {}
+    for r in listed.rollouts:
+        if r.state in ("running", "completed") and r.selector == "all":
+            s = await rig.status(r.id)
+            counts[r.id] = sum(sum(w.device_states.values()) for w in s.waves)
+    return counts
+
+
+async def quiet(devices: list[SimDevice], for_s: float = 2.0) -> None:
+    """Waits until no device is sent or activates anything for `for_s` seconds."""
+
+    def state() -> list[tuple[str, int]]:
+        return [(d.current.target_path if d.current else "", len(d.received)) for d in devices]
+
+    deadline = time.monotonic() + 60
+    seen, calm = state(), time.monotonic()
+    while time.monotonic() - calm < for_s:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the devices are still being sent versions: {seen}")
+        await asyncio.sleep(0.2)
+        if (now := state()) != seen:
+            seen, calm = now, time.monotonic()
+
+
+async def on_incumbent(rig: RolloutRig, count: int, group: str, timezones: list[str]) -> list[SimDevice]:
+    """New devices on version 1, once every earlier rollout to `all` placed them as its late joiners and
+    sent them its version: after that, what is deployed to them stays."""
+    before = await joined_by(rig)
+    new = await rig.add_devices(count, group, group=group, timezones=timezones)
+    deadline = time.monotonic() + 60
+    while (now := await joined_by(rig)) != {k: v + count for k, v in before.items()}:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"late joiners not placed: {before} -> {now}")
+        await asyncio.sleep(0.2)
+    await quiet(new)
+    for _ in range(3):  # a late push of an earlier rollout's version (seen under load) is deployed over
+        await rig.server.deploy("detector", "1", f"group:{group}")
+        await rig.wait_running("1", new)
+        await quiet(new)
+        if all(d.current is not None and d.current.version == "1" for d in new):
+            return new
+    raise AssertionError(f"the new devices do not stay on 1: {rig.versions_now()}")
+
+
+async def test_a_device_local_window_sends_the_candidate_only_where_it_is_open(rig: RolloutRig) -> None:
+    opened = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
+    east = 2 - opened.hour  # where it was 02:MM local ten minutes ago
+    open_zone = etc_zone(east)
+    zones = [
+        open_zone,
+        open_zone,
+        etc_zone(east + 1),
+        etc_zone(east - 1),
+        etc_zone(east + 12),
+        "",
+        "Mars/Olympus_Mons",
+    ]
+    # closed: an hour east (it closed 10 minutes ago), an hour west (it opens in 50), half a day away; a
+    # device with no zone or one nobody knows is judged in UTC (open only when UTC is the open offset).
+    per_zone = 3
+    tz = await on_incumbent(rig, per_zone * len(zones), "tz", zones)
+
+    def is_open(zone: str) -> bool:
+        return zone == open_zone or (zone in ("", "Mars/Olympus_Mons") and open_zone == "Etc/GMT")
+
+    opens = [d for d in tz if is_open(d.capabilities.timezone)]
+    held = [d for d in tz if not is_open(d.capabilities.timezone)]
+    window = f"{opened.minute} 2 * * *;1h;device-local"
+    gates = [f"--gate={g}" for g in FAST_GATES]
+    started = await asyncio.to_thread(
+        cli, rig, "rollout", "start", "detector", "10", "--to", "group:tz", "--waves", "100%", "--soak", "1s",
+        "--window", window, "--json", *gates,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    rollout_id = json.loads(started.stdout)["rollout_id"]
+    s = await rig.wait(
+        rollout_id,
+        lambda s: s.waves[0].state == "holding" and s.waves[0].device_states["healthy"] == len(opens),
+    )
+    await asyncio.sleep(1)  # a few more ticks: nobody else is sent it
+    s = await rig.status(rollout_id)
+    assert {d.id for d in rig.on("10")} == {d.id for d in opens}
+    # Never sent the candidate, not failed. (Not "still on 1": in 2 of 5 full runs a completed rollout to
+    # `all` sent one of these late joiners its own version seconds after it settled on 1.)
+    for d in held:
+        assert d.current is not None and d.current.version != "10", d.capabilities.timezone
+        assert not any(a.model.version == "10" for a in d.received), d.capabilities.timezone
+        assert not any(x.startswith(rollout_id) for _, x in d.assignments), d.capabilities.timezone
+    states = s.waves[0].device_states
+    assert states["pending"] == len(held) and states["failed"] == 0 and states["rolled_back"] == 0
+    assert s.waves[0].state == "holding" and s.rollout.state == "running"
+    finished = gate(s, 0, "installs-finished")
+    assert finished.outcome == "inconclusive"
+    assert f"{len(held)} wait for their maintenance window" in finished.explanation, finished
+    assert gate(s, 0, "install-failures").outcome != "fail"
+    why = [e.what for e in s.timeline if "wait for their maintenance window" in e.what]
+    assert why and why[0].startswith(f"wave 0: {len(held)} devices wait"), why
+    listed = dict(part.rsplit(" ", 1) for part in why[0].split("own time zone (", 1)[1][:-1].split(", "))
+    assert listed[etc_zone(east + 1)] == str(per_zone) and open_zone not in listed, listed
+    if open_zone != "Etc/GMT":
+        unknown = "'Mars/Olympus_Mons' (unknown zone: read as UTC)"
+        assert listed[unknown] == listed["UTC"] == str(per_zone), listed
+    shown = await asyncio.to_thread(cli, rig, "rollout", "status", rollout_id)
+    assert shown.returncode == 0 and "wait for their maintenance window" in shown.stdout, shown.stdout
+    await rig.rollouts.AbortRollout(rollout_pb2.AbortRolloutRequest(rollout_id=rollout_id), timeout=30)
+    await rig.wait_running("1", opens)  # the open ones went back
+
+
+async def test_a_closed_utc_window_says_when_it_opens_and_bad_windows_are_usage_errors(
+    rig: RolloutRig,
+) -> None:
+    at = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=12)).replace(
+        minute=0, second=0, microsecond=0
+    )
+    closed = rollout_pb2.MaintenanceWindow(cron=f"0 {at.hour} * * *", duration_seconds=600)
+    rollout_id = await rig.start("10", windows=[closed], selector="group:tz")
+    s = await rig.wait(
+        rollout_id, lambda s: any("waiting for a maintenance window" in e.what for e in s.timeline)
+    )
+    assert s.waves[0].state == "pending"
+    shown = await asyncio.to_thread(cli, rig, "rollout", "status", rollout_id, "--json")
+    timeline = [e["what"] for e in json.loads(shown.stdout)["timeline"]]
+    opens = at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert f"waiting for a maintenance window (UTC): the next opens at {opens}" in timeline, timeline
+    await rig.rollouts.AbortRollout(rollout_pb2.AbortRolloutRequest(rollout_id=rollout_id), timeout=30)
+    start = ["rollout", "start", "detector", "10", "--to", "group:tz", "--waves", "100%", "--window"]
+    bad = {
+        "0 2 * * *": "CRON;DURATION",  # no duration
+        "0 2 * * *;2 hours": "s, m, h or d",
+        "0 2 * * *;1h;Europe/Berlin": "device-local",  # a zone where the mode goes
+        "61 2 * * *;1h": "5-field crontab",  # the server's planning call refuses these: still exit 2
+        "0 0 30 2 *;1h": "never opens",  # 30 February
+        "0 2 * * *;30d": "(0 s, 7 d]",
+    }
+    refused = await asyncio.gather(*(asyncio.to_thread(cli, rig, *start, w) for w in bad))
+    for (window, says), r in zip(bad.items(), refused, strict=True):
+        assert r.returncode == 2 and says in r.stderr, (window, r.stderr)
