@@ -48,13 +48,16 @@ def scene_calls(x: np.ndarray, y: np.ndarray) -> tuple[list[np.ndarray], list[li
 
 
 def id_with_a_control(fleet: LocalFleet, *start_args: str, prefix: str = "ro-demo", tries: int = 50) -> str:
-    """A rollout id whose first wave has a control cohort, found as an operator would: `rollout start ...
-    --dry-run` shows each wave's control count. With devices of different kinds, one a side, a first wave whose
-    device has no twin among the later ones has no control, and the gates that compare with one (the drift
-    gate among them) are left out of its judgement: a bad version would pass it on install results alone."""
+    """A rollout id whose plan gives every judged wave a control cohort (every wave but a shadow wave and the
+    last), found as an operator would: `rollout start ... --dry-run` shows each wave's control count. With
+    devices of different kinds, one a side, a wave whose device has no twin among the later ones has no
+    control: its comparing gates stay inconclusive and the wave holds until an operator promotes it."""
     for i in range(tries):
         rollout_id = f"{prefix}{i:04d}"
         plan = fleet.cli_json("rollout", "start", *start_args, "--id", rollout_id, "--dry-run")
-        if plan["waves"][0]["control"]:
+        judged = [w for w in plan["waves"][:-1] if not w["shadow"]]
+        if all(w["control"] for w in judged):
             return rollout_id
-    raise RuntimeError(f"no rollout id of {tries} gives the first wave of {' '.join(start_args)} a control")
+    raise RuntimeError(
+        f"no rollout id of {tries} gives every judged wave of {' '.join(start_args)} a control"
+    )

@@ -169,9 +169,10 @@ def staged_rollouts(fleet: LocalFleet, agents: list, models: Path, data: object)
     first, more = scene_calls(data.x_test, data.y_test)  # type: ignore[attr-defined]
     with InferenceLoad([a.socket for a in agents], first, more=more) as load:
         step("Staged rollout of v2: three waves, the first in shadow, each judged against a control cohort")
-        started = fleet.cli_json("rollout", "start", "digits", "2", "--to", "group:demo", "--waves", "1,2,3",
-                                 "--shadow-waves", "1", "--soak", "10s", "--min-devices", "1", *SMALL_FLEET_GATES)  # fmt: skip
-        rollout_id = started["rollout_id"]
+        args = ("digits", "2", "--to", "group:demo", "--waves", "1,2,3", "--shadow-waves", "1", "--soak", "10s",
+                "--min-devices", "1", *SMALL_FLEET_GATES)  # fmt: skip
+        rollout_id = id_with_a_control(fleet, *args, prefix="ro-demov2n")  # wave 1 is judged against one
+        started = fleet.cli_json("rollout", "start", *args, "--id", rollout_id)
         print(f"  rollout {rollout_id}: waves of {[w['size'] for w in started['waves']]} devices")
         wait_for(lambda: fleet.cli_json("rollout", "status", rollout_id)["state"] in ("completed", "aborted"),
                  300, "the v2 rollout to finish")  # fmt: skip

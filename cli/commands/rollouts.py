@@ -127,6 +127,9 @@ def _print_plan(args: argparse.Namespace, reply: Any) -> None:
     for w in row["waves"]:
         kind = " (shadow)" if w["shadow"] else ""
         print(f"  wave {w['index']}{kind}: +{w['members']} -> {w['size']} devices, control {w['control']}")
+        if not w["control"] and not w["shadow"] and w is not row["waves"][-1]:
+            print("    no later device is of its kind: nothing to compare with, so it will hold until promoted"
+                  f" (`edgefleet rollout next {reply.rollout_id}`)")  # fmt: skip
     for line in reply.unassigned:
         print(f"  not assigned: {escape(line)}")
 

@@ -325,8 +325,10 @@ class RolloutEngine:
         canary = list(_canary(ro, wave.index))
         control = [m for m in ro.members if m.role == "control" and m.wave_index == wave.index]
         gates = build_gates(ro.settings.gates, shadow=wave.shadow)
-        if not control:
-            gates = without_control(gates)  # nobody is left on the incumbent to compare with
+        if not control and wave.index == len(ro.waves) - 1:
+            gates = without_control(gates)  # the last wave leaves nobody on the incumbent to compare with
+        # An earlier wave without a control (no later device of its kind) keeps every gate: with nothing to
+        # compare they are inconclusive, and the wave holds until an operator promotes it (`rollout next`).
         if wave.state == "holding" and now - wave.judged_ms < _rejudge_ms(ro.settings.soak_s, self.tick_s):
             return  # judging a big wave reads every member's telemetry: not on every tick
         soaked = now - wave.started_ms >= ro.settings.soak_s * 1000

@@ -83,11 +83,18 @@ async def assert_aborted_by(rig: RolloutRig, version: str, gate_name: str, **sta
     assert gate_name in s.rollout.reason and failed.explanation in s.rollout.reason
     assert failed.canary_n > 0 and failed.HasField("threshold")
     assert s.waves[1].state == "pending"  # the next wave never started
-    # Every device that ran the candidate was ordered back, by an order naming the rollout.
+    # Every device that ran the candidate was ordered back, by an order naming the rollout: a rollback
+    # command, or, for one that finished installing just after the abort, the assignment of the rollout's
+    # order back to what it ran (a simulated device takes it; an agent refuses that downgrade and the
+    # engine's sweep sends it the rollback command).
     assert any(a.model.version == version for d in rig.devices for a in d.received)
+    order_back = f"{rollout_id}-rb"
     for d in rig.devices:
         if any(path.split("/")[1] == version for path in d.served):
-            assert any(c.rollout_id == rollout_id for c in d.rollbacks), d.id
+            told = [
+                a for a in d.received if a.rollout_id == rollout_id and a.deployment_id.startswith(order_back)
+            ]
+            assert any(c.rollout_id == rollout_id for c in d.rollbacks) or told, d.id
     await rig.wait_running_all(before)
 
 
@@ -418,12 +425,12 @@ async def quiet(devices: list[SimDevice], for_s: float = 2.0) -> None:
 
 
 async def on_incumbent(rig: RolloutRig, count: int, group: str, timezones: list[str]) -> list[SimDevice]:
-    """New devices on version 1, once every earlier rollout to `all` placed them as its late joiners and
-    sent them its version: after that, what is deployed to them stays."""
+    """New devices on version 1, once the newest earlier rollout to `all` placed them as its late joiners
+    (only the newest takes them) and sent them its version: after that, what is deployed to them stays."""
     before = await joined_by(rig)
     new = await rig.add_devices(count, group, group=group, timezones=timezones)
     deadline = time.monotonic() + 60
-    while (now := await joined_by(rig)) != {k: v + count for k, v in before.items()}:
+    while sum((now := await joined_by(rig)).values()) != sum(before.values()) + (count if before else 0):
         if time.monotonic() > deadline:
             raise TimeoutError(f"late joiners not placed: {before} -> {now}")
         await asyncio.sleep(0.2)
