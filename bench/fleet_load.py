@@ -102,7 +102,9 @@ async def settle(server: Any, seconds: float = 2.0) -> Any:
 async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
     n = args.devices
     keys = signing.init_keys(folder / "keys")
-    model = build_large_mlp(8 * MIB)
+    # --quick: a 1 MiB model and a fifth of every settling pause; its figures only show the bench still runs.
+    model = build_large_mlp((1 if args.quick else 8) * MIB)
+    pause = 0.2 if args.quick else 1.0
     config = ServerConfig()
     server = ServerProcess(folder / "server", keys, grace_seconds=args.grace_s)
     devices: list[Any] = []
@@ -119,7 +121,7 @@ async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
             f"{n} devices (Enroll + CSR, 16 at a time)",
             f"{took:.1f} s, {n / took:.0f}/s (server CPU {cpu(before, server.usage(), took)})",
         )
-        idle = await settle(server, 1)
+        idle = await settle(server, pause)
         table.add("idle", "enrolled, no device connected", usage_text(idle))
 
         # ---- connections, then control streams ----
@@ -133,7 +135,7 @@ async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
             f"{n} mTLS connections (channel_ready)",
             f"{took:.1f} s, {n / took:.0f}/s (server CPU {cpu(before, server.usage(), took)})",
         )
-        connections = await settle(server)
+        connections = await settle(server, 2 * pause)
         before = connections
         took = await simdevices.connect_all(devices, server, timeout=120)
         table.add(
@@ -141,7 +143,7 @@ async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
             f"{n} control streams, status processed",
             f"{took:.1f} s, {n / took:.0f}/s (server CPU {cpu(before, server.usage(), took)})",
         )
-        streams = await settle(server)
+        streams = await settle(server, 2 * pause)
         table.add("idle", f"{n} connections, no stream", usage_text(connections))
         table.add("idle", f"{n} control streams", usage_text(streams))
         per_connection = (connections.rss - idle.rss) / n
@@ -153,8 +155,8 @@ async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
         )
         table.add("idle", "fds per device", f"{(streams.fds - idle.fds) / n:.2f}")
         table.add("idle", "threads with no device / with all", f"{idle.threads} / {streams.threads}")
-        quiet = await settle(server, 3)
-        table.add("idle", f"server CPU with {n} idle streams", cpu(streams, quiet, 3))
+        quiet = await settle(server, 3 * pause)
+        table.add("idle", f"server CPU with {n} idle streams", cpu(streams, quiet, 3 * pause))
         table.add(
             "idle",
             f"RPC slots ({config.max_connected_devices} devices + {config.rpc_headroom} headroom)",
@@ -203,7 +205,7 @@ async def run(args: argparse.Namespace, folder: Path, table: Table) -> None:
         )
 
         # ---- stuck downloads ----
-        await downloads(server, devices, path, len(model), deployment.id, table)
+        await downloads(server, devices, path, len(model), deployment.id, table, pause)
 
         # ---- restart ----
         await restart(server, devices, deployment.id, table)
@@ -280,7 +282,7 @@ async def telemetry(
 
 
 async def downloads(
-    server: Any, devices: list[Any], path: str, size: int, deployment_id: str, table: Table
+    server: Any, devices: list[Any], path: str, size: int, deployment_id: str, table: Table, pause: float
 ) -> None:
     """100 devices open DownloadModel and read one chunk, then nothing (a 64 KiB receive window: no BDP
     probing); meanwhile 20 others download the whole model."""
@@ -289,14 +291,14 @@ async def downloads(
         await d.close()
         d.channel_options = [("grpc.http2.bdp_probe", 0)]
     await asyncio.gather(*(d.get_assignment() for d in stuck_devices))  # connected again
-    before = await settle(server, 1)
+    before = await settle(server, pause)
     calls = []
     try:
         for d in stuck_devices:
             call = d.stub.DownloadModel(device_pb2.DownloadModelRequest(target_path=path))
             await call.read()
             calls.append(call)
-        await asyncio.sleep(1)
+        await asyncio.sleep(pause)
         held = server.usage()
         t0 = time.monotonic()
         got = await asyncio.gather(*(d.download(path) for d in readers))
@@ -304,7 +306,7 @@ async def downloads(
     finally:
         for call in calls:
             call.cancel()
-    await asyncio.sleep(1)
+    await asyncio.sleep(pause)
     after = server.usage()
     t_restarted = time.monotonic()
     for d in stuck_devices:  # their control streams again, for the restart
@@ -397,7 +399,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=170.0, help="the whole run is stopped after this")
     args = parser.parse_args()
     if args.quick:
-        args.devices, args.telemetry_s, args.budget_s = 40, 1.0, 90.0
+        args.devices, args.telemetry_s, args.budget_s, args.grace_s = 40, 1.0, 90.0, 1.0
     limit = os.sysconf("SC_OPEN_MAX")
     if limit < args.devices + 200:
         sys.exit(f"the open-files limit ({limit}) is too low for {args.devices} devices: raise ulimit -n")

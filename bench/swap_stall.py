@@ -424,7 +424,7 @@ def run_case(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small run: does it still run")
+    parser.add_argument("--quick", action="store_true", help="a small run on one runtime: does it still run")
     parser.add_argument("--callers", type=int, default=2)
     parser.add_argument("--swaps", type=int, default=8)
     parser.add_argument("--baseline", type=float, default=2.0, help="seconds of baseline")
@@ -434,7 +434,7 @@ def main() -> int:
     if args.quick:
         args.sizes, args.swaps, args.baseline, args.modes = "1", 2, 0.5, "prespawn"
 
-    runtimes = available_runtimes()
+    runtimes = available_runtimes()[:1] if args.quick else available_runtimes()
     print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print(f"runtimes: {', '.join(runtimes) or 'none'}; python {sys.version.split()[0]}")
     rng = np.random.default_rng(0)

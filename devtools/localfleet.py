@@ -143,10 +143,14 @@ class LocalFleet:
         ports = json.loads(ready.read_text())
         self.port, self.enroll_port = ports["port"], ports["enroll_port"]
 
-    def stop_server(self, kill: bool = False) -> None:
+    def stop_server(self, kill: bool = False, timeout: float = 15) -> None:
         if self.server is not None and self.server.poll() is None:
             self.server.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            self.server.wait(timeout=15)
+            try:
+                self.server.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:  # a server stuck in shutdown must not outlive its fleet
+                self.server.kill()
+                self.server.wait()
         self.server = None
 
     def server_log(self) -> str:
