@@ -276,7 +276,11 @@ class SimDevice:
         self._event(target, stages.UPDATE_STAGE_HEALTHY, a.deployment_id, sha256=a.model.sha256)
 
     async def _roll_back(self, command: device_pb2.RollbackCommand) -> None:
+        obeyed = any(c.command_id == command.command_id for c in self.rollbacks)
         self.rollbacks.append(command)
+        if obeyed:  # as the agent does: say what it runs again, never go back twice for one order
+            self._outbox.put_nowait(device_pb2.DeviceMessage(status=self._status()))
+            return
         if self.previous is None:
             return
         self.current, self.previous = self.previous, self.current

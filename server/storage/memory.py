@@ -264,6 +264,7 @@ class MemoryFleetStore(FleetStore):
             if device is None or device.desired_deployment == deployment_id:
                 return  # count each device once
             device.desired_target, device.desired_deployment = target, deployment_id
+            device.rollback_command = ""  # a newer order than any rollback it had not obeyed
             deployment = self._deployments.get(deployment_id)
             if deployment is not None:
                 deployment.devices_targeted += 1

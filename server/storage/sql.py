@@ -362,7 +362,8 @@ class SqlFleetStore(FleetStore):
             pointed = conn.execute(
                 t.devices.update()
                 .where(d.id == device_id, d.desired_deployment != deployment_id)
-                .values(desired_target=target, desired_deployment=deployment_id)
+                # A newer order than any rollback the device had not obeyed (as a deployment's own rows).
+                .values(desired_target=target, desired_deployment=deployment_id, rollback_command="")
             )
             if pointed.rowcount:  # count each device once
                 conn.execute(

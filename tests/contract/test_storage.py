@@ -268,6 +268,13 @@ def test_deployment_sets_desired_targets_atomically(store: FleetStore) -> None:
     store.add_deployment(Deployment("dep-2", "m", "2", "all", now_ms() + 2), {a.id: "m/2/float32.tflite"})
     assert store.get_device(a.id).rollback_command == ""  # a later deployment replaces the order
     assert [d.id for d in store.list_deployments()] == ["dep-1", "rb-1", "dep-2"]
+    # So does a rollout wave pointing devices one at a time: else the stale order wins over the new one.
+    store.add_deployment(
+        Deployment("rb-2", "", "", "all", now_ms() + 3, kind="rollback"), {a.id: "m/1/x"}, "rb-2"
+    )
+    store.add_deployment(Deployment("ro-1-w0", "m", "3", "rollout:ro-1", now_ms() + 4, kind="rollout"), {})
+    store.add_deployment_target("ro-1-w0", a.id, "m/3/float32.tflite")
+    assert store.get_device(a.id).rollback_command == ""
 
 
 def test_a_deployment_counts_every_device_it_pointed_at_once(store: FleetStore) -> None:
