@@ -1,4 +1,6 @@
-"""Rollout gates: pure statistics and verdicts that decide whether a rollout wave may advance.
+"""Staged rollouts: the engine (`engine`, a state machine over the database), operator actions (`actions`),
+who steers a device (`claims`), the orders a rollout sends (`orders`, `send_back`), maintenance windows
+(`windows`), and the gates: pure statistics and verdicts that decide whether a rollout wave may advance.
 
 README: how a verdict is reached
 --------------------------------
@@ -18,6 +20,6 @@ While a wave soaks, a matched control cohort of devices stays on the incumbent m
    inconclusive (the wave waits for more data) if any gate is inconclusive and none fails, or if there are
    no gates; otherwise it passes.
 
-Everything here is pure: no I/O, no clock, no asyncio, no database. The rollout engine fetches telemetry,
-calls `judge` and acts on (and records) the judgement.
+The gates and statistics are pure: no I/O, no clock, no asyncio, no database. The rollout engine fetches
+telemetry, calls `judge` and acts on (and records) the judgement.
 """

@@ -37,12 +37,7 @@ from edgefleet.server.rollouts import claims, evaluate, send_back, windows
 from edgefleet.server.rollouts.audit_hook import AuditRecorder, LogRecorder
 from edgefleet.server.rollouts.orders import restore_tags, wave_deployment_id
 from edgefleet.server.rollouts.plan import Ramp, parse_ramp, place_late_joiner
-from edgefleet.server.rollouts.settings import (
-    RolloutSettings,
-    build_gates,
-    install_gate,
-    without_control,
-)
+from edgefleet.server.rollouts.settings import RolloutSettings, install_gate, wave_gates
 from edgefleet.server.rollouts.verdicts import Outcome
 from edgefleet.server.storage.interfaces import FleetStore
 from edgefleet.server.storage.records import Deployment, DeviceRecord, now_ms
@@ -324,11 +319,8 @@ class RolloutEngine:
         r = ro.rollout
         canary = list(_canary(ro, wave.index))
         control = [m for m in ro.members if m.role == "control" and m.wave_index == wave.index]
-        gates = build_gates(ro.settings.gates, shadow=wave.shadow)
-        if not control and wave.index == len(ro.waves) - 1:
-            gates = without_control(gates)  # the last wave leaves nobody on the incumbent to compare with
-        # An earlier wave without a control (no later device of its kind) keeps every gate: with nothing to
-        # compare they are inconclusive, and the wave holds until an operator promotes it (`rollout next`).
+        last = wave.index == len(ro.waves) - 1
+        gates = wave_gates(ro.settings.gates, shadow=wave.shadow, last=last, has_control=bool(control))
         if wave.state == "holding" and now - wave.judged_ms < _rejudge_ms(ro.settings.soak_s, self.tick_s):
             return  # judging a big wave reads every member's telemetry: not on every tick
         soaked = now - wave.started_ms >= ro.settings.soak_s * 1000

@@ -113,6 +113,16 @@ def build_gates(overrides: Sequence[GateOverride], *, shadow: bool) -> tuple[Gat
     return tuple(g for g in gates if g.name in wanted and g.name not in disabled)
 
 
+def wave_gates(
+    overrides: Sequence[GateOverride], *, shadow: bool, last: bool, has_control: bool
+) -> tuple[Gate, ...]:
+    """The gates a wave is judged by. Only the last wave, which leaves nobody on the incumbent, is judged
+    without a control; an earlier wave with none (no later device of its kind) keeps every gate, which with
+    nothing to compare are inconclusive: it holds until an operator promotes it."""
+    gates = build_gates(overrides, shadow=shadow)
+    return without_control(gates) if last and not has_control else gates
+
+
 def install_gate(gates: Sequence[Gate]) -> tuple[Gate, ...]:
     """The gates of a wave that is not judged on telemetry (yet): installs alone."""
     return tuple(g for g in gates if isinstance(g, InstallFailureGate))

@@ -13,6 +13,7 @@ from edgefleet.server.rollouts.settings import (
     RolloutSettings,
     build_gates,
     parse_override,
+    wave_gates,
     without_control,
 )
 from edgefleet.server.rollouts.windows import parse_duration, parse_window
@@ -110,3 +111,13 @@ def test_every_threshold_is_settable_and_unknown_ones_are_refused() -> None:
             build_gates([parse_override(bad)], shadow=False)
     settings = RolloutSettings(waves="5,100%", gates=(parse_override("latency.min_calls=10"),))
     assert RolloutSettings.from_json(settings.to_json()) == settings
+
+
+def test_only_the_last_wave_is_judged_without_a_control_an_earlier_one_without_holds() -> None:
+    last = wave_gates([], shadow=False, last=True, has_control=False)
+    assert [g.name for g in last] == ["install-failures"]  # nobody is left on the incumbent
+    earlier = {g.name for g in wave_gates([], shadow=False, last=False, has_control=False)}
+    assert {"drift-top-class", "latency", "error-rate"} <= earlier  # kept: with no control, inconclusive
+    assert earlier == {g.name for g in wave_gates([], shadow=False, last=False, has_control=True)}
+    # A shadow wave compares the candidate with the serving model on the same devices: no control needed.
+    assert "shadow-agreement" in {g.name for g in wave_gates([], shadow=True, last=False, has_control=False)}
