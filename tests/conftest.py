@@ -131,8 +131,10 @@ def v1_running(fleet: LocalFleet, digits_files: dict[str, Path], *extra: str, **
 
 # Run alone, after the rest (scripts/test's second pass): the load tests assert on a server's memory, threads
 # and timings (a reconnect stampede's spread, a fan-out's seconds), which tests running beside them on the same
-# cores would distort. The benches' quick runs assert only that they run and print figures: they run beside.
-_ALONE = ("tests/load/",)
+# cores would distort. So does the real-agent rollout test: its shadow wave's statistics come from a niced
+# candidate under a CPU budget on live traffic, which a loaded machine starves (its rollout then outwaits the
+# test). The benches' quick runs assert only that they run and print figures: they run beside.
+_ALONE = ("tests/load/", "tests/e2e/test_rollout_agents.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
