@@ -302,6 +302,14 @@ async def test_the_cli_signs_the_permit_starts_watches_and_lists_a_rollout(rig: 
     assert paused.returncode == 1 and "completed" in paused.stderr  # nothing to pause any more
 
 
+async def labelled(rig: RolloutRig, devices: list[SimDevice], key: str) -> str:
+    """Labels `devices` `key=yes` (a rollout of their own, apart from the rig's others); returns the selector."""
+    for d in devices:
+        label = operator_pb2.LabelDeviceRequest(device_id=d.id, set={key: "yes"})
+        await rig.server.operator.LabelDevice(label, timeout=30)
+    return f"{key}=yes"
+
+
 # retry-failed: about half the devices fail their first install of this candidate (a transient fault; a retry
 # works). Added to the rig's versions here, beside its scenario, so that appending it changed nothing above.
 BEHAVIOURS["31"] = ModelBehaviour(install_failure_rate=0.5, transient_install_failure=True)
@@ -315,15 +323,12 @@ async def test_retry_failed_assigns_the_failed_devices_again_with_retry_and_each
     # are healthy, so its failed devices hold it (the install gate is told to tolerate them) until a retry
     # heals them.
     fresh = rig.devices[:20]
-    for d in fresh:
-        label = operator_pb2.LabelDeviceRequest(device_id=d.id, set={"retry": "yes"})
-        await rig.server.operator.LabelDevice(label, timeout=30)
     rollout_id = await rig.start(
         "31",
         waves="10,100%",
         min_devices=10,
         gates=["install-failures.min_failed_devices=100000"],
-        selector="retry=yes",
+        selector=await labelled(rig, fresh, "retry"),
     )
     request = rollout_pb2.RetryFailedRequest(rollout_id=rollout_id)
     failed: dict[str, int] = {}  # retry order -> devices it retried
@@ -363,16 +368,13 @@ BEHAVIOURS["32"] = ModelBehaviour(install_failure_rate=0.4)
 
 async def test_devices_that_failed_a_shadow_wave_are_not_moved_into_the_serving_wave(rig: RolloutRig) -> None:
     shadowed = rig.devices[20:40]
-    for d in shadowed:
-        label = operator_pb2.LabelDeviceRequest(device_id=d.id, set={"shadowed": "yes"})
-        await rig.server.operator.LabelDevice(label, timeout=30)
     rollout_id = await rig.start(
         "32",
         waves="10,100%",
         shadow_waves=1,
         min_devices=1,  # judged however many failed: the install gate is told to tolerate them
         gates=["install-failures.min_failed_devices=100000"],
-        selector="shadowed=yes",
+        selector=await labelled(rig, shadowed, "shadowed"),
     )
     s = await rig.wait(rollout_id, finished, timeout=90)
     assert s.rollout.state == "completed", s.rollout.reason
