@@ -295,9 +295,12 @@ def cmd_rollout_abort(args: argparse.Namespace) -> None:
     request = rollout_pb2.AbortRolloutRequest(
         rollout_id=args.id, no_rollback=args.no_rollback, reason=args.reason
     )
-    _action(
-        args, "AbortRollout", request, "rollout {rollout_id} aborted (rollback order: {rollback_command_id})"
+    said = (
+        "rollout {rollout_id} aborted; devices on the candidate stay there (--no-rollback)"
+        if args.no_rollback
+        else "rollout {rollout_id} aborted; devices on the candidate go back (rollback order {rollback_command_id})"
     )
+    _action(args, "AbortRollout", request, said)
 
 
 def cmd_rollout_retry_failed(args: argparse.Namespace) -> None:
