@@ -243,6 +243,7 @@ class RolloutEngine:
         todo: list[tuple[MemberRecord, DeviceRecord]] = []
         held: Counter[str] = Counter()  # time zone -> members whose own window is closed
         zone_open: dict[str, bool] = {}  # once per zone, not per device (75 us each: 10,000 devices)
+        offline = 0
         for m in _canary(ro, wave.index):
             device = devices.get(m.device_id)
             if m.assigned_ms or device is None or device.revoked or not m.target_path:
@@ -252,9 +253,14 @@ class RolloutEngine:
                 zone_open[tz] = windows.open_now(ro.settings.windows, _utc(now), tz)
             if local and not zone_open[tz]:
                 held[tz] += 1  # its own maintenance window is closed: it waits
+            elif ro.settings.windows and not self.deployments.streams.is_connected(device.id):
+                offline += 1  # told only while connected: else it installs on reconnect, window or not
             elif len(todo) < budget:  # (counted before the rate cap, so the count does not flap)
                 todo.append((m, device))
         self._held[(ro.rollout.id, wave.index)] = sum(held.values())
+        if offline:
+            text = f"wave {wave.index}: {offline} offline devices are told when they connect inside a window"
+            await self._waiting(ro.rollout, "offline", text)
         if held:
             await self._waiting(ro.rollout, "local", windows.local_waiting(wave.index, held))
         else:

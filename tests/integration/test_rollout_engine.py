@@ -539,3 +539,40 @@ async def test_a_closed_utc_window_says_when_it_opens_and_bad_windows_are_usage_
     refused = await asyncio.gather(*(asyncio.to_thread(cli, rig, *start, w) for w in bad))
     for (window, says), r in zip(bad.items(), refused, strict=True):
         assert r.returncode == 2 and says in r.stderr, (window, r.stderr)
+
+
+BEHAVIOURS["33"] = GOOD
+
+
+async def test_a_device_offline_while_its_window_is_open_is_told_only_once_it_connects(
+    rig: RolloutRig,
+) -> None:
+    # Told while offline, it would install whenever it reconnected, the window closed or not.
+    opened = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
+    window = rollout_pb2.MaintenanceWindow(cron=f"{opened.minute} {opened.hour} * * *", duration_seconds=3600)
+    devices = rig.devices[40:46]
+    away = devices[:2]
+    for d in away:
+        await d.stop()
+    rollout_id = await rig.start(
+        "33",
+        waves="100%",
+        min_devices=1,
+        windows=[window],
+        gates=["install-failures.min_finished_devices=6"],
+        selector=await labelled(rig, devices, "away"),
+    )
+    s = await rig.wait(rollout_id, lambda s: s.waves[0].device_states["healthy"] == 4)
+    assert s.waves[0].device_states["pending"] == 2 and s.rollout.state == "running"
+    assert any("2 offline devices are told when they connect inside a window" in e.what for e in s.timeline)
+    assert not any(a.model.version == "33" for d in away for a in d.received)
+    request = operator_pb2.ListDevicesRequest(selector="away=yes")
+    desired = {
+        d.id: d.desired.version for d in (await rig.server.operator.ListDevices(request, timeout=30)).devices
+    }
+    assert all(desired[d.id] != "33" for d in away), desired  # not pointed at it: nothing waits for them
+    for d in away:
+        d.start()
+    s = await rig.wait(rollout_id, finished)
+    assert s.rollout.state == "completed", s.rollout.reason
+    await rig.wait_running("33", devices)
