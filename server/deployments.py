@@ -72,6 +72,7 @@ class RollbackResult:
     targeted: int = 0
     notified: int = 0
     skipped: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)  # the ids sent back
 
 
 async def resolve_selector(store: FleetStore, selector: Selector) -> Selector:
@@ -202,7 +203,7 @@ class Deployments:
         await asyncio.to_thread(
             self.store.add_deployment, deployment, targets, rollback_command_for(deployment)
         )
-        result.targeted = len(targets)
+        result.targeted, result.devices = len(targets), list(targets)
         for device_id in targets:
             result.notified += self.streams.push(device_id, RollbackPush(result.command_id, reason))
         log.info("rollback %s to %s: %d devices (%s)", result.command_id, selector, len(targets), reason)

@@ -345,12 +345,16 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
                 request.selector, request.reason or OPERATOR_ORDER, validate_only=request.validate_only
             )
             if not request.validate_only:
+                actor = (await self.principal(context)).id if self.principal else "unknown"
+                # A running rollout would send its later waves the candidate again: it waits for the operator.
+                paused = await self.fleet.rollouts.hold_for_rollback(actor, result.devices, result.command_id)
                 details = {
                     "selector": request.selector,
                     "reason": request.reason or OPERATOR_ORDER,
                     "targeted": result.targeted,
                     "notified": result.notified,
                     "skipped": result.skipped[:100],
+                    "paused_rollouts": paused,
                 }
                 await self._audit(context, audit.DEPLOYMENT_ROLLBACK, result.command_id, details)
             return operator_pb2.RollbackDevicesResponse(

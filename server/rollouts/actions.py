@@ -8,6 +8,7 @@ operator's name (`Principal.id`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -157,7 +158,9 @@ class RolloutActions:
             for d in w.members
         ]
         members += [MemberRecord(rollout_id, d, w.index, "control") for w in waves for d in w.control]
-        async with e.lock:
+        async with e.lock:  # again under the lock: another start may have claimed them since the plan
+            busy = await asyncio.to_thread(claims.claimed, e.rollouts, targets)
+            claims.refuse_claimed(busy, {d.id: d.name for d in devices}, f"rollout {rollout_id}")
             await asyncio.to_thread(self.rollouts.add_rollout, record, wave_records, members)
             details = {
                 "model": model_name,
@@ -205,6 +208,19 @@ class RolloutActions:
             )
             await self.engine.note(ro.rollout, f"{action} by {actor}", {})
             await self.engine.recorder.record(actor, f"rollout.{action}", rollout_id, {"state": state})
+
+    async def hold_for_rollback(self, actor: str, device_ids: list[str], order_id: str) -> list[str]:
+        """Pauses every running rollout that steers one of the devices an operator just sent back, so that
+        its later waves do not undo the rollback; returns their ids."""
+        busy = await asyncio.to_thread(claims.claimed, self.rollouts, device_ids)
+        paused = []
+        for rollout_id in sorted(set(busy.values())):
+            with contextlib.suppress(ConflictError):  # paused already
+                await self._set_state(actor, rollout_id, "pause", "paused", "running")
+                r = await asyncio.to_thread(self.rollouts.get_rollout, rollout_id)
+                await self.engine.note(r, f"paused: rollback {order_id} sent some of its devices back", {})
+                paused.append(rollout_id)
+        return paused
 
     async def pause(self, actor: str, rollout_id: str) -> None:
         await self._set_state(actor, rollout_id, "pause", "paused", "running")

@@ -155,8 +155,9 @@ class RolloutEngine:
             return
         await self._late_joiners(ro, devices)
         await self._refresh_states(ro, devices)
-        if ro.rollout.state == "completed":
-            await self._assign(ro, ro.waves[-1], devices, now)
+        if ro.rollout.state == "completed":  # late joiners, inside the windows as any install
+            if windows.utc_open(ro.settings.windows, _utc(now)):
+                await self._assign(ro, ro.waves[-1], devices, now)
             return
         if now < ro.settings.start_at_ms:
             return
@@ -196,10 +197,10 @@ class RolloutEngine:
             ROLLOUT_KIND,
         )
         changes = []
-        if not wave.shadow:  # devices that passed a shadow wave now serve the candidate with this wave
-            for m in ro.members:
+        if not wave.shadow:  # a shadow wave's devices now serve the candidate with this wave, unless they
+            for m in ro.members:  # failed it (they listed it as bad); pending ones (a promoted wave) come too
                 shadow_before = m.wave_index < wave.index and ro.waves[m.wave_index].shadow
-                if m.role == "canary" and shadow_before and evaluate.succeeded(m, shadow=True):
+                if m.role == "canary" and shadow_before and evaluate.install_state(m, True) != "failed":
                     moved = {"wave_index": wave.index, "assigned_ms": 0, "retry_order": ""}
                     changes.append((m.device_id, m.role, moved))
                     m.wave_index, m.assigned_ms, m.retry_order = wave.index, 0, ""

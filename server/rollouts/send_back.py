@@ -38,6 +38,8 @@ async def order_back(
         device = devices.get(m.device_id)
         if m.role != "canary" or not m.assigned_ms or device is None:
             continue
+        if not installing_too and not device.desired_deployment.startswith(f"{r.id}-"):
+            continue  # a sweep: a newer order (a deploy, another rollout) steers it now
         if device.current_target in candidates and device.previous is not None:
             if order_id and not device.rollback_command.startswith(f"{r.id}-rb"):
                 back[device.id] = device.previous.target_path

@@ -1,6 +1,6 @@
 """Two orders never steer one device, through the real CLI, a real server process and real agents: while a
 rollout runs, another rollout or a plain deploy that would move its devices is refused (saying which rollout
-and what to do) and a rollback still goes through; a plan whose every wave is a shadow one is refused; and a
+and what to do) and a rollback still goes through, pausing it; a plan whose every wave is a shadow one is refused; and a
 device that enrolls after a completed rollout is not taken by it when the operator deployed something newer
 since."""
 
@@ -58,6 +58,7 @@ def test_a_running_rollout_keeps_its_devices_and_a_later_deploy_keeps_late_joine
     fleet.wait_running(cam, V2)
     fleet.cli("rollback", "--to", "all", "--reason", "an operator's way out is never refused")
     fleet.wait_running(cam, "digits/1/float32.tflite")
+    assert rollout_ids(fleet)[held_id] == "paused"  # its later waves would undo the rollback: it waits
     fleet.cli("rollout", "abort", held_id, "--no-rollback")
 
     # A rollout that completes, then a newer plain deploy: a device enrolling now gets the deploy's version.
