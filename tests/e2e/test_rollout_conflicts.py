@@ -1,8 +1,8 @@
 """Two orders never steer one device, through the real CLI, a real server process and real agents: while a
 rollout runs, another rollout or a plain deploy that would move its devices is refused (saying which rollout
-and what to do) and a rollback still goes through, pausing it; a plan whose every wave is a shadow one is refused; and a
-device that enrolls after a completed rollout is not taken by it when the operator deployed something newer
-since."""
+and what to do) and a rollback still goes through, pausing it; a plan whose every wave is a shadow one is
+refused; and a device that enrolls after a completed rollout is not taken by it when the operator deployed
+something newer since."""
 
 from __future__ import annotations
 
