@@ -17,11 +17,10 @@ from typing import Any
 from edgefleet import signing
 from edgefleet.errors import ConflictError, InvalidRequestError, NotFoundError
 from edgefleet.selectors import parse_selector
-from edgefleet.server.deployments import ROLLOUT_KIND, _capabilities_dict, resolve_selector
+from edgefleet.server.deployments import _capabilities_dict, resolve_selector
 from edgefleet.server.rollouts import claims, orders, plan
 from edgefleet.server.rollouts.engine import Loaded, RolloutEngine
 from edgefleet.server.rollouts.settings import RolloutSettings
-from edgefleet.server.storage.records import Deployment
 from edgefleet.server.storage.rollout_records import (
     MEMBER_STATES,
     MemberRecord,
@@ -116,8 +115,12 @@ class RolloutActions:
             candidates.append(plan.Candidate(d.id, caps.runtime, chosen.variant, caps.hardware_class))
         if not candidates:
             raise ConflictError(f"{selector} reaches no device that can run {model_name} {version}")
-        busy = await asyncio.to_thread(claims.claimed, e.rollouts, targets)
-        claims.refuse_claimed(busy, {d.id: d.name for d in devices}, f"rollout {rollout_id}")
+        names = {d.id: d.name for d in devices}
+
+        def refuse_if_claimed() -> None:  # blocking: run in a thread
+            claims.refuse_claimed(claims.claimed(e.rollouts, targets), names, f"rollout {rollout_id}")
+
+        await asyncio.to_thread(refuse_if_claimed)  # in the plan too: the CLI plans before it signs
         if settings.ramp:
             steps = plan.ramp_steps(plan.parse_ramp(settings.ramp), len(candidates))
         else:
@@ -159,8 +162,7 @@ class RolloutActions:
         ]
         members += [MemberRecord(rollout_id, d, w.index, "control") for w in waves for d in w.control]
         async with e.lock:  # again under the lock: another start may have claimed them since the plan
-            busy = await asyncio.to_thread(claims.claimed, e.rollouts, targets)
-            claims.refuse_claimed(busy, {d.id: d.name for d in devices}, f"rollout {rollout_id}")
+            await asyncio.to_thread(refuse_if_claimed)
             await asyncio.to_thread(self.rollouts.add_rollout, record, wave_records, members)
             details = {
                 "model": model_name,
@@ -200,13 +202,15 @@ class RolloutActions:
             )
         return ro
 
-    async def _set_state(self, actor: str, rollout_id: str, action: str, state: str, *needs: str) -> None:
+    async def _set_state(
+        self, actor: str, rollout_id: str, action: str, state: str, *needs: str, why: str = ""
+    ) -> None:
         async with self.engine.lock:
             ro = await self._loaded(rollout_id, *needs)
             await asyncio.to_thread(
                 self.rollouts.update_rollout, rollout_id, state=state, updated_ms=self.engine.clock()
             )
-            await self.engine.note(ro.rollout, f"{action} by {actor}", {})
+            await self.engine.note(ro.rollout, f"{action} by {actor}" + (f": {why}" if why else ""), {})
             await self.engine.recorder.record(actor, f"rollout.{action}", rollout_id, {"state": state})
 
     async def hold_for_rollback(self, actor: str, device_ids: list[str], order_id: str) -> list[str]:
@@ -215,10 +219,9 @@ class RolloutActions:
         busy = await asyncio.to_thread(claims.claimed, self.rollouts, device_ids)
         paused = []
         for rollout_id in sorted(set(busy.values())):
+            why = f"rollback {order_id} sent some of its devices back"
             with contextlib.suppress(ConflictError):  # paused already
-                await self._set_state(actor, rollout_id, "pause", "paused", "running")
-                r = await asyncio.to_thread(self.rollouts.get_rollout, rollout_id)
-                await self.engine.note(r, f"paused: rollback {order_id} sent some of its devices back", {})
+                await self._set_state(actor, rollout_id, "pause", "paused", "running", why=why)
                 paused.append(rollout_id)
         return paused
 
@@ -267,15 +270,7 @@ class RolloutActions:
             if failed:
                 e = self.engine
                 order_id = orders.next_retry_order(wave.deployment_id, e.deployments.rollout_tags)
-                order = Deployment(
-                    order_id,
-                    r.model_name,
-                    r.version,
-                    f"rollout:{r.id}",
-                    e.clock(),
-                    ROLLOUT_KIND,
-                    f"retry-failed by {actor}"[:500],
-                )
+                order = orders.rollout_order(r, order_id, e.clock(), reason=f"retry-failed by {actor}")
                 await asyncio.to_thread(e.store.add_deployment, order, {})
                 e.tag(order_id, r.id, wave.shadow, retry=True)
             retried = {"state": "pending", "assigned_ms": 0, "retry_order": order_id}

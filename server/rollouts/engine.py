@@ -35,7 +35,7 @@ from edgefleet.server.deployments import (
 )
 from edgefleet.server.rollouts import claims, evaluate, send_back, windows
 from edgefleet.server.rollouts.audit_hook import AuditRecorder, LogRecorder
-from edgefleet.server.rollouts.orders import restore_tags, wave_deployment_id
+from edgefleet.server.rollouts.orders import restore_tags, rollout_order, wave_deployment_id
 from edgefleet.server.rollouts.plan import Ramp, parse_ramp, place_late_joiner
 from edgefleet.server.rollouts.settings import RolloutSettings, install_gate, wave_gates
 from edgefleet.server.rollouts.verdicts import Outcome
@@ -155,21 +155,22 @@ class RolloutEngine:
             return
         await self._late_joiners(ro, devices)
         await self._refresh_states(ro, devices)
+        utc_open = windows.utc_open(ro.settings.windows, _utc(now))
         if ro.rollout.state == "completed":  # late joiners, inside the windows as any install
-            if windows.utc_open(ro.settings.windows, _utc(now)):
+            if utc_open:
                 await self._assign(ro, ro.waves[-1], devices, now)
             return
         if now < ro.settings.start_at_ms:
             return
         wave = ro.waves[ro.rollout.current_wave]
-        utc_open = windows.utc_open(ro.settings.windows, _utc(now))
-        if not utc_open:  # outside every maintenance window no wave advances and nobody is sent it
-            await self._waiting(ro.rollout, "utc", windows.utc_waiting(ro.settings.windows, _utc(now)))
+        # Outside every maintenance window no wave advances and nobody is sent it.
+        await self._waiting(
+            ro.rollout, "utc", "" if utc_open else windows.utc_waiting(ro.settings.windows, _utc(now))
+        )
+        if not utc_open:
             self._held[(ro.rollout.id, wave.index)] = sum(
                 1 for m in _canary(ro, wave.index) if not m.assigned_ms
             )
-        else:
-            self._waits.pop((ro.rollout.id, "utc"), None)
         if wave.state == "pending":
             if not utc_open:
                 return
@@ -179,8 +180,11 @@ class RolloutEngine:
         await self._judge(ro, wave, now)
 
     async def _waiting(self, r: RolloutRecord, kind: str, why: str) -> None:
-        """Says on the timeline why the rollout waits, once until the reason changes."""
-        if self._waits.get((r.id, kind)) != why:
+        """Says on the timeline why the rollout waits, once until the reason changes ("": it no longer
+        waits for that, and a wait for it later is said again)."""
+        if not why:
+            self._waits.pop((r.id, kind), None)
+        elif self._waits.get((r.id, kind)) != why:
             self._waits[(r.id, kind)] = why
             await self.note(r, why, {"waiting": kind})
 
@@ -188,14 +192,7 @@ class RolloutEngine:
 
     async def _start_wave(self, ro: Loaded, wave: WaveRecord, now: int) -> None:
         r = ro.rollout
-        deployment = Deployment(
-            wave_deployment_id(r.id, wave.index),
-            r.model_name,
-            r.version,
-            f"rollout:{r.id}",
-            now,
-            ROLLOUT_KIND,
-        )
+        deployment = rollout_order(r, wave_deployment_id(r.id, wave.index), now)
         changes = []
         if not wave.shadow:  # a shadow wave's devices now serve the candidate with this wave, unless they
             for m in ro.members:  # failed it (they listed it as bad); pending ones (a promoted wave) come too
@@ -259,13 +256,11 @@ class RolloutEngine:
             elif len(todo) < budget:  # (counted before the rate cap, so the count does not flap)
                 todo.append((m, device))
         self._held[(ro.rollout.id, wave.index)] = sum(held.values())
-        if offline:
-            text = f"wave {wave.index}: {offline} offline devices are told when they connect inside a window"
-            await self._waiting(ro.rollout, "offline", text)
-        if held:
-            await self._waiting(ro.rollout, "local", windows.local_waiting(wave.index, held))
-        else:
-            self._waits.pop((ro.rollout.id, "local"), None)
+        offline_text = (
+            f"wave {wave.index}: {offline} offline devices are told when they connect inside a window"
+        )
+        await self._waiting(ro.rollout, "offline", offline_text if offline else "")
+        await self._waiting(ro.rollout, "local", windows.local_waiting(wave.index, held) if held else "")
         if not todo:
             return
         models = {m.target_path: await self.deployments.repository.model(m.target_path) for m, _ in todo}

@@ -14,13 +14,24 @@ from collections.abc import Iterable
 
 from edgefleet.server.deployments import ROLLOUT_KIND, ROLLOUT_ROLLBACK_KIND, RolloutTag
 from edgefleet.server.storage.interfaces import FleetStore
-from edgefleet.server.storage.rollout_records import RolloutStore
+from edgefleet.server.storage.records import Deployment
+from edgefleet.server.storage.rollout_records import RolloutRecord, RolloutStore
 
 RETRY_MARK = "-retry"
 
 
 def wave_deployment_id(rollout_id: str, index: int) -> str:
     return f"{rollout_id}-w{index}"
+
+
+def rollout_order(
+    r: RolloutRecord, order_id: str, at_ms: int, *, back: bool = False, reason: str = ""
+) -> Deployment:
+    """The deployment record of one of `r`'s orders: a wave or a retry-failed order (the candidate), or with
+    `back` an order back to what the devices ran before (no one version)."""
+    kind = ROLLOUT_ROLLBACK_KIND if back else ROLLOUT_KIND
+    version = "" if back else r.version
+    return Deployment(order_id, r.model_name, version, f"rollout:{r.id}", at_ms, kind, reason[:500])
 
 
 def wave_of_retry(deployment_id: str) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from edgefleet.server.deployments import ROLLOUT_ROLLBACK_KIND
-from edgefleet.server.storage.records import Deployment, DeviceRecord
+from edgefleet.server.rollouts.orders import rollout_order
+from edgefleet.server.storage.records import DeviceRecord
 from edgefleet.server.streams import RollbackPush
 
 if TYPE_CHECKING:
@@ -49,9 +49,7 @@ async def order_back(
     if not back:
         return []
     order_id = order_id or f"{r.id}-stop"
-    order = Deployment(
-        order_id, r.model_name, "", f"rollout:{r.id}", engine.clock(), ROLLOUT_ROLLBACK_KIND, reason[:500]
-    )
+    order = rollout_order(r, order_id, engine.clock(), back=True, reason=reason)
     engine.tag(order_id, r.id, False)
     await asyncio.to_thread(engine.store.add_deployment, order, back, order_id if on_candidate else "")
     for device_id in on_candidate:
