@@ -55,7 +55,6 @@ from edgefleet.server.variants import choose
 log = logging.getLogger("edgefleet.server.rollouts")
 
 ENGINE_ACTOR = "rollout-engine"
-SWEEP_MS = 10 * 60_000  # how long after an abort devices that finish installing the candidate are sent back
 TRACKED = tuple(s for s in MEMBER_STATES if s != "pending")  # what a device's events can move a member to
 
 
@@ -123,13 +122,7 @@ class RolloutEngine:
         started = time.perf_counter()
         async with self.lock:
             rollouts = await asyncio.to_thread(self.rollouts.list_rollouts)
-            now = self.clock()
-            live = [
-                r
-                for r in rollouts
-                if r.state in ("running", "completed")
-                or (r.state == "aborted" and r.rollback_id and now - r.finished_ms < SWEEP_MS)
-            ]
+            live = [r for r in rollouts if r.state in ("running", "completed")]
             if live:
                 devices = {d.id: d for d in await asyncio.to_thread(self.store.list_devices)}
                 for r in live:
@@ -150,9 +143,6 @@ class RolloutEngine:
 
     async def _step(self, ro: Loaded, devices: dict[str, DeviceRecord]) -> None:
         now = self.clock()
-        if ro.rollout.state == "aborted":
-            await send_back.sweep(self, ro, devices)
-            return
         await self._late_joiners(ro, devices)
         await self._refresh_states(ro, devices)
         utc_open = windows.utc_open(ro.settings.windows, _utc(now))
@@ -395,7 +385,7 @@ class RolloutEngine:
         now = self.clock()
         devices = {d.id: d for d in await asyncio.to_thread(self.store.list_devices)}
         rollback_id = f"{r.id}-rb" if rollback else ""
-        on_candidate = await send_back.order_back(self, ro, devices, rollback_id, reason, installing_too=True)
+        on_candidate = await send_back.order_back(self, ro, devices, rollback_id, reason)
 
         def write() -> None:
             self.rollouts.update_wave(
@@ -412,7 +402,7 @@ class RolloutEngine:
 
         await asyncio.to_thread(write)
         r.state, r.reason, r.finished_ms, r.rollback_id = "aborted", reason, now, rollback_id
-        details = {"reason": reason, "rollback": rollback, "rolled_back_devices": len(on_candidate)}
+        details = {"reason": reason, "rollback": rollback, "rolled_back_devices": on_candidate}
         await self.note(r, "aborted: " + reason, details)
         await self.recorder.record(actor, "rollout.abort", r.id, details)
         return rollback_id

@@ -1,8 +1,13 @@
-"""Ordering a rollout's devices back: on abort, every member on the candidate gets a rollback order naming
-the rollout (devices accept it on the operator's rollout permit) and members still installing are pointed
-back at what they run; for a while after, members that finished installing anyway are swept back too.
+"""Ordering a rollout's devices back on abort: every member on the candidate gets a rollback order naming
+the rollout (devices accept it on the operator's rollout permit), and members still installing are pointed
+back at what they run, with the same order left pending on them.
 
-Functions of the engine (its store, deployments and clock), kept apart so engine.py holds the state machine.
+A pending rollback order stands until the device obeys it (`rules.pending_rollback`), and a device's status
+report tells it what is pending. A member that finishes installing the candidate after the abort is
+therefore sent back by its own report, or by the push after the write here when its report came in while
+the abort was deciding: whichever of the two writes lands last, the read after it sees both.
+
+A function of the engine (its store, deployments and clock), kept apart so engine.py holds the state machine.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from edgefleet.server.rollouts.orders import rollout_order
+from edgefleet.server.rules import pending_rollback
 from edgefleet.server.storage.records import DeviceRecord
 from edgefleet.server.streams import RollbackPush
 
@@ -19,51 +25,38 @@ if TYPE_CHECKING:
 
 
 async def order_back(
-    engine: RolloutEngine,
-    ro: Loaded,
-    devices: dict[str, DeviceRecord],
-    order_id: str,
-    reason: str,
-    *,
-    installing_too: bool,
-) -> list[str]:
-    """Orders every member on the candidate back to its previous model (none when `order_id` is "")
-    and, with `installing_too`, points members still installing back at what they run. Returns the
-    devices ordered back."""
+    engine: RolloutEngine, ro: Loaded, devices: dict[str, DeviceRecord], order_id: str, reason: str
+) -> int:
+    """Orders every member on the candidate back to its previous model (none when `order_id` is "") and
+    points members still installing back at what they run. Returns how many were on the candidate."""
     r = ro.rollout
     candidates = {m.target_path for m in ro.members if m.role == "canary" and m.target_path}
     back: dict[str, str] = {}
-    on_candidate: list[str] = []
+    on_candidate = 0
     for m in ro.members:
         device = devices.get(m.device_id)
         if m.role != "canary" or not m.assigned_ms or device is None:
             continue
-        if not installing_too and not device.desired_deployment.startswith(f"{r.id}-"):
-            continue  # a sweep: a newer order (a deploy, another rollout) steers it now
         if device.current_target in candidates and device.previous is not None:
-            if order_id and not device.rollback_command.startswith(f"{r.id}-rb"):
+            if order_id:
                 back[device.id] = device.previous.target_path
-                on_candidate.append(device.id)
-        elif installing_too and device.current is not None and device.desired_target in candidates:
+                on_candidate += 1
+        elif device.current is not None and device.desired_target in candidates:
             back[device.id] = device.current_target  # still installing (or in shadow): stop it there
     if not back:
-        return []
+        return 0
+    rollback_command = order_id  # left pending on installing members too: they may finish the candidate
     order_id = order_id or f"{r.id}-stop"
     order = rollout_order(r, order_id, engine.clock(), back=True, reason=reason)
     engine.tag(order_id, r.id, False)
-    await asyncio.to_thread(engine.store.add_deployment, order, back, order_id if on_candidate else "")
-    for device_id in on_candidate:
-        engine.deployments.streams.push(device_id, RollbackPush(order_id, reason[:500], r.id))
+    await asyncio.to_thread(engine.store.add_deployment, order, back, rollback_command)
+    if not rollback_command:
+        return 0
+    # Read again after the write: a device whose report of the candidate landed while the abort decided
+    # was told nothing by that report (its order was not written yet) and is told now.
+    now = {d.id: d for d in await asyncio.to_thread(engine.store.list_devices)}
+    for device_id in back:
+        device = now.get(device_id)
+        if device is not None and pending_rollback(device) == rollback_command:
+            engine.deployments.streams.push(device_id, RollbackPush(rollback_command, reason[:500], r.id))
     return on_candidate
-
-
-async def sweep(engine: RolloutEngine, ro: Loaded, devices: dict[str, DeviceRecord]) -> None:
-    """After an abort with rollback, a device that finished installing the candidate anyway (it was
-    mid-install) is ordered back too, by an order of its own."""
-    r = ro.rollout
-    order_id = f"{r.id}-rb{engine.clock()}"
-    ordered = await order_back(engine, ro, devices, order_id, r.reason, installing_too=False)
-    if ordered:
-        await engine.note(
-            r, f"{len(ordered)} devices that finished installing after the abort ordered back", {}
-        )

@@ -83,19 +83,14 @@ async def assert_aborted_by(rig: RolloutRig, version: str, gate_name: str, **sta
     assert gate_name in s.rollout.reason and failed.explanation in s.rollout.reason
     assert failed.canary_n > 0 and failed.HasField("threshold")
     assert s.waves[1].state == "pending"  # the next wave never started
-    # Every device that ran the candidate was ordered back, by an order naming the rollout: a rollback
-    # command, or, for one that finished installing just after the abort, the assignment of the rollout's
-    # order back to what it ran (a simulated device takes it; an agent refuses that downgrade and the
-    # engine's sweep sends it the rollback command).
     assert any(a.model.version == version for d in rig.devices for a in d.received)
-    order_back = f"{rollout_id}-rb"
-    for d in rig.devices:
-        if any(path.split("/")[1] == version for path in d.served):
-            told = [
-                a for a in d.received if a.rollout_id == rollout_id and a.deployment_id.startswith(order_back)
-            ]
-            assert any(c.rollout_id == rollout_id for c in d.rollbacks) or told, d.id
     await rig.wait_running_all(before)
+    # Every device that ran the candidate was ordered back by a rollback command naming the rollout, one
+    # that finished installing just after the abort too (its order was left pending: test_abort_race.py).
+    served = [d for d in rig.devices if any(path.split("/")[1] == version for path in d.served)]
+    assert served or gate_name == "shadow-agreement"
+    for d in served:
+        assert any(c.rollout_id == rollout_id for c in d.rollbacks), d.id
 
 
 async def test_a_good_version_advances_wave_by_wave_only_on_healthy_devices(rig: RolloutRig) -> None:
