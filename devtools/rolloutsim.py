@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from edgefleet import signing
 from edgefleet.cli.client import Operator
 from edgefleet.cli.commands.rollouts import authorize_rollout
+from edgefleet.devtools.inprocess import InProcessServer
 from edgefleet.devtools.modelgen import build_large_mlp
 from edgefleet.devtools.serverprocess import ServerProcess
 from edgefleet.devtools.simbehaviour import ModelBehaviour, by_version
@@ -74,13 +76,16 @@ class RolloutRig:
         server = ServerProcess(folder, keys, **{**FAST_SERVER, **config})
         await asyncio.to_thread(server.start)
         rig = cls(server, [], behaviours, interval_s)
-        for i, version in enumerate(versions):
-            model = build_large_mlp(64 * 1024, seed=i)
-            rig.versions[version] = await asyncio.to_thread(server.push_model, model, MODEL, version)
-        await rig.add_devices(devices, "sim")
-        await server.deploy(MODEL, versions[0])
-        await rig.wait_running(versions[0], rig.devices)
+        await rig._populate(devices, versions)
         return rig
+
+    async def _populate(self, devices: int, versions: Sequence[str], model_bytes: int = 64 * 1024) -> None:
+        for i, version in enumerate(versions):
+            model = build_large_mlp(model_bytes, seed=i)
+            self.versions[version] = await asyncio.to_thread(self.server.push_model, model, MODEL, version)
+        await self.add_devices(devices, "sim")
+        await self.server.deploy(MODEL, versions[0])
+        await self.wait_running(versions[0], self.devices)
 
     async def add_devices(
         self, count: int, prefix: str, group: str = "load", timezones: Sequence[str] = ()
@@ -215,3 +220,28 @@ class RolloutRig:
 
     def on(self, version: str) -> list[SimDevice]:
         return [d for d in self.devices if d.current is not None and d.current.version == version]
+
+
+@contextlib.asynccontextmanager
+async def in_process_rig(
+    folder: Path,
+    keys: signing.KeyFiles,
+    *,
+    devices: int,
+    versions: Sequence[str],
+    behaviours: dict[str, ModelBehaviour],
+    **config: Any,
+) -> AsyncIterator[tuple[RolloutRig, InProcessServer]]:
+    """`RolloutRig.create` with the server in this process (a real grpc.aio server on loopback, real
+    SQLite), for tests that must reach into it: hold one database write to force an interleaving."""
+    server = await InProcessServer.start(folder, keys, **{**FAST_SERVER, **config})
+    # The rig's operator helpers need only the address, keys and folder of a server: this one's.
+    handle = ServerProcess(folder, keys)
+    handle.port, handle.enroll_port = server.running.port, server.running.enroll_port
+    rig = RolloutRig(handle, [], behaviours, interval_s=0.5)
+    try:
+        await rig._populate(devices, versions, model_bytes=16 * 1024)
+        yield rig, server
+    finally:
+        await rig.close()
+        await server.close()

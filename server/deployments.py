@@ -98,6 +98,9 @@ class Deployments:
         self.repository = repository
         # deployment or rollback id -> its staged rollout (kept by server.rollouts.engine)
         self.rollout_tags: dict[str, RolloutTag] = {}
+        # A deploy checks that no rollout claims its devices and writes under this lock; a rollout start
+        # records its claims under it, so neither lands between the other's check and write.
+        self.claiming = asyncio.Lock()
 
     def rollout_tag(self, deployment_id: str) -> RolloutTag:
         return self.rollout_tags.get(deployment_id, NO_TAG)
@@ -140,18 +143,20 @@ class Deployments:
                 unassigned.append(f"{device.name} ({device.id}): {why}")
         if not targets and not allow_empty:
             raise ConflictError(empty_deployment_refusal(str(selector), unassigned))
-        busy = await asyncio.to_thread(claimed, self.store.rollouts(), targets)
-        refuse_claimed(busy, {d.id: d.name for d, _ in pushes}, f"deploying {name} {version} to {selector}")
-        if validate_only:
-            return DeploymentStatus(
-                dataclasses.replace(deployment, id=""),
-                targeted=len(targets),
-                pending=len(targets),
-                unassigned=unassigned,
-                choices=choices,
-            )
         rollback_command = rollback_command_for(deployment)
-        await asyncio.to_thread(self.store.add_deployment, deployment, targets, rollback_command)
+        async with self.claiming:
+            busy = await asyncio.to_thread(claimed, self.store.rollouts(), targets)
+            what = f"deploying {name} {version} to {selector}"
+            refuse_claimed(busy, {d.id: d.name for d, _ in pushes}, what)
+            if validate_only:
+                return DeploymentStatus(
+                    dataclasses.replace(deployment, id=""),
+                    targeted=len(targets),
+                    pending=len(targets),
+                    unassigned=unassigned,
+                    choices=choices,
+                )
+            await asyncio.to_thread(self.store.add_deployment, deployment, targets, rollback_command)
         status = DeploymentStatus(
             deployment, targeted=len(targets), pending=len(targets), unassigned=unassigned, choices=choices
         )

@@ -161,7 +161,9 @@ class RolloutActions:
             for d in w.members
         ]
         members += [MemberRecord(rollout_id, d, w.index, "control") for w in waves for d in w.control]
-        async with e.lock:  # again under the lock: another start may have claimed them since the plan
+        # Again under the locks: another start may have claimed them since the plan, and a deploy that
+        # checked its devices before this start must write before it.
+        async with e.lock, e.deployments.claiming:
             await asyncio.to_thread(refuse_if_claimed)
             await asyncio.to_thread(self.rollouts.add_rollout, record, wave_records, members)
             details = {
