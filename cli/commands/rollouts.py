@@ -63,7 +63,7 @@ def authorize_rollout(
 
 def _plan_row(reply: Any) -> dict[str, Any]:
     return {
-        "rollout_id": reply.rollout_id,
+        "id": reply.rollout_id,  # as `rollout list` and `status` name it
         "selector": reply.selector,
         "target": reply.target,
         "started": reply.started,
@@ -218,9 +218,12 @@ def _print_status(row: dict[str, Any]) -> None:
         print(f"  reason: {escape(row['reason'])}")
     for w in row["waves_status"]:
         counts = ", ".join(f"{k} {v}" for k, v in w["devices"].items() if v)
+        if not counts:  # a passed shadow wave's devices are counted in the wave that serves them
+            moved = w["shadow"] and w["state"] == "passed"
+            counts = "its devices moved on to the next serving wave" if moved else "none yet"
         kind = " shadow" if w["shadow"] else ""
         print(
-            f"  wave {w['index']}{kind} [{w['state']}] {w['size']} devices; {counts or 'none yet'}; control {w['control']}"
+            f"  wave {w['index']}{kind} [{w['state']}] {w['size']} devices; {counts}; control {w['control']}"
         )
         for g in w["gates"]:
             value = "n/a" if g["value"] is None else f"{g['value']:.4g}"
@@ -255,7 +258,7 @@ def cmd_rollout_status(args: argparse.Namespace) -> None:
 
 def _action(args: argparse.Namespace, method: str, request: Any, done: str) -> None:
     reply = _call(Operator(args), method, request)
-    row: dict[str, Any] = {"rollout_id": args.id, "action": method}
+    row: dict[str, Any] = {"id": args.id, "action": method}
     for field in reply.DESCRIPTOR.fields:
         row[field.name] = getattr(reply, field.name)
     if wants_json(args):
@@ -269,7 +272,7 @@ def cmd_rollout_pause(args: argparse.Namespace) -> None:
         args,
         "PauseRollout",
         rollout_pb2.PauseRolloutRequest(rollout_id=args.id),
-        "rollout {rollout_id} paused",
+        "rollout {id} paused",
     )
 
 
@@ -278,7 +281,7 @@ def cmd_rollout_resume(args: argparse.Namespace) -> None:
         args,
         "ResumeRollout",
         rollout_pb2.ResumeRolloutRequest(rollout_id=args.id),
-        "rollout {rollout_id} resumed",
+        "rollout {id} resumed",
     )
 
 
@@ -287,7 +290,7 @@ def cmd_rollout_next(args: argparse.Namespace) -> None:
         args,
         "NextWave",
         rollout_pb2.NextWaveRequest(rollout_id=args.id),
-        "rollout {rollout_id}: current wave promoted, now at wave {current_wave}",
+        "rollout {id}: current wave promoted, now at wave {current_wave}",
     )
 
 
@@ -296,9 +299,9 @@ def cmd_rollout_abort(args: argparse.Namespace) -> None:
         rollout_id=args.id, no_rollback=args.no_rollback, reason=args.reason
     )
     said = (
-        "rollout {rollout_id} aborted; devices on the candidate stay there (--no-rollback)"
+        "rollout {id} aborted; devices on the candidate stay there (--no-rollback)"
         if args.no_rollback
-        else "rollout {rollout_id} aborted; devices on the candidate go back (rollback order {rollback_command_id})"
+        else "rollout {id} aborted; devices on the candidate go back (rollback order {rollback_command_id})"
     )
     _action(args, "AbortRollout", request, said)
 
@@ -308,5 +311,5 @@ def cmd_rollout_retry_failed(args: argparse.Namespace) -> None:
         args,
         "RetryFailed",
         rollout_pb2.RetryFailedRequest(rollout_id=args.id),
-        "rollout {rollout_id}: {devices} failed device(s) assigned again, each allowed one more try",
+        "rollout {id}: {devices} failed device(s) assigned again, each allowed one more try",
     )

@@ -137,7 +137,7 @@ def good_v2(on_v1: Fleet) -> Rollout:
             "rollout", "start", "digits", "2", "--to", f"group:{GROUP}", "--waves", "1,2,3",
             "--shadow-waves", "1", "--soak", SOAK, "--min-devices", "1", *SMALL_FLEET_GATES,
         )  # fmt: skip
-        rollout_id = started["rollout_id"]
+        rollout_id = started["id"]
         done = finished(f, rollout_id)
         for agent in f.agents:
             f.fleet.wait_running(agent, V2)
@@ -212,6 +212,9 @@ def test_a_good_v2_passes_a_shadow_wave_and_two_more_and_every_agent_runs_it(
     assert agreement["threshold"] == pytest.approx(0.95)
     assert agreement["canary_n"] >= 50 and agreement["bound"] >= 0.95 and agreement["value"] >= 0.95
     assert all(a.running() == V2 for a in on_v1.agents)
+    # As the operator reads it: the shadow wave's device is counted where it serves now.
+    text = on_v1.fleet.cli("rollout", "status", good_v2.rollout_id)
+    assert "wave 0 shadow [passed] 1 devices; its devices moved on to the next serving wave" in text, text
     assert good_v2.load.calls > 1000 and good_v2.load.failures == 0, good_v2.load.errors
     # The shadow wave served v1 to the application: v2 answered only once a wave served it.
     assert set(good_v2.load.by_model) == {V1, V2}

@@ -44,7 +44,7 @@ def test_a_running_rollout_keeps_its_devices_and_a_later_deploy_keeps_late_joine
 
     # A rollout that soaks for an hour holds cam-1 (as a member) until it ends.
     held = fleet.cli_json("rollout", "start", "digits", "2", "--to", "all", "--waves", "1", "--soak", "1h")
-    held_id = held["rollout_id"]
+    held_id = held["id"]
     for attempt in (
         ("rollout", "start", "digits", "3", "--to", "all", "--waves", "1"),
         ("deploy", "digits", "3", "--to", "group:default"),
@@ -63,13 +63,13 @@ def test_a_running_rollout_keeps_its_devices_and_a_later_deploy_keeps_late_joine
 
     # A rollout that completes, then a newer plain deploy: a device enrolling now gets the deploy's version.
     done = fleet.cli_json("rollout", "start", "digits", "2", "--to", "all", "--waves", "1", *QUICK)
-    wait_for(lambda: rollout_ids(fleet)[done["rollout_id"]] == "completed", 60, "the rollout to complete")
+    wait_for(lambda: rollout_ids(fleet)[done["id"]] == "completed", 60, "the rollout to complete")
     fleet.wait_running(cam, V2)
     fleet.cli("deploy", "digits", "3", "--to", "all")
     fleet.wait_running(cam, V3)
     late = fleet.start_agent("cam-2", token)
     fleet.wait_running(late, V3)
     time.sleep(3)  # three engine ticks: time for the completed rollout to take cam-2, were it going to
-    timeline = [e["what"] for e in fleet.cli_json("rollout", "status", done["rollout_id"])["timeline"]]
+    timeline = [e["what"] for e in fleet.cli_json("rollout", "status", done["id"])["timeline"]]
     assert not any("late joiner" in what for what in timeline), timeline
     assert fleet.device(late)["desired"]["target_path"] == V3

@@ -277,7 +277,7 @@ async def test_the_cli_signs_the_permit_starts_watches_and_lists_a_rollout(rig: 
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     plan = json.loads(started.stdout)
-    rollout_id = plan["rollout_id"]
+    rollout_id = plan["id"]
     assert plan["started"] and [w["size"] for w in plan["waves"]] == [20, 60]
     permit = await rig.permit(rollout_id)
     assert permit is not None and permit.model == "detector"
@@ -471,7 +471,7 @@ async def test_a_device_local_window_sends_the_candidate_only_where_it_is_open(r
         "--window", window, "--json", *gates,
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
-    rollout_id = json.loads(started.stdout)["rollout_id"]
+    rollout_id = json.loads(started.stdout)["id"]
     s = await rig.wait(
         rollout_id,
         lambda s: s.waves[0].state == "holding" and s.waves[0].device_states["healthy"] == len(opens),
