@@ -317,7 +317,9 @@ class RolloutEngine:
             return  # judging a big wave reads every member's telemetry: not on every tick
         soaked = now - wave.started_ms >= ro.settings.soak_s * 1000
         done = sum(1 for m in canary if evaluate.succeeded(m, wave.shadow))
-        ready = soaked and done >= min(ro.settings.min_devices, len(canary))
+        need = min(ro.settings.min_devices, len(canary))
+        ready = soaked and done >= need
+        await self._waiting(r, "healthy", _short_of_healthy(r, wave, canary, need) if soaked else "")
         # Installs are judged all along: a wave that breaks devices stops before its soak ends.
         gates = gates if ready else install_gate(gates)
         telemetry = {}
@@ -452,6 +454,19 @@ class RolloutEngine:
 def _rejudge_ms(soak_s: float, tick_s: float) -> float:
     """How long a holding wave waits before it is judged again: a tenth of its soak, within [tick, 60 s]."""
     return 1000 * max(tick_s, min(60.0, soak_s / 10))
+
+
+def _short_of_healthy(r: RolloutRecord, wave: WaveRecord, canary: list[MemberRecord], need: int) -> str:
+    """Why a soaked wave is not judged when nothing it waits for can come any more: fewer healthy devices
+    than it needs, and none still to install ("" otherwise)."""
+    states = Counter(evaluate.install_state(m, wave.shadow) for m in canary)
+    if states["succeeded"] >= need or states["pending"]:
+        return ""
+    return (
+        f"wave {wave.index} soaked, but {states['succeeded']} of the {need} healthy devices it needs are"
+        f" healthy and {states['failed']} failed: `edgefleet rollout retry-failed {r.id}` lets them try"
+        f" again, `edgefleet rollout next {r.id}` promotes the wave, `edgefleet rollout abort {r.id}` ends it"
+    )
 
 
 def _utc(ms: int) -> dt.datetime:

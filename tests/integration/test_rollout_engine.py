@@ -339,6 +339,12 @@ async def test_retry_failed_assigns_the_failed_devices_again_with_retry_and_each
         await asyncio.sleep(1.2)  # a soak and more: its failures hold the wave
         s = await rig.status(rollout_id)
         assert s.waves[wave].state == "soaking" and s.waves[wave].device_states["failed"] == failed[order]
+        # and the timeline says why, with what the operator can do
+        why = f"wave {wave} soaked, but {10 - failed[order]} of the 10 healthy devices it needs are healthy"
+        said = [e.what for e in s.timeline if e.what.startswith(why)]
+        assert said and f"{failed[order]} failed: `edgefleet rollout retry-failed {rollout_id}`" in said[0], (
+            said
+        )
         assert (await rig.rollouts.RetryFailed(request, timeout=30)).devices == failed[order]
 
     s = await rig.wait(rollout_id, finished)
