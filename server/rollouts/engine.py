@@ -387,7 +387,7 @@ class RolloutEngine:
         now = self.clock()
         devices = {d.id: d for d in await asyncio.to_thread(self.store.list_devices)}
         rollback_id = f"{r.id}-rb" if rollback else ""
-        on_candidate = await send_back.order_back(self, ro, devices, rollback_id, reason)
+        sent = await send_back.order_back(self, ro, devices, rollback_id, reason)
 
         def write() -> None:
             self.rollouts.update_wave(
@@ -404,8 +404,14 @@ class RolloutEngine:
 
         await asyncio.to_thread(write)
         r.state, r.reason, r.finished_ms, r.rollback_id = "aborted", reason, now, rollback_id
-        details = {"reason": reason, "rollback": rollback, "rolled_back_devices": on_candidate}
-        await self.note(r, "aborted: " + reason, details)
+        details = {
+            "reason": reason,
+            "rollback": rollback,
+            "rolled_back_devices": sent.on_candidate,
+            "stranded_devices": sent.stranded,
+        }
+        stranded = f"; {sent.stranded} devices have no earlier model to go back to" if sent.stranded else ""
+        await self.note(r, "aborted: " + reason + stranded, details)
         await self.recorder.record(actor, "rollout.abort", r.id, details)
         return rollback_id
 
