@@ -19,7 +19,8 @@ from edgefleet.server.storage.records import Deployment
 
 class HeldStore:
     """`store`, except that `add_deployment` of an order `holds` picks waits until `ready()` (at most
-    `limit_s`). `waiting` is set once a write waits; `crossed` once one went ahead with `ready()` true."""
+    `limit_s`). `waiting` is set once a write waits; `crossed` once `ready()` came true while one waited
+    (`ready_at_once`: it was true when the write came, so the test forced nothing)."""
 
     def __init__(
         self,
@@ -30,6 +31,7 @@ class HeldStore:
     ):
         self._store, self._holds, self._ready, self._limit_s = store, holds, ready, limit_s
         self.waiting = threading.Event()
+        self.ready_at_once = threading.Event()
         self.crossed = threading.Event()
 
     def __getattr__(self, name: str) -> Any:
@@ -40,9 +42,11 @@ class HeldStore:
     ) -> None:
         if self._holds(deployment):  # called in a worker thread: the server's loop runs on meanwhile
             self.waiting.set()
+            if self._ready():
+                self.ready_at_once.set()  # the other request had landed already: nothing crossed
             deadline = time.monotonic() + self._limit_s
             while not self._ready() and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if self._ready():
+            if self._ready() and not self.ready_at_once.is_set():
                 self.crossed.set()
         self._store.add_deployment(deployment, targets, rollback_command)

@@ -218,8 +218,8 @@ def _print_status(row: dict[str, Any]) -> None:
         print(f"  reason: {escape(row['reason'])}")
     for w in row["waves_status"]:
         counts = ", ".join(f"{k} {v}" for k, v in w["devices"].items() if v)
-        if not counts:  # a passed shadow wave's devices are counted in the wave that serves them
-            moved = w["shadow"] and w["state"] == "passed"
+        if not counts:  # a passed (or promoted) shadow wave's devices count in the wave that serves them
+            moved = w["shadow"] and w["state"] in ("passed", "promoted")
             counts = "its devices moved on to the next serving wave" if moved else "none yet"
         kind = " shadow" if w["shadow"] else ""
         print(

@@ -419,26 +419,31 @@ class RolloutEngine:
         """Devices that match the selector now but were not there at the start join the first wave that has
         not started (or the last one, which then assigns them at once)."""
         new = claims.newcomers(ro.rollout, ro.members, devices.values())
-        if new:  # rare: read what else could claim them only then
-            rollouts, orders = await asyncio.to_thread(self._orders)
-            new = [d for d in new if claims.adopter(d, rollouts, orders) == ro.rollout.id]
         if not new:
             return
-        variants = await self.deployments.repository.signed_variants(
-            ro.rollout.model_name, ro.rollout.version
-        )
-        index = place_late_joiner([(w.index, w.state) for w in ro.waves])
-        added = []
-        for device in new:
-            chosen, _ = choose(
-                variants, _capabilities_dict(device.capabilities), list(device.bad_targets), ""
+        # Rare: read what else could claim them only then, under the lock a deploy checks and writes under.
+        async with self.deployments.claiming:
+            rollouts, orders = await asyncio.to_thread(self._orders)
+            new = [d for d in new if claims.adopter(d, rollouts, orders) == ro.rollout.id]
+            if not new:
+                return
+            variants = await self.deployments.repository.signed_variants(
+                ro.rollout.model_name, ro.rollout.version
             )
-            if chosen is not None:
-                added.append(
-                    MemberRecord(ro.rollout.id, device.id, index, "canary", target_path=chosen.target_path)
-                )
+            index = place_late_joiner([(w.index, w.state) for w in ro.waves])
+            added = []
+            for device in new:
+                caps = _capabilities_dict(device.capabilities)
+                chosen, _ = choose(variants, caps, list(device.bad_targets), "")
+                if chosen is not None:
+                    added.append(
+                        MemberRecord(
+                            ro.rollout.id, device.id, index, "canary", target_path=chosen.target_path
+                        )
+                    )
+            if added:
+                await asyncio.to_thread(self.rollouts.add_members, added)
         if added:
-            await asyncio.to_thread(self.rollouts.add_members, added)
             ro.members.extend(added)
             await self.note(
                 ro.rollout,

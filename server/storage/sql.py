@@ -1,5 +1,7 @@
-"""`SqlFleetStore`: the records in SQLite (the embedded default) or PostgreSQL (several servers, one
-database), through one SQLAlchemy Core code path. The tables and their migrations are in `schema.py`.
+"""`SqlFleetStore`: the records in SQLite (the embedded default) or PostgreSQL (a database server of its
+own), through one SQLAlchemy Core code path. One fleet server per database: its rollout engine, and the
+locks that order a deploy against a rollout start, live in its process.
+The tables and their migrations are in `schema.py`.
 
 Rows become records in `rows.py`, the one place typed values meet JSON columns.
 """

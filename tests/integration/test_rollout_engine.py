@@ -86,7 +86,7 @@ async def assert_aborted_by(rig: RolloutRig, version: str, gate_name: str, **sta
     assert any(a.model.version == version for d in rig.devices for a in d.received)
     await rig.wait_running_all(before)
     # Every device that ran the candidate was ordered back by a rollback command naming the rollout, one
-    # that finished installing just after the abort too (its order was left pending: test_abort_race.py).
+    # that finished installing just after the abort too (its order was left pending: test_rollout_interleavings.py).
     served = [d for d in rig.devices if any(path.split("/")[1] == version for path in d.served)]
     assert served or gate_name == "shadow-agreement"
     for d in served:

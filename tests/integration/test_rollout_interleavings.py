@@ -23,7 +23,7 @@ import pytest_asyncio
 from edgefleet import signing
 from edgefleet.devtools.heldstore import HeldStore
 from edgefleet.devtools.inprocess import InProcessServer
-from edgefleet.devtools.rolloutsim import MODEL, RolloutRig, in_process_rig
+from edgefleet.devtools.rolloutsim import FAST_GATES, MODEL, RolloutRig, in_process_rig
 from edgefleet.devtools.simbehaviour import ModelBehaviour
 from edgefleet.v1 import rollout_pb2
 
@@ -48,7 +48,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
 async def test_a_device_that_finishes_installing_while_the_abort_decides_is_ordered_back(rig: Rig) -> None:
     r, server = rig
     fast, slow = r.devices
-    slow.step_s = 1.0  # a slow install: the abort comes while it downloads, after `fast` installed
+    slow.step_s = 3.0  # a slow install: the abort comes while it downloads, after `fast` installed
     rollout_id = await r.start("2", waves="100%", soak_s=600, min_devices=2)
     engine = server.fleet.rollout_engine
     store = engine.store
@@ -69,7 +69,7 @@ async def test_a_device_that_finishes_installing_while_the_abort_decides_is_orde
 
     reply = await r.rollouts.AbortRollout(rollout_pb2.AbortRolloutRequest(rollout_id=rollout_id), timeout=60)
     assert reply.rollback_command_id == f"{rollout_id}-rb"
-    assert held.crossed.is_set()  # the interleaving happened
+    assert held.crossed.is_set()  # the interleaving happened: its report came while the write waited
     assert "2" in [path.split("/")[1] for path in slow.served]  # it did serve the candidate
 
     await r.wait_running("1", r.devices, timeout=30)
@@ -83,15 +83,23 @@ async def test_a_rollout_start_never_lands_between_a_deploys_claim_check_and_its
     r, server = rig
     deployments = server.fleet.deployments
     store = deployments.store
-    # The deploy's write waits (3 s at most) for a rollout to exist: a start that got in between would.
-    held = HeldStore(store, lambda d: d.kind == "deploy", lambda: bool(store.rollouts().list_rollouts()), 3.0)
+    # The deploy's write waits (5 s at most) for a rollout to exist: a start that got in between would. The
+    # start's permit is signed first, so all it does meanwhile is plan and check (milliseconds).
+    held = HeldStore(store, lambda d: d.kind == "deploy", lambda: bool(store.rollouts().list_rollouts()), 5.0)
     deployments.store = held  # type: ignore[assignment]
+    rollout_id = "ro-crossed"
+    await asyncio.to_thread(r.sign_permit, rollout_id, "2")
+    start = rollout_pb2.StartRolloutRequest(
+        rollout_id=rollout_id, model_name=MODEL, version="2", selector="all", waves="100%", soak_seconds=600,
+        min_devices=2, gates=FAST_GATES,
+    )  # fmt: skip
 
     deploy = asyncio.create_task(r.server.deploy(MODEL, "3"))
     await asyncio.to_thread(held.waiting.wait, 30)
-    rollout_id = await r.start("2", waves="100%", soak_s=600, min_devices=2)
+    await r.rollouts.StartRollout(start, timeout=60)
     deployed = await deploy
 
+    assert not held.ready_at_once.is_set()
     assert not held.crossed.is_set(), "the rollout started while the deploy was between its check and write"
     assert deployed.devices_targeted == 2
     # One after the other: the rollout, which came second, steers both devices.
