@@ -267,11 +267,11 @@ class RolloutEngine:
 
         def write() -> None:
             for m, device in todo:
+                # Clears what it reported for an earlier order in the same write: a device that connects
+                # meanwhile is told at once and may report on this order before the loop ends.
                 self.store.add_deployment_target(m.retry_order or dep_id, m.device_id, m.target_path)
-                # What it reported for an earlier deployment (a rollback) says nothing about this one.
-                self.store.record_stage(
-                    m.device_id, "healthy" if m.device_id in there else "", "", device.last_seen_ms
-                )
+                if m.device_id in there:
+                    self.store.record_stage(m.device_id, "healthy", "", device.last_seen_ms)
             self.rollouts.update_members(ro.rollout.id, [(m.device_id, m.role, state(m)) for m, _ in todo])
 
         await asyncio.to_thread(write)

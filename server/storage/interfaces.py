@@ -158,8 +158,10 @@ class FleetStore(abc.ABC):
 
     @abc.abstractmethod
     def add_deployment_target(self, deployment_id: str, device_id: str, target: str) -> None:
-        """Points one more device (e.g. one that enrolled later) at an existing deployment; a device that
-        already points at it is counted once."""
+        """Points one more device (e.g. one that enrolled later) at an existing deployment, clearing its
+        pending rollback and its last stage in the same write (so a report on the new order, which the
+        device may send as soon as it is pointed, is never overwritten); a device that already points at
+        it is counted once and left as it is."""
 
     @abc.abstractmethod
     def list_deployments(self) -> list[Deployment]:

@@ -265,6 +265,7 @@ class MemoryFleetStore(FleetStore):
                 return  # count each device once
             device.desired_target, device.desired_deployment = target, deployment_id
             device.rollback_command = ""  # a newer order than any rollback it had not obeyed
+            device.last_stage, device.last_reason = "", ""  # its reports were about an earlier order
             deployment = self._deployments.get(deployment_id)
             if deployment is not None:
                 deployment.devices_targeted += 1

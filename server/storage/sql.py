@@ -364,8 +364,15 @@ class SqlFleetStore(FleetStore):
             pointed = conn.execute(
                 t.devices.update()
                 .where(d.id == device_id, d.desired_deployment != deployment_id)
-                # A newer order than any rollback the device had not obeyed (as a deployment's own rows).
-                .values(desired_target=target, desired_deployment=deployment_id, rollback_command="")
+                # A newer order than any rollback the device had not obeyed (as a deployment's own rows), and
+                # in the same write: what it reported for an earlier order says nothing about this one.
+                .values(
+                    desired_target=target,
+                    desired_deployment=deployment_id,
+                    rollback_command="",
+                    last_stage="",
+                    last_reason="",
+                )
             )
             if pointed.rowcount:  # count each device once
                 conn.execute(

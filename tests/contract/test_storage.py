@@ -272,9 +272,16 @@ def test_deployment_sets_desired_targets_atomically(store: FleetStore) -> None:
     store.add_deployment(
         Deployment("rb-2", "", "", "all", now_ms() + 3, kind="rollback"), {a.id: "m/1/x"}, "rb-2"
     )
+    store.record_stage(a.id, "rolled_back", "ordered", now_ms())
     store.add_deployment(Deployment("ro-1-w0", "m", "3", "rollout:ro-1", now_ms() + 4, kind="rollout"), {})
     store.add_deployment_target("ro-1-w0", a.id, "m/3/float32.tflite")
-    assert store.get_device(a.id).rollback_command == ""
+    device = store.get_device(a.id)
+    assert device.rollback_command == ""
+    # and in the same write its last stage: a report on the new order may follow at once
+    assert (device.last_stage, device.last_reason) == ("", "")
+    store.record_stage(a.id, "healthy", "", now_ms())
+    store.add_deployment_target("ro-1-w0", a.id, "m/3/float32.tflite")  # the same order again: kept
+    assert store.get_device(a.id).last_stage == "healthy"
 
 
 def test_a_deployment_counts_every_device_it_pointed_at_once(store: FleetStore) -> None:

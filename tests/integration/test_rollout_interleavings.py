@@ -10,6 +10,9 @@ database write can be held, as a slow disk holds it, until the other request has
   test_rollout_engine.py.
 - A deploy that crosses a rollout start: the deploy found no rollout claiming its devices, and the rollout
   claimed them before the deploy wrote, so both were accepted and the rollout's waves undid the deploy.
+- A device that connects while the engine writes its wave's assignments: told at once, it reported healthy
+  before the engine cleared its last stage for the new order, and the clearing erased the report (the wave
+  then waited for ever on one device; seen once in a fresh-clone CI run).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ async def test_a_device_that_finishes_installing_while_the_abort_decides_is_orde
         d = store.get_device(slow.id)
         return d.current_target == candidate and d.last_stage == "activated"
 
-    held = HeldStore(store, lambda d: d.id == f"{rollout_id}-rb", reported_candidate)
+    held = HeldStore(store, "add_deployment", lambda d, *_: d.id == f"{rollout_id}-rb", reported_candidate)
     engine.store = held  # type: ignore[assignment]
 
     def one_each(s: rollout_pb2.GetRolloutResponse) -> bool:
@@ -83,9 +86,13 @@ async def test_a_rollout_start_never_lands_between_a_deploys_claim_check_and_its
     r, server = rig
     deployments = server.fleet.deployments
     store = deployments.store
+
     # The deploy's write waits (5 s at most) for a rollout to exist: a start that got in between would. The
     # start's permit is signed first, so all it does meanwhile is plan and check (milliseconds).
-    held = HeldStore(store, lambda d: d.kind == "deploy", lambda: bool(store.rollouts().list_rollouts()), 5.0)
+    def rollout_exists() -> bool:
+        return bool(store.rollouts().list_rollouts())
+
+    held = HeldStore(store, "add_deployment", lambda d, *_: d.kind == "deploy", rollout_exists, 5.0)
     deployments.store = held  # type: ignore[assignment]
     rollout_id = "ro-crossed"
     await asyncio.to_thread(r.sign_permit, rollout_id, "2")
@@ -106,3 +113,35 @@ async def test_a_rollout_start_never_lands_between_a_deploys_claim_check_and_its
     await r.wait_running("2", r.devices, timeout=30)
     s = await r.wait(rollout_id, lambda s: s.waves[0].device_states["healthy"] == 2, timeout=30)
     assert s.rollout.state == "running"
+
+
+async def test_a_device_that_reports_on_its_wave_while_the_wave_is_assigned_counts_as_healthy(
+    rig: Rig,
+) -> None:
+    r, server = rig
+    fast, late = r.devices
+    await late.stop()  # offline when its wave starts: it is told when it connects, by its status report
+    engine = server.fleet.rollout_engine
+    store = engine.store
+    candidate = r.versions["2"]
+
+    def reported_healthy() -> bool:
+        d = store.get_device(late.id)
+        return d.current_target == candidate and d.last_stage == "healthy"
+
+    # The engine's write of the wave's assignments waits once `late` is pointed at the candidate, until
+    # `late` (connecting meanwhile) has installed it and reported healthy on it.
+    held = HeldStore(
+        store,
+        "add_deployment_target",
+        lambda _, device_id, *__: device_id == late.id,
+        reported_healthy,
+        after=True,
+    )
+    engine.store = held  # type: ignore[assignment]
+    rollout_id = await r.start("2", waves="100%", soak_s=1, min_devices=2)
+    await asyncio.to_thread(held.waiting.wait, 30)
+    late.start()
+
+    await r.wait(rollout_id, lambda s: s.waves[0].device_states["healthy"] == 2, timeout=30)
+    assert held.crossed.is_set()  # it reported while the engine was still writing the wave
