@@ -65,6 +65,18 @@ async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rollout
         await rig.close()
 
 
+@pytest_asyncio.fixture(autouse=True, loop_scope="module")
+async def no_rollout_left_holding_devices(rig: RolloutRig) -> AsyncIterator[None]:
+    """A scenario that fails with its rollout still running would hold the rig's devices, and every later
+    scenario would be refused them: one failure, reported once. Its rollout is aborted, devices left."""
+    yield
+    reply = await rig.rollouts.ListRollouts(rollout_pb2.ListRolloutsRequest(), timeout=30)
+    for r in reply.rollouts:
+        if r.state in ("running", "paused"):
+            request = rollout_pb2.AbortRolloutRequest(rollout_id=r.id, no_rollback=True, reason="test ended")
+            await rig.rollouts.AbortRollout(request, timeout=30)
+
+
 def finished(s: rollout_pb2.GetRolloutResponse) -> bool:
     return s.rollout.state in ("completed", "aborted")
 
