@@ -18,9 +18,9 @@ from edgefleet.server.storage.interfaces import FleetStore
 
 
 class HeldStore:
-    """`store`, except that a call of `method` that `holds(*args)` picks waits until `ready()` (at most
-    `limit_s`): before the write, or with `after` once it is done (holding the writer's next step).
-    `waiting` is set once a call waits; `crossed` once `ready()` came true while it waited
+    """`store`, except that the first call of `method` that `holds(*args)` picks waits until `ready()`
+    (at most `limit_s`): before the write, or with `after` once it is done (holding the writer's next
+    step). `waiting` is set once a call waits; `crossed` once `ready()` came true while it waited
     (`ready_at_once`: it was true already, so the test forced nothing)."""
 
     def __init__(
@@ -45,8 +45,8 @@ class HeldStore:
             return real
 
         def held(*args: Any, **kwargs: Any) -> Any:
-            if not self._holds(*args, **kwargs):
-                return real(*args, **kwargs)
+            if self.waiting.is_set() or not self._holds(*args, **kwargs):
+                return real(*args, **kwargs)  # only the first call it picks waits
             if not self._after:
                 self._wait()
             result = real(*args, **kwargs)

@@ -277,7 +277,12 @@ class Devices:
             and await self._names_the_desired_bytes(device, event)
         )
         if not device.desired_deployment or about_now or event.stage == "rolled_back":
-            await asyncio.to_thread(self.store.record_stage, device_id, event.stage, event.reason, now_ms())
+            # Only for the order it was judged against: a newer one may have landed since the read.
+            await asyncio.to_thread(
+                lambda: self.store.record_stage(
+                    device_id, event.stage, event.reason, now_ms(), deployment=device.desired_deployment
+                )
+            )
         if event.stage == "rolled_back" and event.command_id:
             await asyncio.to_thread(self.store.clear_rollback, device_id, event.command_id)  # obeyed
         log.info("device %s: %s %s %s", device_id, event.stage, record.target_path, record.reason)

@@ -269,9 +269,10 @@ class RolloutEngine:
             for m, device in todo:
                 # Clears what it reported for an earlier order in the same write: a device that connects
                 # meanwhile is told at once and may report on this order before the loop ends.
-                self.store.add_deployment_target(m.retry_order or dep_id, m.device_id, m.target_path)
-                if m.device_id in there:
-                    self.store.record_stage(m.device_id, "healthy", "", device.last_seen_ms)
+                order = m.retry_order or dep_id
+                self.store.add_deployment_target(order, m.device_id, m.target_path)
+                if m.device_id in there:  # unless a newer order took it meanwhile
+                    self.store.record_stage(m.device_id, "healthy", "", device.last_seen_ms, deployment=order)
             self.rollouts.update_members(ro.rollout.id, [(m.device_id, m.role, state(m)) for m, _ in todo])
 
         await asyncio.to_thread(write)

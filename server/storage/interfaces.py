@@ -95,8 +95,13 @@ class FleetStore(abc.ABC):
         False otherwise (a replay: the caller ignores the message)."""
 
     @abc.abstractmethod
-    def record_stage(self, device_id: str, stage: str, reason: str, seen_ms: int) -> None:
-        """The update stage the device reported last, and why."""
+    def record_stage(
+        self, device_id: str, stage: str, reason: str, seen_ms: int, *, deployment: str | None = None
+    ) -> bool:
+        """The update stage the device reported last, and why; `last_seen_ms` never goes back. With
+        `deployment`, only while the device is still assigned that deployment (the one the report was
+        judged against): a report read before a newer order landed is not counted for it. False when
+        nothing was written."""
 
     @abc.abstractmethod
     def clear_rollback(self, device_id: str, command_id: str) -> bool:

@@ -161,11 +161,16 @@ class MemoryFleetStore(FleetStore):
             device.status_sequence = sequence
             return True
 
-    def record_stage(self, device_id: str, stage: str, reason: str, seen_ms: int) -> None:
+    def record_stage(
+        self, device_id: str, stage: str, reason: str, seen_ms: int, *, deployment: str | None = None
+    ) -> bool:
         with self._lock:
             device = self._devices.get(device_id)
-            if device is not None:
-                device.last_stage, device.last_reason, device.last_seen_ms = stage, reason, seen_ms
+            if device is None or (deployment is not None and device.desired_deployment != deployment):
+                return False
+            device.last_stage, device.last_reason = stage, reason
+            device.last_seen_ms = max(device.last_seen_ms, seen_ms)
+            return True
 
     def clear_rollback(self, device_id: str, command_id: str) -> bool:
         with self._lock:

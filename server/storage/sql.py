@@ -240,8 +240,20 @@ class SqlFleetStore(FleetStore):
             )
         return advanced.rowcount == 1
 
-    def record_stage(self, device_id: str, stage: str, reason: str, seen_ms: int) -> None:
-        self._update(device_id, last_stage=stage, last_reason=reason, last_seen_ms=seen_ms)
+    def record_stage(
+        self, device_id: str, stage: str, reason: str, seen_ms: int, *, deployment: str | None = None
+    ) -> bool:
+        d = t.devices.c
+        where = [d.id == device_id]
+        if deployment is not None:
+            where.append(d.desired_deployment == deployment)
+        seen = sa.case((d.last_seen_ms < seen_ms, seen_ms), else_=d.last_seen_ms)
+        with self._tx() as conn:
+            update = t.devices.update().where(*where)
+            return (
+                conn.execute(update.values(last_stage=stage, last_reason=reason, last_seen_ms=seen)).rowcount
+                == 1
+            )
 
     def clear_rollback(self, device_id: str, command_id: str) -> bool:
         with self._tx() as conn:

@@ -284,6 +284,23 @@ def test_deployment_sets_desired_targets_atomically(store: FleetStore) -> None:
     assert store.get_device(a.id).last_stage == "healthy"
 
 
+def test_a_stage_is_recorded_only_for_the_order_it_was_judged_against(store: FleetStore) -> None:
+    a, _ = _enroll(store, "a")
+    store.add_deployment(Deployment("dep-1", "m", "1", "all", now_ms()), {a.id: "m/1/x"})
+    seen = now_ms()
+    assert store.record_stage(a.id, "failed", "bad bytes", seen, deployment="dep-1")
+    store.add_deployment(Deployment("ro-1-w0", "m", "2", "rollout:ro-1", now_ms() + 1, kind="rollout"), {})
+    store.add_deployment_target("ro-1-w0", a.id, "m/2/x")  # a wave points it
+    # A report read while the device was on dep-1, written after the wave's order landed: not the wave's.
+    assert not store.record_stage(a.id, "failed", "bad bytes", seen + 5, deployment="dep-1")
+    device = store.get_device(a.id)
+    assert (device.desired_deployment, device.last_stage) == ("ro-1-w0", "")
+    # Without a deployment it is written; last seen never goes back to an older time.
+    assert store.record_stage(a.id, "healthy", "", seen - 60_000)
+    device = store.get_device(a.id)
+    assert device.last_stage == "healthy" and device.last_seen_ms >= seen
+
+
 def test_a_deployment_counts_every_device_it_pointed_at_once(store: FleetStore) -> None:
     a, b, late = (_enroll(store, name)[0] for name in ("a", "b", "late"))
     store.add_deployment(Deployment("dep-1", "m", "1", "all", now_ms()), {a.id: "m/1/x", b.id: "m/1/x"})

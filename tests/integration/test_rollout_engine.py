@@ -11,6 +11,7 @@ on a good one, so the next starts from a known fleet. Soaks are a second, teleme
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import signal
@@ -68,13 +69,15 @@ async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rollout
 @pytest_asyncio.fixture(autouse=True, loop_scope="module")
 async def no_rollout_left_holding_devices(rig: RolloutRig) -> AsyncIterator[None]:
     """A scenario that fails with its rollout still running would hold the rig's devices, and every later
-    scenario would be refused them: one failure, reported once. Its rollout is aborted, devices left."""
+    scenario would be refused them: one failure, reported once. Its rollout is aborted with rollback, so
+    devices on its candidate go back to what they ran."""
     yield
     reply = await rig.rollouts.ListRollouts(rollout_pb2.ListRolloutsRequest(), timeout=30)
     for r in reply.rollouts:
         if r.state in ("running", "paused"):
-            request = rollout_pb2.AbortRolloutRequest(rollout_id=r.id, no_rollback=True, reason="test ended")
-            await rig.rollouts.AbortRollout(request, timeout=30)
+            request = rollout_pb2.AbortRolloutRequest(rollout_id=r.id, reason="the scenario ended")
+            with contextlib.suppress(grpc.aio.AioRpcError):  # it finished meanwhile
+                await rig.rollouts.AbortRollout(request, timeout=30)
 
 
 def finished(s: rollout_pb2.GetRolloutResponse) -> bool:

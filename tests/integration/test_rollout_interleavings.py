@@ -102,7 +102,7 @@ async def test_a_rollout_start_never_lands_between_a_deploys_claim_check_and_its
     )  # fmt: skip
 
     deploy = asyncio.create_task(r.server.deploy(MODEL, "3"))
-    await asyncio.to_thread(held.waiting.wait, 30)
+    assert await asyncio.to_thread(held.waiting.wait, 30), "the write to hold never came"
     await r.rollouts.StartRollout(start, timeout=60)
     deployed = await deploy
 
@@ -140,7 +140,7 @@ async def test_a_device_that_reports_on_its_wave_while_the_wave_is_assigned_coun
     )
     engine.store = held  # type: ignore[assignment]
     rollout_id = await r.start("2", waves="100%", soak_s=1, min_devices=2)
-    await asyncio.to_thread(held.waiting.wait, 30)
+    assert await asyncio.to_thread(held.waiting.wait, 30), "the write to hold never came"
     late.start()
 
     await r.wait(rollout_id, lambda s: s.waves[0].device_states["healthy"] == 2, timeout=30)
