@@ -1,7 +1,8 @@
 """The control stream to the server, what the agent says on it, and the metadata bridge for python-tuf.
 
     connect -> the server's hello (the last sequence it accepted) -> the device's status first (every time)
-            -> then queued events and status, in order, each stamped when sent with the next number of one
+            -> the last event it sent, again (lost in flight if the server died) -> queued events and status,
+               in order, each stamped when sent with the next number of one
                persisted counter (continued from the hello, so a device that lost its state is not stale)
     server  -> assignment: `on_assignment(ref, shadow, retry_order)`; rollback order: `on_rollback(command_id, reason,
                rollout_id)`
@@ -60,6 +61,9 @@ class Control:
         self.stopping = stopping
         self.connection: Connection | None = None
         self.connected = False
+        # The last event sent, sent again after the status on every new stream: a server killed while it
+        # was in flight never read it (the server ignores a repeat of one it has).
+        self._last_event: device_pb2.DeviceMessage | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         # Set by the agent: what an assignment or a rollback order sets going.
         # retry_order: the deployment id of an assignment marked retry (an operator's retry-failed), or ""
@@ -128,6 +132,9 @@ class Control:
             except TimeoutError:
                 pass
             yield self._stamped(self._status_message())  # the truth first, on every connect
+            if self._last_event is not None:
+                self._last_event.event.repeated = True
+                yield self._stamped(self._last_event)
             while (message := await self._next_event(ended)) is not None:
                 yield self._stamped(message)
 
@@ -252,6 +259,8 @@ class Control:
                 known = {r.target_path: r.sha256 for r in (state.previous, state.current) if r}
                 known.setdefault(path, sha)
                 event.target_sha256 = known.get(event.target_path, "")
+            self._last_event = device_pb2.DeviceMessage()
+            self._last_event.CopyFrom(message)
         return message
 
     def _status_message(self) -> device_pb2.DeviceMessage:

@@ -82,6 +82,7 @@ class SimDevice:
         self._call: Any = None
         self._outbox: asyncio.Queue[device_pb2.DeviceMessage] = asyncio.Queue()
         self._carried: list[device_pb2.DeviceMessage] = []  # taken from the outbox for a stream that ended
+        self._last_event: device_pb2.DeviceMessage | None = None  # sent again on every new stream
         self._work: set[asyncio.Task[None]] = set()
         self._telemetry: asyncio.Task[None] | None = None
         self.rng = np.random.default_rng(int.from_bytes(hashlib.sha256(self.id.encode()).digest()[:8], "big"))
@@ -148,6 +149,11 @@ class SimDevice:
 
         async def outgoing() -> AsyncIterator[device_pb2.DeviceMessage]:
             yield device_pb2.DeviceMessage(status=self._status())
+            if self._last_event is not None:  # again, as the agent does: it may have been lost in flight
+                self.sequence += 1
+                self._last_event.event.sequence = self.sequence
+                self._last_event.event.repeated = True
+                yield self._last_event
             while not stop.is_set() and not ended.is_set():
                 waiting = asyncio.ensure_future(self._next_message())
                 stopping = asyncio.ensure_future(stop.wait())
@@ -165,6 +171,8 @@ class SimDevice:
                 self.sequence += 1
                 field_name = message.WhichOneof("kind")
                 getattr(message, field_name or "status").sequence = self.sequence
+                if field_name == "event":
+                    self._last_event = message
                 yield message
 
         self._call = self.stub.Connect(outgoing())

@@ -144,6 +144,7 @@ def event_from_proto(event: device_pb2.UpdateEvent) -> UpdateEvent:
         sequence=event.sequence,
         target_sha256=event.target_sha256,
         deployment_id=event.deployment_id,
+        repeated=event.repeated,
     )
 
 
@@ -157,6 +158,7 @@ def event_to_proto(event: UpdateEvent) -> device_pb2.UpdateEvent:
         sequence=event.sequence,
         target_sha256=event.target_sha256,
         deployment_id=event.deployment_id,
+        repeated=event.repeated,
     )
 
 

@@ -142,6 +142,7 @@ class UpdateEvent:
     sequence: int = 0  # from the device's persisted counter (shared with status reports); 0 = not set
     target_sha256: str = ""  # the signed target it reports on
     deployment_id: str = ""  # the assignment it acts on
+    repeated: bool = False  # sent again on a new stream, in case the last one lost it
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:

@@ -269,7 +269,8 @@ class Devices:
             event.at_ms or now_ms(),
             device.desired_deployment,
         )
-        await asyncio.to_thread(self.store.add_event, record)
+        if event.repeated and await asyncio.to_thread(self._is_a_repeat, record):
+            return  # sent again after a reconnect (in case it was lost in flight), and it was not
         # A rollback (ordered or automatic) is news about what the device runs, whichever assignment it had.
         about_now = (
             event.target_path == device.desired_target
@@ -285,7 +286,23 @@ class Devices:
             )
         if event.stage == "rolled_back" and event.command_id:
             await asyncio.to_thread(self.store.clear_rollback, device_id, event.command_id)  # obeyed
+        # The history last: a server killed before it keeps no record, so the device's repeat still counts.
+        await asyncio.to_thread(self.store.add_event, record)
         log.info("device %s: %s %s %s", device_id, event.stage, record.target_path, record.reason)
+
+    def _is_a_repeat(self, record: EventRecord) -> bool:
+        """Whether the device's newest recorded event is this one, repeated (a device sends its last event
+        again on every new stream). Blocking: run in a thread."""
+        newest = self.store.list_events(record.device_id, 1)
+        if not newest:
+            return False
+        last = newest[-1]
+        return (last.target_path, last.stage, last.at_ms, last.reason) == (
+            record.target_path,
+            record.stage,
+            record.at_ms,
+            record.reason,
+        )
 
     async def _names_the_desired_bytes(self, device: DeviceRecord, event: UpdateEvent) -> bool:
         """Whether the event reports on the very file the device was assigned: its target_sha256 is the

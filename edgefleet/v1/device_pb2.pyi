@@ -172,6 +172,7 @@ class UpdateEvent(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     TARGET_SHA256_FIELD_NUMBER: _builtins.int
     DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    REPEATED_FIELD_NUMBER: _builtins.int
     target_path: _builtins.str
     stage: _common_pb2.UpdateStage.ValueType
     reason: _builtins.str
@@ -186,6 +187,10 @@ class UpdateEvent(_message.Message):
     """the signed target the event reports on"""
     deployment_id: _builtins.str
     """the assignment it acts on ("" when none): only then does it count for it"""
+    repeated: _builtins.bool
+    """Sent again on a new stream (the last event of the one before, lost if the server died with it in
+    flight): the server ignores it when its newest recorded event for the device is this one.
+    """
     def __init__(
         self,
         *,
@@ -197,10 +202,11 @@ class UpdateEvent(_message.Message):
         sequence: _builtins.int = ...,
         target_sha256: _builtins.str = ...,
         deployment_id: _builtins.str = ...,
+        repeated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "command_id", b"command_id", "deployment_id", b"deployment_id", "reason", b"reason", "sequence", b"sequence", "stage", b"stage", "target_path", b"target_path", "target_sha256", b"target_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "command_id", b"command_id", "deployment_id", b"deployment_id", "reason", b"reason", "repeated", b"repeated", "sequence", b"sequence", "stage", b"stage", "target_path", b"target_path", "target_sha256", b"target_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,3 +25,8 @@ def test_every_step_of_an_update_after_a_server_restart_reaches_the_server(
         e["stage"] for e in fleet.cli_json("events", "--device", agent.device_id()) if e["target"] == V2
     ]
     assert {"downloading", "downloaded", "verified", "activated", "healthy"} <= set(stages), stages
+    # After the restart the agent sent its last event (v1 healthy) again, in case it had died in flight:
+    # the server had it, so the device's history has it once.
+    history = fleet.cli_json("events", "--device", agent.device_id(), "--limit", "300")
+    v1_healthy = [e for e in history if e["target"] != V2 and e["stage"] == "healthy"]
+    assert len(v1_healthy) == 1, v1_healthy

@@ -41,11 +41,20 @@ def _status(sequence: int, current: str = V1) -> bytes:
     ).SerializeToString()
 
 
-def _event(sequence: int, stage: int, target: str = V1, deployment_id: str = "", sha256: str = "") -> bytes:
+def _event(
+    sequence: int,
+    stage: int,
+    target: str = V1,
+    deployment_id: str = "",
+    sha256: str = "",
+    *,
+    at_ms: int = 0,
+    repeated: bool = False,
+) -> bytes:
     return device_pb2.DeviceMessage(
         event=device_pb2.UpdateEvent(
-            target_path=target, stage=stage, reason="r", at_unix_ms=now_ms(), sequence=sequence,
-            deployment_id=deployment_id, target_sha256=sha256,
+            target_path=target, stage=stage, reason="r", at_unix_ms=at_ms or now_ms(), sequence=sequence,
+            deployment_id=deployment_id, target_sha256=sha256, repeated=repeated,
         )
     ).SerializeToString()  # fmt: skip
 
@@ -173,3 +182,32 @@ async def test_healthy_event_about_other_bytes_at_the_assigned_path_is_kept_but_
     assert (await _record(harness, device)).last_stage == "healthy"
     counts = await asyncio.to_thread(harness.fleet.store.deployment_counts)
     assert counts[deployment].healthy == 1
+
+
+async def test_the_event_a_device_repeats_on_a_new_stream_counts_once_even_when_the_first_was_lost(
+    harness: Harness,
+) -> None:
+    """A device sends its last event again after the status on every new stream, marked repeated: the
+    first copy may have died in flight with a killed server. The server takes a repeat it never got, and
+    ignores one it has recorded; an event not marked repeated is never taken for one."""
+    device = await harness.enroll("cam")
+    v1 = await harness.publish_model("digits", "1")
+    await harness.operator_stub.CreateDeployment(
+        operator_pb2.CreateDeploymentRequest(model_name="digits", version="1", selector="all"), timeout=10
+    )
+    deployment = (await _record(harness, device)).desired_deployment
+    at = now_ms()
+    # "healthy" was lost with the stream (never sent here): the next stream repeats it.
+    await _send(device, _status(1), _event(2, FAILED, v1.target_path, deployment, v1.sha256, at_ms=at - 5))
+    assert (await _record(harness, device)).last_stage == "failed"
+    healthy = dict(target=v1.target_path, deployment_id=deployment, sha256=v1.sha256, at_ms=at)
+    await _send(device, _status(3), _event(4, HEALTHY, **healthy, repeated=True))  # type: ignore[arg-type]
+    assert (await _record(harness, device)).last_stage == "healthy"
+    # Repeated again on the next stream: the server has it, so it is ignored and the history unchanged.
+    await _send(device, _status(5), _event(6, HEALTHY, **healthy, repeated=True))  # type: ignore[arg-type]
+    history = [e.stage for e in await harness.fleet.devices.events(device.id, 100)]
+    assert history.count("healthy") == 1, history
+    # The same fields without the mark: a new report, kept.
+    await _send(device, _event(7, HEALTHY, **healthy))  # type: ignore[arg-type]
+    history = [e.stage for e in await harness.fleet.devices.events(device.id, 100)]
+    assert history.count("healthy") == 2, history
