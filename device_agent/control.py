@@ -253,6 +253,8 @@ class Control:
             event = message.event
             event.sequence = state.status_sequence
             path, sha, deployment = self.assigned
+            if event.repeated:  # as it was first sent: tied to what it was about then
+                return message
             if event.target_path == path and not event.deployment_id:
                 event.deployment_id = deployment
             if not event.target_sha256:

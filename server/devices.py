@@ -270,6 +270,7 @@ class Devices:
             device.desired_deployment,
         )
         if event.repeated and await asyncio.to_thread(self._is_a_repeat, record):
+            log.debug("device %s repeated its last event, which the server has", device_id)
             return  # sent again after a reconnect (in case it was lost in flight), and it was not
         # A rollback (ordered or automatic) is news about what the device runs, whichever assignment it had.
         about_now = (
@@ -277,7 +278,15 @@ class Devices:
             and event.deployment_id in ("", device.desired_deployment)  # "": sent before it heard (a restart)
             and await self._names_the_desired_bytes(device, event)
         )
-        if not device.desired_deployment or about_now or event.stage == "rolled_back":
+        if event.repeated:  # late news: it counts only for the very order it names (or rollback it obeyed)
+            counts = (about_now and event.deployment_id == device.desired_deployment) or (
+                event.stage == "rolled_back"
+                and bool(event.command_id)
+                and event.command_id == device.rollback_command
+            )
+        else:
+            counts = not device.desired_deployment or about_now or event.stage == "rolled_back"
+        if counts:
             # Only for the order it was judged against: a newer one may have landed since the read.
             await asyncio.to_thread(
                 lambda: self.store.record_stage(

@@ -211,3 +211,6 @@ async def test_the_event_a_device_repeats_on_a_new_stream_counts_once_even_when_
     await _send(device, _event(7, HEALTHY, **healthy))  # type: ignore[arg-type]
     history = [e.stage for e in await harness.fleet.devices.events(device.id, 100)]
     assert history.count("healthy") == 2, history
+    # A repeat that names no order is late news about none: history only (an unmarked one would count).
+    await _send(device, _status(8), _event(9, FAILED, v1.target_path, "", v1.sha256, repeated=True))
+    assert (await _record(harness, device)).last_stage == "healthy"
