@@ -320,7 +320,9 @@ class RolloutEngine:
         done = sum(1 for m in canary if evaluate.succeeded(m, wave.shadow))
         need = min(ro.settings.min_devices, len(canary))
         ready = soaked and done >= need
-        await self._waiting(r, "healthy", _short_of_healthy(r, wave, canary, need) if soaked else "")
+        await self._waiting(
+            r, "healthy", _short_of_healthy(r, wave, canary, need) if soaked and not ready else ""
+        )
         # Installs are judged all along: a wave that breaks devices stops before its soak ends.
         gates = gates if ready else install_gate(gates)
         telemetry = {}
@@ -469,10 +471,10 @@ def _rejudge_ms(soak_s: float, tick_s: float) -> float:
 
 
 def _short_of_healthy(r: RolloutRecord, wave: WaveRecord, canary: list[MemberRecord], need: int) -> str:
-    """Why a soaked wave is not judged when nothing it waits for can come any more: fewer healthy devices
-    than it needs, and none still to install ("" otherwise)."""
+    """Why a soaked wave with fewer healthy devices than it `need`s is not judged, once none is still to
+    install ("" while some are: they may yet make up the number)."""
     states = Counter(evaluate.install_state(m, wave.shadow) for m in canary)
-    if states["succeeded"] >= need or states["pending"]:
+    if states["pending"]:
         return ""
     return (
         f"wave {wave.index} soaked, but {states['succeeded']} of the {need} healthy devices it needs are"

@@ -244,16 +244,9 @@ class SqlFleetStore(FleetStore):
         self, device_id: str, stage: str, reason: str, seen_ms: int, *, deployment: str | None = None
     ) -> bool:
         d = t.devices.c
-        where = [d.id == device_id]
-        if deployment is not None:
-            where.append(d.desired_deployment == deployment)
+        still = () if deployment is None else (d.desired_deployment == deployment,)
         seen = sa.case((d.last_seen_ms < seen_ms, seen_ms), else_=d.last_seen_ms)
-        with self._tx() as conn:
-            update = t.devices.update().where(*where)
-            return (
-                conn.execute(update.values(last_stage=stage, last_reason=reason, last_seen_ms=seen)).rowcount
-                == 1
-            )
+        return self._update(device_id, *still, last_stage=stage, last_reason=reason, last_seen_ms=seen)
 
     def clear_rollback(self, device_id: str, command_id: str) -> bool:
         with self._tx() as conn:
@@ -271,12 +264,11 @@ class SqlFleetStore(FleetStore):
         if not self._update(device_id, revoked=True):
             raise NotFoundError(f"no device {device_id!r}")
 
-    def _update(self, device_id: str, **values: Any) -> bool:
+    def _update(self, device_id: str, *conditions: Any, **values: Any) -> bool:
+        """Sets `values` on the device's row if it meets `conditions` too; False when no row changed."""
+        update = t.devices.update().where(t.devices.c.id == device_id, *conditions)
         with self._tx() as conn:
-            return (
-                conn.execute(t.devices.update().where(t.devices.c.id == device_id).values(**values)).rowcount
-                == 1
-            )
+            return conn.execute(update.values(**values)).rowcount == 1
 
     # ---- models and signed metadata ----------------------------------------------------------------------
 
